@@ -1,0 +1,1 @@
+"""Generated from services/proto by scripts/gen_proto.sh; do not edit."""

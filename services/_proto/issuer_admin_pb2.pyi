@@ -1,0 +1,101 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Entry(_message.Message):
+    __slots__ = ("id", "spiffe_id", "selectors", "ttl_seconds", "dns_names", "created_at")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
+    SELECTORS_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DNS_NAMES_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    spiffe_id: str
+    selectors: _containers.RepeatedScalarFieldContainer[str]
+    ttl_seconds: int
+    dns_names: _containers.RepeatedScalarFieldContainer[str]
+    created_at: str
+    def __init__(self, id: _Optional[str] = ..., spiffe_id: _Optional[str] = ..., selectors: _Optional[_Iterable[str]] = ..., ttl_seconds: _Optional[int] = ..., dns_names: _Optional[_Iterable[str]] = ..., created_at: _Optional[str] = ...) -> None: ...
+
+class CreateEntryRequest(_message.Message):
+    __slots__ = ("spiffe_id", "selectors", "ttl_seconds", "dns_names")
+    SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
+    SELECTORS_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DNS_NAMES_FIELD_NUMBER: _ClassVar[int]
+    spiffe_id: str
+    selectors: _containers.RepeatedScalarFieldContainer[str]
+    ttl_seconds: int
+    dns_names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, spiffe_id: _Optional[str] = ..., selectors: _Optional[_Iterable[str]] = ..., ttl_seconds: _Optional[int] = ..., dns_names: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ListEntriesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListEntriesResponse(_message.Message):
+    __slots__ = ("entries",)
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[Entry]
+    def __init__(self, entries: _Optional[_Iterable[_Union[Entry, _Mapping]]] = ...) -> None: ...
+
+class DeleteEntryRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class DeleteEntryResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class MintX509SVIDRequest(_message.Message):
+    __slots__ = ("spiffe_id", "ttl_seconds", "dns_names")
+    SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DNS_NAMES_FIELD_NUMBER: _ClassVar[int]
+    spiffe_id: str
+    ttl_seconds: int
+    dns_names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, spiffe_id: _Optional[str] = ..., ttl_seconds: _Optional[int] = ..., dns_names: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class MintX509SVIDResponse(_message.Message):
+    __slots__ = ("chain_pem", "key_pem", "bundle_pem", "serial", "not_after")
+    CHAIN_PEM_FIELD_NUMBER: _ClassVar[int]
+    KEY_PEM_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_PEM_FIELD_NUMBER: _ClassVar[int]
+    SERIAL_FIELD_NUMBER: _ClassVar[int]
+    NOT_AFTER_FIELD_NUMBER: _ClassVar[int]
+    chain_pem: bytes
+    key_pem: bytes
+    bundle_pem: bytes
+    serial: str
+    not_after: str
+    def __init__(self, chain_pem: _Optional[bytes] = ..., key_pem: _Optional[bytes] = ..., bundle_pem: _Optional[bytes] = ..., serial: _Optional[str] = ..., not_after: _Optional[str] = ...) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StatusResponse(_message.Message):
+    __slots__ = ("trust_domain", "upstream", "workload_socket", "active_ca_serial", "active_ca_not_after", "entries", "bundle_size")
+    TRUST_DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    UPSTREAM_FIELD_NUMBER: _ClassVar[int]
+    WORKLOAD_SOCKET_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_CA_SERIAL_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_CA_NOT_AFTER_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    trust_domain: str
+    upstream: str
+    workload_socket: str
+    active_ca_serial: str
+    active_ca_not_after: str
+    entries: int
+    bundle_size: int
+    def __init__(self, trust_domain: _Optional[str] = ..., upstream: _Optional[str] = ..., workload_socket: _Optional[str] = ..., active_ca_serial: _Optional[str] = ..., active_ca_not_after: _Optional[str] = ..., entries: _Optional[int] = ..., bundle_size: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,1 @@
+"""SPIFFE identities: IDs, X509-SVID verification and PEM helpers."""

@@ -1,0 +1,81 @@
+"""Settings every ztbank process shares (``ZTBANK_HOME``, ``ZTBANK_CERTS_DIR``,
+``ZTBANK_TRUST_DOMAIN``) and one-line reporting of invalid settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TypeVar
+
+from pydantic import ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.common.errors import CommonError
+from services.common.identity.spiffe_id import DEFAULT_TRUST_DOMAIN, validate_trust_domain
+
+# A unix socket path longer than this does not fit sockaddr_un on Linux.
+MAX_SOCKET_PATH = 107
+
+
+class InvalidSettingsError(CommonError):
+    """A setting from the environment (or a flag mirroring it) is invalid."""
+
+
+def socket_path_from_endpoint(endpoint: str) -> Path:
+    """``unix:///abs/path`` (the SPIFFE_ENDPOINT_SOCKET form) or a bare absolute path -> Path."""
+    path = endpoint.removeprefix("unix://")
+    if not path.startswith("/"):
+        raise ValueError(f"socket {endpoint!r} must be an absolute unix path (unix:///path)")
+    if len(path) > MAX_SOCKET_PATH:
+        raise ValueError(f"socket path {path!r} is longer than {MAX_SOCKET_PATH} bytes")
+    return Path(path)
+
+
+class ZtbankSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ZTBANK_", extra="ignore")
+
+    home: Path = Path("var")
+    certs_dir: Path = Path("certs")
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
+
+    @field_validator("trust_domain")
+    @classmethod
+    def _valid_trust_domain(cls, value: str) -> str:
+        return validate_trust_domain(value)
+
+    @field_validator("home", "certs_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.absolute()
+
+    @property
+    def run_dir(self) -> Path:
+        return self.home / "run"
+
+    @property
+    def admin_socket(self) -> Path:
+        return self.run_dir / "issuer" / "admin.sock"
+
+    @property
+    def default_workload_endpoint(self) -> str:
+        return f"unix://{self.run_dir / 'workload.sock'}"
+
+    def workload_socket_for(self, name: str) -> Path:
+        """Per-workload socket of the native single-user stack (see README: trust model)."""
+        return self.run_dir / name / "agent.sock"
+
+
+SettingsT = TypeVar("SettingsT", bound=BaseSettings)
+
+
+def load_settings(cls: type[SettingsT], **overrides: object) -> SettingsT:
+    """Build ``cls`` from the environment; a validation failure becomes one readable line."""
+    try:
+        return cls(**overrides)
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = ".".join(str(part) for part in first["loc"])
+        message = str(first["msg"]).removeprefix("Value error, ")
+        prefix = ""
+        if field:
+            prefix = f"{field}: " if field.isupper() else f"ZTBANK_{field.upper()}: "
+        raise InvalidSettingsError(f"invalid setting {prefix}{message}") from None

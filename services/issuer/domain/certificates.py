@@ -1,0 +1,191 @@
+"""Certificate templates: the trust domain's root, the issuer's signing CA and X509-SVIDs.
+
+Everything here is pure: keys and certificates in, certificates out.  SVIDs follow the X509-SVID
+specification to the letter (one URI SAN, not a CA, critical key usage with digitalSignature only,
+EKU serverAuth + clientAuth, ECDSA P-256).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from services.common.identity.spiffe_id import SpiffeId
+
+# Certificates start slightly in the past so that a peer whose clock lags a little accepts them.
+BACKDATE = timedelta(seconds=30)
+ROOT_LIFETIME = timedelta(days=3650)
+
+SigningKey = ec.EllipticCurvePrivateKey
+
+
+def new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _serial() -> int:
+    # 159 random bits: positive, unique, and within RFC 5280's 20-octet limit.
+    return secrets.randbits(159) | 1
+
+
+def _name(common_name: str, trust_domain: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "ztbank"),
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, trust_domain),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
+
+
+_CA_KEY_USAGE = x509.KeyUsage(
+    digital_signature=True,
+    content_commitment=False,
+    key_encipherment=False,
+    data_encipherment=False,
+    key_agreement=False,
+    key_cert_sign=True,
+    crl_sign=True,
+    encipher_only=False,
+    decipher_only=False,
+)
+
+_SVID_KEY_USAGE = x509.KeyUsage(
+    digital_signature=True,
+    content_commitment=False,
+    key_encipherment=False,
+    data_encipherment=False,
+    key_agreement=False,
+    key_cert_sign=False,
+    crl_sign=False,
+    encipher_only=False,
+    decipher_only=False,
+)
+
+
+def build_root_ca(
+    key: SigningKey, trust_domain: str, *, now: datetime | None = None
+) -> x509.Certificate:
+    """Self-signed root of the trust domain; path length 1 leaves room for the issuer's CA."""
+    now = now or datetime.now(UTC)
+    name = _name("ztbank root CA", trust_domain)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(_serial())
+        .not_valid_before(now - BACKDATE)
+        .not_valid_after(now + ROOT_LIFETIME)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
+        .add_extension(_CA_KEY_USAGE, critical=True)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")]),
+            critical=False,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+
+
+def build_signing_ca_csr(
+    key: SigningKey, trust_domain: str, common_name: str
+) -> x509.CertificateSigningRequest:
+    return (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(_name(common_name, trust_domain))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+
+
+def sign_signing_ca(
+    csr: x509.CertificateSigningRequest,
+    *,
+    issuer_cert: x509.Certificate,
+    issuer_key: SigningKey,
+    trust_domain: str,
+    ttl: timedelta,
+    now: datetime | None = None,
+) -> x509.Certificate:
+    """The issuer's intermediate: signs leaves only (path length 0), never outlives its issuer."""
+    now = now or datetime.now(UTC)
+    not_after = min(now + ttl, issuer_cert.not_valid_after_utc)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(csr.subject)
+        .issuer_name(issuer_cert.subject)
+        .public_key(csr.public_key())
+        .serial_number(_serial())
+        .not_valid_before(now - BACKDATE)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_CA_KEY_USAGE, critical=True)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")]),
+            critical=False,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(csr.public_key()), critical=False)  # type: ignore[arg-type]
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
+            critical=False,
+        )
+        .sign(issuer_key, hashes.SHA256())
+    )
+
+
+def build_x509_svid(
+    spiffe_id: SpiffeId,
+    public_key: ec.EllipticCurvePublicKey,
+    *,
+    ca_cert: x509.Certificate,
+    ca_key: SigningKey,
+    ttl: timedelta,
+    dns_names: Sequence[str] = (),
+    now: datetime | None = None,
+) -> x509.Certificate:
+    """An X509-SVID whose lifetime never exceeds ``ttl`` nor the signing CA's own expiry."""
+    now = now or datetime.now(UTC)
+    not_after = min(now + ttl, ca_cert.not_valid_after_utc)
+    names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(str(spiffe_id))]
+    names.extend(x509.DNSName(name) for name in dns_names)
+    # The subject carries the service name for humans reading logs; identity is the URI SAN.
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "ztbank"),
+            x509.NameAttribute(NameOID.COMMON_NAME, spiffe_id.path.rsplit("/", 1)[-1][:64]),
+        ]
+    )
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca_cert.subject)
+        .public_key(public_key)
+        .serial_number(_serial())
+        .not_valid_before(max(now - BACKDATE, ca_cert.not_valid_before_utc))
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_SVID_KEY_USAGE, critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.SubjectAlternativeName(names), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )

@@ -1,0 +1,200 @@
+"""Wires the issuer together (``create_issuer``) and runs its listeners and CA maintenance."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from datetime import UTC, datetime
+from pathlib import Path
+
+from grpclib.server import Server
+
+from services._proto import issuer_admin_pb2 as pb
+from services.common.files import ensure_private_dir
+from services.issuer.adapters.authority_file import AuthorityFile
+from services.issuer.adapters.sqlite_store import SqliteStore
+from services.issuer.adapters.upstream import UpstreamAuthority
+from services.issuer.adapters.upstream_disk import DiskUpstream
+from services.issuer.domain.authority import CertificateAuthority
+from services.issuer.domain.service import IssuerService
+from services.issuer.errors import IssuerError
+from services.issuer.settings import MAX_SVID_TTL, IssuerSettings
+from services.issuer.transport.admin_api import AdminApi
+from services.issuer.transport.workload_api import ChangeFeed, WorkloadApi
+
+logger = logging.getLogger(__name__)
+
+MAX_RETRY_DELAY = 30.0
+
+
+def build_upstream(settings: IssuerSettings) -> UpstreamAuthority:
+    if settings.upstream == "disk":
+        return DiskUpstream(settings.certs_dir)
+    from services.issuer.adapters.upstream_vault import VaultAuth, VaultUpstream
+
+    auth = (
+        VaultAuth(
+            role_id=settings.vault_role_id,
+            secret_id=settings.vault_secret_id,
+            approle_mount=settings.vault_approle_mount,
+        )
+        if settings.vault_role_id
+        else VaultAuth(token=settings.vault_token)
+    )
+    return VaultUpstream(
+        settings.vault_addr,
+        pki_mount=settings.vault_pki_mount,
+        root_mount=settings.vault_root_mount,
+        auth=auth,
+        ca_cert=settings.vault_cacert,
+    )
+
+
+def _claim_socket(path: Path) -> None:
+    """Remove a stale socket file, but refuse to steal one a live issuer is serving."""
+    if not path.exists():
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        path.unlink()
+    else:
+        raise IssuerError(f"another process is already serving {path}")
+    finally:
+        probe.close()
+
+
+class Issuer:
+    """The running issuer: Workload API sockets, admin socket and the CA maintenance loop."""
+
+    def __init__(self, settings: IssuerSettings, upstream: UpstreamAuthority | None = None) -> None:
+        self.settings = settings
+        ensure_private_dir(settings.state_dir)
+        self._store = SqliteStore(settings.state_dir / "issuer.db")
+        self.authority = CertificateAuthority(
+            trust_domain=settings.trust_domain,
+            upstream=upstream or build_upstream(settings),
+            store=AuthorityFile(settings.state_dir / "authority.json"),
+            ca_ttl=settings.ca_ttl,
+        )
+        self.service = IssuerService(
+            authority=self.authority,
+            repository=self._store,
+            svid_ttl=settings.svid_ttl,
+            max_ttl=MAX_SVID_TTL,
+            jwt_svid_ttl=settings.jwt_svid_ttl,
+        )
+        self._feed = ChangeFeed()
+        self._servers: dict[str | None, tuple[Server, Path]] = {}
+        self._admin: Server | None = None
+        self._maintenance: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        # The first CA must exist before any socket answers, or the first fetch would fail.
+        await asyncio.to_thread(self.authority.maintain)
+        self.settings.run_dir.mkdir(parents=True, exist_ok=True)
+        await self._listen(None, self.settings.workload_socket, mode=0o777)
+        await self.reconcile_sockets()
+        admin_path = self.settings.admin_socket
+        ensure_private_dir(admin_path.parent)
+        _claim_socket(admin_path)
+        self._admin = Server([AdminApi(self.service, on_change=self._changed, status=self.status)])
+        await self._admin.start(path=str(admin_path))
+        admin_path.chmod(0o600)
+        self._maintenance = asyncio.create_task(self._maintain_forever())
+        logger.info(
+            "issuer ready: trust domain %s, workload API %s, upstream %s",
+            self.settings.trust_domain,
+            self.settings.workload_socket,
+            self.settings.upstream,
+        )
+
+    async def _listen(self, name: str | None, path: Path, *, mode: int) -> None:
+        _claim_socket(path)
+        server = Server([WorkloadApi(self.service, self._feed, socket_name=name)])
+        await server.start(path=str(path))
+        # Any local user may connect to the shared socket: attestation, not file mode, decides.
+        path.chmod(mode)
+        self._servers[name] = (server, path)
+
+    async def reconcile_sockets(self) -> None:
+        """Open a per-workload socket for every ``ztbank:socket:NAME`` selector, close stale ones."""
+        wanted = self.service.socket_names()
+        for name in wanted - self._servers.keys():
+            path = self.settings.workload_socket_for(name)
+            ensure_private_dir(path.parent)
+            await self._listen(name, path, mode=0o600)
+        for name in [n for n in self._servers if n is not None and n not in wanted]:
+            server, path = self._servers.pop(name)
+            server.close()
+            await server.wait_closed()
+            path.unlink(missing_ok=True)
+
+    def _changed(self) -> None:
+        self._feed.publish()
+        asyncio.get_running_loop().create_task(self.reconcile_sockets())
+
+    async def _maintain_forever(self) -> None:
+        delay = 1.0
+        while True:
+            generation = self.authority.generation
+            try:
+                next_due = await asyncio.to_thread(self.authority.maintain)
+            except IssuerError as error:
+                logger.error("CA maintenance failed, retrying in %.0fs: %s", delay, error)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_RETRY_DELAY)
+                continue
+            delay = 1.0
+            if self.authority.generation != generation:
+                logger.info("signing CA set changed; pushing the new bundle")
+                self._feed.publish()
+            wait = (next_due - datetime.now(UTC)).total_seconds()
+            await asyncio.sleep(min(max(wait, 0.05), MAX_RETRY_DELAY))
+
+    def status(self) -> pb.StatusResponse:
+        active = self.authority.bundle()
+        kid, _, expires = self.authority.jwt_signing_key()
+        return pb.StatusResponse(
+            trust_domain=self.settings.trust_domain,
+            upstream=self.settings.upstream,
+            workload_socket=str(self.settings.workload_socket),
+            active_ca_serial=self.authority.active_ca_serial(),
+            active_ca_not_after=expires.isoformat(timespec="seconds"),
+            entries=len(self.service.entries()),
+            bundle_size=len(active),
+        )
+
+    async def stop(self) -> None:
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._maintenance
+        servers = [server for server, _ in self._servers.values()]
+        if self._admin is not None:
+            servers.append(self._admin)
+        for server in servers:
+            server.close()
+        for server in servers:
+            await server.wait_closed()
+        for _, path in self._servers.values():
+            path.unlink(missing_ok=True)
+        self.settings.admin_socket.unlink(missing_ok=True)
+
+
+def create_issuer(settings: IssuerSettings) -> Issuer:
+    return Issuer(settings)
+
+
+async def serve(settings: IssuerSettings, stop: asyncio.Event) -> None:
+    issuer = create_issuer(settings)
+    await issuer.start()
+    try:
+        await stop.wait()
+    finally:
+        await issuer.stop()
+
+

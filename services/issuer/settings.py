@@ -1,0 +1,70 @@
+"""Typed, env-driven settings of the issuer (``ZTBANK_*`` plus the standard SPIFFE/Vault names)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, field_validator, model_validator
+
+from services.common.durations import parse_duration
+from services.common.settings import ZtbankSettings, socket_path_from_endpoint
+
+MAX_SVID_TTL = timedelta(minutes=10)
+MIN_SVID_TTL = timedelta(seconds=5)
+
+
+class IssuerSettings(ZtbankSettings):
+    """Everything the issuer reads from its environment."""
+
+    svid_ttl: timedelta = timedelta(minutes=5)
+    jwt_svid_ttl: timedelta = timedelta(minutes=5)
+    ca_ttl: timedelta = timedelta(hours=24)
+    upstream: Literal["disk", "vault"] = "disk"
+    endpoint_socket: str = Field(
+        default="",
+        validation_alias=AliasChoices("SPIFFE_ENDPOINT_SOCKET", "ZTBANK_ENDPOINT_SOCKET"),
+    )
+    vault_addr: str = Field(default="", validation_alias=AliasChoices("VAULT_ADDR"))
+    vault_cacert: str | None = Field(default=None, validation_alias=AliasChoices("VAULT_CACERT"))
+    vault_token: str | None = Field(default=None, validation_alias=AliasChoices("VAULT_TOKEN"))
+    vault_pki_mount: str = "pki_int"
+    vault_root_mount: str = "pki"
+    vault_approle_mount: str = "approle"
+    vault_role_id: str | None = None
+    vault_secret_id: str | None = None
+
+    @field_validator("svid_ttl", "jwt_svid_ttl", "ca_ttl", mode="before")
+    @classmethod
+    def _parse_durations(cls, value: object) -> object:
+        return parse_duration(value) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> IssuerSettings:
+        for name in ("svid_ttl", "jwt_svid_ttl"):
+            value: timedelta = getattr(self, name)
+            if not MIN_SVID_TTL <= value <= MAX_SVID_TTL:
+                raise ValueError(f"ZTBANK_{name.upper()} must be between 5s and 10m (got {value})")
+        if self.ca_ttl < 6 * self.svid_ttl:
+            raise ValueError("ZTBANK_CA_TTL must be at least six times ZTBANK_SVID_TTL")
+        if not self.endpoint_socket:
+            self.endpoint_socket = self.default_workload_endpoint
+        socket_path_from_endpoint(self.endpoint_socket)
+        if self.upstream == "vault":
+            if not self.vault_addr:
+                raise ValueError("ZTBANK_UPSTREAM=vault needs VAULT_ADDR")
+            if not (self.vault_token or (self.vault_role_id and self.vault_secret_id)):
+                raise ValueError(
+                    "ZTBANK_UPSTREAM=vault needs ZTBANK_VAULT_ROLE_ID and ZTBANK_VAULT_SECRET_ID"
+                    " (or VAULT_TOKEN)"
+                )
+        return self
+
+    @property
+    def state_dir(self) -> Path:
+        return self.home / "issuer"
+
+    @property
+    def workload_socket(self) -> Path:
+        return socket_path_from_endpoint(self.endpoint_socket)

@@ -1,0 +1,117 @@
+"""The issuer's admin API: entries, minting and status, for the issuer's own uid (or root)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+
+from services._proto import issuer_admin_pb2 as pb
+from services._proto.issuer_admin_grpc import IssuerAdminBase
+from services.common.files import private_key_pem
+from services.common.identity.pem import certificates_to_pem, serial_hex
+from services.issuer.domain.entries import Entry
+from services.issuer.domain.service import IssuerService
+from services.issuer.errors import EntryError, IssuerError, MintError
+from services.issuer.transport.grpc_peer import stream_credentials
+
+
+def _entry_message(entry: Entry) -> pb.Entry:
+    return pb.Entry(
+        id=entry.id,
+        spiffe_id=str(entry.spiffe_id),
+        selectors=sorted(str(s) for s in entry.selectors),
+        ttl_seconds=int(entry.ttl.total_seconds()) if entry.ttl else 0,
+        dns_names=list(entry.dns_names),
+        created_at=entry.created_at.isoformat(timespec="seconds"),
+    )
+
+
+def _ttl(seconds: int) -> timedelta | None:
+    return timedelta(seconds=seconds) if seconds else None
+
+
+class AdminApi(IssuerAdminBase):
+    def __init__(
+        self,
+        service: IssuerService,
+        *,
+        on_change: Callable[[], None],
+        status: Callable[[], pb.StatusResponse],
+    ) -> None:
+        self._service = service
+        self._on_change = on_change
+        self._status = status
+
+    @staticmethod
+    def _authorize(stream: Any) -> None:
+        # The socket is 0600 in a 0700 directory; the uid check is the second lock on the door.
+        creds = stream_credentials(stream)
+        if creds.uid not in (0, os.getuid()):
+            raise GRPCError(Status.PERMISSION_DENIED, "admin API is for the issuer's own user")
+
+    async def CreateEntry(self, stream: Any) -> None:  # noqa: N802 - generated interface
+        self._authorize(stream)
+        request = await stream.recv_message()
+        try:
+            entry = self._service.create_entry(
+                request.spiffe_id,
+                list(request.selectors),
+                ttl=_ttl(request.ttl_seconds),
+                dns_names=list(request.dns_names),
+            )
+        except EntryError as error:
+            raise GRPCError(Status.INVALID_ARGUMENT, str(error)) from None
+        self._on_change()
+        await stream.send_message(_entry_message(entry))
+
+    async def ListEntries(self, stream: Any) -> None:  # noqa: N802
+        self._authorize(stream)
+        await stream.recv_message()
+        entries = [_entry_message(e) for e in self._service.entries()]
+        await stream.send_message(pb.ListEntriesResponse(entries=entries))
+
+    async def DeleteEntry(self, stream: Any) -> None:  # noqa: N802
+        self._authorize(stream)
+        request = await stream.recv_message()
+        try:
+            self._service.delete_entry(request.id)
+        except EntryError as error:
+            raise GRPCError(Status.NOT_FOUND, str(error)) from None
+        self._on_change()
+        await stream.send_message(pb.DeleteEntryResponse())
+
+    async def MintX509SVID(self, stream: Any) -> None:  # noqa: N802
+        self._authorize(stream)
+        request = await stream.recv_message()
+        try:
+            svid = self._service.mint(
+                request.spiffe_id,
+                ttl=_ttl(request.ttl_seconds),
+                dns_names=list(request.dns_names),
+            )
+        except MintError as error:
+            raise GRPCError(Status.INVALID_ARGUMENT, str(error)) from None
+        except IssuerError as error:
+            raise GRPCError(Status.UNAVAILABLE, str(error)) from None
+        await stream.send_message(
+            pb.MintX509SVIDResponse(
+                chain_pem=certificates_to_pem(svid.chain),
+                key_pem=private_key_pem(svid.key),
+                bundle_pem=certificates_to_pem(self._service.authority.bundle()),
+                serial=serial_hex(svid.leaf),
+                not_after=svid.leaf.not_valid_after_utc.isoformat(timespec="seconds"),
+            )
+        )
+
+    async def Status(self, stream: Any) -> None:  # noqa: N802
+        self._authorize(stream)
+        await stream.recv_message()
+        await stream.send_message(self._status())
+
+
+
