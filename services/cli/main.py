@@ -183,8 +183,12 @@ def cmd_svid_mint(args: argparse.Namespace) -> int:
         "key": str(out / "svid.key"),
         "bundle": str(out / "bundle.pem"),
     }
-    print(json.dumps(summary) if args.json else f"minted {args.spiffe_id} serial {response.serial}"
-          f" valid until {response.not_after} -> {out}")
+    print(
+        json.dumps(summary)
+        if args.json
+        else f"minted {args.spiffe_id} serial {response.serial}"
+        f" valid until {response.not_after} -> {out}"
+    )
     return 0
 
 

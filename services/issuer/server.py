@@ -121,7 +121,7 @@ class Issuer:
         self._servers[name] = (server, path)
 
     async def reconcile_sockets(self) -> None:
-        """Open a per-workload socket for every ``ztbank:socket:NAME`` selector, close stale ones."""
+        """Serve a socket for every ``ztbank:socket:NAME`` selector; close the stale ones."""
         wanted = self.service.socket_names()
         for name in wanted - self._servers.keys():
             path = self.settings.workload_socket_for(name)
@@ -157,7 +157,7 @@ class Issuer:
 
     def status(self) -> pb.StatusResponse:
         active = self.authority.bundle()
-        kid, _, expires = self.authority.jwt_signing_key()
+        _, _, expires = self.authority.jwt_signing_key()
         return pb.StatusResponse(
             trust_domain=self.settings.trust_domain,
             upstream=self.settings.upstream,
@@ -196,5 +196,3 @@ async def serve(settings: IssuerSettings, stop: asyncio.Event) -> None:
         await stop.wait()
     finally:
         await issuer.stop()
-
-

@@ -7,6 +7,7 @@ the workload sends is trusted.  Extra facts (supplementary groups, executable pa
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import struct
@@ -45,10 +46,9 @@ def _supplementary_groups(pid: int) -> set[int]:
 def workload_selectors(creds: PeerCredentials, socket_name: str | None) -> frozenset[Selector]:
     selectors = {Selector("unix", "uid", str(creds.uid)), Selector("unix", "gid", str(creds.gid))}
     selectors.update(Selector("unix", "gid", str(g)) for g in _supplementary_groups(creds.pid))
-    try:
+    # For another uid's process /proc hides the executable, so no path selector is offered.
+    with contextlib.suppress(OSError):
         selectors.add(Selector("unix", "path", os.readlink(f"/proc/{creds.pid}/exe")))
-    except OSError:
-        pass  # another uid's process: /proc hides its exe, so no path selector is offered
     if socket_name is not None:
         selectors.add(Selector("ztbank", "socket", socket_name))
     return frozenset(selectors)

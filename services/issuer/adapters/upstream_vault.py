@@ -65,7 +65,7 @@ class VaultAuth:
 
 
 class VaultUpstream:
-    """Signs the issuer's CA with Vault's PKI engine; synchronous, the issuer calls it in a thread."""
+    """Signs the issuer's CA with Vault's PKI.  Synchronous: the issuer calls it in a thread."""
 
     name = "vault"
 
@@ -134,13 +134,14 @@ class VaultUpstream:
                     mount_point=self._pki_mount,
                 ),
             )
-            certificate, pool = self._parse_signed(_response_data(response, self._where(where)))
-            _check_matches_csr(certificate, csr, self._where(where))
+            located = self._where(where)
+            certificate, pool = _parse_signed(_response_data(response, located), located)
+            _check_matches_csr(certificate, csr, located)
             chain, top = _path_upwards(certificate, [c for c in pool if not _self_signed(c)])
             roots = [c for c in pool if _self_signed(c)] or self._fetch_roots()
         if not any(_issued_by(top, root) for root in roots):
             raise UpstreamError(
-                f"the CA signed by {self._where(where)} does not chain to a self-signed root"
+                f"the CA signed by {located} does not chain to a self-signed root"
                 f" (checked the returned ca_chain and {self._root_mount}/ca/pem)"
             )
         return SignedCA(certificate=certificate, chain=tuple(chain), roots=tuple(roots))
@@ -209,32 +210,6 @@ class VaultUpstream:
             raise UpstreamError(f"the CA at {self._where(path)} is not a self-signed root")
         return roots
 
-    def _parse_signed(
-        self, data: dict[str, Any]
-    ) -> tuple[x509.Certificate, list[x509.Certificate]]:
-        """The new CA, and every other distinct certificate Vault sent along with it."""
-        where = self._where(f"{self._pki_mount}/root/sign-intermediate")
-        certificate_pem = data.get("certificate")
-        if not isinstance(certificate_pem, str) or not certificate_pem.strip():
-            raise UpstreamError(f"{where} returned no certificate")
-        # The pem_bundle format would append the issuing chain after the new certificate.
-        certificate, *extra = _load(certificate_pem, where)
-        texts: list[object] = [data.get("issuing_ca")]
-        ca_chain = data.get("ca_chain")
-        texts.extend(ca_chain if isinstance(ca_chain, list) else [ca_chain])
-        pool = [*extra]
-        for text in texts:
-            if isinstance(text, str) and text.strip():
-                pool.extend(_load(text, where))
-        # Vault's ca_chain starts with the new certificate itself.
-        seen = {_der(certificate)}
-        unique: list[x509.Certificate] = []
-        for candidate in pool:
-            if _der(candidate) not in seen:
-                seen.add(_der(candidate))
-                unique.append(candidate)
-        return certificate, unique
-
     @contextmanager
     def _vault_errors(self, path: str) -> Iterator[None]:
         """Translate hvac/requests failures into UpstreamError; 403 is left to the caller."""
@@ -279,6 +254,32 @@ def _response_data(response: object, where: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UpstreamError(f"{where} did not answer with a JSON object holding 'data'")
     return data
+
+
+def _parse_signed(
+    data: dict[str, Any], where: str
+) -> tuple[x509.Certificate, list[x509.Certificate]]:
+    """The new CA, and every other distinct certificate Vault sent along with it."""
+    certificate_pem = data.get("certificate")
+    if not isinstance(certificate_pem, str) or not certificate_pem.strip():
+        raise UpstreamError(f"{where} returned no certificate")
+    # The pem_bundle format appends the issuing chain after the new certificate.
+    certificate, *extra = _load(certificate_pem, where)
+    texts: list[object] = [data.get("issuing_ca")]
+    ca_chain = data.get("ca_chain")
+    texts.extend(ca_chain if isinstance(ca_chain, list) else [ca_chain])
+    pool = [*extra]
+    for text in texts:
+        if isinstance(text, str) and text.strip():
+            pool.extend(_load(text, where))
+    # Vault's ca_chain starts with the new certificate itself.
+    seen = {_der(certificate)}
+    unique: list[x509.Certificate] = []
+    for candidate in pool:
+        if _der(candidate) not in seen:
+            seen.add(_der(candidate))
+            unique.append(candidate)
+    return certificate, unique
 
 
 def _load(pem: str, where: str) -> list[x509.Certificate]:

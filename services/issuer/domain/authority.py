@@ -144,8 +144,8 @@ class CertificateAuthority:
                 state.retired, changed = kept, True
             active = state.active
             if active is None or active.expires <= now:
-                state.active = state.prepared if state.prepared else self._new_slot(
-                    self._slot_count() + 1
+                state.active = (
+                    state.prepared if state.prepared else self._new_slot(self._slot_count() + 1)
                 )
                 state.prepared = None
                 changed = True
@@ -223,4 +223,3 @@ class CertificateAuthority:
                 now=self._clock(),
             )
             return IssuedSvid(spiffe_id, key, (leaf, slot.ca_cert, *slot.upstream_chain))
-

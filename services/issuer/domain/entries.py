@@ -14,7 +14,9 @@ from services.issuer.errors import EntryError
 # type -> key -> validator of the value.  ``ztbank:socket`` is the native single-user stack's
 # selector: the workload connected on the per-workload socket of that name.
 _SOCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-_DNS_NAME = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
+_DNS_NAME = re.compile(
+    r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$"
+)
 _SELECTOR_RULES: dict[tuple[str, str], tuple[re.Pattern[str], str]] = {
     ("unix", "uid"): (re.compile(r"^\d{1,10}$"), "a numeric uid"),
     ("unix", "gid"): (re.compile(r"^\d{1,10}$"), "a numeric gid"),

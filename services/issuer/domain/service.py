@@ -139,8 +139,14 @@ class IssuerService:
             raise NotEntitledError("no registration entry matches this workload")
         return entries
 
-    def _issue(self, spiffe_id: SpiffeId, ttl: timedelta, dns: Sequence[str], source: str,
-               entry_id: str | None) -> IssuedSvid:
+    def _issue(
+        self,
+        spiffe_id: SpiffeId,
+        ttl: timedelta,
+        dns: Sequence[str],
+        source: str,
+        entry_id: str | None,
+    ) -> IssuedSvid:
         svid = self.authority.sign_x509_svid(spiffe_id, ttl=ttl, dns_names=dns)
         self._repository.record_issued(
             IssuedRecord(

@@ -112,6 +112,3 @@ class AdminApi(IssuerAdminBase):
         self._authorize(stream)
         await stream.recv_message()
         await stream.send_message(self._status())
-
-
-

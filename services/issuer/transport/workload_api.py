@@ -49,9 +49,9 @@ class ChangeFeed:
         self._event = asyncio.Event()
 
 
-async def _wait(event: asyncio.Event, timeout: float) -> None:
+async def _wait(event: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(event.wait(), max(timeout, 0.0))
+        await asyncio.wait_for(event.wait(), max(seconds, 0.0))
 
 
 class WorkloadApi:
@@ -71,7 +71,10 @@ class WorkloadApi:
         self._clock = clock
 
     def __mapping__(self) -> dict[str, grpclib.const.Handler]:
-        unary, stream = grpclib.const.Cardinality.UNARY_UNARY, grpclib.const.Cardinality.UNARY_STREAM
+        unary, stream = (
+            grpclib.const.Cardinality.UNARY_UNARY,
+            grpclib.const.Cardinality.UNARY_STREAM,
+        )
         w = workload_pb2
         return {
             "/SpiffeWorkloadAPI/FetchX509SVID": grpclib.const.Handler(
