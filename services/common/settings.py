@@ -75,7 +75,6 @@ def load_settings(cls: type[SettingsT], **overrides: Any) -> SettingsT:
         first = error.errors()[0]
         field = ".".join(str(part) for part in first["loc"])
         message = str(first["msg"]).removeprefix("Value error, ")
-        prefix = ""
-        if field:
-            prefix = f"{field}: " if field.isupper() else f"ZTBANK_{field.upper()}: "
-        raise InvalidSettingsError(f"invalid setting {prefix}{message}") from None
+        name = field if field.isupper() else f"ZTBANK_{field.upper()}"
+        where = f" {name}" if field else ""
+        raise InvalidSettingsError(f"invalid setting{where}: {message}") from None

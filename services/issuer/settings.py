@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
 
-from services.common.durations import parse_duration
+from services.common.durations import format_duration, parse_duration
 from services.common.settings import ZtbankSettings, socket_path_from_endpoint
 
 MAX_SVID_TTL = timedelta(minutes=10)
@@ -45,7 +45,10 @@ class IssuerSettings(ZtbankSettings):
         for name in ("svid_ttl", "jwt_svid_ttl"):
             value: timedelta = getattr(self, name)
             if not MIN_SVID_TTL <= value <= MAX_SVID_TTL:
-                raise ValueError(f"ZTBANK_{name.upper()} must be between 5s and 10m (got {value})")
+                raise ValueError(
+                    f"ZTBANK_{name.upper()} must be between 5s and 10m"
+                    f" (got {format_duration(value)})"
+                )
         if self.ca_ttl < 6 * self.svid_ttl:
             raise ValueError("ZTBANK_CA_TTL must be at least six times ZTBANK_SVID_TTL")
         if not self.endpoint_socket:
