@@ -28,15 +28,9 @@ import hvac.exceptions
 import requests
 from cryptography import x509
 
-_REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(_REPO_ROOT) not in sys.path:
-    # Run as ``python infra/vault/bootstrap.py``, Python puts infra/vault on the path, not the
-    # repository root that holds the ``services`` package.
-    sys.path.insert(0, str(_REPO_ROOT))
-
-from services.common.errors import InvalidSpiffeIdError  # noqa: E402
-from services.common.files import PRIVATE_MODE, write_atomic  # noqa: E402
-from services.common.identity.spiffe_id import (  # noqa: E402
+from services.common.errors import InvalidSpiffeIdError
+from services.common.files import PRIVATE_MODE, write_atomic
+from services.common.identity.spiffe_id import (
     DEFAULT_TRUST_DOMAIN,
     SCHEME_PREFIX,
     validate_trust_domain,
