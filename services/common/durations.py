@@ -16,10 +16,10 @@ def parse_duration(text: str) -> timedelta:
         raise InvalidDurationError(
             f"invalid duration {text!r}: use a number and a unit, e.g. 20s, 5m, 1h"
         )
-    seconds = float(match.group(1)) * _UNITS[match.group(2)]
-    if seconds <= 0:
+    value = timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
+    if value <= timedelta(0):
         raise InvalidDurationError(f"invalid duration {text!r}: must be greater than zero")
-    return timedelta(seconds=seconds)
+    return value
 
 
 def format_duration(value: timedelta) -> str:

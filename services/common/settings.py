@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,7 +26,7 @@ def socket_path_from_endpoint(endpoint: str) -> Path:
     path = endpoint.removeprefix("unix://")
     if not path.startswith("/"):
         raise ValueError(f"socket {endpoint!r} must be an absolute unix path (unix:///path)")
-    if len(path) > MAX_SOCKET_PATH:
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
         raise ValueError(f"socket path {path!r} is longer than {MAX_SOCKET_PATH} bytes")
     return Path(path)
 

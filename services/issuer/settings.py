@@ -53,7 +53,10 @@ class IssuerSettings(ZtbankSettings):
             raise ValueError("ZTBANK_CA_TTL must be at least six times ZTBANK_SVID_TTL")
         if not self.endpoint_socket:
             self.endpoint_socket = self.default_workload_endpoint
-        socket_path_from_endpoint(self.endpoint_socket)
+        try:
+            socket_path_from_endpoint(self.endpoint_socket)
+        except ValueError as error:
+            raise ValueError(f"SPIFFE_ENDPOINT_SOCKET: {error}") from None
         if self.upstream == "vault":
             if not self.vault_addr:
                 raise ValueError("ZTBANK_UPSTREAM=vault needs VAULT_ADDR")

@@ -18,8 +18,8 @@ _DNS_NAME = re.compile(
     r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$"
 )
 _SELECTOR_RULES: dict[tuple[str, str], tuple[re.Pattern[str], str]] = {
-    ("unix", "uid"): (re.compile(r"^\d{1,10}$"), "a numeric uid"),
-    ("unix", "gid"): (re.compile(r"^\d{1,10}$"), "a numeric gid"),
+    ("unix", "uid"): (re.compile(r"^[0-9]{1,10}$"), "a numeric uid"),
+    ("unix", "gid"): (re.compile(r"^[0-9]{1,10}$"), "a numeric gid"),
     ("unix", "path"): (re.compile(r"^/\S*$"), "an absolute executable path"),
     ("ztbank", "socket"): (_SOCKET_NAME, "a socket name of [a-z0-9_-]"),
 }
@@ -42,7 +42,7 @@ class Selector:
             known = ", ".join(f"{t}:{k}" for t, k in _SELECTOR_RULES)
             raise EntryError(f"unknown selector {selector_type}:{key} (known: {known})")
         pattern, description = rule
-        if not pattern.match(value):
+        if not pattern.fullmatch(value):
             raise EntryError(f"selector {text!r}: value must be {description}")
         return cls(selector_type, key, value)
 
@@ -60,7 +60,7 @@ def parse_selectors(texts: Iterable[str]) -> frozenset[Selector]:
 def validate_dns_names(names: Iterable[str]) -> tuple[str, ...]:
     checked = tuple(names)
     for name in checked:
-        if not _DNS_NAME.match(name):
+        if not _DNS_NAME.fullmatch(name):
             raise EntryError(f"{name!r} is not a valid lowercase DNS name")
     return checked
 

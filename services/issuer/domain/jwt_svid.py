@@ -16,6 +16,8 @@ from services.common.identity.spiffe_id import SpiffeId
 from services.issuer.errors import IssuerError
 
 ALGORITHM = "ES256"
+# Tolerated clock difference between the signer and us for nbf/iat.
+CLOCK_SKEW = 30
 
 
 class InvalidJwtSvidError(IssuerError):
@@ -75,17 +77,23 @@ def validate_jwt_svid(
             key,
             algorithms=[ALGORITHM],
             audience=audience,
-            options={"require": ["sub", "aud", "exp"]},
-            leeway=0,
+            # Time claims are checked below against the injected clock, not PyJWT's own.
+            options={
+                "require": ["sub", "aud", "exp"],
+                "verify_exp": False,
+                "verify_iat": False,
+                "verify_nbf": False,
+            },
         )
-    except jwt.ExpiredSignatureError:
-        raise InvalidJwtSvidError("JWT-SVID has expired") from None
     except jwt.InvalidAudienceError:
         raise InvalidJwtSvidError(f"JWT-SVID audience does not include {audience!r}") from None
     except jwt.PyJWTError as error:
         raise InvalidJwtSvidError(f"invalid JWT-SVID: {error}") from None
-    if claims["exp"] <= now.timestamp():
+    if not isinstance(claims["exp"], int | float) or claims["exp"] <= now.timestamp():
         raise InvalidJwtSvidError("JWT-SVID has expired")
+    not_before = claims.get("nbf", claims.get("iat", 0))
+    if not isinstance(not_before, int | float) or not_before > now.timestamp() + CLOCK_SKEW:
+        raise InvalidJwtSvidError("JWT-SVID is not valid yet")
     try:
         subject = SpiffeId.parse(str(claims["sub"]))
     except InvalidSpiffeIdError as error:

@@ -1,0 +1,207 @@
+import os
+import stat
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from services.cli import main as cli
+from services.cli.admin_client import call_admin
+from services.common.identity.spiffe_id import DEFAULT_TRUST_DOMAIN
+
+LEDGER = f"spiffe://{DEFAULT_TRUST_DOMAIN}/env/dev/zone/az1/team/payments/svc/ledger"
+
+
+@pytest.fixture(autouse=True)
+def environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """An empty ZTBANK_HOME (no issuer running) and nothing else from the caller's env."""
+    for name in list(os.environ):
+        if name.upper().startswith(("ZTBANK_", "SPIFFE_", "VAULT_")):
+            monkeypatch.delenv(name)
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("ZTBANK_HOME", str(home))
+    monkeypatch.setenv("ZTBANK_CERTS_DIR", str(tmp_path / "certs"))
+    monkeypatch.chdir(tmp_path)
+    return home
+
+
+@pytest.fixture
+def admin_calls(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """Records any attempt to reach the issuer (and fails it as if none were running)."""
+    calls: list[Path] = []
+
+    def spy(socket_path: Path, call: object) -> object:
+        calls.append(socket_path)
+        return call_admin(socket_path, call)  # type: ignore[arg-type]
+
+    monkeypatch.setattr("services.cli.main.call_admin", spy)
+    return calls
+
+
+def single_line(text: str) -> str:
+    assert text.endswith("\n")
+    assert text.count("\n") == 1, text
+    return text
+
+
+def run(argv: Sequence[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else -1
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+# -- usage errors from the parser -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "mentions"),
+    [
+        (["frobnicate"], "invalid choice"),
+        (["entry", "frobnicate"], "invalid choice"),
+        ([], "required"),
+        (["entry"], "required"),
+        (["entry", "create", "--selector", "unix:uid:1000"], "--spiffe-id"),
+        (["entry", "create", "--spiffe-id", LEDGER], "--selector"),
+        (["svid", "mint", "--spiffe-id", LEDGER], "--out"),
+        (["entry", "delete"], "entry_id"),
+        (["entry", "list", "--bogus"], "unrecognized arguments"),
+        (["issuer", "run", "--upstream", "cloud"], "invalid choice"),
+    ],
+)
+def test_bad_usage_is_one_line_and_exit_2(
+    argv: list[str], mentions: str, capsys: pytest.CaptureFixture[str], admin_calls: list[Path]
+) -> None:
+    code, out, err = run(argv, capsys)
+    assert code == 2
+    assert out == ""
+    assert mentions in single_line(err)
+    assert admin_calls == []
+
+
+# -- input validation before any connection -------------------------------------------------
+
+
+def entry_create(
+    *extra: str, spiffe_id: str = LEDGER, selector: str = "unix:uid:1000"
+) -> list[str]:
+    return ["entry", "create", "--spiffe-id", spiffe_id, "--selector", selector, *extra]
+
+
+@pytest.mark.parametrize(
+    ("argv", "mentions"),
+    [
+        (entry_create(spiffe_id="ledger"), "spiffe://"),
+        (entry_create(spiffe_id=f"spiffe://{DEFAULT_TRUST_DOMAIN}/svc//x"), "empty segment"),
+        (entry_create(spiffe_id="spiffe://other.example/svc/ledger"), "outside the trust domain"),
+        (entry_create(spiffe_id=f"spiffe://{DEFAULT_TRUST_DOMAIN}"), "trust domain itself"),
+        (entry_create(selector="unix:uid"), "TYPE:KEY:VALUE"),
+        (entry_create(selector="unix:uid:root"), "numeric uid"),
+        (entry_create(selector="docker:label:x"), "unknown selector"),
+        (entry_create(selector="unix:path:bin/ledger"), "absolute"),
+        (entry_create("--selector", "ztbank:socket:Bad Name"), "socket name"),
+        (entry_create("--ttl", "soon"), "invalid duration"),
+        (entry_create("--ttl", "30"), "invalid duration"),
+        (entry_create("--ttl", "500ms"), "at least 1s"),
+        (["--trust-domain", "Bank.Example", *entry_create()], "trust domain"),
+        (["svid", "mint", "--spiffe-id", "spiffe://other.example/x", "--out", "o"], "outside"),
+        (["svid", "mint", "--spiffe-id", LEDGER, "--out", "o", "--ttl", "1 minute"], "duration"),
+    ],
+)
+def test_invalid_input_is_refused_before_contacting_the_issuer(
+    argv: list[str], mentions: str, capsys: pytest.CaptureFixture[str], admin_calls: list[Path]
+) -> None:
+    code, out, err = run(argv, capsys)
+    assert code == 2
+    assert out == ""
+    assert mentions in single_line(err)
+    assert err.startswith("ztbank: ")
+    assert admin_calls == []
+
+
+def test_other_trust_domain_flag_moves_the_boundary(
+    capsys: pytest.CaptureFixture[str], admin_calls: list[Path]
+) -> None:
+    code, _, err = run(["--trust-domain", "other.example", *entry_create()], capsys)
+    assert code == 2
+    assert "outside the trust domain other.example" in single_line(err)
+    assert admin_calls == []
+
+
+# -- issuer not running ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        entry_create("--ttl", "30s", "--dns-name", "ledger"),
+        ["entry", "list"],
+        ["entry", "delete", "0b6f2c1e"],
+        ["svid", "mint", "--spiffe-id", LEDGER, "--out", "minted"],
+    ],
+)
+def test_valid_input_without_an_issuer_is_exit_1(
+    argv: list[str],
+    capsys: pytest.CaptureFixture[str],
+    admin_calls: list[Path],
+    environment: Path,
+) -> None:
+    code, out, err = run(argv, capsys)
+    assert code == 1
+    assert out == ""
+    assert "issuer is not running" in single_line(err)
+    assert str(environment / "run" / "issuer" / "admin.sock") in err
+    assert admin_calls == [environment / "run" / "issuer" / "admin.sock"]
+    assert not (Path("minted") / "svid.key").exists()
+
+
+# -- certs init -----------------------------------------------------------------------------
+
+
+def test_certs_init_creates_then_keeps_the_root(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    certs = tmp_path / "certs"
+    code, out, err = run(["certs", "init"], capsys)
+    assert (code, err) == (0, "")
+    assert single_line(out).startswith(f"created root CA for {DEFAULT_TRUST_DOMAIN}")
+    key, cert = certs / "root-ca.key", certs / "root-ca.pem"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    root = x509.load_pem_x509_certificate(cert.read_bytes())
+    san = root.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.UniformResourceIdentifier) == [
+        f"spiffe://{DEFAULT_TRUST_DOMAIN}"
+    ]
+    before = (key.read_bytes(), cert.read_bytes())
+
+    code, out, err = run(["certs", "init"], capsys)
+    assert (code, err) == (0, "")
+    assert single_line(out).startswith("kept existing root CA")
+    assert (key.read_bytes(), cert.read_bytes()) == before
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+
+
+def test_certs_init_with_half_a_root_is_exit_1(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    run(["certs", "init"], capsys)
+    (tmp_path / "certs" / "root-ca.pem").unlink()
+    code, out, err = run(["certs", "init"], capsys)
+    assert code == 1
+    assert out == ""
+    assert "only one of" in single_line(err)
+
+
+def test_certs_init_for_another_trust_domain(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    code, out, _ = run(["--trust-domain", "bank.test", "certs", "init"], capsys)
+    assert code == 0
+    assert "bank.test" in out
+    root = x509.load_pem_x509_certificate((tmp_path / "certs" / "root-ca.pem").read_bytes())
+    san = root.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.UniformResourceIdentifier) == ["spiffe://bank.test"]
