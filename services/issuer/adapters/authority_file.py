@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ def _slot_to_json(slot: Slot) -> dict[str, Any]:
         "roots": _certs_pem(slot.roots),
         "jwt_key": private_key_pem(slot.jwt_key).decode(),
         "jwt_kid": slot.jwt_kid,
+        "issued_at": slot.issued_at.isoformat(),
     }
 
 
@@ -49,6 +51,7 @@ def _slot_from_json(data: dict[str, Any]) -> Slot:
         roots=_load_certs(data["roots"]),
         jwt_key=_load_key(data["jwt_key"]),
         jwt_kid=data["jwt_kid"],
+        issued_at=datetime.fromisoformat(data["issued_at"]),
     )
 
 
@@ -65,6 +68,7 @@ class AuthorityFile:
                 active=_slot_from_json(data["active"]) if data.get("active") else None,
                 prepared=_slot_from_json(data["prepared"]) if data.get("prepared") else None,
                 retired=[_slot_from_json(item) for item in data.get("retired", [])],
+                next_number=int(data.get("next_number", 1)),
             )
         except (ValueError, KeyError, IndexError, TypeError) as error:
             raise IssuerError(f"cannot read the issuer's CA state {self._path}: {error}") from None
@@ -75,5 +79,6 @@ class AuthorityFile:
             "active": _slot_to_json(state.active) if state.active else None,
             "prepared": _slot_to_json(state.prepared) if state.prepared else None,
             "retired": [_slot_to_json(slot) for slot in state.retired],
+            "next_number": state.next_number,
         }
         write_atomic(self._path, json.dumps(data, indent=1).encode(), PRIVATE_MODE)

@@ -52,10 +52,13 @@ class Slot:
     roots: tuple[x509.Certificate, ...]
     jwt_key: ec.EllipticCurvePrivateKey
     jwt_kid: str
+    # When the issuer received the CA: upstreams backdate notBefore (Vault by 30 s), so rotation
+    # points are measured from here, not from the certificate.
+    issued_at: datetime
 
     def at_fraction(self, fraction: float) -> datetime:
-        start, end = self.ca_cert.not_valid_before_utc, self.ca_cert.not_valid_after_utc
-        return start + (end - start) * fraction
+        end = self.ca_cert.not_valid_after_utc
+        return self.issued_at + (end - self.issued_at) * fraction
 
     @property
     def expires(self) -> datetime:
@@ -69,6 +72,8 @@ class AuthorityState:
     active: Slot | None = None
     prepared: Slot | None = None
     retired: list[Slot] = field(default_factory=list)
+    # Numbers the issuer's CAs in their subject names; only ever grows.
+    next_number: int = 1
 
 
 class AuthorityStore(Protocol):
@@ -114,13 +119,16 @@ class CertificateAuthority:
         """Changes whenever the published bundle changes."""
         return self._generation
 
-    def _new_slot(self, number: int) -> Slot:
+    def _new_slot(self) -> Slot:
+        number = self._state.next_number
         key = new_key()
         csr = build_signing_ca_csr(key, self.trust_domain, f"ztbank issuer CA {number}")
         signed = self._upstream.sign_signing_ca(
             csr, trust_domain=self.trust_domain, ttl=self._ca_ttl
         )
+        self._state.next_number = number + 1
         return Slot(
+            issued_at=self._clock(),
             ca_cert=signed.certificate,
             ca_key=key,
             upstream_chain=signed.chain,
@@ -128,10 +136,6 @@ class CertificateAuthority:
             jwt_key=new_key(),
             jwt_kid=secrets.token_urlsafe(12),
         )
-
-    def _slot_count(self) -> int:
-        state = self._state
-        return len(state.retired) + (state.active is not None) + (state.prepared is not None)
 
     def maintain(self) -> datetime:
         """Bring the slots up to date; return when to call again.  May call the upstream."""
@@ -144,13 +148,11 @@ class CertificateAuthority:
                 state.retired, changed = kept, True
             active = state.active
             if active is None or active.expires <= now:
-                state.active = (
-                    state.prepared if state.prepared else self._new_slot(self._slot_count() + 1)
-                )
+                state.active = state.prepared or self._new_slot()
                 state.prepared = None
                 changed = True
             elif state.prepared is None and now >= active.at_fraction(PREPARE_AT):
-                state.prepared = self._new_slot(self._slot_count() + 1)
+                state.prepared = self._new_slot()
                 changed = True
             elif state.prepared is not None and now >= active.at_fraction(ACTIVATE_AT):
                 state.retired.append(active)

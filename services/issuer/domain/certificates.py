@@ -18,8 +18,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from services.common.identity.spiffe_id import SpiffeId
 
-# Certificates start slightly in the past so that a peer whose clock lags a little accepts them.
-BACKDATE = timedelta(seconds=30)
+# Certificates start slightly in the past so that a peer whose clock lags a little accepts them;
+# notAfter - notBefore still equals the TTL, so the backdate comes out of the lifetime.
+MAX_BACKDATE = timedelta(seconds=10)
 ROOT_LIFETIME = timedelta(days=3650)
 
 SigningKey = ec.EllipticCurvePrivateKey
@@ -27,6 +28,12 @@ SigningKey = ec.EllipticCurvePrivateKey
 
 def new_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
+
+
+def validity(now: datetime, ttl: timedelta) -> tuple[datetime, datetime]:
+    """(notBefore, notAfter) spanning exactly ``ttl``, backdated by at most a tenth of it."""
+    not_before = now - min(MAX_BACKDATE, ttl / 10)
+    return not_before, not_before + ttl
 
 
 def _serial() -> int:
@@ -74,6 +81,7 @@ def build_root_ca(
 ) -> x509.Certificate:
     """Self-signed root of the trust domain; path length 1 leaves room for the issuer's CA."""
     now = now or datetime.now(UTC)
+    not_before, not_after = validity(now, ROOT_LIFETIME)
     name = _name("ztbank root CA", trust_domain)
     return (
         x509.CertificateBuilder()
@@ -81,8 +89,8 @@ def build_root_ca(
         .issuer_name(name)
         .public_key(key.public_key())
         .serial_number(_serial())
-        .not_valid_before(now - BACKDATE)
-        .not_valid_after(now + ROOT_LIFETIME)
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
         .add_extension(_CA_KEY_USAGE, critical=True)
         .add_extension(
@@ -123,14 +131,15 @@ def sign_signing_ca(
 ) -> x509.Certificate:
     """The issuer's intermediate: signs leaves only (path length 0), never outlives its issuer."""
     now = now or datetime.now(UTC)
-    not_after = min(now + ttl, issuer_cert.not_valid_after_utc)
+    not_before, not_after = validity(now, ttl)
+    not_after = min(not_after, issuer_cert.not_valid_after_utc)
     return (
         x509.CertificateBuilder()
         .subject_name(csr.subject)
         .issuer_name(issuer_cert.subject)
         .public_key(csr.public_key())
         .serial_number(_serial())
-        .not_valid_before(now - BACKDATE)
+        .not_valid_before(not_before)
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(_CA_KEY_USAGE, critical=True)
@@ -161,7 +170,9 @@ def build_x509_svid(
 ) -> x509.Certificate:
     """An X509-SVID whose lifetime never exceeds ``ttl`` nor the signing CA's own expiry."""
     now = now or datetime.now(UTC)
-    not_after = min(now + ttl, ca_cert.not_valid_after_utc)
+    not_before, not_after = validity(now, ttl)
+    not_before = max(not_before, ca_cert.not_valid_before_utc)
+    not_after = min(not_after, ca_cert.not_valid_after_utc)
     names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(str(spiffe_id))]
     names.extend(x509.DNSName(name) for name in dns_names)
     # The subject carries the service name for humans reading logs; identity is the URI SAN.
@@ -177,7 +188,7 @@ def build_x509_svid(
         .issuer_name(ca_cert.subject)
         .public_key(public_key)
         .serial_number(_serial())
-        .not_valid_before(max(now - BACKDATE, ca_cert.not_valid_before_utc))
+        .not_valid_before(not_before)
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(_SVID_KEY_USAGE, critical=True)

@@ -171,9 +171,10 @@ class IssuerService:
                 svid = self._issue(
                     entry.spiffe_id, self._ttl(entry.ttl), entry.dns_names, "workload", entry.id
                 )
-                lifetime = svid.leaf.not_valid_after_utc - now
+                start = svid.leaf.not_valid_before_utc
+                lifetime = svid.leaf.not_valid_after_utc - start
                 fraction = self._rng.uniform(ROTATE_FROM, ROTATE_TO)
-                cached = WorkloadSvid(entry, svid, now + lifetime * fraction)
+                cached = WorkloadSvid(entry, svid, start + lifetime * fraction)
                 self._cache[entry.id] = cached
             result.append(cached)
         return result
