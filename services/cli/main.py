@@ -12,14 +12,16 @@ from pathlib import Path
 from typing import NoReturn
 
 from services._proto import issuer_admin_pb2 as pb
-from services.cli.admin_client import call_admin
 from services.cli.errors import CliError, UsageError
+from services.cli.teller import Reply, TellerClient, refusal
 from services.common.durations import parse_duration
 from services.common.errors import CommonError
 from services.common.files import PRIVATE_MODE, PUBLIC_MODE, write_atomic
 from services.common.settings import ZtbankSettings, load_settings
+from services.issuer.admin_client import AdminCallError, call_admin
 from services.issuer.domain.entries import Selector, parse_workload_id
 from services.issuer.errors import IssuerError
+from services.stack.native import NativeStack, StackError, StackSettings, StackStatus
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -192,6 +194,109 @@ def cmd_svid_mint(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- the native stack ---------------------------------------------------------------------------
+
+
+def _stack_settings(args: argparse.Namespace) -> StackSettings:
+    overrides = {"trust_domain": args.trust_domain} if args.trust_domain else {}
+    return load_settings(StackSettings, **overrides)
+
+
+def _status_document(status: StackStatus) -> dict[str, object]:
+    return {
+        "trust_domain": status.trust_domain,
+        "root_ca": status.root_ca,
+        "issuer": {"socket": status.issuer_socket, "running": status.issuer_running},
+        "services": {
+            name: {
+                "spiffe_id": probe.spiffe_id,
+                ("url" if probe.url.startswith("https://") else "address"): probe.url,
+                "svid_serial": probe.svid_serial,
+                "svid_not_after": probe.svid_not_after,
+                "healthy": probe.healthy,
+                **({"error": probe.error} if probe.error else {}),
+            }
+            for name, probe in status.services.items()
+        },
+    }
+
+
+def _print_status(status: StackStatus) -> None:
+    print(f"trust domain {status.trust_domain}  root CA {status.root_ca}")
+    running = "running" if status.issuer_running else "stopped"
+    print(f"issuer       {running}, Workload API {status.issuer_socket}")
+    for name, probe in status.services.items():
+        health = "healthy" if probe.healthy else f"DOWN ({probe.error})"
+        serial = (
+            f"svid {probe.svid_serial} until {probe.svid_not_after}" if probe.svid_serial else ""
+        )
+        print(f"{name:<12} {probe.url:<24} {health}  {probe.spiffe_id}  {serial}")
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    stack = NativeStack(_stack_settings(args))
+    try:
+        status = stack.up()
+    except StackError as error:
+        raise CliError(str(error)) from None
+    _print_status(status)
+    print(f"logs in {stack.settings.home / 'log'}; `make down` stops everything")
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    stopped = NativeStack(_stack_settings(args)).down()
+    print(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+    return 0
+
+
+def cmd_reset(args: argparse.Namespace) -> int:
+    stack = NativeStack(_stack_settings(args))
+    stack.reset()
+    print(f"stopped everything and wiped {stack.settings.home} (certs kept)")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = NativeStack(_stack_settings(args)).status()
+    if args.json:
+        print(json.dumps(_status_document(status), indent=2))
+    else:
+        _print_status(status)
+    healthy = status.issuer_running and all(p.healthy for p in status.services.values())
+    return 0 if healthy else 1
+
+
+# -- banking as the teller ----------------------------------------------------------------------
+
+
+def _print_reply(reply: Reply) -> None:
+    print(json.dumps(reply.body, indent=2))
+
+
+def cmd_login(args: argparse.Namespace) -> int:
+    print(TellerClient(_stack_settings(args)).token(args.customer))
+    return 0
+
+
+def cmd_accounts(args: argparse.Namespace) -> int:
+    reply = TellerClient(_stack_settings(args)).as_customer(args.customer, "GET", "/v1/accounts")
+    if reply.status != 200:
+        raise refusal(reply)
+    _print_reply(reply)
+    return 0
+
+
+def cmd_transfer(args: argparse.Namespace) -> int:
+    reply = TellerClient(_stack_settings(args)).transfer(
+        args.customer, args.source, args.target, args.amount, args.currency
+    )
+    if reply.status not in (201, 202):
+        raise refusal(reply)
+    _print_reply(reply)
+    return 0
+
+
 # -- parser -----------------------------------------------------------------------------------
 
 
@@ -246,6 +351,29 @@ def build_parser() -> argparse.ArgumentParser:
     mint.add_argument("--dns-name", action="append", help="extra DNS SAN (repeatable)")
     mint.add_argument("--json", action="store_true")
     mint.set_defaults(handler=cmd_svid_mint)
+    for name, handler, text in (
+        ("up", cmd_up, "start the native stack in the background and wait until healthy"),
+        ("down", cmd_down, "stop every process `up` started (state is kept)"),
+        ("reset", cmd_reset, "stop everything and wipe ZTBANK_HOME (balances, history, entries)"),
+    ):
+        groups.add_parser(name, help=text).set_defaults(handler=handler)
+    status = groups.add_parser("status", help="trust domain, issuer and each service's SVID/health")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(handler=cmd_status)
+
+    login = groups.add_parser("login", help="print a short-lived bearer token for a customer")
+    login.add_argument("customer")
+    login.set_defaults(handler=cmd_login)
+    accounts = groups.add_parser("accounts", help="a customer's accounts, as the teller")
+    accounts.add_argument("--customer", default="alice")
+    accounts.set_defaults(handler=cmd_accounts)
+    transfer = groups.add_parser("transfer", help="move money between accounts, as the teller")
+    transfer.add_argument("--from", dest="source", required=True, metavar="ACCOUNT")
+    transfer.add_argument("--to", dest="target", required=True, metavar="ACCOUNT")
+    transfer.add_argument("--amount", required=True, help="decimal string, e.g. 12.34")
+    transfer.add_argument("--currency", default="CNY")
+    transfer.add_argument("--customer", default="alice")
+    transfer.set_defaults(handler=cmd_transfer)
     return parser
 
 
@@ -257,6 +385,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as error:
         print(f"ztbank: {error}", file=sys.stderr)
         return error.exit_code
+    except AdminCallError as error:
+        print(f"ztbank: {error}", file=sys.stderr)
+        return 2 if error.bad_input else 1
     except CommonError as error:
         # Settings and input validation errors from the shared library are the user's to fix.
         print(f"ztbank: {error}", file=sys.stderr)

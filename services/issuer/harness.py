@@ -19,7 +19,7 @@ READY_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
 
 
-def _accepts(path: Path) -> bool:
+def accepts_connections(path: Path) -> bool:
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(str(path))
@@ -67,7 +67,7 @@ class IssuerProcess:
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
                 raise IssuerError(f"issuer exited with {self._process.returncode}:\n{self.log()}")
-            if _accepts(self.workload_socket) and _accepts(self.admin_socket):
+            if accepts_connections(self.workload_socket) and accepts_connections(self.admin_socket):
                 return self
             time.sleep(0.05)
         self.stop()

@@ -7,7 +7,7 @@ import pytest
 from cryptography import x509
 
 from services.cli import main as cli
-from services.cli.admin_client import call_admin
+from services.issuer.admin_client import call_admin
 from services.common.identity.spiffe_id import DEFAULT_TRUST_DOMAIN
 
 LEDGER = f"spiffe://{DEFAULT_TRUST_DOMAIN}/env/dev/zone/az1/team/payments/svc/ledger"

@@ -1,0 +1,135 @@
+"""The CLI acting as the channel app (the ``teller`` identity) against the gateway over mTLS."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import ssl
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from services.cli.errors import CliError, UsageError
+from services.common.errors import CommonError
+from services.common.identity.source import SvidMaterial, fetch_svid
+from services.common.identity.spiffe_id import SpiffeId
+from services.common.identity.x509svid import verify_der_chain
+from services.common.registry import FileRegistry
+from services.common.tls import client_context
+from services.common.workloads import GATEWAY, TELLER
+from services.stack.native import StackSettings
+
+TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: Any
+
+
+class _VerifiedConnection(http.client.HTTPSConnection):
+    """Checks the server's SPIFFE ID right after the handshake, before any request is sent."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        context: ssl.SSLContext,
+        bundle: SvidMaterial,
+        expected: SpiffeId,
+    ) -> None:
+        super().__init__(host, port, context=context, timeout=TIMEOUT)
+        self._bundle = bundle
+        self._expected = expected
+
+    def connect(self) -> None:
+        super().connect()
+        assert isinstance(self.sock, ssl.SSLSocket)
+        der = self.sock.getpeercert(binary_form=True)
+        try:
+            found = verify_der_chain(
+                [der] if der else [], self._bundle.bundle, trust_domain=self._expected.trust_domain
+            )
+        except CommonError as error:
+            self.close()
+            raise CliError(f"the gateway's certificate is not acceptable: {error}") from None
+        if found != self._expected:
+            self.close()
+            raise CliError(f"expected the gateway {self._expected}, got {found}")
+
+
+class TellerClient:
+    def __init__(self, settings: StackSettings) -> None:
+        socket_uri = f"unix://{settings.workload_socket_for(TELLER.name)}"
+        try:
+            self._material = fetch_svid(socket_uri, settings.trust_domain, timeout=5)
+        except CommonError as error:
+            raise CliError(f"no teller identity ({error}); is the stack up? (make up)") from None
+        self._context = client_context(self._material, ["http/1.1"])
+        self._address = FileRegistry(settings.registry).lookup(GATEWAY.name)
+        self._gateway_id = GATEWAY.spiffe_id(settings.trust_domain)
+
+    def request(
+        self, method: str, path: str, *, body: Any = None, headers: dict[str, str] | None = None
+    ) -> Reply:
+        connection = _VerifiedConnection(
+            self._address.host, self._address.port, self._context, self._material, self._gateway_id
+        )
+        payload = json.dumps(body).encode() if body is not None else None
+        all_headers = {"Accept": "application/json", **(headers or {})}
+        if payload is not None:
+            all_headers["Content-Type"] = "application/json"
+        try:
+            connection.request(method, path, body=payload, headers=all_headers)
+            response = connection.getresponse()
+            raw = response.read()
+        except (TimeoutError, OSError, http.client.HTTPException) as error:
+            raise CliError(f"cannot reach the gateway at {self._address.target}: {error}") from None
+        finally:
+            connection.close()
+        try:
+            parsed = json.loads(raw) if raw else None
+        except ValueError:
+            parsed = raw.decode(errors="replace")
+        return Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, parsed)
+
+    def token(self, customer: str) -> str:
+        reply = self.request("POST", "/v1/tokens", body={"customer": customer})
+        if reply.status != 201:
+            raise refusal(reply)
+        return str(reply.body["access_token"])
+
+    def as_customer(self, customer: str, method: str, path: str, **kwargs: Any) -> Reply:
+        token = self.token(customer)
+        headers = {"Authorization": f"Bearer {token}", **kwargs.pop("headers", {})}
+        return self.request(method, path, headers=headers, **kwargs)
+
+    def transfer(
+        self, customer: str, source: str, target: str, amount: str, currency: str
+    ) -> Reply:
+        body = {
+            "from_account": source,
+            "to_account": target,
+            "amount": amount,
+            "currency": currency,
+        }
+        key = str(uuid.uuid4())
+        reply = self.as_customer(
+            customer, "POST", "/v1/transfers", body=body, headers={"Idempotency-Key": key}
+        )
+        if reply.status >= 500:
+            # A retry with the same key can never post twice.
+            reply = self.as_customer(
+                customer, "POST", "/v1/transfers", body=body, headers={"Idempotency-Key": key}
+            )
+        return reply
+
+
+def refusal(reply: Reply) -> CliError:
+    """A gateway error as a CLI error: 4xx is the user's to fix (exit 2), the rest exit 1."""
+    body = reply.body
+    detail = (body.get("detail") or body.get("title")) if isinstance(body, dict) else body
+    error_type = UsageError if 400 <= reply.status < 500 else CliError
+    return error_type(f"gateway answered {reply.status}: {detail}")

@@ -1,0 +1,36 @@
+"""The shared ``__main__`` of the gRPC services: settings, logging, serve, one-line failures."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import TypeVar
+
+import grpc
+
+from services.common.errors import CommonError
+from services.common.logs import configure_json_logging
+from services.common.runtime import ServiceRuntime, ServiceSettings, serve_until_signalled
+from services.common.settings import load_settings
+
+SettingsT = TypeVar("SettingsT", bound=ServiceSettings)
+
+
+def run_service(
+    name: str,
+    settings_class: type[SettingsT],
+    create_server: Callable[[SettingsT], tuple[grpc.Server, ServiceRuntime]],
+) -> int:
+    configure_json_logging(name)
+    try:
+        settings = load_settings(settings_class)
+        server, runtime = create_server(settings)
+    except CommonError as error:
+        print(f"{name}: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:  # every package's error root, reported in one line
+        print(f"{name}: cannot start: {error}", file=sys.stderr)
+        return 1
+    server.start()
+    serve_until_signalled(server, runtime)
+    return 0

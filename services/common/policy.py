@@ -1,0 +1,121 @@
+"""Deny-by-default authorization by the caller's SPIFFE ID, per service and method.
+
+The policy is a JSON file (``infra/policy.json``) re-read when it changes, without a restart:
+
+    {"rules": [{"service": "transfer-engine",
+                "methods": ["/ztbank.ledger.v1.TransferEngine/*"],
+                "callers": ["spiffe://{trust_domain}/env/prod/zone/az1/team/channels/svc/gateway"]}]}
+
+``methods`` are gRPC full method names or ``"HTTP-METHOD /path"`` for the gateway, with ``*``
+wildcards; ``{trust_domain}`` in a caller is replaced by the running trust domain.  Anything not
+allowed by a rule is denied.  If the file becomes unreadable or invalid, every request is denied
+until it is fixed (fail closed), and the reason is logged and returned with each denial.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.common.errors import CommonError, InvalidSpiffeIdError
+from services.common.identity.spiffe_id import SpiffeId
+
+logger = logging.getLogger(__name__)
+
+RELOAD_CHECK_SECONDS = 0.5
+HEALTH_METHODS = ("/grpc.health.v1.Health/*", "GET /healthz")
+
+
+class PolicyError(CommonError):
+    """The policy file is missing or invalid."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class Rule:
+    service: str
+    methods: tuple[str, ...]
+    callers: frozenset[str]
+
+
+def parse_policy(text: str, trust_domain: str) -> tuple[Rule, ...]:
+    try:
+        document = json.loads(text)
+        rules = []
+        for raw in document["rules"]:
+            callers = frozenset(
+                str(SpiffeId.parse(c.replace("{trust_domain}", trust_domain)))
+                for c in raw["callers"]
+            )
+            methods = tuple(str(m) for m in raw["methods"])
+            if not methods or not isinstance(raw["service"], str):
+                raise PolicyError("every rule needs a service and at least one method")
+            rules.append(Rule(raw["service"], methods, callers))
+        return tuple(rules)
+    except (ValueError, KeyError, TypeError, InvalidSpiffeIdError) as error:
+        raise PolicyError(f"invalid policy: {error}") from None
+
+
+class Policy:
+    """Decides in memory; a stat() at most every RELOAD_CHECK_SECONDS picks up edits."""
+
+    def __init__(self, path: Path, trust_domain: str) -> None:
+        self._path = path
+        self._trust_domain = trust_domain
+        self._lock = threading.Lock()
+        self._checked = 0.0
+        self._stamp: tuple[int, int] | None = None
+        self._rules: tuple[Rule, ...] = ()
+        self._broken: str | None = None
+        self._reload()
+        if self._broken is not None:
+            raise PolicyError(self._broken)
+
+    def _reload(self) -> None:
+        try:
+            stat = os.stat(self._path)
+            stamp = (stat.st_mtime_ns, stat.st_size)
+            if stamp == self._stamp and self._broken is None:
+                return
+            self._rules = parse_policy(self._path.read_text(), self._trust_domain)
+            self._stamp, self._broken = stamp, None
+            logger.info("policy loaded from %s: %d rules", self._path, len(self._rules))
+        except (OSError, PolicyError) as error:
+            if self._broken is None:
+                logger.error("policy %s unusable, denying everything: %s", self._path, error)
+            self._broken = f"policy unavailable: {error}"
+            self._stamp = None
+
+    def _fresh(self) -> None:
+        now = time.monotonic()
+        if now - self._checked >= RELOAD_CHECK_SECONDS:
+            with self._lock:
+                if now - self._checked >= RELOAD_CHECK_SECONDS:
+                    self._checked = now
+                    self._reload()
+
+    def decide(self, service: str, method: str, caller: SpiffeId) -> Decision:
+        self._fresh()
+        if any(fnmatch.fnmatchcase(method, pattern) for pattern in HEALTH_METHODS):
+            # Health answers any verified SVID of the trust domain (the peer is already checked).
+            return Decision(True, "health check")
+        if self._broken is not None:
+            return Decision(False, self._broken)
+        caller_text = str(caller)
+        for rule in self._rules:
+            if rule.service != service or caller_text not in rule.callers:
+                continue
+            if any(fnmatch.fnmatchcase(method, pattern) for pattern in rule.methods):
+                return Decision(True, f"allowed by policy rule for {service}")
+        return Decision(False, f"no policy rule allows {caller_text} to call {service} {method}")

@@ -1,0 +1,142 @@
+"""What every bank service needs at run time, built once by its factory: identity from the
+Workload API, peer verification, policy, audit, telemetry and discovery."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from pydantic import AliasChoices, Field, model_validator
+
+from services.common.audit import AuditLog
+from services.common.grpc_mtls import AuthorizationInterceptor, MtlsChannel, server_credentials
+from services.common.identity.source import SvidSource
+from services.common.policy import Policy
+from services.common.registry import FileRegistry, ServiceAddress
+from services.common.settings import ZtbankSettings, socket_path_from_endpoint
+from services.common.telemetry import Telemetry, setup_telemetry
+from services.common.tls import PeerVerifier
+
+GRPC_WORKERS = 16
+logger = logging.getLogger(__name__)
+
+
+class ServiceSettings(ZtbankSettings):
+    """Settings shared by gateway, transfer-engine and risk."""
+
+    endpoint_socket: str = Field(
+        default="",
+        validation_alias=AliasChoices("SPIFFE_ENDPOINT_SOCKET", "ZTBANK_ENDPOINT_SOCKET"),
+    )
+    registry: Path = Path("infra/registry.json")
+    policy: Path = Path("infra/policy.json")
+    audit_fsync: bool = True
+    svid_timeout_seconds: float = 30.0
+
+    @model_validator(mode="after")
+    def _paths(self) -> ServiceSettings:
+        self.registry = self.registry.absolute()
+        self.policy = self.policy.absolute()
+        if self.endpoint_socket:
+            try:
+                socket_path_from_endpoint(self.endpoint_socket)
+            except ValueError as error:
+                raise ValueError(f"SPIFFE_ENDPOINT_SOCKET: {error}") from None
+        return self
+
+    def workload_endpoint(self, service: str) -> str:
+        """The service's own Workload API socket unless SPIFFE_ENDPOINT_SOCKET says otherwise."""
+        return self.endpoint_socket or f"unix://{self.workload_socket_for(service)}"
+
+
+@dataclass
+class ServiceRuntime:
+    name: str
+    settings: ServiceSettings
+    address: ServiceAddress
+    source: SvidSource
+    verifier: PeerVerifier
+    policy: Policy
+    audit: AuditLog
+    telemetry: Telemetry
+    registry: FileRegistry
+
+    def channel_to(self, service: str) -> MtlsChannel:
+        """An mTLS channel to a gRPC service, checked against its DNS SAN (its service name)."""
+        return MtlsChannel(self.source, self.registry.lookup(service).target, service)
+
+    def close(self) -> None:
+        self.telemetry.shutdown()
+        self.source.close()
+        self.audit.close()
+
+
+def create_runtime(name: str, settings: ServiceSettings) -> ServiceRuntime:
+    registry = FileRegistry(settings.registry)
+    address = registry.lookup(name)
+    source = SvidSource(
+        settings.workload_endpoint(name),
+        settings.trust_domain,
+        timeout=settings.svid_timeout_seconds,
+    )
+    return ServiceRuntime(
+        name=name,
+        settings=settings,
+        address=address,
+        source=source,
+        verifier=PeerVerifier(source.current, settings.trust_domain),
+        policy=Policy(settings.policy, settings.trust_domain),
+        audit=AuditLog(settings.home / "audit" / f"{name}.jsonl", fsync=settings.audit_fsync),
+        telemetry=setup_telemetry(
+            name,
+            metrics_port=address.metrics_port,
+            spans_path=settings.home / "telemetry" / f"{name}-spans.jsonl",
+            svid_seconds_left=lambda: source.current().seconds_left(),
+        ),
+        registry=registry,
+    )
+
+
+def create_grpc_server(runtime: ServiceRuntime) -> grpc.Server:
+    """A grpcio server on the registry address with mTLS, authorization and the health service.
+
+    The caller adds its servicers, then ``start()``s it.
+    """
+    interceptor = AuthorizationInterceptor(
+        service=runtime.name,
+        verifier=runtime.verifier,
+        policy=runtime.policy,
+        audit=runtime.audit,
+        telemetry=runtime.telemetry,
+        local_address=runtime.address.target,
+    )
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=GRPC_WORKERS), interceptors=[interceptor]
+    )
+    health_servicer = health.HealthServicer()
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    server.add_secure_port(runtime.address.target, server_credentials(runtime.source))
+    return server
+
+
+def serve_until_signalled(server: grpc.Server, runtime: ServiceRuntime) -> None:
+    """Run a started gRPC server until SIGTERM/SIGINT, then drain calls in flight and close."""
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    logger.info(
+        "%s serving on %s as %s",
+        runtime.name,
+        runtime.address.target,
+        runtime.source.current().spiffe_id,
+    )
+    stop.wait()
+    server.stop(grace=5).wait()
+    runtime.close()

@@ -1,0 +1,167 @@
+"""OpenTelemetry for every service: traces, metrics and W3C context propagation.
+
+With ``OTEL_EXPORTER_OTLP_ENDPOINT`` set, spans and metrics go to that collector over OTLP/HTTP.
+Otherwise metrics are served as Prometheus text on ``127.0.0.1:<metrics port>/metrics`` and spans
+are appended as JSON lines to a local sink file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from opentelemetry import propagate, trace
+from opentelemetry.context import Context
+from opentelemetry.metrics import CallbackOptions, Counter, Histogram, Meter, Observation
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    SpanExporter,
+    SpanExportResult,
+)
+
+OTLP_ENV = "OTEL_EXPORTER_OTLP_ENDPOINT"
+
+
+class JsonLinesSpanExporter(SpanExporter):
+    """The local span sink: one JSON object per finished span."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._path = path
+        self._lock = threading.Lock()
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        lines = []
+        for span in spans:
+            context = span.get_span_context()
+            parent = span.parent
+            lines.append(
+                json.dumps(
+                    {
+                        "name": span.name,
+                        "service": span.resource.attributes.get("service.name"),
+                        "trace_id": format(context.trace_id, "032x") if context else None,
+                        "span_id": format(context.span_id, "016x") if context else None,
+                        "parent_id": format(parent.span_id, "016x") if parent else None,
+                        "kind": span.kind.name,
+                        "start_ns": span.start_time,
+                        "end_ns": span.end_time,
+                        "status": span.status.status_code.name,
+                        "attributes": dict(span.attributes or {}),
+                    },
+                    default=str,
+                )
+            )
+        with self._lock, self._path.open("a") as sink:
+            sink.write("".join(line + "\n" for line in lines))
+        return SpanExportResult.SUCCESS
+
+
+@dataclass
+class Telemetry:
+    tracer: trace.Tracer
+    meter: Meter
+    handshake_duration: Histogram
+    authz_decisions: Counter
+    transfer_duration: Histogram
+    _shutdown: Callable[[], None]
+
+    def shutdown(self) -> None:
+        self._shutdown()
+
+
+def setup_telemetry(
+    service: str,
+    *,
+    metrics_port: int | None,
+    spans_path: Path,
+    svid_seconds_left: Callable[[], float] | None = None,
+) -> Telemetry:
+    resource = Resource.create({"service.name": service, "service.namespace": "ztbank"})
+    tracer_provider = TracerProvider(resource=resource)
+    readers: list[MetricReader] = []
+    if os.environ.get(OTLP_ENV):
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
+    else:
+        tracer_provider.add_span_processor(
+            BatchSpanProcessor(JsonLinesSpanExporter(spans_path), schedule_delay_millis=500)
+        )
+        if metrics_port is not None:
+            from opentelemetry.exporter.prometheus import PrometheusMetricReader
+            from prometheus_client import start_http_server
+
+            readers.append(PrometheusMetricReader())
+            start_http_server(metrics_port, addr="127.0.0.1")
+    meter_provider = MeterProvider(metric_readers=readers, resource=resource)
+    tracer = tracer_provider.get_tracer("ztbank")
+    meter = meter_provider.get_meter("ztbank")
+
+    if svid_seconds_left is not None:
+        seconds_left = svid_seconds_left
+
+        def observe_expiry(_: CallbackOptions) -> Iterable[Observation]:
+            yield Observation(seconds_left())
+
+        def observe_valid(_: CallbackOptions) -> Iterable[Observation]:
+            yield Observation(1 if seconds_left() > 0 else 0)
+
+        meter.create_observable_gauge(
+            "svid.expiry",
+            [observe_expiry],
+            unit="s",
+            description="seconds until the served SVID expires",
+        )
+        meter.create_observable_gauge(
+            "svid.valid",
+            [observe_valid],
+            description="1 while the served SVID is within its validity",
+        )
+
+    def shutdown() -> None:
+        tracer_provider.shutdown()
+        meter_provider.shutdown()
+
+    return Telemetry(
+        tracer=tracer,
+        meter=meter,
+        handshake_duration=meter.create_histogram(
+            "tls.handshake.duration", unit="s", description="server-side TLS handshake time"
+        ),
+        authz_decisions=meter.create_counter(
+            "authz.decisions", description="authorization decisions by service and outcome"
+        ),
+        transfer_duration=meter.create_histogram(
+            "transfer.duration", unit="s", description="time to create a transfer"
+        ),
+        _shutdown=shutdown,
+    )
+
+
+def inject_context() -> list[tuple[str, str]]:
+    """W3C trace context of the current span as gRPC metadata."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return list(carrier.items())
+
+
+def extract_context(pairs: Iterable[tuple[str, str | bytes]] | Mapping[str, str]) -> Context:
+    items = pairs.items() if isinstance(pairs, Mapping) else pairs
+    carrier = {k.lower(): v for k, v in items if isinstance(v, str)}
+    return propagate.extract(carrier)
+
+
+def current_trace_id() -> str | None:
+    context = trace.get_current_span().get_span_context()
+    return format(context.trace_id, "032x") if context.is_valid else None

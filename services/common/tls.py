@@ -1,0 +1,117 @@
+"""Mutual-TLS contexts built from the workload's SVID, hot-swapped on rotation.
+
+Policy for every ztbank TLS endpoint: TLS 1.2 or newer, AEAD cipher suites only (TLS 1.3 suites
+are all AEAD; for 1.2 only ECDHE with AES-GCM or ChaCha20-Poly1305), no session tickets and no
+compression.  OpenSSL checks the chain against the trust bundle during the handshake; the SPIFFE
+rules OpenSSL does not know are checked afterwards by ``PeerVerifier`` on every connection, so a
+resumed TLS 1.2 session is re-checked too.
+"""
+
+from __future__ import annotations
+
+import ssl
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from services.common.files import (
+    PRIVATE_MODE,
+    PUBLIC_MODE,
+    ensure_private_dir,
+    write_atomic,
+)
+from services.common.identity.pem import fingerprint_sha256, load_der_certificates, serial_hex
+from services.common.identity.source import SvidMaterial, SvidSource
+from services.common.identity.x509svid import verify_der_chain
+from services.common.peer import PeerIdentity
+
+TLS12_AEAD_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+
+
+def _harden(context: ssl.SSLContext) -> ssl.SSLContext:
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(TLS12_AEAD_CIPHERS)
+    context.options |= ssl.OP_NO_TICKET | ssl.OP_NO_COMPRESSION
+    context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+class SvidFiles:
+    """The SVID as files for APIs that only read paths (``load_cert_chain``); key 0600 in a
+    0700 directory, replaced atomically."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = ensure_private_dir(directory)
+        self.chain = directory / "svid.pem"
+        self.key = directory / "svid.key"
+        self.bundle = directory / "bundle.pem"
+
+    def write(self, material: SvidMaterial) -> None:
+        write_atomic(self.key, material.key_pem, PRIVATE_MODE)
+        write_atomic(self.chain, material.chain_pem, PUBLIC_MODE)
+        write_atomic(self.bundle, material.bundle_pem, PUBLIC_MODE)
+
+
+def client_context(material: SvidMaterial, alpn: list[str] | None = None) -> ssl.SSLContext:
+    """A one-off client context (CLI, probes); the key touches disk only in a private temp dir."""
+    context = _harden(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
+    context.check_hostname = False  # the server is identified by its SPIFFE ID instead
+    if alpn:
+        context.set_alpn_protocols(alpn)
+    with tempfile.TemporaryDirectory(prefix="ztbank-svid-") as directory:
+        files = SvidFiles(Path(directory))
+        files.write(material)
+        context.load_cert_chain(files.chain, files.key)
+    context.load_verify_locations(cadata=material.bundle_pem.decode())
+    return context
+
+
+class ReloadingContext:
+    """An ``ssl.SSLContext`` that follows the SVID source.
+
+    ``load_cert_chain`` on a live context replaces the certificate served by later handshakes
+    without touching open connections; the trust bundle only grows here, and retired CAs are
+    dropped by ``PeerVerifier``, which always uses the current bundle.
+    """
+
+    def __init__(self, source: SvidSource, files: SvidFiles, *, server: bool) -> None:
+        protocol = ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT
+        self.context = _harden(ssl.SSLContext(protocol))
+        if server:
+            # TLS 1.3 tickets would let a client resume without a certificate exchange.
+            self.context.num_tickets = 0
+        else:
+            # Peers are identified by SPIFFE ID (PeerVerifier), not by host name.
+            self.context.check_hostname = False
+        self._files = files
+        self._lock = threading.Lock()
+        self._load(source.current())
+        source.subscribe(self._load)
+
+    def _load(self, material: SvidMaterial) -> None:
+        with self._lock:
+            self._files.write(material)
+            self.context.load_cert_chain(self._files.chain, self._files.key)
+            self.context.load_verify_locations(cadata=material.bundle_pem.decode())
+
+
+class PeerVerifier:
+    """Checks a peer's certificate against the X509-SVID rules and the current bundle."""
+
+    def __init__(self, bundle: Callable[[], SvidMaterial], trust_domain: str) -> None:
+        self._material = bundle
+        self.trust_domain = trust_domain
+
+    def verify(self, chain_der: list[bytes], address: str) -> PeerIdentity:
+        """Raise ``SvidVerificationError`` unless the chain is a valid SVID of our domain."""
+        spiffe_id = verify_der_chain(
+            chain_der, self._material().bundle, trust_domain=self.trust_domain
+        )
+        leaf = load_der_certificates(chain_der[0])[0]
+        return PeerIdentity(
+            spiffe_id=spiffe_id,
+            serial=serial_hex(leaf),
+            fingerprint_sha256=fingerprint_sha256(leaf),
+            address=address,
+        )

@@ -1,0 +1,80 @@
+"""The risk gRPC servicer: only the transfer-engine may ask, and only well-formed transfers."""
+
+from __future__ import annotations
+
+import logging
+from typing import NoReturn, Protocol
+
+import grpc
+
+from services._proto import risk_pb2, risk_pb2_grpc
+from services.common.identity.spiffe_id import SpiffeId
+from services.common.peer import NoPeerIdentityError, current_peer
+from services.common.workloads import TRANSFER_ENGINE
+from services.risk.adapters.rules_file import RulesFile
+from services.risk.adapters.velocity_memory import InMemoryVelocityHistory
+from services.risk.domain.assessment import RiskAssessor, TransferRequest
+from services.risk.errors import InvalidTransferError
+from services.risk.settings import RiskSettings
+
+logger = logging.getLogger(__name__)
+
+
+class AbortingContext(Protocol):
+    """The part of ``grpc.ServicerContext`` the servicer uses."""
+
+    def abort(self, code: grpc.StatusCode, details: str) -> NoReturn: ...
+
+
+class RiskService(risk_pb2_grpc.RiskServicer):
+    def __init__(self, assessor: RiskAssessor, *, allowed_caller: SpiffeId) -> None:
+        self._assessor = assessor
+        self._allowed_caller = allowed_caller
+
+    def Assess(  # noqa: N802 - generated interface
+        self, request: risk_pb2.AssessRequest, context: AbortingContext
+    ) -> risk_pb2.Assessment:
+        self._authorize(context)
+        try:
+            transfer = TransferRequest(
+                transfer_id=request.transfer_id,
+                customer=request.customer,
+                from_account=request.from_account,
+                to_account=request.to_account,
+                amount_minor=request.amount_minor,
+                currency=request.currency,
+            )
+        except InvalidTransferError as error:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid transfer: {error}")
+        assessment = self._assessor.assess(transfer)
+        logger.info(
+            "transfer %s: %s (score %d) %s",
+            transfer.transfer_id,
+            assessment.decision,
+            assessment.score,
+            ",".join(assessment.reasons) or "-",
+        )
+        return risk_pb2.Assessment(
+            decision=assessment.decision,
+            reasons=list(assessment.reasons),
+            score=assessment.score,
+        )
+
+    def _authorize(self, context: AbortingContext) -> None:
+        # Defence in depth: the policy in front of this servicer already admits only the
+        # transfer-engine, but a policy mistake must not open the risk oracle to anyone else.
+        try:
+            caller = current_peer().spiffe_id
+        except NoPeerIdentityError:
+            logger.error("Assess ran without a verified peer; the mTLS interceptor is missing")
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "no verified peer identity")
+        if caller != self._allowed_caller:
+            logger.warning("refused Assess from %s", caller)
+            # The refusal does not name the allowed caller: that would tell a prober whom to be.
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{caller} may not call Assess")
+
+
+def create_risk_service(settings: RiskSettings) -> RiskService:
+    """Raises RulesError when the rules file cannot be read or is invalid: no rules, no start."""
+    assessor = RiskAssessor(RulesFile(settings.risk_rules), InMemoryVelocityHistory())
+    return RiskService(assessor, allowed_caller=TRANSFER_ENGINE.spiffe_id(settings.trust_domain))

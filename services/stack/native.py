@@ -1,0 +1,199 @@
+"""The native stack: issuer and bank services as local background processes.
+
+``up`` creates the root CA if missing, starts the issuer, registers one entry per workload
+(selected by its own Workload API socket and our uid — the single-user development trust model,
+see README), starts risk, transfer-engine and gateway, and waits until every one answers its
+health check over mTLS.  ``down`` stops what ``up`` started; state under ``ZTBANK_HOME`` survives.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+
+from services._proto import issuer_admin_pb2 as pb
+from services._proto.issuer_admin_grpc import IssuerAdminStub
+from services.common.errors import CommonError
+from services.common.identity.source import SvidMaterial, fetch_svid
+from services.common.registry import FileRegistry
+from services.common.settings import ZtbankSettings
+from services.common.workloads import GATEWAY, OPS, RISK, SERVICES, TELLER, TRANSFER_ENGINE
+from services.issuer.adapters.upstream_disk import init_root_ca
+from services.issuer.admin_client import call_admin
+from services.issuer.harness import accepts_connections
+from services.stack.probe import ServiceProbe, probe
+from services.stack.processes import ManagedProcess
+
+READY_TIMEOUT = 30.0
+GRPC_SERVICES = {TRANSFER_ENGINE.name, RISK.name}
+
+
+class StackError(CommonError):
+    """The stack could not be brought up (the message says which part and why)."""
+
+
+class StackSettings(ZtbankSettings):
+    registry: Path = Path("infra/registry.json")
+    policy: Path = Path("infra/policy.json")
+    svid_ttl: str | None = Field(default=None, validation_alias=AliasChoices("ZTBANK_SVID_TTL"))
+
+
+@dataclass(frozen=True)
+class StackStatus:
+    trust_domain: str
+    root_ca: str
+    issuer_socket: str
+    issuer_running: bool
+    services: dict[str, ServiceProbe]
+
+
+async def _create_entry(stub: IssuerAdminStub, *, request: pb.CreateEntryRequest) -> pb.Entry:
+    return await stub.CreateEntry(request)
+
+
+class NativeStack:
+    def __init__(self, settings: StackSettings) -> None:
+        self.settings = settings
+        self._pid_dir = settings.run_dir / "pids"
+        self._log_dir = settings.home / "log"
+        self.issuer = self._process("issuer", "services.issuer")
+        self.services = {
+            RISK.name: self._process(RISK.name, "services.risk"),
+            TRANSFER_ENGINE.name: self._process(TRANSFER_ENGINE.name, "services.transfer_engine"),
+            GATEWAY.name: self._process(GATEWAY.name, "services.gateway"),
+        }
+
+    def _process(self, name: str, module: str) -> ManagedProcess:
+        return ManagedProcess(name, module, self._pid_dir, self._log_dir)
+
+    @property
+    def _env(self) -> dict[str, str]:
+        env = {
+            "ZTBANK_HOME": str(self.settings.home),
+            "ZTBANK_CERTS_DIR": str(self.settings.certs_dir),
+            "ZTBANK_TRUST_DOMAIN": self.settings.trust_domain,
+            "ZTBANK_REGISTRY": str(self.settings.registry.absolute()),
+            "ZTBANK_POLICY": str(self.settings.policy.absolute()),
+        }
+        if self.settings.svid_ttl:
+            env["ZTBANK_SVID_TTL"] = self.settings.svid_ttl
+        return env
+
+    def _workload_socket(self, name: str) -> str:
+        return f"unix://{self.settings.workload_socket_for(name)}"
+
+    # -- up ------------------------------------------------------------------------------------
+
+    def up(self, timeout: float = READY_TIMEOUT) -> StackStatus:
+        deadline = time.monotonic() + timeout
+        init_root_ca(self.settings.certs_dir, self.settings.trust_domain)
+        if not self.issuer.running():
+            self.issuer.start(self._env)
+        self._wait(partial(accepts_connections, self.settings.admin_socket), deadline, self.issuer)
+        self._register_entries()
+        for name, process in self.services.items():
+            if not process.running():
+                socket_path = self.settings.workload_socket_for(name)
+                self._wait(socket_path.exists, deadline, self.issuer)
+                process.start(self._env | {"SPIFFE_ENDPOINT_SOCKET": self._workload_socket(name)})
+        for name, process in self.services.items():
+            self._wait(partial(self._healthy, name), deadline, process)
+        return self.status()
+
+    def _wait(self, ready: Callable[[], bool], deadline: float, process: ManagedProcess) -> None:
+        while time.monotonic() < deadline:
+            if ready():
+                return
+            if process.exited():
+                raise StackError(
+                    f"{process.name} exited during start-up; last lines of {process.log_file}:\n"
+                    f"{process.log_tail()}"
+                )
+            time.sleep(0.1)
+        raise StackError(
+            f"{process.name} not ready in time; last lines of {process.log_file}:\n"
+            f"{process.log_tail()}"
+        )
+
+    def _register_entries(self) -> None:
+        admin = self.settings.admin_socket
+        existing = call_admin(admin, lambda s: s.ListEntries(pb.ListEntriesRequest())).entries
+        have = {(e.spiffe_id, tuple(sorted(e.selectors))) for e in existing}
+        uid = os.getuid()
+        for workload in (*SERVICES, TELLER, OPS):
+            spiffe_id = str(workload.spiffe_id(self.settings.trust_domain))
+            selectors = sorted([f"ztbank:socket:{workload.name}", f"unix:uid:{uid}"])
+            if (spiffe_id, tuple(selectors)) in have:
+                continue
+            dns = [workload.name] if workload.name in GRPC_SERVICES else []
+            request = pb.CreateEntryRequest(spiffe_id=spiffe_id, selectors=selectors, dns_names=dns)
+            call_admin(admin, partial(_create_entry, request=request))
+
+    # -- status --------------------------------------------------------------------------------
+
+    def _ops_svid(self) -> SvidMaterial | None:
+        try:
+            return fetch_svid(
+                self._workload_socket(OPS.name), self.settings.trust_domain, timeout=5
+            )
+        except CommonError:
+            return None
+
+    def _healthy(self, name: str) -> bool:
+        material = self._ops_svid()
+        return material is not None and self._probe(name, material).healthy
+
+    def _probe(self, name: str, material: SvidMaterial) -> ServiceProbe:
+        address = FileRegistry(self.settings.registry).lookup(name)
+        workload = next(w for w in SERVICES if w.name == name)
+        return probe(
+            address,
+            workload.spiffe_id(self.settings.trust_domain),
+            material,
+            https=name == GATEWAY.name,
+        )
+
+    def status(self) -> StackStatus:
+        material = self._ops_svid()
+        services = {}
+        for workload in SERVICES:
+            if material is None:
+                services[workload.name] = ServiceProbe(
+                    workload.name,
+                    str(workload.spiffe_id(self.settings.trust_domain)),
+                    FileRegistry(self.settings.registry).lookup(workload.name).target,
+                    None,
+                    None,
+                    False,
+                    "no ops identity: is the issuer running?",
+                )
+            else:
+                services[workload.name] = self._probe(workload.name, material)
+        return StackStatus(
+            trust_domain=self.settings.trust_domain,
+            root_ca=str(self.settings.certs_dir / "root-ca.pem"),
+            issuer_socket=self.settings.default_workload_endpoint,
+            issuer_running=self.issuer.running(),
+            services=services,
+        )
+
+    # -- down / reset --------------------------------------------------------------------------
+
+    def down(self) -> list[str]:
+        stopped = [name for name, p in reversed(self.services.items()) if p.stop()]
+        if self.issuer.stop():
+            stopped.append("issuer")
+        return stopped
+
+    def reset(self) -> list[str]:
+        """Stop everything and wipe balances, history, entries and logs (certs/ stays)."""
+        stopped = self.down()
+        shutil.rmtree(self.settings.home, ignore_errors=True)
+        return stopped

@@ -1,0 +1,82 @@
+"""Health and served-SVID probes of the bank services, over mTLS as the ``ops`` identity."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.common.errors import CommonError
+from services.common.identity.pem import load_der_certificates, serial_hex
+from services.common.identity.source import SvidMaterial
+from services.common.identity.spiffe_id import SpiffeId
+from services.common.identity.x509svid import verify_der_chain
+from services.common.registry import ServiceAddress
+from services.common.tls import client_context
+
+PROBE_TIMEOUT = 3.0
+
+
+@dataclass(frozen=True)
+class ServiceProbe:
+    name: str
+    spiffe_id: str
+    url: str
+    svid_serial: str | None
+    svid_not_after: str | None
+    healthy: bool
+    error: str | None = None
+
+
+def _served_certificate(
+    address: ServiceAddress, material: SvidMaterial, alpn: list[str], expected: SpiffeId
+) -> tuple[str, str, bytes]:
+    """Handshake, check the server's SPIFFE ID, return (serial, not_after, raw socket reply)."""
+    context = client_context(material, alpn)
+    with (
+        socket.create_connection((address.host, address.port), timeout=PROBE_TIMEOUT) as raw,
+        context.wrap_socket(raw) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+        if der is None:
+            raise CommonError("server sent no certificate")
+        spiffe_id = verify_der_chain([der], material.bundle, trust_domain=expected.trust_domain)
+        if spiffe_id != expected:
+            raise CommonError(f"server is {spiffe_id}, expected {expected}")
+        reply = b""
+        if alpn == ["http/1.1"]:
+            request = f"GET /healthz HTTP/1.1\r\nHost: {address.host}\r\nConnection: close\r\n\r\n"
+            tls.sendall(request.encode())
+            reply = tls.recv(4096)
+    leaf = load_der_certificates(der)[0]
+    return serial_hex(leaf), leaf.not_valid_after_utc.isoformat(), reply
+
+
+def _grpc_healthy(address: ServiceAddress, material: SvidMaterial) -> bool:
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=material.bundle_pem,
+        private_key=material.key_pem,
+        certificate_chain=material.chain_pem,
+    )
+    options = [("grpc.ssl_target_name_override", address.name)]
+    with grpc.secure_channel(address.target, credentials, options=options) as channel:
+        stub: Any = health_pb2_grpc.HealthStub(channel)  # the stubs omit the generated methods
+        reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=PROBE_TIMEOUT)
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def probe(
+    address: ServiceAddress, expected: SpiffeId, material: SvidMaterial, *, https: bool
+) -> ServiceProbe:
+    url = f"https://{address.target}" if https else address.target
+    try:
+        serial, not_after, reply = _served_certificate(
+            address, material, ["http/1.1"] if https else ["h2"], expected
+        )
+        healthy = reply.startswith(b"HTTP/1.1 200") if https else _grpc_healthy(address, material)
+        return ServiceProbe(address.name, str(expected), url, serial, not_after, healthy)
+    except (OSError, CommonError, grpc.RpcError) as error:
+        return ServiceProbe(address.name, str(expected), url, None, None, False, str(error))

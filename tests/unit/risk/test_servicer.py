@@ -1,0 +1,160 @@
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NoReturn
+
+import grpc
+import pytest
+
+from services._proto import risk_pb2
+from services.common.identity.spiffe_id import SpiffeId
+from services.common.peer import PeerIdentity, reset_current_peer, set_current_peer
+from services.common.workloads import GATEWAY, TRANSFER_ENGINE
+from services.risk.errors import RulesError
+from services.risk.settings import RiskSettings
+from services.risk.transport.servicer import RiskService, create_risk_service
+
+TD = "bank.test"
+
+
+class AbortedError(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(code, details)
+        self.code = code
+        self.details = details
+
+
+class FakeContext:
+    def abort(self, code: grpc.StatusCode, details: str) -> NoReturn:
+        raise AbortedError(code, details)
+
+
+def as_peer(spiffe_id: SpiffeId | None) -> object:
+    peer = None
+    if spiffe_id is not None:
+        peer = PeerIdentity(
+            spiffe_id=spiffe_id, serial="0a", fingerprint_sha256="ab" * 32, address="127.0.0.1:1"
+        )
+    return set_current_peer(peer)
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> RiskService:
+    rules = tmp_path / "rules.json"
+    rules.write_text(json.dumps({"blocked_customers": ["cust-fraud"]}))
+    return create_risk_service(RiskSettings(risk_rules=rules, trust_domain=TD))
+
+
+@pytest.fixture
+def from_transfer_engine() -> Iterator[None]:
+    token = as_peer(TRANSFER_ENGINE.spiffe_id(TD))
+    yield
+    reset_current_peer(token)
+
+
+def request(**fields: object) -> risk_pb2.AssessRequest:
+    values: dict[str, object] = {
+        "transfer_id": "t-1",
+        "customer": "cust-1",
+        "from_account": "acct-1",
+        "to_account": "acct-2",
+        "amount_minor": 600_000,
+        "currency": "CNY",
+    }
+    values.update(fields)
+    return risk_pb2.AssessRequest(**values)  # type: ignore[arg-type]
+
+
+@pytest.mark.usefixtures("from_transfer_engine")
+def test_transfer_engine_gets_an_assessment(service: RiskService) -> None:
+    answer = service.Assess(request(), FakeContext())
+    assert answer == risk_pb2.Assessment(
+        decision="review", reasons=["amount_above_review_threshold"], score=40
+    )
+    denied = service.Assess(request(customer="cust-fraud", amount_minor=1), FakeContext())
+    assert (denied.decision, list(denied.reasons), denied.score) == (
+        "deny",
+        ["blocklisted_customer"],
+        100,
+    )
+
+
+@pytest.mark.usefixtures("from_transfer_engine")
+def test_velocity_is_counted_across_calls(service: RiskService) -> None:
+    decisions = [service.Assess(request(amount_minor=1), FakeContext()) for _ in range(6)]
+    assert [d.decision for d in decisions] == ["allow"] * 5 + ["review"]
+    assert list(decisions[-1].reasons) == ["velocity_exceeded"]
+
+
+@pytest.mark.parametrize(
+    "caller",
+    [
+        GATEWAY.spiffe_id(TD),
+        TRANSFER_ENGINE.spiffe_id("other.test"),
+        SpiffeId(TD, "/env/dev/zone/az1/team/payments/svc/transfer-engine"),
+    ],
+    ids=["gateway", "other-trust-domain", "other-env"],
+)
+def test_only_the_transfer_engine_may_ask(service: RiskService, caller: SpiffeId) -> None:
+    token = as_peer(caller)
+    try:
+        with pytest.raises(AbortedError) as caught:
+            service.Assess(request(), FakeContext())
+    finally:
+        reset_current_peer(token)
+    assert caught.value.code is grpc.StatusCode.PERMISSION_DENIED
+    assert str(caller) in caught.value.details
+
+
+def test_a_call_without_a_verified_peer_fails_closed(service: RiskService) -> None:
+    token = as_peer(None)
+    try:
+        with pytest.raises(AbortedError) as caught:
+            service.Assess(request(), FakeContext())
+    finally:
+        reset_current_peer(token)
+    assert caught.value.code is grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_the_caller_is_checked_before_the_input(service: RiskService) -> None:
+    token = as_peer(GATEWAY.spiffe_id(TD))
+    try:
+        with pytest.raises(AbortedError) as caught:
+            service.Assess(request(amount_minor=0), FakeContext())
+    finally:
+        reset_current_peer(token)
+    assert caught.value.code is grpc.StatusCode.PERMISSION_DENIED
+
+
+@pytest.mark.usefixtures("from_transfer_engine")
+@pytest.mark.parametrize(
+    ("fields", "details"),
+    [
+        ({"amount_minor": 0}, "invalid transfer: amount_minor must be positive (got 0)"),
+        ({"amount_minor": -100}, "invalid transfer: amount_minor must be positive (got -100)"),
+        ({"currency": ""}, "invalid transfer: currency is required"),
+        ({"from_account": ""}, "invalid transfer: from_account is required"),
+        ({"to_account": ""}, "invalid transfer: to_account is required"),
+    ],
+)
+def test_malformed_requests_are_invalid_arguments(
+    service: RiskService, fields: dict[str, object], details: str
+) -> None:
+    with pytest.raises(AbortedError) as caught:
+        service.Assess(request(**fields), FakeContext())
+    assert caught.value.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details == details
+
+
+@pytest.mark.usefixtures("from_transfer_engine")
+def test_refused_requests_do_not_count_towards_velocity(service: RiskService) -> None:
+    for _ in range(10):
+        with pytest.raises(AbortedError):
+            service.Assess(request(to_account=""), FakeContext())
+    assert service.Assess(request(amount_minor=1), FakeContext()).decision == "allow"
+
+
+def test_the_service_does_not_start_without_rules(tmp_path: Path) -> None:
+    settings = RiskSettings(risk_rules=tmp_path / "missing.json", trust_domain=TD)
+    with pytest.raises(RulesError, match=r"missing\.json"):
+        create_risk_service(settings)
