@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cledger.proto\x12\x10ztbank.ledger.v1\"^\n\x07\x41\x63\x63ount\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08\x63ustomer\x18\x02 \x01(\t\x12\x10\n\x08\x63urrency\x18\x03 \x01(\t\x12\x15\n\rbalance_minor\x18\x04 \x01(\x03\x12\x0c\n\x04name\x18\x05 \x01(\t\"B\n\x0eRiskAssessment\x12\x10\n\x08\x64\x65\x63ision\x18\x01 \x01(\t\x12\x0f\n\x07reasons\x18\x02 \x03(\t\x12\r\n\x05score\x18\x03 \x01(\x05\"\xf9\x01\n\x08Transfer\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08\x63ustomer\x18\x02 \x01(\t\x12\x14\n\x0c\x66rom_account\x18\x03 \x01(\t\x12\x12\n\nto_account\x18\x04 \x01(\t\x12\x14\n\x0c\x61mount_minor\x18\x05 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x06 \x01(\t\x12\x0e\n\x06status\x18\x07 \x01(\t\x12.\n\x04risk\x18\x08 \x01(\x0b\x32 .ztbank.ledger.v1.RiskAssessment\x12\x12\n\ncreated_at\x18\t \x01(\t\x12\x17\n\x0fidempotency_key\x18\n \x01(\t\x12\x10\n\x08replayed\x18\x0b \x01(\x08\"\xad\x01\n\x0bTransaction\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x14\n\x0c\x61mount_minor\x18\x03 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x04 \x01(\t\x12\x1c\n\x14\x63ounterparty_account\x18\x05 \x01(\t\x12\x1b\n\x13\x62\x61lance_after_minor\x18\x06 \x01(\x03\x12\x12\n\ncreated_at\x18\x07 \x01(\t\"\'\n\x13ListAccountsRequest\x12\x10\n\x08\x63ustomer\x18\x01 \x01(\t\"C\n\x14ListAccountsResponse\x12+\n\x08\x61\x63\x63ounts\x18\x01 \x03(\x0b\x32\x19.ztbank.ledger.v1.Account\"9\n\x11GetAccountRequest\x12\x10\n\x08\x63ustomer\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\"R\n\x17ListTransactionsRequest\x12\x10\n\x08\x63ustomer\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x11\n\tfrom_date\x18\x03 \x01(\t\"O\n\x18ListTransactionsResponse\x12\x33\n\x0ctransactions\x18\x01 \x03(\x0b\x32\x1d.ztbank.ledger.v1.Transaction\"\x94\x01\n\x15\x43reateTransferRequest\x12\x10\n\x08\x63ustomer\x18\x01 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\x12\x14\n\x0c\x66rom_account\x18\x03 \x01(\t\x12\x12\n\nto_account\x18\x04 \x01(\t\x12\x14\n\x0c\x61mount_minor\x18\x05 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x06 \x01(\t\";\n\x12GetTransferRequest\x12\x10\n\x08\x63ustomer\x18\x01 \x01(\t\x12\x13\n\x0btransfer_id\x18\x02 \x01(\t2\xd0\x03\n\x0eTransferEngine\x12]\n\x0cListAccounts\x12%.ztbank.ledger.v1.ListAccountsRequest\x1a&.ztbank.ledger.v1.ListAccountsResponse\x12L\n\nGetAccount\x12#.ztbank.ledger.v1.GetAccountRequest\x1a\x19.ztbank.ledger.v1.Account\x12i\n\x10ListTransactions\x12).ztbank.ledger.v1.ListTransactionsRequest\x1a*.ztbank.ledger.v1.ListTransactionsResponse\x12U\n\x0e\x43reateTransfer\x12\'.ztbank.ledger.v1.CreateTransferRequest\x1a\x1a.ztbank.ledger.v1.Transfer\x12O\n\x0bGetTransfer\x12$.ztbank.ledger.v1.GetTransferRequest\x1a\x1a.ztbank.ledger.v1.Transferb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cledger.proto\x12\x10ztbank.ledger.v1\"^\n\x07\x41\x63\x63ount\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08\x63ustomer\x18\x02 \x01(\t\x12\x10\n\x08\x63urrency\x18\x03 \x01(\t\x12\x15\n\rbalance_minor\x18\x04 \x01(\x03\x12\x0c\n\x04name\x18\x05 \x01(\t\"B\n\x0eRiskAssessment\x12\x10\n\x08\x64\x65\x63ision\x18\x01 \x01(\t\x12\x0f\n\x07reasons\x18\x02 \x03(\t\x12\r\n\x05score\x18\x03 \x01(\x05\"\x93\x02\n\x08Transfer\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08\x63ustomer\x18\x02 \x01(\t\x12\x14\n\x0c\x66rom_account\x18\x03 \x01(\t\x12\x12\n\nto_account\x18\x04 \x01(\t\x12\x14\n\x0c\x61mount_minor\x18\x05 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x06 \x01(\t\x12\x0e\n\x06status\x18\x07 \x01(\t\x12.\n\x04risk\x18\x08 \x01(\x0b\x32 .ztbank.ledger.v1.RiskAssessment\x12\x12\n\ncreated_at\x18\t \x01(\t\x12\x17\n\x0fidempotency_key\x18\n \x01(\t\x12\x10\n\x08replayed\x18\x0b \x01(\x08\x12\x18\n\x10rejection_reason\x18\x0c \x01(\t\"\xad\x01\n\x0bTransaction\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x14\n\x0c\x61mount_minor\x18\x03 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x04 \x01(\t\x12\x1c\n\x14\x63ounterparty_account\x18\x05 \x01(\t\x12\x1b\n\x13\x62\x61lance_after_minor\x18\x06 \x01(\x03\x12\x12\n\ncreated_at\x18\x07 \x01(\t\"\'\n\x13ListAccountsRequest\x12\x10\n\x08\x63ustomer\x18\x01 \x01(\t\"C\n\x14ListAccountsResponse\x12+\n\x08\x61\x63\x63ounts\x18\x01 \x03(\x0b\x32\x19.ztbank.ledger.v1.Account\"9\n\x11GetAccountRequest\x12\x10\n\x08\x63ustomer\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\"R\n\x17ListTransactionsRequest\x12\x10\n\x08\x63ustomer\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x11\n\tfrom_date\x18\x03 \x01(\t\"O\n\x18ListTransactionsResponse\x12\x33\n\x0ctransactions\x18\x01 \x03(\x0b\x32\x1d.ztbank.ledger.v1.Transaction\"\x94\x01\n\x15\x43reateTransferRequest\x12\x10\n\x08\x63ustomer\x18\x01 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\x12\x14\n\x0c\x66rom_account\x18\x03 \x01(\t\x12\x12\n\nto_account\x18\x04 \x01(\t\x12\x14\n\x0c\x61mount_minor\x18\x05 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x06 \x01(\t\";\n\x12GetTransferRequest\x12\x10\n\x08\x63ustomer\x18\x01 \x01(\t\x12\x13\n\x0btransfer_id\x18\x02 \x01(\t2\xd0\x03\n\x0eTransferEngine\x12]\n\x0cListAccounts\x12%.ztbank.ledger.v1.ListAccountsRequest\x1a&.ztbank.ledger.v1.ListAccountsResponse\x12L\n\nGetAccount\x12#.ztbank.ledger.v1.GetAccountRequest\x1a\x19.ztbank.ledger.v1.Account\x12i\n\x10ListTransactions\x12).ztbank.ledger.v1.ListTransactionsRequest\x1a*.ztbank.ledger.v1.ListTransactionsResponse\x12U\n\x0e\x43reateTransfer\x12\'.ztbank.ledger.v1.CreateTransferRequest\x1a\x1a.ztbank.ledger.v1.Transfer\x12O\n\x0bGetTransfer\x12$.ztbank.ledger.v1.GetTransferRequest\x1a\x1a.ztbank.ledger.v1.Transferb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,23 +36,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RISKASSESSMENT']._serialized_start=130
   _globals['_RISKASSESSMENT']._serialized_end=196
   _globals['_TRANSFER']._serialized_start=199
-  _globals['_TRANSFER']._serialized_end=448
-  _globals['_TRANSACTION']._serialized_start=451
-  _globals['_TRANSACTION']._serialized_end=624
-  _globals['_LISTACCOUNTSREQUEST']._serialized_start=626
-  _globals['_LISTACCOUNTSREQUEST']._serialized_end=665
-  _globals['_LISTACCOUNTSRESPONSE']._serialized_start=667
-  _globals['_LISTACCOUNTSRESPONSE']._serialized_end=734
-  _globals['_GETACCOUNTREQUEST']._serialized_start=736
-  _globals['_GETACCOUNTREQUEST']._serialized_end=793
-  _globals['_LISTTRANSACTIONSREQUEST']._serialized_start=795
-  _globals['_LISTTRANSACTIONSREQUEST']._serialized_end=877
-  _globals['_LISTTRANSACTIONSRESPONSE']._serialized_start=879
-  _globals['_LISTTRANSACTIONSRESPONSE']._serialized_end=958
-  _globals['_CREATETRANSFERREQUEST']._serialized_start=961
-  _globals['_CREATETRANSFERREQUEST']._serialized_end=1109
-  _globals['_GETTRANSFERREQUEST']._serialized_start=1111
-  _globals['_GETTRANSFERREQUEST']._serialized_end=1170
-  _globals['_TRANSFERENGINE']._serialized_start=1173
-  _globals['_TRANSFERENGINE']._serialized_end=1637
+  _globals['_TRANSFER']._serialized_end=474
+  _globals['_TRANSACTION']._serialized_start=477
+  _globals['_TRANSACTION']._serialized_end=650
+  _globals['_LISTACCOUNTSREQUEST']._serialized_start=652
+  _globals['_LISTACCOUNTSREQUEST']._serialized_end=691
+  _globals['_LISTACCOUNTSRESPONSE']._serialized_start=693
+  _globals['_LISTACCOUNTSRESPONSE']._serialized_end=760
+  _globals['_GETACCOUNTREQUEST']._serialized_start=762
+  _globals['_GETACCOUNTREQUEST']._serialized_end=819
+  _globals['_LISTTRANSACTIONSREQUEST']._serialized_start=821
+  _globals['_LISTTRANSACTIONSREQUEST']._serialized_end=903
+  _globals['_LISTTRANSACTIONSRESPONSE']._serialized_start=905
+  _globals['_LISTTRANSACTIONSRESPONSE']._serialized_end=984
+  _globals['_CREATETRANSFERREQUEST']._serialized_start=987
+  _globals['_CREATETRANSFERREQUEST']._serialized_end=1135
+  _globals['_GETTRANSFERREQUEST']._serialized_start=1137
+  _globals['_GETTRANSFERREQUEST']._serialized_end=1196
+  _globals['_TRANSFERENGINE']._serialized_start=1199
+  _globals['_TRANSFERENGINE']._serialized_end=1663
 # @@protoc_insertion_point(module_scope)

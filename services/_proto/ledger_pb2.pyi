@@ -31,7 +31,7 @@ class RiskAssessment(_message.Message):
     def __init__(self, decision: _Optional[str] = ..., reasons: _Optional[_Iterable[str]] = ..., score: _Optional[int] = ...) -> None: ...
 
 class Transfer(_message.Message):
-    __slots__ = ("id", "customer", "from_account", "to_account", "amount_minor", "currency", "status", "risk", "created_at", "idempotency_key", "replayed")
+    __slots__ = ("id", "customer", "from_account", "to_account", "amount_minor", "currency", "status", "risk", "created_at", "idempotency_key", "replayed", "rejection_reason")
     ID_FIELD_NUMBER: _ClassVar[int]
     CUSTOMER_FIELD_NUMBER: _ClassVar[int]
     FROM_ACCOUNT_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,7 @@ class Transfer(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    REJECTION_REASON_FIELD_NUMBER: _ClassVar[int]
     id: str
     customer: str
     from_account: str
@@ -54,7 +55,8 @@ class Transfer(_message.Message):
     created_at: str
     idempotency_key: str
     replayed: bool
-    def __init__(self, id: _Optional[str] = ..., customer: _Optional[str] = ..., from_account: _Optional[str] = ..., to_account: _Optional[str] = ..., amount_minor: _Optional[int] = ..., currency: _Optional[str] = ..., status: _Optional[str] = ..., risk: _Optional[_Union[RiskAssessment, _Mapping]] = ..., created_at: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., replayed: _Optional[bool] = ...) -> None: ...
+    rejection_reason: str
+    def __init__(self, id: _Optional[str] = ..., customer: _Optional[str] = ..., from_account: _Optional[str] = ..., to_account: _Optional[str] = ..., amount_minor: _Optional[int] = ..., currency: _Optional[str] = ..., status: _Optional[str] = ..., risk: _Optional[_Union[RiskAssessment, _Mapping]] = ..., created_at: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., replayed: _Optional[bool] = ..., rejection_reason: _Optional[str] = ...) -> None: ...
 
 class Transaction(_message.Message):
     __slots__ = ("transfer_id", "account_id", "amount_minor", "currency", "counterparty_account", "balance_after_minor", "created_at")

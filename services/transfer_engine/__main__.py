@@ -1,0 +1,10 @@
+"""``python -m services.transfer_engine``: the ledger (gRPC, mTLS)."""
+
+import sys
+
+from services.common.entrypoint import run_service
+from services.transfer_engine.server import create_server
+from services.transfer_engine.settings import TransferEngineSettings
+
+if __name__ == "__main__":
+    sys.exit(run_service("transfer-engine", TransferEngineSettings, create_server))

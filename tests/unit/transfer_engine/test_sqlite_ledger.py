@@ -1,0 +1,90 @@
+import sqlite3
+import stat
+from collections.abc import Iterator
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+
+from services.transfer_engine.adapters import sqlite_ledger
+from services.transfer_engine.adapters.sqlite_ledger import SqliteLedgerRepository
+from services.transfer_engine.domain.ledger import Ledger
+from services.transfer_engine.domain.model import TransferStatus
+from services.transfer_engine.errors import LedgerBusyError
+from tests.unit.transfer_engine.fakes import FakeClock, FakeRisk
+from tests.unit.transfer_engine.support import SEEDED, balances, transfer_request
+
+
+@pytest.fixture
+def repository(ledger_path: Path) -> SqliteLedgerRepository:
+    return SqliteLedgerRepository(ledger_path)
+
+
+@pytest.fixture
+def raw(ledger_path: Path, ledger: Ledger) -> Iterator[sqlite3.Connection]:
+    """A second connection to the seeded file, as an operator (or a crash) would see it."""
+    with closing(sqlite3.connect(ledger_path, isolation_level=None)) as db:
+        yield db
+
+
+def count(db: sqlite3.Connection, table: str) -> int:
+    (rows,) = db.execute(f"SELECT count(*) FROM {table}").fetchone()
+    return int(rows)
+
+
+def test_file_is_private_and_in_wal_mode(ledger_path: Path, raw: sqlite3.Connection) -> None:
+    assert stat.S_IMODE(ledger_path.parent.stat().st_mode) == 0o700
+    assert raw.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+def test_seed_survives_a_restart_unchanged(
+    ledger_path: Path, raw: sqlite3.Connection, risk: FakeRisk, clock: FakeClock
+) -> None:
+    restarted = SqliteLedgerRepository(ledger_path)
+    Ledger(repository=restarted, risk=risk, clock=clock).ensure_seeded()
+    assert balances(restarted) == SEEDED
+    assert count(raw, "postings") == 6
+    assert count(raw, "customers") == 2
+
+
+def test_database_refuses_overdrafts_floats_and_unbalanced_kinds(raw: sqlite3.Connection) -> None:
+    with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+        raw.execute("UPDATE accounts SET balance_minor = -1 WHERE id = 'acc-bob-cny'")
+    with pytest.raises(sqlite3.IntegrityError, match="cannot store REAL"):
+        raw.execute("UPDATE accounts SET balance_minor = 1.5 WHERE id = 'acc-bob-cny'")
+    with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+        raw.execute("INSERT INTO accounts VALUES ('acc-x', NULL, 'CNY', 'x', 'customer', 0)")
+    # The bank's equity account is the one that may go (and is) negative.
+    raw.execute(
+        "UPDATE accounts SET balance_minor = balance_minor - 1 WHERE id = 'acc-bank-equity'"
+    )
+
+
+def test_crash_between_the_two_postings_leaves_nothing(
+    ledger: Ledger, repository: SqliteLedgerRepository, raw: sqlite3.Connection
+) -> None:
+    raw.execute(
+        "CREATE TRIGGER crash_on_second_posting BEFORE INSERT ON postings"
+        " WHEN (SELECT count(*) FROM postings WHERE transfer_id = NEW.transfer_id) = 1"
+        " BEGIN SELECT RAISE(ABORT, 'injected crash'); END"
+    )
+    with pytest.raises(sqlite3.IntegrityError, match="injected crash"):
+        ledger.create_transfer(transfer_request())
+
+    assert balances(repository) == SEEDED
+    assert count(raw, "postings") == 6
+    assert repository.transfer_by_key("alice", "key-1") is None
+    raw.execute("DROP TRIGGER crash_on_second_posting")
+    assert ledger.create_transfer(transfer_request()).status is TransferStatus.POSTED
+
+
+def test_a_writer_that_stays_locked_out_gets_busy(
+    ledger: Ledger, raw: sqlite3.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_ledger, "BUSY_TIMEOUT_SECONDS", 0.05)
+    raw.execute("BEGIN IMMEDIATE")
+    with pytest.raises(LedgerBusyError, match="the ledger is busy"):
+        ledger.create_transfer(transfer_request())
+    assert ledger.account("alice", "acc-alice-cny").balance_minor == 1_000_000  # WAL: reads go on
+    raw.execute("ROLLBACK")
+    assert ledger.create_transfer(transfer_request()).status is TransferStatus.POSTED
