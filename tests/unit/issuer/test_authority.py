@@ -5,8 +5,9 @@ from typing import Any
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from services.common.identity.spiffe_id import SpiffeId
 from services.common.identity.x509svid import verify_x509_svid
@@ -19,7 +20,12 @@ from services.issuer.adapters.upstream_disk import (
     init_root_ca,
 )
 from services.issuer.domain.authority import AuthorityState, CertificateAuthority
-from services.issuer.domain.certificates import build_signing_ca_csr, new_key, sign_signing_ca
+from services.issuer.domain.certificates import (
+    MAX_BACKDATE,
+    build_signing_ca_csr,
+    new_key,
+    sign_signing_ca,
+)
 from services.issuer.errors import IssuerError, UpstreamError
 
 TD = "ztbank.example"
@@ -47,10 +53,12 @@ class MemoryStore:
         if not self.saved:
             return AuthorityState()
         last = self.saved[-1]
-        return AuthorityState(last.active, last.prepared, list(last.retired))
+        return AuthorityState(last.active, last.prepared, list(last.retired), last.next_number)
 
     def save(self, state: AuthorityState) -> None:
-        self.saved.append(AuthorityState(state.active, state.prepared, list(state.retired)))
+        self.saved.append(
+            AuthorityState(state.active, state.prepared, list(state.retired), state.next_number)
+        )
 
 
 class SwitchableUpstream:
@@ -62,6 +70,7 @@ class SwitchableUpstream:
         self.inner = inner
         self.calls = 0
         self.failing = False
+        self.issued: list[x509.Certificate] = []
 
     def sign_signing_ca(
         self, csr: x509.CertificateSigningRequest, *, trust_domain: str, ttl: timedelta
@@ -69,12 +78,16 @@ class SwitchableUpstream:
         self.calls += 1
         if self.failing:
             raise UpstreamError("upstream unreachable")
-        return self.inner.sign_signing_ca(csr, trust_domain=trust_domain, ttl=ttl)
+        signed = self.inner.sign_signing_ca(csr, trust_domain=trust_domain, ttl=ttl)
+        self.issued.append(signed.certificate)
+        return signed
 
 
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock(datetime.now(UTC))
+    # On a whole second, so that ``at`` can recover the issue time exactly from the certificate
+    # (X.509 times drop the fraction of a second).
+    return FakeClock(datetime.now(UTC).replace(microsecond=0))
 
 
 @pytest.fixture
@@ -120,8 +133,18 @@ def fingerprints(certs: list[x509.Certificate]) -> list[bytes]:
 
 
 def at(cert: x509.Certificate, fraction: float) -> datetime:
+    """``fraction`` of the CA's life, counted from when it was issued (notBefore is backdated)."""
     start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
-    return start + (end - start) * fraction
+    issued = start + min(MAX_BACKDATE, (end - start) / 10)
+    return issued + (end - issued) * fraction
+
+
+def ca_number(cert: x509.Certificate) -> int:
+    (common_name,) = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    prefix = "ztbank issuer CA "
+    assert isinstance(common_name.value, str)
+    assert common_name.value.startswith(prefix)
+    return int(common_name.value.removeprefix(prefix))
 
 
 def signing_ca(authority: CertificateAuthority) -> x509.Certificate:
@@ -152,7 +175,9 @@ def test_first_maintain_creates_the_active_ca(
     ca = signing_ca(authority)
     assert ca.issuer == root.subject
     ca.verify_directly_issued_by(root)
-    assert ca.not_valid_after_utc <= clock.now + CA_TTL
+    # Lifetime exactly the TTL, backdated by MAX_BACKDATE (a tenth of an hour is more).
+    assert ca.not_valid_after_utc - ca.not_valid_before_utc == CA_TTL
+    assert ca.not_valid_before_utc == clock.now - MAX_BACKDATE
     assert fingerprints(authority.bundle()) == fingerprints([root, ca])
     assert authority.active_ca_serial() == format(ca.serial_number, "x")
 
@@ -218,6 +243,72 @@ def test_rotation_prepares_at_half_and_activates_at_three_quarters(
     assert ca2.fingerprint(hashes.SHA256()) in remaining
     assert root.fingerprint(hashes.SHA256()) in remaining
     assert signing_ca(authority) == ca2
+
+
+class BackdatingUpstream:
+    """Signs like Vault: notBefore 30 s before the request, notAfter the TTL after it."""
+
+    name = "backdating"
+    BACKDATE = timedelta(seconds=30)
+
+    def __init__(self, certs_dir: Path, clock: FakeClock) -> None:
+        self.root = x509.load_pem_x509_certificate((certs_dir / ROOT_CERT_FILE).read_bytes())
+        key = serialization.load_pem_private_key(
+            (certs_dir / ROOT_KEY_FILE).read_bytes(), password=None
+        )
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        self.key = key
+        self.clock = clock
+
+    def sign_signing_ca(
+        self, csr: x509.CertificateSigningRequest, *, trust_domain: str, ttl: timedelta
+    ) -> SignedCA:
+        # validity() backdates by MAX_BACKDATE itself (the TTLs here are over 100 s).
+        certificate = sign_signing_ca(
+            csr,
+            issuer_cert=self.root,
+            issuer_key=self.key,
+            trust_domain=trust_domain,
+            ttl=ttl + self.BACKDATE,
+            now=self.clock() - (self.BACKDATE - MAX_BACKDATE),
+        )
+        return SignedCA(certificate=certificate, chain=(), roots=(self.root,))
+
+
+def test_rotation_points_count_from_the_issue_time_not_the_backdated_not_before(
+    certs_dir: Path, clock: FakeClock
+) -> None:
+    clock.now += timedelta(microseconds=250_000)  # X.509 drops it; the issuer's clock does not
+    authority = CertificateAuthority(
+        trust_domain=TD,
+        upstream=BackdatingUpstream(certs_dir, clock),
+        store=MemoryStore(),
+        ca_ttl=CA_TTL,
+        clock=clock,
+    )
+    issued = clock.now
+    due = settle(authority, clock, issued)
+    ca = signing_ca(authority)
+    start, end = ca.not_valid_before_utc, ca.not_valid_after_utc
+    assert issued - start > BackdatingUpstream.BACKDATE  # backdated, fraction of a second dropped
+    assert end == (issued + CA_TTL).replace(microsecond=0)
+
+    def fraction_from_issue(fraction: float) -> datetime:
+        return issued + (end - issued) * fraction
+
+    assert due == fraction_from_issue(0.5)
+    # Counting from notBefore would prepare about 15 s early.
+    assert due > start + (end - start) * 0.5 + timedelta(seconds=14)
+
+    assert settle(authority, clock, due - timedelta(microseconds=1)) == due
+    assert len(authority.bundle()) == 2
+    assert settle(authority, clock, due) == fraction_from_issue(0.75)
+    assert len(authority.bundle()) == 3
+    assert signing_ca(authority) == ca
+    settle(authority, clock, fraction_from_issue(0.75) - timedelta(microseconds=1))
+    assert signing_ca(authority) == ca
+    settle(authority, clock, fraction_from_issue(0.75))
+    assert signing_ca(authority) != ca
 
 
 def test_maintain_due_time_is_never_in_the_past_when_idle(
@@ -339,6 +430,49 @@ def test_state_survives_a_restart_through_the_authority_file(
     assert upstream.calls == calls
     svid = second.sign_x509_svid(WORKLOAD, ttl=SVID_TTL)
     assert verify_x509_svid([svid.leaf], first.bundle(), trust_domain=TD, now=clock.now)
+
+
+def test_ca_numbers_never_repeat_even_after_retired_cas_expire(
+    upstream: SwitchableUpstream, clock: FakeClock, tmp_path: Path
+) -> None:
+    path = tmp_path / "state" / "authority.json"
+    authority = CertificateAuthority(
+        trust_domain=TD, upstream=upstream, store=AuthorityFile(path), ca_ttl=CA_TTL, clock=clock
+    )
+    when = clock.now
+    for _ in range(40):
+        when = settle(authority, clock, when)
+        if len(upstream.issued) >= 6:
+            break
+    first = upstream.issued[0]
+    assert first.not_valid_after_utc <= clock.now
+    assert first.fingerprint(hashes.SHA256()) not in fingerprints(authority.bundle())
+    numbers = [ca_number(ca) for ca in upstream.issued]
+    assert numbers[0] == 1
+    assert numbers == sorted(set(numbers)), "CA numbers must strictly grow"
+
+    # next_number goes through the authority file; a restart after every CA has expired (the
+    # issuer was down longer than a CA TTL) must not start again from 1.
+    persisted = AuthorityFile(path).load().next_number
+    assert persisted > max(numbers)
+    clock.now = max(ca.not_valid_after_utc for ca in upstream.issued) + SECOND
+    restarted = CertificateAuthority(
+        trust_domain=TD, upstream=upstream, store=AuthorityFile(path), ca_ttl=CA_TTL, clock=clock
+    )
+    settle(restarted, clock, clock.now)
+    fresh = signing_ca(restarted)
+    assert ca_number(fresh) == persisted
+    assert fingerprints(restarted.bundle())[-1:] == fingerprints([fresh])
+    assert len(restarted.bundle()) == 2  # the root and the fresh CA: everything else expired
+    assert AuthorityFile(path).load().next_number > persisted
+
+
+def test_next_number_survives_an_authority_file_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "authority.json"
+    AuthorityFile(path).save(AuthorityState(next_number=42))
+    loaded = AuthorityFile(path).load()
+    assert loaded.next_number == 42
+    assert (loaded.active, loaded.prepared, loaded.retired) == (None, None, [])
 
 
 def test_unreadable_authority_file_is_refused(tmp_path: Path) -> None:

@@ -9,6 +9,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from services.common.identity.spiffe_id import SpiffeId
 from services.common.identity.x509svid import verify_x509_svid
 from services.issuer.domain.certificates import (
+    MAX_BACKDATE,
+    ROOT_LIFETIME,
     build_root_ca,
     build_signing_ca_csr,
     build_x509_svid,
@@ -19,6 +21,18 @@ from services.issuer.domain.certificates import (
 TD = "ztbank.example"
 SVID_ID = SpiffeId.parse(f"spiffe://{TD}/env/dev/zone/az1/team/payments/svc/ledger")
 TTL = timedelta(minutes=5)
+SECOND = timedelta(seconds=1)
+
+
+def assert_validity(cert: x509.Certificate, *, now: datetime, ttl: timedelta) -> None:
+    """Lifetime exactly ``ttl``, started min(MAX_BACKDATE, ttl / 10) before ``now``.
+
+    X.509 times have one-second resolution: both ends lose the same fraction of a second.
+    """
+    not_before, not_after = cert.not_valid_before_utc, cert.not_valid_after_utc
+    assert not_after - not_before == ttl
+    backdated = now - min(MAX_BACKDATE, ttl / 10)
+    assert not_before <= backdated < not_before + SECOND
 
 
 class Pki:
@@ -119,12 +133,12 @@ def test_svid_certifies_the_given_p256_key_signed_with_sha256(pki: Pki) -> None:
     leaf.verify_directly_issued_by(pki.ca)
 
 
-def test_svid_lifetime_is_at_most_the_ttl(pki: Pki) -> None:
-    leaf = pki.svid(ttl=TTL)
-    assert leaf.not_valid_after_utc <= pki.now + TTL
-    # X.509 times have one-second resolution.
-    assert leaf.not_valid_after_utc > pki.now + TTL - timedelta(seconds=1)
-    assert leaf.not_valid_before_utc <= pki.now
+@pytest.mark.parametrize(
+    "ttl", [TTL, timedelta(seconds=10), timedelta(seconds=30), timedelta(hours=1)]
+)
+def test_svid_lifetime_is_exactly_the_ttl(pki: Pki, ttl: timedelta) -> None:
+    leaf = pki.svid(ttl=ttl)
+    assert_validity(leaf, now=pki.now, ttl=ttl)
     assert leaf.not_valid_before_utc >= pki.ca.not_valid_before_utc
 
 
@@ -191,8 +205,7 @@ def test_signing_ca_is_issued_by_the_root(pki: Pki) -> None:
     assert pki.ca.issuer == pki.root.subject
     pki.ca.verify_directly_issued_by(pki.root)
     assert pki.ca.public_key() == pki.ca_key.public_key()
-    assert pki.ca.not_valid_after_utc <= pki.now + timedelta(hours=24)
-    assert pki.ca.not_valid_after_utc > pki.now + timedelta(hours=24) - timedelta(seconds=1)
+    assert_validity(pki.ca, now=pki.now, ttl=timedelta(hours=24))
     assert pki.ca.serial_number > 0
     assert pki.ca.serial_number.bit_length() <= 159
 
@@ -219,3 +232,7 @@ def test_root_is_self_signed_with_room_for_one_intermediate(pki: Pki) -> None:
     assert basic.value.path_length == 1
     assert pki.root.issuer == pki.root.subject
     pki.root.verify_directly_issued_by(pki.root)
+
+
+def test_root_lifetime_is_exactly_its_ttl(pki: Pki) -> None:
+    assert_validity(pki.root, now=pki.now, ttl=ROOT_LIFETIME)

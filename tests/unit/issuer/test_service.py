@@ -14,10 +14,10 @@ from services.issuer.adapters.authority_file import AuthorityFile
 from services.issuer.adapters.sqlite_store import SqliteStore
 from services.issuer.adapters.upstream_disk import DiskUpstream, init_root_ca
 from services.issuer.domain.authority import CertificateAuthority
-from services.issuer.domain.certificates import new_key
+from services.issuer.domain.certificates import MAX_BACKDATE, new_key
 from services.issuer.domain.entries import Selector
 from services.issuer.domain.jwt_svid import InvalidJwtSvidError, sign_jwt_svid
-from services.issuer.domain.service import IssuerService
+from services.issuer.domain.service import IssuerService, WorkloadSvid
 from services.issuer.errors import EntryError, MintError, NotEntitledError
 from services.issuer.settings import MAX_SVID_TTL
 
@@ -28,6 +28,14 @@ SVID_TTL = timedelta(minutes=5)
 JWT_TTL = timedelta(minutes=5)
 SECOND = timedelta(seconds=1)
 AUDIENCE = "spiffe://ztbank.example/env/dev/zone/az1/team/payments/svc/accounts"
+
+
+def assert_validity(cert: x509.Certificate, *, now: datetime, ttl: timedelta) -> None:
+    """Lifetime exactly ``ttl``, started min(MAX_BACKDATE, ttl / 10) before ``now`` (X.509 times
+    drop the fraction of a second at both ends)."""
+    not_before, not_after = cert.not_valid_before_utc, cert.not_valid_after_utc
+    assert not_after - not_before == ttl
+    assert not_before <= now - min(MAX_BACKDATE, ttl / 10) < not_before + SECOND
 
 
 class FakeClock:
@@ -207,14 +215,12 @@ def test_one_svid_per_matching_entry(
 def test_svid_lifetime_follows_the_entry_ttl(service: IssuerService, clock: FakeClock) -> None:
     service.create_entry(LEDGER, ["unix:uid:1000"], ttl=timedelta(seconds=30))
     (item,) = service.x509_svids(LEDGER_PROCESS)
-    assert item.svid.leaf.not_valid_after_utc <= clock.now + timedelta(seconds=30)
-    assert item.svid.leaf.not_valid_after_utc > clock.now + timedelta(seconds=29)
+    assert_validity(item.svid.leaf, now=clock.now, ttl=timedelta(seconds=30))
 
 
 def test_default_svid_lifetime(ledger_service: IssuerService, clock: FakeClock) -> None:
     (item,) = ledger_service.x509_svids(LEDGER_PROCESS)
-    assert clock.now + SVID_TTL - SECOND < item.svid.leaf.not_valid_after_utc
-    assert item.svid.leaf.not_valid_after_utc <= clock.now + SVID_TTL
+    assert_validity(item.svid.leaf, now=clock.now, ttl=SVID_TTL)
 
 
 def test_svid_is_cached_until_its_rotation_time(
@@ -237,6 +243,12 @@ def test_svid_is_cached_until_its_rotation_time(
     assert renewed.svid.leaf.not_valid_after_utc > first.svid.leaf.not_valid_after_utc
 
 
+def rotation_fraction(item: WorkloadSvid) -> float:
+    """Where the rotation time falls in the SVID's notBefore..notAfter."""
+    start, end = item.svid.leaf.not_valid_before_utc, item.svid.leaf.not_valid_after_utc
+    return (item.rotate_at - start) / (end - start)
+
+
 @pytest.mark.parametrize("seed", range(8))
 def test_rotation_time_is_between_40_and_50_percent_of_the_lifetime(
     authority: CertificateAuthority, store: SqliteStore, clock: FakeClock, seed: int
@@ -244,8 +256,23 @@ def test_rotation_time_is_between_40_and_50_percent_of_the_lifetime(
     service = make_service(authority, store, clock, seed=seed)
     service.create_entry(LEDGER, ["unix:uid:1000"])
     (item,) = service.x509_svids(LEDGER_PROCESS)
-    lifetime = item.svid.leaf.not_valid_after_utc - clock.now
-    assert clock.now + lifetime * 0.40 <= item.rotate_at <= clock.now + lifetime * 0.50
+    leaf = item.svid.leaf
+    assert leaf.not_valid_after_utc - leaf.not_valid_before_utc == SVID_TTL
+    assert 0.40 <= rotation_fraction(item) <= 0.50
+
+
+def test_rotation_fractions_cover_40_to_50_percent(
+    authority: CertificateAuthority, store: SqliteStore, clock: FakeClock
+) -> None:
+    # Measured from notBefore, not from the (later) issue time: the whole range is used.
+    service = make_service(authority, store, clock, seed=3)
+    for number in range(40):
+        service.create_entry(f"{LEDGER}-{number}", ["unix:uid:1000"])
+    fractions = [rotation_fraction(item) for item in service.x509_svids(LEDGER_PROCESS)]
+    assert len(fractions) == 40
+    assert all(0.40 <= fraction <= 0.50 for fraction in fractions)
+    assert min(fractions) < 0.41
+    assert max(fractions) > 0.49
 
 
 def test_rotation_times_are_jittered(
