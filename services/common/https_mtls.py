@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,7 @@ Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 Asgi = Callable[[Scope, Receive, Send], Awaitable[None]]
+TRANSFER_METHOD = "POST /v1/transfers"
 
 
 @dataclass(frozen=True)
@@ -130,17 +132,31 @@ class _ConnectionApp:
                 await _send_problem(send, 403, "Forbidden", decision.reason)
                 return
             token = set_current_peer(self._peer)
+            started = time.perf_counter()
             try:
                 await self._app(scope, receive, send)
             finally:
                 reset_current_peer(token)
+                if method == TRANSFER_METHOD:
+                    self._guard.telemetry.transfer_duration.record(
+                        time.perf_counter() - started, {"service": self._guard.service}
+                    )
 
 
 def mtls_protocol(guard: HttpsGuard) -> type[H11Protocol]:
     """An h11 protocol class for ``uvicorn.Config(http=...)`` bound to ``guard``."""
 
     class MtlsH11Protocol(H11Protocol):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            # asyncio builds the protocol when the TCP connection is accepted and calls
+            # connection_made once the TLS handshake is done: the gap is the handshake.
+            self._accepted = time.perf_counter()
+            super().__init__(*args, **kwargs)
+
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            guard.telemetry.handshake_duration.record(
+                time.perf_counter() - self._accepted, {"service": guard.service}
+            )
             super().connection_made(transport)
             ssl_object = transport.get_extra_info("ssl_object")
             cipher = ssl_object.cipher() if ssl_object is not None else None

@@ -46,7 +46,7 @@ def currency_exponent(currency: str) -> int:
 
 
 def parse_amount(text: str, currency: str) -> int:
-    """``"12.34"`` in CNY -> 1234; anything but a positive plain decimal within limits is refused."""
+    """``"12.34"`` in CNY -> 1234; anything but a plain positive decimal within limits fails."""
     exponent = currency_exponent(currency)
     # Callers hand over decoded JSON; a float or int here means the client sent a JSON number.
     if not isinstance(text, str):

@@ -59,26 +59,28 @@ def problem(
 
 
 def problem_response(body: Problem, headers: Mapping[str, str] | None = None) -> ProblemResponse:
+    # Only the optional standard members are left out when unset; a null inside an extension
+    # member (a transfer's "risk": null) is data.
+    unset = {name for name in ("detail", "instance") if getattr(body, name) is None}
     return ProblemResponse(
-        body.model_dump(mode="json", exclude_none=True),
-        status_code=body.status,
-        headers=headers,
+        body.model_dump(mode="json", exclude=unset), status_code=body.status, headers=headers
     )
 
 
 def openapi_problem(
-    status: int, description: str | None = None, model: type[Problem] = Problem
+    status: int, description: str | None = None, *models: type[Problem]
 ) -> dict[str, Any]:
     """One entry of a FastAPI ``responses=`` mapping, served as ``application/problem+json``.
 
-    FastAPI would file a ``model=`` response under ``application/json``, so the schema is
-    referenced by hand and must be registered with ``openapi_components``.
+    FastAPI would file a ``model=`` response under ``application/json``, so the schemas are
+    referenced by hand and must be registered with ``openapi_components``.  Several models
+    (one status, several kinds of problem) become an ``anyOf``: every problem is also a plain
+    ``Problem``, so ``oneOf`` would never hold.
     """
+    refs = [{"$ref": COMPONENTS_REF.format(model=model.__name__)} for model in models or (Problem,)]
     return {
         "description": description or HTTPStatus(status).phrase,
-        "content": {
-            PROBLEM_MEDIA_TYPE: {"schema": {"$ref": COMPONENTS_REF.format(model=model.__name__)}}
-        },
+        "content": {PROBLEM_MEDIA_TYPE: {"schema": refs[0] if len(refs) == 1 else {"anyOf": refs}}},
     }
 
 

@@ -1,0 +1,170 @@
+"""The transfer-engine over grpcio: domain calls -> ``ledger.proto`` messages, and gRPC statuses
+-> gateway errors.  Everything the engine answers is checked before the domain sees it."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import date, timedelta
+from typing import Any
+
+import grpc
+from google.protobuf.message import Message
+
+from services._proto import ledger_pb2
+from services._proto.ledger_pb2_grpc import TransferEngineStub
+from services.common.money import UnsupportedCurrencyError, currency_exponent
+from services.gateway.domain.ledger import (
+    Account,
+    RiskAssessment,
+    RiskDecision,
+    Transaction,
+    Transfer,
+    TransferOrder,
+    TransferStatus,
+)
+from services.gateway.errors import (
+    ConflictError,
+    EngineError,
+    EngineUnavailableError,
+    GatewayError,
+    InvalidRequestError,
+    NotFoundError,
+    PermissionDeniedError,
+)
+
+logger = logging.getLogger(__name__)
+
+_UNAVAILABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+# Statuses that describe the customer's request; the engine's message is meant for them.
+_REQUEST_ERRORS: dict[grpc.StatusCode, type[GatewayError]] = {
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequestError,
+    grpc.StatusCode.ALREADY_EXISTS: ConflictError,
+}
+
+
+def _translate(method: str, error: grpc.RpcError) -> GatewayError:
+    # Every error grpcio raises for a unary call is also a grpc.Call; a bare RpcError has no code.
+    code, details = (error.code(), error.details()) if isinstance(error, grpc.Call) else (None, "")
+    if code in _UNAVAILABLE:
+        return EngineUnavailableError(f"the transfer-engine is unavailable ({code})")
+    request_error = _REQUEST_ERRORS.get(code) if code is not None else None
+    if request_error is not None:
+        return request_error(details or f"the transfer-engine refused the request ({code})")
+    # Internal failures stay in our logs, not in the customer's response.
+    logger.warning("transfer-engine %s failed: %s %s", method, code, details)
+    return EngineError(f"the transfer-engine failed on {method}")
+
+
+def _currency(value: str) -> str:
+    try:
+        currency_exponent(value)
+    except UnsupportedCurrencyError:
+        raise EngineError(
+            f"the transfer-engine answered in an unsupported currency {value!r}"
+        ) from None
+    return value
+
+
+def _account(message: ledger_pb2.Account) -> Account:
+    return Account(
+        id=message.id,
+        customer=message.customer,
+        name=message.name,
+        currency=_currency(message.currency),
+        balance_minor=message.balance_minor,
+    )
+
+
+def _transaction(message: ledger_pb2.Transaction) -> Transaction:
+    return Transaction(
+        transfer_id=message.transfer_id,
+        account_id=message.account_id,
+        amount_minor=message.amount_minor,
+        currency=_currency(message.currency),
+        counterparty_account=message.counterparty_account,
+        balance_after_minor=message.balance_after_minor,
+        created_at=message.created_at,
+    )
+
+
+def _transfer(message: ledger_pb2.Transfer) -> Transfer:
+    try:
+        status = TransferStatus(message.status)
+        risk = (
+            RiskAssessment(
+                decision=RiskDecision(message.risk.decision),
+                reasons=tuple(message.risk.reasons),
+                score=message.risk.score,
+            )
+            if message.HasField("risk")
+            else None
+        )
+    except ValueError as error:
+        raise EngineError(f"the transfer-engine answered an unknown value: {error}") from None
+    return Transfer(
+        id=message.id,
+        customer=message.customer,
+        from_account=message.from_account,
+        to_account=message.to_account,
+        amount_minor=message.amount_minor,
+        currency=_currency(message.currency),
+        status=status,
+        risk=risk,
+        created_at=message.created_at,
+        replayed=message.replayed,
+    )
+
+
+class GrpcTransferEngine:
+    """``TransferEngine`` over a grpcio channel that ``channel()`` hands out afresh per call."""
+
+    def __init__(self, channel: Callable[[], grpc.Channel], *, timeout: timedelta) -> None:
+        self._channel = channel
+        self._timeout = timeout.total_seconds()
+
+    def _call(self, method: str, request: Message) -> Any:
+        # A new stub per call (stubs are cheap): the channel is replaced when our SVID rotates.
+        stub = TransferEngineStub(self._channel())  # type: ignore[no-untyped-call]  # generated
+        try:
+            return getattr(stub, method)(request, timeout=self._timeout)
+        except grpc.RpcError as error:
+            raise _translate(method, error) from None
+
+    def list_accounts(self, customer: str) -> list[Account]:
+        response = self._call("ListAccounts", ledger_pb2.ListAccountsRequest(customer=customer))
+        return [_account(account) for account in response.accounts]
+
+    def get_account(self, customer: str, account_id: str) -> Account:
+        request = ledger_pb2.GetAccountRequest(customer=customer, account_id=account_id)
+        return _account(self._call("GetAccount", request))
+
+    def list_transactions(
+        self, customer: str, account_id: str, from_date: date | None
+    ) -> list[Transaction]:
+        request = ledger_pb2.ListTransactionsRequest(
+            customer=customer,
+            account_id=account_id,
+            from_date=from_date.isoformat() if from_date else "",
+        )
+        response = self._call("ListTransactions", request)
+        return [_transaction(transaction) for transaction in response.transactions]
+
+    def create_transfer(
+        self, customer: str, idempotency_key: str, order: TransferOrder
+    ) -> Transfer:
+        request = ledger_pb2.CreateTransferRequest(
+            customer=customer,
+            idempotency_key=idempotency_key,
+            from_account=order.from_account,
+            to_account=order.to_account,
+            amount_minor=order.amount_minor,
+            currency=order.currency,
+        )
+        return _transfer(self._call("CreateTransfer", request))
+
+    def get_transfer(self, customer: str, transfer_id: str) -> Transfer:
+        request = ledger_pb2.GetTransferRequest(customer=customer, transfer_id=transfer_id)
+        return _transfer(self._call("GetTransfer", request))

@@ -1,0 +1,77 @@
+"""``create_app``: the gateway's FastAPI application, wired from settings and its adapters.
+
+The HTTPS/mTLS server in front of it verifies the caller's X509-SVID and sets
+``services.common.peer.set_current_peer`` for the request before this app runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import ec
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from services.common.problem import Problem, openapi_components
+from services.gateway.adapters.customer_directory import EngineCustomerDirectory
+from services.gateway.domain.banking import Banking
+from services.gateway.domain.ledger import TransferEngine
+from services.gateway.domain.tokens import Clock, CustomerTokens, utc_now
+from services.gateway.settings import GatewaySettings
+from services.gateway.transport.limits import BodyLimit
+from services.gateway.transport.problems import install_problem_handlers
+from services.gateway.transport.routes import create_router
+from services.gateway.transport.schemas import RejectedTransferProblem, ValidationProblem
+
+TITLE = "ztbank gateway"
+VERSION = "1.0.0"
+# Requests are a few hundred bytes; anything bigger is refused (413) before it is parsed.
+MAX_BODY_BYTES = 16 * 1024
+
+
+class _GatewayApi(FastAPI):
+    def openapi(self) -> dict[str, Any]:
+        # Problem responses are referenced by hand (FastAPI files models under application/json
+        # only), so their schemas are added to the generated document here.
+        if self.openapi_schema is None:
+            document = get_openapi(
+                title=self.title,
+                version=self.version,
+                description=self.description,
+                routes=self.routes,
+            )
+            schemas = document.setdefault("components", {}).setdefault("schemas", {})
+            schemas.update(openapi_components(Problem, ValidationProblem, RejectedTransferProblem))
+            self.openapi_schema = document
+        return self.openapi_schema
+
+
+def create_app(
+    settings: GatewaySettings,
+    engine: TransferEngine,
+    token_key: ec.EllipticCurvePrivateKey,
+    clock: Clock = utc_now,
+) -> FastAPI:
+    """The gateway API over ``engine``, signing customer tokens with ``token_key``."""
+    tokens = CustomerTokens(
+        key=token_key,
+        issuer=str(settings.gateway_id),
+        ttl=settings.token_ttl,
+        directory=EngineCustomerDirectory(engine),
+        clock=clock,
+    )
+    app = _GatewayApi(
+        title=TITLE,
+        version=VERSION,
+        description=(
+            "Public REST API of ztbank for channel apps. Every connection is mutual TLS with a"
+            " SPIFFE identity; customers act through short-lived bearer tokens that only the"
+            " teller can obtain. Errors are RFC 9457 application/problem+json."
+        ),
+    )
+    app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
+    install_problem_handlers(app)
+    app.include_router(
+        create_router(banking=Banking(engine), tokens=tokens, teller_id=settings.teller_id)
+    )
+    return app

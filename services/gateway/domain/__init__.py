@@ -1,0 +1,1 @@
+"""Pure rules of the gateway: customer tokens, ownership of accounts, transfer outcomes."""

@@ -1,0 +1,1 @@
+"""HTTP edge of the gateway: routes, request/response schemas, problem+json translation."""

@@ -1,0 +1,239 @@
+"""The gateway's REST API.  Handlers only translate: HTTP in -> domain call -> JSON out.
+
+Handlers that reach the transfer-engine are plain ``def``: its client blocks, so FastAPI runs
+them in worker threads (which inherit the request's context, and with it ``current_peer()``).
+No ``from __future__ import annotations`` here: FastAPI must evaluate the annotations that name
+the dependencies local to ``create_router``.
+"""
+
+import re
+from datetime import date
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BeforeValidator
+
+from services.common.identity.spiffe_id import SpiffeId
+from services.common.peer import current_peer
+from services.common.problem import Problem, openapi_problem, problem_response
+from services.gateway.domain.banking import MAX_IDEMPOTENCY_KEY_LENGTH, Banking
+from services.gateway.domain.ledger import Transfer, TransferStatus
+from services.gateway.domain.tokens import CustomerTokens
+from services.gateway.errors import MissingTokenError, PermissionDeniedError
+from services.gateway.transport.problems import problem_type
+from services.gateway.transport.schemas import (
+    RESOURCE_ID_PATTERN,
+    AccountList,
+    AccountOut,
+    Health,
+    RejectedTransferProblem,
+    TokenRequest,
+    TokenResponse,
+    TransactionList,
+    TransactionOut,
+    TransferOut,
+    TransferRequest,
+    ValidationProblem,
+)
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+REPLAYED_HEADER = "Idempotent-Replayed"
+_DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+
+
+def _iso_day(value: object) -> object:
+    # date.fromisoformat alone would also take "20240101" and "2024-W01-1", and pydantic's date
+    # would take a unix timestamp: only the documented YYYY-MM-DD gets through.
+    if not isinstance(value, str) or not _DAY.fullmatch(value):
+        raise ValueError("expected a date as YYYY-MM-DD")
+    return date.fromisoformat(value)
+
+
+IsoDay = Annotated[date, BeforeValidator(_iso_day)]
+AccountId = Annotated[str, Path(pattern=RESOURCE_ID_PATTERN)]
+TransferId = Annotated[str, Path(pattern=RESOURCE_ID_PATTERN)]
+
+Responses = dict[int | str, dict[str, Any]]
+
+_UNAUTHENTICATED: Responses = {
+    401: openapi_problem(401, "customer token missing, invalid or expired")
+}
+_ENGINE: Responses = {
+    502: openapi_problem(502, "the transfer-engine failed"),
+    503: openapi_problem(503, "the transfer-engine is unavailable; see Retry-After"),
+}
+_INVALID: Responses = {
+    422: openapi_problem(422, "the request is invalid", ValidationProblem, Problem)
+}
+_CUSTOMER_READ: Responses = {
+    **_UNAUTHENTICATED,
+    403: openapi_problem(403, "not one of the customer's accounts or transfers"),
+    404: openapi_problem(404, "no such account or transfer"),
+    **_INVALID,
+    **_ENGINE,
+}
+
+
+def _transfer_response(transfer: Transfer, instance: str) -> Response:
+    """Posted 201, held 202, rejected 422: the same for the first answer and every replay."""
+    body = TransferOut.of(transfer)
+    headers = {REPLAYED_HEADER: "true"} if transfer.replayed else {}
+    if transfer.status is TransferStatus.REJECTED:
+        reasons = list(transfer.risk.reasons) if transfer.risk else []
+        rejected = RejectedTransferProblem(
+            type=problem_type("transfer-rejected"),
+            title="Transfer rejected",
+            status=422,
+            detail="the transfer was rejected; nothing was moved"
+            + (f" ({', '.join(reasons)})" if reasons else ""),
+            instance=instance,
+            transfer_id=transfer.id,
+            reasons=reasons,
+            transfer=body,
+        )
+        return problem_response(rejected, headers)
+    status = 201 if transfer.status is TransferStatus.POSTED else 202
+    headers["Location"] = instance
+    return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=headers)
+
+
+def create_router(*, banking: Banking, tokens: CustomerTokens, teller_id: SpiffeId) -> APIRouter:
+    router = APIRouter()
+    bearer = HTTPBearer(
+        auto_error=False,
+        bearerFormat="JWT",
+        description="customer access token from POST /v1/tokens",
+    )
+
+    async def authenticated_customer(
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    ) -> str:
+        if credentials is None:
+            raise MissingTokenError("an Authorization: Bearer token is required")
+        return tokens.verify(credentials.credentials)
+
+    async def teller_only() -> None:
+        caller = current_peer().spiffe_id
+        if caller != teller_id:
+            raise PermissionDeniedError(f"only the teller may obtain customer tokens, not {caller}")
+
+    @router.get("/healthz", tags=["health"])
+    async def healthz() -> Health:
+        return Health()
+
+    @router.post(
+        "/v1/tokens",
+        status_code=201,
+        tags=["tokens"],
+        summary="Issue a customer access token (teller only)",
+        dependencies=[Depends(teller_only)],
+        responses={
+            403: openapi_problem(403, "the caller is not the teller"),
+            422: openapi_problem(
+                422, "invalid request or unknown customer", ValidationProblem, Problem
+            ),
+            **_ENGINE,
+        },
+    )
+    def issue_token(body: TokenRequest, response: Response) -> TokenResponse:
+        issued = tokens.issue(body.customer)
+        # RFC 6749 section 5.1: responses carrying tokens must not be cached.
+        response.headers["Cache-Control"] = "no-store"
+        return TokenResponse(access_token=issued.access_token, expires_in=issued.expires_in)
+
+    @router.get("/v1/accounts", tags=["accounts"], responses=_CUSTOMER_READ)
+    def list_accounts(customer: Annotated[str, Depends(authenticated_customer)]) -> AccountList:
+        return AccountList(accounts=[AccountOut.of(a) for a in banking.accounts(customer)])
+
+    @router.get("/v1/accounts/{account_id}", tags=["accounts"], responses=_CUSTOMER_READ)
+    def get_account(
+        customer: Annotated[str, Depends(authenticated_customer)], account_id: AccountId
+    ) -> AccountOut:
+        return AccountOut.of(banking.account(customer, account_id))
+
+    @router.get(
+        "/v1/accounts/{account_id}/transactions", tags=["accounts"], responses=_CUSTOMER_READ
+    )
+    def list_transactions(
+        customer: Annotated[str, Depends(authenticated_customer)],
+        account_id: AccountId,
+        from_date: Annotated[
+            IsoDay | None,
+            Query(alias="from", description="only transactions on or after this UTC day"),
+        ] = None,
+    ) -> TransactionList:
+        transactions = banking.transactions(customer, account_id, from_date)
+        return TransactionList(transactions=[TransactionOut.of(t) for t in transactions])
+
+    @router.post(
+        "/v1/transfers",
+        status_code=201,
+        tags=["transfers"],
+        summary="Move money from one of the customer's accounts",
+        response_model=TransferOut,
+        responses={
+            201: {"description": "posted: the money moved"},
+            202: {"model": TransferOut, "description": "held for review: nothing moved yet"},
+            400: openapi_problem(400, "Idempotency-Key header missing or invalid"),
+            **_UNAUTHENTICATED,
+            403: openapi_problem(403, "from_account is not one of the customer's accounts"),
+            409: openapi_problem(409, "Idempotency-Key already used for a different transfer"),
+            422: openapi_problem(
+                422,
+                "rejected (insufficient funds, risk) or invalid request",
+                RejectedTransferProblem,
+                ValidationProblem,
+                Problem,
+            ),
+            **_ENGINE,
+        },
+        openapi_extra={
+            "parameters": [
+                {
+                    "name": IDEMPOTENCY_HEADER,
+                    "in": "header",
+                    "required": True,
+                    "description": (
+                        "a retry with the same key and body replays the first answer"
+                        " (header Idempotent-Replayed: true); the same key with another body"
+                        " is a 409"
+                    ),
+                    "schema": {
+                        "type": "string",
+                        "minLength": 1,
+                        "maxLength": MAX_IDEMPOTENCY_KEY_LENGTH,
+                        "pattern": "^[\\x21-\\x7e]+$",
+                    },
+                }
+            ]
+        },
+    )
+    def create_transfer(
+        customer: Annotated[str, Depends(authenticated_customer)],
+        body: TransferRequest,
+        request: Request,
+    ) -> Response:
+        # Read by hand: a declared header parameter would answer a missing key with 422, and
+        # the API promises 400.  It is documented through openapi_extra above.
+        idempotency_key = request.headers.get(IDEMPOTENCY_HEADER)
+        transfer = banking.create_transfer(
+            customer,
+            idempotency_key,
+            from_account=body.from_account,
+            to_account=body.to_account,
+            amount=body.amount,
+            currency=body.currency,
+        )
+        return _transfer_response(
+            transfer, str(request.url_for("get_transfer", transfer_id=transfer.id).path)
+        )
+
+    @router.get("/v1/transfers/{transfer_id}", tags=["transfers"], responses=_CUSTOMER_READ)
+    def get_transfer(
+        customer: Annotated[str, Depends(authenticated_customer)], transfer_id: TransferId
+    ) -> TransferOut:
+        return TransferOut.of(banking.transfer(customer, transfer_id))
+
+    return router
