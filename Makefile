@@ -8,10 +8,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help install certs issuer proto proto-check lint format test test-unit test-integration bench clean
+.PHONY: help install up down status reset certs issuer proto proto-check lint format test test-unit test-integration test-e2e bench bench-issuer bench-bank clean
 
 help: ## list the targets
-	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "ztbank needs Python 3.11 (set PYTHON=...)")'
@@ -21,6 +21,18 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 install: $(STAMP) ## create .venv/ with pinned dependencies and the ztbank console script
+
+up: install ## start the native stack (issuer, gateway, transfer-engine, risk) in the background
+	$(BIN)/ztbank up
+
+down: install ## stop every process `make up` started (balances and history are kept)
+	$(BIN)/ztbank down
+
+status: install ## trust domain, issuer and each service's SVID serial, expiry and health (JSON)
+	$(BIN)/ztbank status --json
+
+reset: install ## stop everything and wipe var/ (balances, history, entries); certs/ is kept
+	$(BIN)/ztbank reset
 
 certs: install ## create the trust domain's root CA in certs/ (only if absent)
 	$(BIN)/ztbank certs init
@@ -44,7 +56,7 @@ format: install ## apply ruff fixes and formatting
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-test: install ## unit and integration tests (real local issuer processes)
+test: install ## unit, integration (real issuer processes) and e2e (whole native stack) tests
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
 
 test-unit: install ## unit tests only (no processes, no network)
@@ -53,8 +65,16 @@ test-unit: install ## unit tests only (no processes, no network)
 test-integration: install ## integration tests only
 	$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
 
-bench: install ## issuer benchmarks: SVIDs issued per second, Workload API latency p50/p99
+test-e2e: install ## end-to-end tests on a private native stack (always torn down)
+	$(BIN)/python -m pytest tests/e2e $(PYTEST_ARGS)
+
+bench: bench-issuer bench-bank ## all benchmarks
+
+bench-issuer: install ## issuer: SVIDs issued per second, Workload API latency p50/p99
 	$(BIN)/python -m loadtest.bench_issuer
+
+bench-bank: install ## bank: transfer latency p50/p99 at fixed rates, maximum throughput
+	$(BIN)/python -m loadtest.bench_bank
 
 clean: ## remove local state (var/) and caches; keeps certs/ and .venv/
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache

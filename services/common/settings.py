@@ -32,7 +32,7 @@ def socket_path_from_endpoint(endpoint: str) -> Path:
 
 
 class ZtbankSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="ZTBANK_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="ZTBANK_", extra="ignore", populate_by_name=True)
 
     home: Path = Path("var")
     certs_dir: Path = Path("certs")

@@ -42,6 +42,7 @@ class StackError(CommonError):
 class StackSettings(ZtbankSettings):
     registry: Path = Path("infra/registry.json")
     policy: Path = Path("infra/policy.json")
+    risk_rules: Path = Path("infra/risk/rules.json")
     svid_ttl: str | None = Field(default=None, validation_alias=AliasChoices("ZTBANK_SVID_TTL"))
 
 
@@ -81,6 +82,7 @@ class NativeStack:
             "ZTBANK_TRUST_DOMAIN": self.settings.trust_domain,
             "ZTBANK_REGISTRY": str(self.settings.registry.absolute()),
             "ZTBANK_POLICY": str(self.settings.policy.absolute()),
+            "ZTBANK_RISK_RULES": str(self.settings.risk_rules.absolute()),
         }
         if self.settings.svid_ttl:
             env["ZTBANK_SVID_TTL"] = self.settings.svid_ttl

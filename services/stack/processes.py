@@ -55,6 +55,10 @@ class ManagedProcess:
                 start_new_session=True,  # survives the terminal that ran `make up`
             )
         self.pid_file.write_text(f"{process.pid}\n")
+        # Until exec completes /proc shows our own command line, and pid() would not know it.
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while self.pid() is None and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
         return process.pid
 
     def exited(self) -> bool:
