@@ -10,7 +10,6 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi import FastAPI
-from fastapi.openapi.utils import get_openapi
 
 from services.common.problem import Problem, openapi_components
 from services.gateway.adapters.customer_directory import EngineCustomerDirectory
@@ -34,16 +33,10 @@ class _GatewayApi(FastAPI):
         # Problem responses are referenced by hand (FastAPI files models under application/json
         # only), so their schemas are added to the generated document here.
         if self.openapi_schema is None:
-            document = get_openapi(
-                title=self.title,
-                version=self.version,
-                description=self.description,
-                routes=self.routes,
-            )
+            document = super().openapi()  # cached in self.openapi_schema
             schemas = document.setdefault("components", {}).setdefault("schemas", {})
             schemas.update(openapi_components(Problem, ValidationProblem, RejectedTransferProblem))
-            self.openapi_schema = document
-        return self.openapi_schema
+        return super().openapi()
 
 
 def create_app(

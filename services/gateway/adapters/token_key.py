@@ -44,10 +44,11 @@ def load_or_create_signing_key(path: Path) -> ec.EllipticCurvePrivateKey:
     try:
         ensure_private_dir(path.parent)
         write_private_key(draft, ec.generate_private_key(ec.SECP256R1()))
-        with contextlib.suppress(FileExistsError):
-            os.link(draft, path)
+        try:
+            with contextlib.suppress(FileExistsError):
+                os.link(draft, path)
+        finally:
+            draft.unlink()
     except OSError as error:
         raise TokenKeyError(f"cannot create token signing key {path}: {error}") from None
-    finally:
-        draft.unlink(missing_ok=True)
     return _load(path)

@@ -24,7 +24,8 @@ class BodyLimit:
             await self._app(scope, receive, send)
             return
         declared = Headers(scope=scope).get("content-length", "")
-        if declared.isdigit() and int(declared) > self._max_bytes:
+        # isascii: isdigit() alone also holds for "²", which int() refuses.
+        if declared.isascii() and declared.isdigit() and int(declared) > self._max_bytes:
             body = problem(413, detail=self._detail, instance=scope["path"])
             await problem_response(body)(scope, receive, send)
             return

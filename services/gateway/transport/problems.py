@@ -32,7 +32,8 @@ from services.gateway.transport.schemas import FieldError, ValidationProblem
 
 logger = logging.getLogger(__name__)
 
-# RFC 9457 suggests a non-resolvable "tag:" URI when no documentation page exists for a type.
+# Problem types are identifiers, not links (RFC 9457 lets type URIs be non-resolvable): a
+# "tag:" URI (RFC 4151) is absolute and stable, and no client will try to fetch it.
 TYPE_PREFIX = "tag:ztbank.example,2026:problem:"
 REALM = "ztbank-gateway"
 RETRY_AFTER_SECONDS = 2

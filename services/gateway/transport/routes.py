@@ -197,7 +197,7 @@ def create_router(*, banking: Banking, tokens: CustomerTokens, teller_id: Spiffe
                     "required": True,
                     "description": (
                         "a retry with the same key and body replays the first answer"
-                        " (header Idempotent-Replayed: true); the same key with another body"
+                        f" (header {REPLAYED_HEADER}: true); the same key with another body"
                         " is a 409"
                     ),
                     "schema": {
@@ -226,9 +226,8 @@ def create_router(*, banking: Banking, tokens: CustomerTokens, teller_id: Spiffe
             amount=body.amount,
             currency=body.currency,
         )
-        return _transfer_response(
-            transfer, str(request.url_for("get_transfer", transfer_id=transfer.id).path)
-        )
+        location = request.url_for("get_transfer", transfer_id=transfer.id).path
+        return _transfer_response(transfer, location)
 
     @router.get("/v1/transfers/{transfer_id}", tags=["transfers"], responses=_CUSTOMER_READ)
     def get_transfer(

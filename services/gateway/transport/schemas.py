@@ -29,6 +29,9 @@ DecimalAmount = Annotated[
         examples=["12.34"],
     ),
 ]
+Money = Annotated[
+    str, Field(description="decimal string in the currency's major unit", examples=["12.34"])
+]
 Currency = Annotated[str, Field(pattern=r"^[A-Z]{3}$", examples=["CNY"])]
 
 
@@ -62,7 +65,7 @@ class AccountOut(BaseModel):
     id: str
     name: str
     currency: str
-    balance: DecimalAmount
+    balance: Money
 
     @classmethod
     def of(cls, account: Account) -> AccountOut:
@@ -81,10 +84,10 @@ class AccountList(BaseModel):
 class TransactionOut(BaseModel):
     transfer_id: str
     account_id: str
-    amount: str = Field(description="signed decimal string: negative when money left")
+    amount: Money = Field(description="negative when money left the account")
     currency: str
     counterparty_account: str
-    balance_after: str
+    balance_after: Money
     created_at: str
 
     @classmethod
@@ -119,7 +122,7 @@ class TransferOut(BaseModel):
     status: TransferStatus
     from_account: str
     to_account: str
-    amount: DecimalAmount
+    amount: Money
     currency: str
     risk: RiskOut | None = Field(description="null when the engine decided without risk scoring")
     created_at: str

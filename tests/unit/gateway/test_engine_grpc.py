@@ -1,0 +1,283 @@
+"""The grpcio adapter against a fake channel: real stubs and real (de)serialization, no sockets."""
+
+from collections.abc import Callable
+from datetime import date, timedelta
+from typing import Any, cast
+
+import grpc
+import pytest
+from google.protobuf.message import Message
+
+from services._proto import ledger_pb2
+from services.gateway.adapters.engine_grpc import GrpcTransferEngine
+from services.gateway.domain.ledger import (
+    Account,
+    RiskAssessment,
+    RiskDecision,
+    Transaction,
+    TransferOrder,
+    TransferStatus,
+)
+from services.gateway.errors import (
+    ConflictError,
+    EngineError,
+    EngineUnavailableError,
+    GatewayError,
+    InvalidRequestError,
+    NotFoundError,
+    PermissionDeniedError,
+)
+
+Handler = Callable[[Any], Message]
+
+
+class FakeRpcError(grpc.RpcError, grpc.Call):
+    """What grpcio raises for a failed unary call: an RpcError that is also a Call."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self._code = code
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    def initial_metadata(self) -> Any:
+        return ()
+
+    def trailing_metadata(self) -> Any:
+        return ()
+
+    def is_active(self) -> bool:
+        return False
+
+    def time_remaining(self) -> float:
+        return 0.0
+
+    def cancel(self) -> bool:
+        return False
+
+    def add_callback(self, callback: Any) -> bool:
+        return False
+
+
+class FakeChannel:
+    def __init__(self) -> None:
+        self.handlers: dict[str, Handler] = {}
+        self.requests: list[tuple[str, Any, float | None]] = []
+
+    def unary_unary(
+        self,
+        method: str,
+        request_serializer: Callable[[Any], bytes],
+        response_deserializer: Callable[[bytes], Any],
+        **_: Any,
+    ) -> Callable[..., Any]:
+        name = method.rsplit("/", 1)[1]
+
+        def call(request: Any, timeout: float | None = None, **__: Any) -> Any:
+            request_serializer(request)  # fails on a wrongly typed request, as grpcio would
+            self.requests.append((name, request, timeout))
+            return response_deserializer(self.handlers[name](request).SerializeToString())
+
+        return call
+
+
+@pytest.fixture
+def channel() -> FakeChannel:
+    return FakeChannel()
+
+
+@pytest.fixture
+def engine(channel: FakeChannel) -> GrpcTransferEngine:
+    return GrpcTransferEngine(lambda: cast(grpc.Channel, channel), timeout=timedelta(seconds=3))
+
+
+def fail(code: grpc.StatusCode, details: str = "") -> Handler:
+    def handler(request: Any) -> Message:
+        raise FakeRpcError(code, details)
+
+    return handler
+
+
+def transfer_message(**changes: Any) -> ledger_pb2.Transfer:
+    fields: dict[str, Any] = {
+        "id": "tr-1",
+        "customer": "alice",
+        "from_account": "acc-a",
+        "to_account": "acc-b",
+        "amount_minor": 1234,
+        "currency": "CNY",
+        "status": "review",
+        "risk": ledger_pb2.RiskAssessment(decision="review", reasons=["large"], score=61),
+        "created_at": "2026-11-28T09:30:00Z",
+        "idempotency_key": "k",
+        "replayed": True,
+    }
+    fields.update(changes)
+    return ledger_pb2.Transfer(**{k: v for k, v in fields.items() if v is not None})
+
+
+def test_list_accounts(channel: FakeChannel, engine: GrpcTransferEngine) -> None:
+    channel.handlers["ListAccounts"] = lambda request: ledger_pb2.ListAccountsResponse(
+        accounts=[
+            ledger_pb2.Account(
+                id="acc-a",
+                customer=request.customer,
+                currency="CNY",
+                balance_minor=-5,
+                name="Current",
+            )
+        ]
+    )
+
+    assert engine.list_accounts("alice") == [Account("acc-a", "alice", "Current", "CNY", -5)]
+    assert channel.requests[0][1] == ledger_pb2.ListAccountsRequest(customer="alice")
+
+
+def test_every_call_has_the_deadline_and_a_fresh_channel(channel: FakeChannel) -> None:
+    handed_out: list[FakeChannel] = []
+
+    def current() -> grpc.Channel:
+        handed_out.append(channel)
+        return cast(grpc.Channel, channel)
+
+    engine = GrpcTransferEngine(current, timeout=timedelta(milliseconds=2500))
+    channel.handlers["ListAccounts"] = lambda _: ledger_pb2.ListAccountsResponse()
+
+    engine.list_accounts("alice")
+    engine.list_accounts("bob")
+
+    assert len(handed_out) == 2
+    assert [timeout for _, _, timeout in channel.requests] == [2.5, 2.5]
+
+
+def test_get_account(channel: FakeChannel, engine: GrpcTransferEngine) -> None:
+    channel.handlers["GetAccount"] = lambda request: ledger_pb2.Account(
+        id=request.account_id, customer=request.customer, currency="CNY", balance_minor=1
+    )
+
+    assert engine.get_account("bob", "acc-b") == Account("acc-b", "bob", "", "CNY", 1)
+
+
+@pytest.mark.parametrize(("day", "sent"), [(date(2026, 1, 2), "2026-01-02"), (None, "")])
+def test_list_transactions(
+    channel: FakeChannel, engine: GrpcTransferEngine, day: date | None, sent: str
+) -> None:
+    channel.handlers["ListTransactions"] = lambda request: ledger_pb2.ListTransactionsResponse(
+        transactions=[
+            ledger_pb2.Transaction(
+                transfer_id="tr-1",
+                account_id=request.account_id,
+                amount_minor=-1234,
+                currency="CNY",
+                counterparty_account="acc-b",
+                balance_after_minor=100,
+                created_at="t",
+            )
+        ]
+    )
+
+    transactions = engine.list_transactions("alice", "acc-a", day)
+
+    assert transactions == [Transaction("tr-1", "acc-a", -1234, "CNY", "acc-b", 100, "t")]
+    assert channel.requests[0][1].from_date == sent
+
+
+def test_create_transfer(channel: FakeChannel, engine: GrpcTransferEngine) -> None:
+    channel.handlers["CreateTransfer"] = lambda request: transfer_message()
+
+    transfer = engine.create_transfer("alice", "k", TransferOrder("acc-a", "acc-b", 1234, "CNY"))
+
+    assert channel.requests[0][1] == ledger_pb2.CreateTransferRequest(
+        customer="alice",
+        idempotency_key="k",
+        from_account="acc-a",
+        to_account="acc-b",
+        amount_minor=1234,
+        currency="CNY",
+    )
+    assert transfer.status is TransferStatus.REVIEW
+    assert transfer.risk == RiskAssessment(RiskDecision.REVIEW, ("large",), 61)
+    assert transfer.replayed is True
+    assert transfer.carries_out("alice", TransferOrder("acc-a", "acc-b", 1234, "CNY"))
+
+
+def test_transfer_without_risk(channel: FakeChannel, engine: GrpcTransferEngine) -> None:
+    channel.handlers["GetTransfer"] = lambda _: transfer_message(status="rejected", risk=None)
+
+    transfer = engine.get_transfer("alice", "tr-1")
+
+    assert transfer.status is TransferStatus.REJECTED
+    assert transfer.risk is None
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        transfer_message(status="settled"),
+        transfer_message(status=""),
+        transfer_message(risk=ledger_pb2.RiskAssessment(decision="maybe")),
+        transfer_message(currency="USD"),
+    ],
+)
+def test_answers_the_gateway_cannot_trust_are_engine_errors(
+    channel: FakeChannel, engine: GrpcTransferEngine, message: ledger_pb2.Transfer
+) -> None:
+    channel.handlers["GetTransfer"] = lambda _: message
+
+    with pytest.raises(EngineError):
+        engine.get_transfer("alice", "tr-1")
+
+
+@pytest.mark.parametrize(
+    ("code", "error"),
+    [
+        (grpc.StatusCode.NOT_FOUND, NotFoundError),
+        (grpc.StatusCode.PERMISSION_DENIED, PermissionDeniedError),
+        (grpc.StatusCode.INVALID_ARGUMENT, InvalidRequestError),
+        (grpc.StatusCode.ALREADY_EXISTS, ConflictError),
+        (grpc.StatusCode.UNAVAILABLE, EngineUnavailableError),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, EngineUnavailableError),
+        (grpc.StatusCode.INTERNAL, EngineError),
+        (grpc.StatusCode.UNKNOWN, EngineError),
+        (grpc.StatusCode.UNAUTHENTICATED, EngineError),
+        (grpc.StatusCode.FAILED_PRECONDITION, EngineError),
+        (grpc.StatusCode.UNIMPLEMENTED, EngineError),
+    ],
+)
+def test_statuses_map_to_gateway_errors(
+    channel: FakeChannel,
+    engine: GrpcTransferEngine,
+    code: grpc.StatusCode,
+    error: type[GatewayError],
+) -> None:
+    channel.handlers["GetTransfer"] = fail(code, "db at /var/lib/ledger.db is locked")
+
+    with pytest.raises(error) as caught:
+        engine.get_transfer("alice", "tr-1")
+
+    assert type(caught.value) is error
+    # The engine's words reach the customer only for problems with their own request.
+    request_error = error in (
+        NotFoundError,
+        PermissionDeniedError,
+        InvalidRequestError,
+        ConflictError,
+    )
+    assert ("ledger.db" in str(caught.value)) is request_error
+
+
+def test_a_bare_rpc_error_is_an_engine_error(
+    channel: FakeChannel, engine: GrpcTransferEngine
+) -> None:
+    def bare(request: Any) -> Message:
+        raise grpc.RpcError("no status")
+
+    channel.handlers["ListAccounts"] = bare
+
+    with pytest.raises(EngineError):
+        engine.list_accounts("alice")
