@@ -224,13 +224,13 @@ def _status_document(status: StackStatus) -> dict[str, object]:
 def _print_status(status: StackStatus) -> None:
     print(f"trust domain {status.trust_domain}  root CA {status.root_ca}")
     running = "running" if status.issuer_running else "stopped"
-    print(f"issuer       {running}, Workload API {status.issuer_socket}")
+    print(f"{'issuer':<16} {running}, Workload API {status.issuer_socket}")
     for name, probe in status.services.items():
         health = "healthy" if probe.healthy else f"DOWN ({probe.error})"
         serial = (
             f"svid {probe.svid_serial} until {probe.svid_not_after}" if probe.svid_serial else ""
         )
-        print(f"{name:<12} {probe.url:<24} {health}  {probe.spiffe_id}  {serial}")
+        print(f"{name:<16} {probe.url:<24} {health}  {probe.spiffe_id}  {serial}")
 
 
 def cmd_up(args: argparse.Namespace) -> int:

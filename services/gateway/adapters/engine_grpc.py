@@ -115,6 +115,7 @@ def _transfer(message: ledger_pb2.Transfer) -> Transfer:
         risk=risk,
         created_at=message.created_at,
         replayed=message.replayed,
+        rejection_reason=message.rejection_reason,
     )
 
 

@@ -64,6 +64,8 @@ class Transfer:
     created_at: str
     # True when the engine answered from its idempotency record instead of executing again.
     replayed: bool
+    # For rejected transfers: insufficient_funds or risk_denied.
+    rejection_reason: str = ""
 
     def carries_out(self, customer: str, order: TransferOrder) -> bool:
         return customer == self.customer and order == TransferOrder(

@@ -82,6 +82,8 @@ def _transfer_response(transfer: Transfer, instance: str) -> Response:
     headers = {REPLAYED_HEADER: "true"} if transfer.replayed else {}
     if transfer.status is TransferStatus.REJECTED:
         reasons = list(transfer.risk.reasons) if transfer.risk else []
+        if transfer.rejection_reason and transfer.rejection_reason not in reasons:
+            reasons.insert(0, transfer.rejection_reason)
         rejected = RejectedTransferProblem(
             type=problem_type("transfer-rejected"),
             title="Transfer rejected",

@@ -7,8 +7,8 @@ import pytest
 from cryptography import x509
 
 from services.cli import main as cli
-from services.issuer.admin_client import call_admin
 from services.common.identity.spiffe_id import DEFAULT_TRUST_DOMAIN
+from services.issuer.admin_client import call_admin
 
 LEDGER = f"spiffe://{DEFAULT_TRUST_DOMAIN}/env/dev/zone/az1/team/payments/svc/ledger"
 

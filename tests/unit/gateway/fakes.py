@@ -114,7 +114,7 @@ class FakeTransferEngine:
         source = self._owned(customer, order.from_account)
         if order.to_account not in self.accounts:
             raise NotFoundError(f"no account {order.to_account}")
-        status, risk = self._decide(source, order)
+        status, risk, rejection_reason = self._decide(source, order)
         transfer = Transfer(
             id=f"tr-{len(self.transfers) + 1:04d}",
             customer=customer,
@@ -126,6 +126,7 @@ class FakeTransferEngine:
             risk=risk,
             created_at=self.clock().isoformat(),
             replayed=False,
+            rejection_reason=rejection_reason,
         )
         self.transfers[transfer.id] = transfer
         self.idempotency[(customer, idempotency_key)] = transfer.id
@@ -135,16 +136,22 @@ class FakeTransferEngine:
 
     def _decide(
         self, source: Account, order: TransferOrder
-    ) -> tuple[TransferStatus, RiskAssessment | None]:
+    ) -> tuple[TransferStatus, RiskAssessment | None, str]:
         if source.balance_minor < order.amount_minor:
-            return TransferStatus.REJECTED, None
+            return TransferStatus.REJECTED, None, "insufficient_funds"
         if order.to_account == MULE:
-            return TransferStatus.REJECTED, RiskAssessment(
-                RiskDecision.DENY, ("counterparty_blocklisted",), 95
+            return (
+                TransferStatus.REJECTED,
+                RiskAssessment(RiskDecision.DENY, ("counterparty_blocklisted",), 95),
+                "risk_denied",
             )
         if order.amount_minor > REVIEW_ABOVE:
-            return TransferStatus.REVIEW, RiskAssessment(RiskDecision.REVIEW, ("large_amount",), 60)
-        return TransferStatus.POSTED, RiskAssessment(RiskDecision.ALLOW, (), 5)
+            return (
+                TransferStatus.REVIEW,
+                RiskAssessment(RiskDecision.REVIEW, ("large_amount",), 60),
+                "",
+            )
+        return TransferStatus.POSTED, RiskAssessment(RiskDecision.ALLOW, (), 5), ""
 
     def _post(self, transfer: Transfer) -> None:
         for account_id, counterparty, sign in (

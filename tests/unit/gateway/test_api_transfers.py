@@ -89,7 +89,7 @@ def test_risk_denial_is_a_422_problem_with_the_transfer(
     problem = response.json()
     assert problem["type"].endswith(":transfer-rejected")
     assert problem["status"] == 422
-    assert problem["reasons"] == ["counterparty_blocklisted"]
+    assert problem["reasons"] == ["risk_denied", "counterparty_blocklisted"]
     assert problem["transfer_id"] == problem["transfer"]["id"]
     assert problem["instance"] == f"/v1/transfers/{problem['transfer_id']}"
     assert problem["transfer"]["status"] == "rejected"
@@ -104,7 +104,7 @@ def test_insufficient_funds_is_a_422_problem(client: TestClient, alice: dict[str
     problem = response.json()
     assert problem["type"].endswith(":transfer-rejected")
     assert problem["transfer"]["risk"] is None
-    assert problem["reasons"] == []
+    assert problem["reasons"] == ["insufficient_funds"]
     assert balance(client, alice, ALICE_SAVINGS) == "50.00"
 
 
