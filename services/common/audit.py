@@ -13,6 +13,7 @@ import threading
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import unquote
 
 AUDIT_MODE = 0o640
 
@@ -60,6 +61,8 @@ def split_address(address: str) -> tuple[str, int | None]:
     """'ipv4:127.0.0.1:5000' / 'ipv6:[::1]:5000' / '127.0.0.1:5000' -> (host, port)."""
     for prefix in ("ipv4:", "ipv6:"):
         address = address.removeprefix(prefix)
+    # grpcio percent-encodes the brackets of IPv6 peers.
+    address = unquote(address)
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
         return address, None

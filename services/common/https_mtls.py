@@ -115,7 +115,8 @@ class _ConnectionApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            await self._app(scope, receive, send)
+            # Only plain HTTP requests pass the guard; anything else (a WebSocket) is refused.
+            self._guard.record(self._facts, self._peer, scope["type"], "deny", "not HTTP")
             return
         method = f"{scope['method']} {scope['path']}"
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
@@ -152,6 +153,8 @@ def mtls_protocol(guard: HttpsGuard) -> type[H11Protocol]:
             # connection_made once the TLS handshake is done: the gap is the handshake.
             self._accepted = time.perf_counter()
             super().__init__(*args, **kwargs)
+            # uvicorn's WebSocket handler would call the app without this guard.
+            self.ws_protocol_class = None
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             guard.telemetry.handshake_duration.record(

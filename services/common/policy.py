@@ -54,6 +54,10 @@ def parse_policy(text: str, trust_domain: str) -> tuple[Rule, ...]:
         document = json.loads(text)
         rules = []
         for raw in document["rules"]:
+            if not isinstance(raw["methods"], list) or not isinstance(raw["callers"], list):
+                raise PolicyError("a rule's methods and callers must be JSON lists")
+            if not all(isinstance(item, str) for item in (*raw["methods"], *raw["callers"])):
+                raise PolicyError("methods and callers must be strings")
             callers = frozenset(
                 str(SpiffeId.parse(c.replace("{trust_domain}", trust_domain)))
                 for c in raw["callers"]
@@ -75,7 +79,7 @@ class Policy:
         self._trust_domain = trust_domain
         self._lock = threading.Lock()
         self._checked = 0.0
-        self._stamp: tuple[int, int] | None = None
+        self._stamp: tuple[int, int, int, int] | None = None
         self._rules: tuple[Rule, ...] = ()
         self._broken: str | None = None
         self._reload()
@@ -85,7 +89,8 @@ class Policy:
     def _reload(self) -> None:
         try:
             stat = os.stat(self._path)
-            stamp = (stat.st_mtime_ns, stat.st_size)
+            # ctime and inode too: an edit that keeps size and mtime (cp -p) must still count.
+            stamp = (stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino, stat.st_size)
             if stamp == self._stamp and self._broken is None:
                 return
             self._rules = parse_policy(self._path.read_text(), self._trust_domain)

@@ -47,11 +47,15 @@ class FileRegistry:
                     name=name,
                     host=str(entry["host"]),
                     port=int(entry["port"]),
-                    metrics_port=int(entry["metrics_port"]) if "metrics_port" in entry else None,
+                    metrics_port=(
+                        int(entry["metrics_port"])
+                        if entry.get("metrics_port") is not None
+                        else None
+                    ),
                 )
                 for name, entry in document["services"].items()
             }
-        except (OSError, ValueError, KeyError, TypeError) as error:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
             raise RegistryError(f"cannot read the service registry {self._path}: {error}") from None
 
     def lookup(self, name: str) -> ServiceAddress:
@@ -64,7 +68,8 @@ class FileRegistry:
 def write_registry(path: Path, addresses: list[ServiceAddress]) -> None:
     document = {
         "services": {
-            a.name: {"host": a.host, "port": a.port, "metrics_port": a.metrics_port}
+            a.name: {"host": a.host, "port": a.port}
+            | ({"metrics_port": a.metrics_port} if a.metrics_port is not None else {})
             for a in addresses
         }
     }

@@ -43,6 +43,7 @@ def create_server(settings: GatewaySettings) -> tuple[uvicorn.Server, ServiceRun
         host=runtime.address.host,
         port=runtime.address.port,
         http=mtls_protocol(guard),
+        ws="none",  # WebSocket upgrades would bypass the per-request guard
         ssl_context_factory=live_context,
         lifespan="off",
         log_config=None,

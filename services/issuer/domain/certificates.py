@@ -170,8 +170,7 @@ def build_x509_svid(
 ) -> x509.Certificate:
     """An X509-SVID whose lifetime never exceeds ``ttl`` nor the signing CA's own expiry."""
     now = now or datetime.now(UTC)
-    not_before, not_after = validity(now, ttl)
-    not_before = max(not_before, ca_cert.not_valid_before_utc)
+    not_before, not_after = validity(max(now, ca_cert.not_valid_before_utc), ttl)
     not_after = min(not_after, ca_cert.not_valid_after_utc)
     names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(str(spiffe_id))]
     names.extend(x509.DNSName(name) for name in dns_names)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import pytest
 from services._proto import ledger_pb2, risk_pb2
 from services.common import policy as policy_module
 from services.common.identity.spiffe_id import SpiffeId
-from services.common.policy import Policy, PolicyError
+from services.common.policy import Decision, Policy, PolicyError
 from services.common.workloads import GATEWAY, OPS, RISK, TELLER, TRANSFER_ENGINE, Workload
 
 TD = "ztbank.example"
@@ -178,6 +179,19 @@ def test_atomically_replaced_file_is_picked_up(policy_file: Path, policy: Policy
     assert policy.decide("risk", ASSESS, caller(GW_ID)).allowed
 
 
+def test_same_size_edit_with_the_old_mtime_is_picked_up(policy_file: Path) -> None:
+    write_rules(policy_file, rule("risk", [ASSESS], [TE_ID]))
+    policy = Policy(policy_file, TD)
+    old = policy_file.stat()
+    revoked = TE_ID.replace("/zone/az1/", "/zone/az2/")  # same length: same file size
+    staged = policy_file.with_name("staged.json")
+    write_rules(staged, rule("risk", [ASSESS], [revoked]))
+    os.utime(staged, ns=(old.st_atime_ns, old.st_mtime_ns))
+    staged.replace(policy_file)
+    assert policy_file.stat().st_size == old.st_size
+    assert not policy.decide("risk", ASSESS, caller(TE_ID)).allowed
+
+
 def test_broken_file_denies_everything_until_fixed(policy_file: Path, policy: Policy) -> None:
     te = caller(TE_ID)
     assert policy.decide("risk", ASSESS, te).allowed
@@ -250,23 +264,45 @@ def test_invalid_file_at_start_raises(tmp_path: Path, text: str, message: str) -
         Policy(path, TD)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "bug: services/common/policy.py parse_policy: tuple(str(m) for m in raw['methods']) "
-        "accepts a bare string and turns each character into a pattern; a '*' in it then "
-        "allows every method (fail open)"
-    ),
-)
 def test_methods_given_as_a_string_are_rejected_not_split_into_characters(tmp_path: Path) -> None:
+    # Split into characters, "/...Assess*" would contain the pattern "*": every method allowed.
     path = tmp_path / "policy.json"
     path.write_text(json.dumps({"rules": [rule("risk", f"{ASSESS}*", [TE_ID])]}))  # type: ignore[arg-type]
-    try:
-        policy = Policy(path, TD)
-    except PolicyError:
-        return
-    # Accepted: at least it must not hand out methods the author never wrote.
-    assert not policy.decide("risk", "/ztbank.admin.v1.Admin/DropLedger", caller(TE_ID)).allowed
+    with pytest.raises(PolicyError):
+        Policy(path, TD)
+
+
+def test_methods_edited_into_a_string_deny_everything(policy_file: Path, policy: Policy) -> None:
+    policy_file.write_text(json.dumps({"rules": [rule("risk", "*", [TE_ID])]}))  # type: ignore[arg-type]
+    decision = policy.decide("risk", "/ztbank.admin.v1.Admin/DropLedger", caller(TE_ID))
+    assert not decision.allowed
+    assert decision.reason.startswith("policy unavailable")
+    assert not policy.decide("risk", ASSESS, caller(TE_ID)).allowed
+
+
+def test_non_string_caller_at_start_raises_policy_error(tmp_path: Path) -> None:
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps({"rules": [rule("risk", [ASSESS], [5])]}))  # type: ignore[list-item]
+    with pytest.raises(PolicyError):
+        Policy(path, TD)
+
+
+def test_non_string_caller_after_start_denies_everything(
+    policy_file: Path, policy: Policy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    policy_file.write_text(json.dumps({"rules": [rule("risk", [ASSESS], [TE_ID, 5])]}))  # type: ignore[list-item]
+    decisions: list[Decision | None] = []
+    for _ in range(2):
+        try:
+            decisions.append(policy.decide("risk", ASSESS, caller(TE_ID)))
+        except AttributeError:
+            decisions.append(None)
+        # The next call must not dodge the check by falling inside the reload interval.
+        monkeypatch.setattr(policy_module, "RELOAD_CHECK_SECONDS", 3600.0)
+    for decision in decisions:
+        assert decision is not None
+        assert not decision.allowed
+        assert decision.reason.startswith("policy unavailable")
 
 
 # -- the repository's policy ------------------------------------------------------------------

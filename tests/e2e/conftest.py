@@ -1,0 +1,430 @@
+"""The whole native stack, started once per e2e session by the code behind ``make up``.
+
+``NativeStack.up()`` runs the issuer, risk, transfer-engine and gateway as detached processes in
+a short temp dir under /tmp (unix socket paths must fit in 108 bytes) with free ports of its own
+and a 20 s SVID TTL; the fixture always stops them and removes the dir, whatever happened.
+
+``E2EStack`` is what tests get: the settings and addresses plus raw clients that assert nothing
+themselves — HTTPS to the gateway and gRPC channels to the other services with any credentials
+(a workload's SVID, a minted one, one signed by a foreign CA, or none) — and readers of the audit
+and span files.  Waits poll with deadlines; nothing sleeps for a fixed time.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import socket
+import ssl
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from services._proto import issuer_admin_pb2
+from services.cli.teller import TellerClient
+from services.common.files import private_key_pem
+from services.common.identity.pem import certificates_to_pem, serial_hex
+from services.common.identity.source import SvidMaterial, fetch_svid
+from services.common.identity.x509svid import verify_der_chain
+from services.common.registry import ServiceAddress, write_registry
+from services.common.workloads import GATEWAY, OPS, RISK, SERVICES, TELLER, TRANSFER_ENGINE
+from services.issuer.admin_client import call_admin
+from services.stack.native import NativeStack, StackSettings, StackStatus
+from tests.support.pki import Issued
+
+TRUST_DOMAIN = "ztbank.example"
+SVID_TTL = "20s"
+REPO = Path(__file__).resolve().parents[2]
+POLICY = REPO / "infra" / "policy.json"
+RISK_RULES = REPO / "infra" / "risk" / "rules.json"
+WORKLOADS = {w.name: w for w in (*SERVICES, TELLER, OPS)}
+GRPC_SERVICES = (TRANSFER_ENGINE.name, RISK.name)
+HTTP_TIMEOUT = 10.0
+RPC_TIMEOUT = 5.0
+POLL_INTERVAL = 0.05
+FILE_TIMEOUT = 10.0  # span exporters batch every 0.5 s; audit records are fsync'ed inline
+# Variables of the developer's shell that would reconfigure the stack's processes.
+_LEAKY_PREFIXES = ("ZTBANK_", "SPIFFE_", "VAULT_", "OTEL_")
+
+T = TypeVar("T")
+
+
+def wait_until(
+    predicate: Callable[[], T | None],
+    *,
+    timeout: float,
+    message: str | Callable[[], str],
+    interval: float = POLL_INTERVAL,
+) -> T:
+    """Poll ``predicate`` until it returns something truthy (returned) or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            raise AssertionError(message() if callable(message) else message)
+        time.sleep(interval)
+
+
+# -- credentials -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What a client presents (a chain and its key, or nothing) and the bundle it trusts."""
+
+    bundle_pem: bytes
+    chain_pem: bytes | None = None
+    key_pem: bytes | None = None
+
+    @classmethod
+    def of(cls, material: SvidMaterial) -> Credentials:
+        return cls(material.bundle_pem, material.chain_pem, material.key_pem)
+
+    @classmethod
+    def signed(
+        cls, issued: Issued, bundle_pem: bytes, chain: Sequence[x509.Certificate] = ()
+    ) -> Credentials:
+        """A certificate made with tests.support.pki, presented with ``chain`` after it."""
+        return cls(
+            bundle_pem,
+            certificates_to_pem([issued.certificate, *chain]),
+            private_key_pem(issued.key),
+        )
+
+    @property
+    def leaf(self) -> x509.Certificate:
+        assert self.chain_pem is not None, "these credentials carry no certificate"
+        return x509.load_pem_x509_certificates(self.chain_pem)[0]
+
+    @property
+    def serial(self) -> str:
+        return serial_hex(self.leaf)
+
+    @property
+    def not_after(self) -> datetime:
+        return self.leaf.not_valid_after_utc
+
+    def without_certificate(self) -> Credentials:
+        return Credentials(self.bundle_pem)
+
+
+AnyCredentials = Credentials | SvidMaterial
+
+
+def as_credentials(credentials: AnyCredentials) -> Credentials:
+    return credentials if isinstance(credentials, Credentials) else Credentials.of(credentials)
+
+
+def tls_client_context(credentials: AnyCredentials, alpn: Sequence[str]) -> ssl.SSLContext:
+    """A client context that trusts the credentials' bundle and presents their chain, if any.
+
+    Host names are not checked: the server is identified by its SPIFFE ID afterwards.
+    """
+    creds = as_credentials(credentials)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = False
+    context.load_verify_locations(cadata=creds.bundle_pem.decode())
+    context.set_alpn_protocols(list(alpn))
+    if creds.chain_pem is not None and creds.key_pem is not None:
+        with tempfile.TemporaryDirectory(prefix="zte-cred-") as directory:
+            chain, key = Path(directory) / "chain.pem", Path(directory) / "key.pem"
+            chain.write_bytes(creds.chain_pem)
+            key.touch(mode=0o600)
+            key.write_bytes(creds.key_pem)
+            context.load_cert_chain(chain, key)
+    return context
+
+
+# -- raw clients -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HttpsReply:
+    status: int
+    headers: dict[str, str]  # names in lower case
+    body: Any  # parsed JSON, else text
+    server_serial: str  # serial of the certificate the gateway served on this connection
+    local_port: int  # our end of the connection, as the gateway's audit records it
+    tls_version: str | None
+    cipher: str | None
+
+    @property
+    def content_type(self) -> str:
+        return self.headers.get("content-type", "")
+
+    @property
+    def is_problem(self) -> bool:
+        return self.content_type.startswith("application/problem+json") and (
+            isinstance(self.body, dict) and self.body.get("status") == self.status
+        )
+
+
+class GatewayRefusedError(Exception):
+    """The gateway gave no HTTP answer: the handshake failed or the connection was closed."""
+
+    def __init__(self, stage: str, error: BaseException, local_port: int | None) -> None:
+        super().__init__(f"refused at {stage}: {type(error).__name__}: {error}")
+        self.stage = stage  # "handshake" or "request"
+        self.error = error
+        self.local_port = local_port
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Complete lines only: a writer may be in the middle of the last one."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    lines = text.split("\n")[:-1]
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+@dataclass
+class E2EStack:
+    base: Path
+    settings: StackSettings
+    native: NativeStack
+    addresses: dict[str, ServiceAddress]
+
+    @property
+    def trust_domain(self) -> str:
+        return self.settings.trust_domain
+
+    @property
+    def home(self) -> Path:
+        return self.settings.home
+
+    def spiffe_id(self, workload: str) -> str:
+        return str(WORKLOADS[workload].spiffe_id(self.trust_domain))
+
+    # -- identities ----------------------------------------------------------------------------
+
+    def teller(self) -> TellerClient:
+        """A new teller CLI client, holding a freshly fetched teller SVID."""
+        return TellerClient(self.settings)
+
+    def svid(self, workload: str) -> SvidMaterial:
+        """The current SVID of ``workload`` from its own Workload API socket."""
+        socket_uri = f"unix://{self.settings.workload_socket_for(workload)}"
+        return fetch_svid(socket_uri, self.trust_domain, timeout=5)
+
+    def bundle_pem(self) -> bytes:
+        """The trust domain's current bundle, as every workload receives it."""
+        return self.svid(OPS.name).bundle_pem
+
+    def mint(self, spiffe_id: str, *, ttl_seconds: int = 0) -> Credentials:
+        """An SVID for any ID of the trust domain from the issuer's admin API (0: default TTL)."""
+        request = issuer_admin_pb2.MintX509SVIDRequest(spiffe_id=spiffe_id, ttl_seconds=ttl_seconds)
+        response = call_admin(self.settings.admin_socket, lambda stub: stub.MintX509SVID(request))
+        return Credentials(response.bundle_pem, response.chain_pem, response.key_pem)
+
+    def root_ca(self) -> Issued:
+        """The trust domain's real root (disk upstream), to sign certificates that chain to it."""
+        certificate = x509.load_pem_x509_certificate(
+            (self.settings.certs_dir / "root-ca.pem").read_bytes()
+        )
+        key = serialization.load_pem_private_key(
+            (self.settings.certs_dir / "root-ca.key").read_bytes(), password=None
+        )
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        return Issued(certificate, key)
+
+    # -- clients -------------------------------------------------------------------------------
+
+    def https(
+        self,
+        credentials: AnyCredentials,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        data: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> HttpsReply:
+        """One request on a new TLS connection to the gateway.
+
+        ``body`` is sent as JSON, ``data`` as is.  Raises ``GatewayRefusedError`` if no HTTP
+        answer comes back; fails the test if the server is not the gateway.
+        """
+        creds = as_credentials(credentials)
+        address = self.addresses[GATEWAY.name]
+        context = tls_client_context(creds, ["http/1.1"])
+        connection = http.client.HTTPSConnection(
+            address.host, address.port, context=context, timeout=HTTP_TIMEOUT
+        )
+        try:
+            try:
+                connection.connect()
+            except OSError as error:  # ssl.SSLError is one
+                raise GatewayRefusedError("handshake", error, None) from error
+            tls = connection.sock
+            assert isinstance(tls, ssl.SSLSocket)
+            local_port = int(tls.getsockname()[1])
+            der = tls.getpeercert(binary_form=True)
+            assert der is not None, "the gateway sent no certificate"
+            bundle = x509.load_pem_x509_certificates(creds.bundle_pem)
+            served = verify_der_chain([der], bundle, trust_domain=self.trust_domain)
+            assert str(served) == self.spiffe_id(GATEWAY.name), f"the server is {served}"
+            cipher = tls.cipher()
+            version = tls.version()
+            payload = json.dumps(body).encode() if body is not None else data
+            all_headers = {"Accept": "application/json"}
+            if payload is not None:
+                all_headers["Content-Type"] = "application/json"
+            all_headers.update(headers or {})
+            try:
+                connection.request(method, path, body=payload, headers=all_headers)
+                response = connection.getresponse()
+                raw = response.read()
+            except (OSError, http.client.HTTPException) as error:
+                raise GatewayRefusedError("request", error, local_port) from error
+        finally:
+            connection.close()
+        try:
+            parsed: Any = json.loads(raw) if raw else None
+        except ValueError:
+            parsed = raw.decode(errors="replace")
+        return HttpsReply(
+            status=response.status,
+            headers={k.lower(): v for k, v in response.getheaders()},
+            body=parsed,
+            server_serial=serial_hex(x509.load_der_x509_certificate(der)),
+            local_port=local_port,
+            tls_version=version,
+            cipher=cipher[0] if cipher else None,
+        )
+
+    def grpc_channel(self, service: str, credentials: AnyCredentials) -> grpc.Channel:
+        """A new secure channel to ``service`` (use it with ``with``; never reuse it closed).
+
+        The server's certificate must carry the DNS SAN ``service``, as the services require.
+        A local subchannel pool keeps other channels' connections (and credentials) out of it.
+        """
+        creds = as_credentials(credentials)
+        channel_credentials = grpc.ssl_channel_credentials(
+            root_certificates=creds.bundle_pem,
+            private_key=creds.key_pem,
+            certificate_chain=creds.chain_pem,
+        )
+        return grpc.secure_channel(
+            self.addresses[service].target,
+            channel_credentials,
+            options=[
+                ("grpc.ssl_target_name_override", service),
+                ("grpc.use_local_subchannel_pool", 1),
+            ],
+        )
+
+    # -- records -------------------------------------------------------------------------------
+
+    def audit(self, service: str) -> list[dict[str, Any]]:
+        return read_jsonl(self.home / "audit" / f"{service}.jsonl")
+
+    def spans(self, service: str) -> list[dict[str, Any]]:
+        return read_jsonl(self.home / "telemetry" / f"{service}-spans.jsonl")
+
+    def wait_for_audit(
+        self, service: str, match: Callable[[dict[str, Any]], bool], what: str
+    ) -> dict[str, Any]:
+        def found() -> dict[str, Any] | None:
+            return next((r for r in reversed(self.audit(service)) if match(r)), None)
+
+        return wait_until(
+            found,
+            timeout=FILE_TIMEOUT,
+            message=lambda: (
+                f"no audit record at {service} for {what}; last records:\n"
+                + "\n".join(json.dumps(r) for r in self.audit(service)[-5:])
+            ),
+        )
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def status(self) -> StackStatus:
+        return self.native.status()
+
+    def restart(self) -> StackStatus:
+        """``down()`` then ``up()`` of the same stack: same home, certs and ports."""
+        self.native.down()
+        return self.native.up()
+
+    def log_tails(self) -> str:
+        return "\n".join(
+            f"--- {p.name} ---\n{p.log_tail()}"
+            for p in (self.native.issuer, *self.native.services.values())
+        )
+
+
+def balances(teller: TellerClient, customer: str) -> dict[str, Decimal]:
+    """The customer's accounts and balances as GET /v1/accounts shows them."""
+    reply = teller.as_customer(customer, "GET", "/v1/accounts")
+    assert reply.status == 200, reply
+    return {a["id"]: Decimal(a["balance"]) for a in reply.body["accounts"]}
+
+
+def _free_ports(count: int) -> list[int]:
+    """Ports free right now; all are held until every one is picked, so none repeats."""
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [int(s.getsockname()[1]) for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[E2EStack]:
+    base = Path(tempfile.mkdtemp(prefix="zte", dir="/tmp"))
+    env = pytest.MonkeyPatch()
+    native: NativeStack | None = None
+    try:
+        for name in list(os.environ):
+            if name.startswith(_LEAKY_PREFIXES):
+                env.delenv(name)
+        # Child processes inherit os.environ: risk reads its rules from here.
+        env.setenv("ZTBANK_RISK_RULES", str(RISK_RULES))
+        env.setenv("ZTBANK_SVID_TTL", SVID_TTL)
+        ports = iter(_free_ports(2 * len(SERVICES)))
+        addresses = {
+            w.name: ServiceAddress(w.name, "127.0.0.1", next(ports), next(ports)) for w in SERVICES
+        }
+        registry = base / "registry.json"
+        write_registry(registry, list(addresses.values()))
+        settings = StackSettings(
+            home=base / "home",
+            certs_dir=base / "certs",
+            trust_domain=TRUST_DOMAIN,
+            registry=registry,
+            policy=POLICY,
+            svid_ttl=SVID_TTL,
+        )
+        native = NativeStack(settings)
+        native.up()
+        yield E2EStack(base=base, settings=settings, native=native, addresses=addresses)
+    finally:
+        try:
+            if native is not None:
+                native.down()
+        finally:
+            env.undo()
+            shutil.rmtree(base, ignore_errors=True)

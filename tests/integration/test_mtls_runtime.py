@@ -1,0 +1,724 @@
+"""The mTLS runtime on real sockets, without an issuer: gRPC and HTTPS servers on 127.0.0.1.
+
+SVIDs come straight from the test PKI (root -> signing CA -> leaves) through a fake SVID source
+whose ``publish`` plays the Workload API pushing a rotation.  The bundle holds the root and the
+signing CA, as the issuer's does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import socket
+import ssl
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import uvicorn
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from services.common import grpc_mtls
+from services.common.audit import AuditLog
+from services.common.grpc_mtls import AuthorizationInterceptor, MtlsChannel, server_credentials
+from services.common.https_mtls import HttpsGuard, Receive, Scope, Send, mtls_protocol
+from services.common.identity.pem import fingerprint_sha256, serial_hex
+from services.common.identity.source import Listener, SvidMaterial, SvidSource
+from services.common.identity.spiffe_id import SpiffeId
+from services.common.peer import current_peer
+from services.common.policy import Policy
+from services.common.telemetry import Telemetry, setup_telemetry
+from services.common.tls import PeerVerifier, ReloadingContext, SvidFiles, client_context
+from tests.support.pki import Issued, create_intermediate_ca, create_leaf, create_root_ca
+
+pytestmark = pytest.mark.integration
+
+TD = "ztbank.example"
+TELLER_ID = f"spiffe://{TD}/env/prod/zone/az1/team/channels/svc/teller"
+GATEWAY_ID = f"spiffe://{TD}/env/prod/zone/az1/team/channels/svc/gateway"
+ENGINE_ID = f"spiffe://{TD}/env/prod/zone/az1/team/payments/svc/transfer-engine"
+RISK_ID = f"spiffe://{TD}/env/prod/zone/az1/team/risk/svc/risk"
+ECHO_SERVICE = "ztbank.test.v1.Echo"
+ECHO = f"/{ECHO_SERVICE}/Echo"
+TIMEOUT = 5.0
+# How a client sees the server abort a handshake: asyncio closes without sending the alert.
+SERVER_REFUSALS = {"UNEXPECTED_EOF_WHILE_READING"}
+TLS13_SUITES = {"TLS_AES_256_GCM_SHA384", "TLS_AES_128_GCM_SHA256", "TLS_CHACHA20_POLY1305_SHA256"}
+
+
+# -- identities ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Authority:
+    root: Issued
+    signing_ca: Issued
+
+    @property
+    def bundle(self) -> tuple[x509.Certificate, ...]:
+        certificates = (self.root.certificate, self.signing_ca.certificate)
+        return tuple(sorted(certificates, key=lambda c: c.fingerprint(hashes.SHA256())))
+
+    def svid(
+        self,
+        spiffe_id: str,
+        *,
+        dns: tuple[str, ...] = (),
+        trusted: tuple[x509.Certificate, ...] | None = None,
+    ) -> SvidMaterial:
+        """An SVID for ``spiffe_id``; ``trusted`` replaces the bundle (what the holder trusts)."""
+        leaf = create_leaf(self.signing_ca, uri_sans=[spiffe_id], dns_sans=dns)
+        return SvidMaterial(
+            spiffe_id=SpiffeId.parse(spiffe_id),
+            chain=(leaf.certificate, self.signing_ca.certificate),
+            key=leaf.key,
+            bundle=self.bundle if trusted is None else trusted,
+        )
+
+
+def new_authority(common_name: str) -> Authority:
+    root = create_root_ca(common_name=f"{common_name} root")
+    return Authority(root, create_intermediate_ca(root, common_name=f"{common_name} signing CA"))
+
+
+@pytest.fixture(scope="module")
+def authority() -> Authority:
+    return new_authority("ztbank test")
+
+
+@pytest.fixture(scope="module")
+def foreign() -> Authority:
+    """Another CA for the same trust domain name: its SVIDs chain to nothing we trust."""
+    return new_authority("impostor")
+
+
+class FakeSource(SvidSource):
+    """What ``SvidSource`` offers the TLS layers, fed by hand instead of the Workload API."""
+
+    def __init__(self, material: SvidMaterial) -> None:  # no Workload API
+        self._material = material
+        self._listeners: list[Listener] = []
+        self._lock = threading.Lock()
+
+    def current(self) -> SvidMaterial:
+        with self._lock:
+            return self._material
+
+    def subscribe(self, listener: Listener) -> None:
+        with self._lock:
+            self._listeners.append(listener)
+
+    def publish(self, material: SvidMaterial) -> None:
+        """A rotation: the new SVID becomes current, then every listener hears of it."""
+        with self._lock:
+            self._material = material
+            listeners = list(self._listeners)
+        for listener in listeners:
+            listener(material)
+
+    def close(self) -> None:
+        pass
+
+
+# -- shared runtime pieces -------------------------------------------------------------------
+
+
+def write_policy(path: Path) -> Path:
+    rules = [
+        {"service": "gateway", "methods": ["* /v1/*"], "callers": [TELLER_ID]},
+        {"service": "risk", "methods": [f"/{ECHO_SERVICE}/*"], "callers": [ENGINE_ID]},
+    ]
+    path.write_text(json.dumps({"rules": rules}))
+    return path
+
+
+@pytest.fixture
+def policy(tmp_path: Path) -> Policy:
+    return Policy(write_policy(tmp_path / "policy.json"), TD)
+
+
+@pytest.fixture
+def audit(tmp_path: Path) -> Iterator[AuditLog]:
+    log = AuditLog(tmp_path / "audit.jsonl", fsync=False)
+    yield log
+    log.close()
+
+
+@pytest.fixture
+def telemetry(tmp_path: Path) -> Iterator[Telemetry]:
+    instance = setup_telemetry("mtls-test", metrics_port=None, spans_path=tmp_path / "spans.jsonl")
+    yield instance
+    instance.shutdown()
+
+
+def audit_records(log: AuditLog) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in log.path.read_text().splitlines()]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def served_certificate(port: int, context: ssl.SSLContext) -> x509.Certificate:
+    """The certificate a new TLS connection to ``port`` is served."""
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der)
+
+
+# -- gRPC ------------------------------------------------------------------------------------
+
+
+def echo(request: bytes, context: grpc.ServicerContext) -> bytes:
+    """Answers with what the servicer sees as the verified caller."""
+    return request + b" from " + str(current_peer().spiffe_id).encode()
+
+
+@dataclass
+class GrpcServer:
+    source: FakeSource
+    port: int
+    audit: AuditLog
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+@pytest.fixture
+def grpc_server(
+    authority: Authority, policy: Policy, audit: AuditLog, telemetry: Telemetry
+) -> Iterator[GrpcServer]:
+    source = FakeSource(authority.svid(RISK_ID, dns=("risk",)))
+    port = free_port()
+    interceptor = AuthorizationInterceptor(
+        service="risk",
+        verifier=PeerVerifier(source.current, TD),
+        policy=policy,
+        audit=audit,
+        telemetry=telemetry,
+        local_address=f"127.0.0.1:{port}",
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=[interceptor])
+    health_servicer = health.HealthServicer()
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                ECHO_SERVICE, {"Echo": grpc.unary_unary_rpc_method_handler(echo)}
+            ),
+        )
+    )
+    assert server.add_secure_port(f"127.0.0.1:{port}", server_credentials(source)) == port
+    server.start()
+    yield GrpcServer(source, port, audit)
+    server.stop(grace=None).wait(TIMEOUT)
+
+
+@pytest.fixture
+def client_to(
+    grpc_server: GrpcServer,
+) -> Iterator[Callable[[SvidMaterial], tuple[MtlsChannel, FakeSource]]]:
+    """``MtlsChannel`` clients of the test server, closed afterwards."""
+    made: list[MtlsChannel] = []
+
+    def make(material: SvidMaterial) -> tuple[MtlsChannel, FakeSource]:
+        source = FakeSource(material)
+        channel = MtlsChannel(source, grpc_server.target, "risk")
+        made.append(channel)
+        return channel, source
+
+    yield make
+    for channel in made:
+        channel.close()
+
+
+def call_echo(channel: grpc.Channel, payload: bytes = b"ping") -> bytes:
+    method: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(ECHO)
+    return method(payload, timeout=TIMEOUT)
+
+
+def rpc_error(call: Callable[[], object]) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    return caught.value
+
+
+def check_health(channel: grpc.Channel) -> int:
+    stub: Any = health_pb2_grpc.HealthStub(channel)  # the stubs omit the generated methods
+    status: int = stub.Check(health_pb2.HealthCheckRequest(), timeout=TIMEOUT).status
+    return status
+
+
+def test_grpc_allowed_caller_gets_through_and_is_audited(
+    authority: Authority,
+    grpc_server: GrpcServer,
+    client_to: Callable[[SvidMaterial], tuple[MtlsChannel, FakeSource]],
+) -> None:
+    material = authority.svid(ENGINE_ID)
+    channel, _ = client_to(material)
+    assert call_echo(channel.channel()) == f"ping from {ENGINE_ID}".encode()
+
+    [record] = audit_records(grpc_server.audit)
+    assert record["decision"] == "allow"
+    assert record["caller_spiffe_id"] == ENGINE_ID
+    assert record["cert_serial"] == material.serial
+    assert record["cert_sha256"] == fingerprint_sha256(material.leaf)
+    assert record["service"] == "risk"
+    assert record["method"] == ECHO
+    assert record["source_addr"] == "127.0.0.1"
+    assert isinstance(record["source_port"], int)
+    assert (record["dest_addr"], record["dest_port"]) == ("127.0.0.1", grpc_server.port)
+    assert len(record["trace_id"]) == 32
+
+
+def test_grpc_caller_not_in_policy_is_denied_and_audited(
+    authority: Authority,
+    grpc_server: GrpcServer,
+    client_to: Callable[[SvidMaterial], tuple[MtlsChannel, FakeSource]],
+) -> None:
+    material = authority.svid(GATEWAY_ID)
+    channel, _ = client_to(material)
+    error = rpc_error(lambda: call_echo(channel.channel()))
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert GATEWAY_ID in (error.details() or "")
+
+    [record] = audit_records(grpc_server.audit)
+    assert record["decision"] == "deny"
+    assert record["caller_spiffe_id"] == GATEWAY_ID
+    assert record["cert_serial"] == material.serial
+    assert record["method"] == ECHO
+    assert "no policy rule allows" in record["reason"]
+
+
+def test_grpc_health_answers_any_verified_svid(
+    authority: Authority,
+    grpc_server: GrpcServer,
+    client_to: Callable[[SvidMaterial], tuple[MtlsChannel, FakeSource]],
+) -> None:
+    channel, _ = client_to(authority.svid(GATEWAY_ID))
+    assert check_health(channel.channel()) == health_pb2.HealthCheckResponse.SERVING
+    [record] = audit_records(grpc_server.audit)
+    assert (record["decision"], record["reason"]) == ("allow", "health check")
+    assert record["method"] == "/grpc.health.v1.Health/Check"
+
+
+def test_grpc_client_of_a_foreign_ca_fails_the_handshake(
+    authority: Authority,
+    foreign: Authority,
+    grpc_server: GrpcServer,
+    client_to: Callable[[SvidMaterial], tuple[MtlsChannel, FakeSource]],
+) -> None:
+    # Same SPIFFE ID as an allowed caller, and it trusts our server: only its issuer is wrong.
+    impostor = foreign.svid(ENGINE_ID, trusted=authority.bundle)
+    channel, _ = client_to(impostor)
+    assert rpc_error(lambda: call_echo(channel.channel())).code() == grpc.StatusCode.UNAVAILABLE
+    assert rpc_error(lambda: check_health(channel.channel())).code() == (
+        grpc.StatusCode.UNAVAILABLE
+    )
+    assert audit_records(grpc_server.audit) == []  # no call ever reached the interceptor
+
+
+def test_grpc_certificate_of_our_ca_but_not_an_svid_of_our_domain_is_unauthenticated(
+    authority: Authority,
+    grpc_server: GrpcServer,
+    client_to: Callable[[SvidMaterial], tuple[MtlsChannel, FakeSource]],
+) -> None:
+    # OpenSSL accepts the chain; the X509-SVID rules refuse the other trust domain.
+    outsider = authority.svid(ENGINE_ID.replace(TD, "other.example"))
+    channel, _ = client_to(outsider)
+    error = rpc_error(lambda: call_echo(channel.channel()))
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    [record] = audit_records(grpc_server.audit)
+    assert record["decision"] == "deny"
+    assert record["caller_spiffe_id"] is None
+    assert record["reason"].startswith("invalid X509-SVID")
+
+
+def test_grpc_server_rotation_reaches_new_connections_only(
+    authority: Authority,
+    grpc_server: GrpcServer,
+    client_to: Callable[[SvidMaterial], tuple[MtlsChannel, FakeSource]],
+) -> None:
+    client = authority.svid(ENGINE_ID)
+    probe = client_context(client, alpn=["h2"])
+    before = grpc_server.source.current()
+    assert serial_hex(served_certificate(grpc_server.port, probe)) == before.serial
+
+    old, _ = client_to(client)
+    assert call_echo(old.channel(), b"before")  # connection established with the old SVID
+
+    rotated = authority.svid(RISK_ID, dns=("risk",))
+    grpc_server.source.publish(rotated)
+    assert serial_hex(served_certificate(grpc_server.port, probe)) == rotated.serial
+
+    assert call_echo(old.channel(), b"old") == f"old from {ENGINE_ID}".encode()
+    fresh, _ = client_to(client)
+    assert call_echo(fresh.channel(), b"new") == f"new from {ENGINE_ID}".encode()
+
+
+def test_grpc_mtls_channel_follows_client_rotation(
+    authority: Authority,
+    grpc_server: GrpcServer,
+    client_to: Callable[[SvidMaterial], tuple[MtlsChannel, FakeSource]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(grpc_mtls, "CHANNEL_GRACE_SECONDS", 60.0)
+    first = authority.svid(ENGINE_ID)
+    channel, source = client_to(first)
+    assert call_echo(channel.channel())
+    stale = channel.channel()
+
+    second = authority.svid(ENGINE_ID)
+    source.publish(second)
+    assert channel.channel() is not stale
+    assert call_echo(channel.channel()) == f"ping from {ENGINE_ID}".encode()
+    assert call_echo(stale) == f"ping from {ENGINE_ID}".encode()  # in its grace period
+
+    serials = [r["cert_serial"] for r in audit_records(grpc_server.audit)]
+    assert serials == [first.serial, second.serial, first.serial]
+
+
+def test_grpc_mtls_channel_closes_the_stale_channel_after_the_grace(
+    authority: Authority,
+    grpc_server: GrpcServer,
+    client_to: Callable[[SvidMaterial], tuple[MtlsChannel, FakeSource]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(grpc_mtls, "CHANNEL_GRACE_SECONDS", 0.1)
+    channel, source = client_to(authority.svid(ENGINE_ID))
+    stale = channel.channel()
+    source.publish(authority.svid(ENGINE_ID))
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        try:
+            call_echo(stale)
+        except ValueError:  # grpcio: "Cannot invoke RPC on closed channel!"
+            break
+        assert time.monotonic() < deadline, "the stale channel was never closed"
+        time.sleep(0.05)
+    assert call_echo(channel.channel())
+
+
+# -- HTTPS -----------------------------------------------------------------------------------
+
+
+class WhoAmI:
+    """The application: reports the verified peer it was handed, and notes every scope."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str]] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.seen.append((scope["type"], scope["path"]))
+        if scope["type"] == "websocket":
+            await receive()  # websocket.connect
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        peer = current_peer()
+        body = json.dumps(
+            {"spiffe_id": str(peer.spiffe_id), "serial": peer.serial, "path": scope["path"]}
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+@dataclass
+class HttpsServer:
+    source: FakeSource
+    port: int
+    audit: AuditLog
+    app: WhoAmI
+
+
+@pytest.fixture
+def https_server(
+    authority: Authority,
+    policy: Policy,
+    audit: AuditLog,
+    telemetry: Telemetry,
+    tmp_path: Path,
+) -> Iterator[HttpsServer]:
+    source = FakeSource(authority.svid(GATEWAY_ID))
+    tls = ReloadingContext(source, SvidFiles(tmp_path / "tls"), server=True)
+    guard = HttpsGuard(
+        service="gateway",
+        verifier=PeerVerifier(source.current, TD),
+        policy=policy,
+        audit=audit,
+        telemetry=telemetry,
+    )
+
+    def live_context(_: uvicorn.Config, __: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+        return tls.context
+
+    app = WhoAmI()
+    # The same configuration as services/gateway/server.py.
+    config = uvicorn.Config(
+        app,
+        http=mtls_protocol(guard),
+        ssl_context_factory=live_context,
+        lifespan="off",
+        log_config=None,
+        access_log=False,
+        server_header=False,
+    )
+    server = uvicorn.Server(config)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    port = int(listener.getsockname()[1])
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + TIMEOUT
+    while not server.started:
+        assert thread.is_alive(), "uvicorn exited during startup"
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.01)
+    try:
+        yield HttpsServer(source, port, audit, app)
+    finally:
+        server.should_exit = True
+        thread.join(TIMEOUT)
+        listener.close()
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    content_type: str
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def https_get(port: int, context: ssl.SSLContext, path: str = "/v1/accounts") -> Reply:
+    connection = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=TIMEOUT)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return Reply(response.status, response.getheader("content-type", ""), response.read())
+    finally:
+        connection.close()
+
+
+def refusal(port: int, context: ssl.SSLContext) -> ssl.SSLError | ConnectionError:
+    """The error of a request that must not get through (RemoteDisconnected is a
+    ConnectionError: with TLS 1.3 the client's side of the handshake ends before the server
+    has judged its certificate)."""
+    with pytest.raises((ssl.SSLError, ConnectionError)) as caught:
+        https_get(port, context)
+    error = caught.value
+    assert isinstance(error, ssl.SSLError | ConnectionError)
+    return error
+
+
+def tls12_context(material: SvidMaterial, ciphers: str) -> ssl.SSLContext:
+    context = client_context(material)
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(ciphers)
+    return context
+
+
+def test_https_allowed_caller_reaches_the_app_with_its_identity(
+    authority: Authority, https_server: HttpsServer
+) -> None:
+    material = authority.svid(TELLER_ID)
+    reply = https_get(https_server.port, client_context(material))
+    assert reply.status == 200
+    assert reply.json() == {
+        "spiffe_id": TELLER_ID,
+        "serial": material.serial,
+        "path": "/v1/accounts",
+    }
+
+    [record] = audit_records(https_server.audit)
+    assert record["decision"] == "allow"
+    assert record["caller_spiffe_id"] == TELLER_ID
+    assert record["cert_serial"] == material.serial
+    assert record["cert_sha256"] == fingerprint_sha256(material.leaf)
+    assert (record["service"], record["method"]) == ("gateway", "GET /v1/accounts")
+    assert record["source_addr"] == "127.0.0.1"
+    assert (record["dest_addr"], record["dest_port"]) == ("127.0.0.1", https_server.port)
+    assert record["tls_version"] == "TLSv1.3"
+    assert record["cipher"] in TLS13_SUITES
+    assert len(record["trace_id"]) == 32
+
+
+def test_https_caller_not_in_policy_gets_403_problem(
+    authority: Authority, https_server: HttpsServer
+) -> None:
+    reply = https_get(https_server.port, client_context(authority.svid(ENGINE_ID)))
+    assert reply.status == 403
+    assert reply.content_type == "application/problem+json"
+    problem = reply.json()
+    assert problem["status"] == 403
+    assert problem["title"] == "Forbidden"
+    assert ENGINE_ID in problem["detail"]
+    assert "spiffe_id" not in problem  # the app never ran
+
+    [record] = audit_records(https_server.audit)
+    assert (record["decision"], record["caller_spiffe_id"]) == ("deny", ENGINE_ID)
+
+
+def test_https_path_outside_the_rule_is_denied(
+    authority: Authority, https_server: HttpsServer
+) -> None:
+    context = client_context(authority.svid(TELLER_ID))
+    assert https_get(https_server.port, context, "/admin").status == 403
+    assert https_get(https_server.port, context, "/healthz").status == 200  # health is open
+
+
+def only_this_caller_got_through(server: HttpsServer, authority: Authority) -> None:
+    """The control of a refusal test: a proper SVID does get through the same server, and the
+    audit holds that request alone, so the refused client reached neither the app nor policy."""
+    assert https_get(server.port, client_context(authority.svid(TELLER_ID))).status == 200
+    assert [r["caller_spiffe_id"] for r in audit_records(server.audit)] == [TELLER_ID]
+
+
+def test_https_client_of_a_foreign_ca_is_refused(
+    authority: Authority, foreign: Authority, https_server: HttpsServer
+) -> None:
+    # Same SPIFFE ID as the allowed teller, and it trusts our server: only its issuer is wrong.
+    # (asyncio closes a failed handshake without flushing the TLS alert: the client sees EOF.)
+    impostor = foreign.svid(TELLER_ID, trusted=authority.bundle)
+    refusal(https_server.port, client_context(impostor))
+    only_this_caller_got_through(https_server, authority)
+
+
+def test_https_client_without_certificate_is_refused(
+    authority: Authority, https_server: HttpsServer
+) -> None:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.load_verify_locations(cadata=authority.svid(TELLER_ID).bundle_pem.decode())
+    refusal(https_server.port, context)
+    only_this_caller_got_through(https_server, authority)
+
+
+def test_https_certificate_of_our_ca_but_not_an_svid_of_our_domain_is_cut_off(
+    authority: Authority, https_server: HttpsServer
+) -> None:
+    # OpenSSL accepts the chain; the X509-SVID rules refuse the other trust domain.
+    outsider = authority.svid(TELLER_ID.replace(TD, "other.example"))
+    refusal(https_server.port, client_context(outsider))
+    [record] = audit_records(https_server.audit)
+    assert (record["decision"], record["method"]) == ("deny", "TLS handshake")
+    assert record["caller_spiffe_id"] is None
+    assert "other.example" in record["reason"]
+    assert record["tls_version"] == "TLSv1.3"
+
+
+def legacy_context(material: SvidMaterial, maximum: ssl.TLSVersion) -> ssl.SSLContext:
+    """A client willing to speak old TLS versions, up to ``maximum``."""
+    context = client_context(material)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        context.minimum_version = ssl.TLSVersion.TLSv1
+        context.maximum_version = maximum
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")  # OpenSSL 3 would not even offer TLS 1.1
+    return context
+
+
+def test_https_tls11_client_is_refused(authority: Authority, https_server: HttpsServer) -> None:
+    material = authority.svid(TELLER_ID)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        tls11 = ssl.TLSVersion.TLSv1_1
+    error = refusal(https_server.port, legacy_context(material, tls11))
+    # The server ended the handshake (asyncio may drop the alert), not the client itself.
+    assert isinstance(error, ssl.SSLError)
+    assert error.reason in SERVER_REFUSALS | {"TLSV1_ALERT_PROTOCOL_VERSION"}
+    assert audit_records(https_server.audit) == []
+
+    # The very same client is served once it may use TLS 1.2: the version was the reason.
+    reply = https_get(https_server.port, legacy_context(material, ssl.TLSVersion.TLSv1_2))
+    assert reply.status == 200
+    [record] = audit_records(https_server.audit)
+    assert record["tls_version"] == "TLSv1.2"
+
+
+def test_https_tls12_non_aead_cipher_is_refused(
+    authority: Authority, https_server: HttpsServer
+) -> None:
+    material = authority.svid(TELLER_ID)
+    error = refusal(https_server.port, tls12_context(material, "ECDHE-ECDSA-AES128-SHA256"))
+    assert isinstance(error, ssl.SSLError)
+    assert error.reason in SERVER_REFUSALS | {"SSLV3_ALERT_HANDSHAKE_FAILURE"}
+    assert audit_records(https_server.audit) == []
+
+    # The same client with an AEAD suite gets through, and the audit names what was used.
+    aead = tls12_context(material, "ECDHE-ECDSA-AES128-GCM-SHA256")
+    assert https_get(https_server.port, aead).status == 200
+    [record] = audit_records(https_server.audit)
+    assert record["tls_version"] == "TLSv1.2"
+    assert record["cipher"] == "ECDHE-ECDSA-AES128-GCM-SHA256"
+
+
+def test_https_served_certificate_rotates_without_restart(
+    authority: Authority, https_server: HttpsServer
+) -> None:
+    client = authority.svid(TELLER_ID)
+    before = https_server.source.current()
+    assert serial_hex(served_certificate(https_server.port, client_context(client))) == (
+        before.serial
+    )
+    kept = http.client.HTTPSConnection(
+        "127.0.0.1", https_server.port, context=client_context(client), timeout=TIMEOUT
+    )
+    with contextlib.closing(kept):
+        kept.request("GET", "/v1/accounts")
+        assert kept.getresponse().read()
+
+        rotated = authority.svid(GATEWAY_ID)
+        https_server.source.publish(rotated)
+        served = served_certificate(https_server.port, client_context(client))
+        assert serial_hex(served) == rotated.serial
+
+        kept.request("GET", "/v1/accounts")  # the open connection is untouched
+        assert kept.getresponse().status == 200
+    assert https_get(https_server.port, client_context(client)).status == 200
+
+
+def test_https_websocket_upgrade_is_subject_to_policy(
+    authority: Authority, https_server: HttpsServer
+) -> None:
+    denied = client_context(authority.svid(ENGINE_ID))  # a verified SVID the policy denies
+    upgrade = (
+        b"GET /v1/stream HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Sec-WebSocket-Version: 13\r\n\r\n"
+    )
+    with (
+        socket.create_connection(("127.0.0.1", https_server.port), timeout=TIMEOUT) as raw,
+        denied.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        tls.sendall(upgrade)
+        status_line = tls.recv(4096).split(b"\r\n", 1)[0]
+    assert status_line.startswith(b"HTTP/1.1 403")
+    assert https_server.app.seen == []  # the application never saw the denied caller
+    [record] = audit_records(https_server.audit)
+    assert (record["decision"], record["caller_spiffe_id"]) == ("deny", ENGINE_ID)

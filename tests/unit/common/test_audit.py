@@ -1,0 +1,161 @@
+"""The JSON-lines audit log: complete records, whole lines under concurrency, append-only."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import threading
+from collections.abc import Iterator
+from dataclasses import asdict, fields, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.common.audit import AUDIT_MODE, AuditLog, AuditRecord, split_address
+
+RECORD = AuditRecord(
+    caller_spiffe_id="spiffe://ztbank.example/env/prod/zone/az1/team/channels/svc/gateway",
+    cert_serial="1a2b3c",
+    cert_sha256="ab" * 32,
+    source_addr="127.0.0.1",
+    source_port=50123,
+    dest_addr="127.0.0.1",
+    dest_port=7443,
+    tls_version="TLSv1.3",
+    cipher="TLS_AES_256_GCM_SHA384",
+    service="transfer-engine",
+    method="/ztbank.ledger.v1.TransferEngine/CreateTransfer",
+    decision="allow",
+    reason="allowed by policy rule for transfer-engine",
+    trace_id="0" * 31 + "1",
+)
+FIELD_NAMES = {"time", *(f.name for f in fields(AuditRecord))}
+
+
+def read_lines(path: Path) -> list[dict[str, Any]]:
+    text = path.read_text()
+    assert text.endswith("\n")
+    return [json.loads(line) for line in text.splitlines()]
+
+
+@pytest.fixture
+def audit(tmp_path: Path) -> Iterator[AuditLog]:
+    log = AuditLog(tmp_path / "audit" / "svc.jsonl", fsync=False)
+    yield log
+    log.close()
+
+
+def test_record_is_one_json_line_with_every_field(audit: AuditLog) -> None:
+    before = datetime.now(UTC)
+    audit.record(RECORD)
+    after = datetime.now(UTC)
+
+    [line] = read_lines(audit.path)
+    assert set(line) == FIELD_NAMES
+    assert {k: v for k, v in line.items() if k != "time"} == asdict(RECORD)
+    stamp = datetime.fromisoformat(line["time"])
+    assert stamp.utcoffset() == timedelta(0)
+    assert len(line["time"].split("T")[1].split("+")[0].split(".")[1]) == 3  # milliseconds
+    assert before - timedelta(milliseconds=1) <= stamp <= after
+
+
+def test_a_denial_without_peer_keeps_nulls(audit: AuditLog) -> None:
+    denial = replace(
+        RECORD,
+        caller_spiffe_id=None,
+        cert_serial=None,
+        cert_sha256=None,
+        source_port=None,
+        tls_version=None,
+        cipher=None,
+        decision="deny",
+        reason='no client certificate\n{"decision": "allow"}',
+        trace_id=None,
+    )
+    audit.record(denial)
+    [line] = read_lines(audit.path)
+    assert line["decision"] == "deny"
+    assert line["caller_spiffe_id"] is None
+    assert line["reason"] == denial.reason  # a newline in a field cannot forge a line
+
+
+def test_records_keep_their_order(audit: AuditLog) -> None:
+    for index in range(5):
+        audit.record(replace(RECORD, method=f"m{index}"))
+    assert [line["method"] for line in read_lines(audit.path)] == [f"m{i}" for i in range(5)]
+
+
+def test_concurrent_writers_never_interleave(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    logs = [AuditLog(path, fsync=False) for _ in range(2)]  # two descriptors, like two services
+    threads_count, per_thread = 8, 200
+    # A long reason makes each record several kilobytes, so interleaving would show.
+    padding = "x" * 4000
+    start = threading.Barrier(threads_count)
+
+    def write(thread: int) -> None:
+        log = logs[thread % 2]
+        start.wait()
+        for index in range(per_thread):
+            log.record(replace(RECORD, method=f"t{thread}-{index}", reason=padding))
+
+    threads = [threading.Thread(target=write, args=(t,)) for t in range(threads_count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for log in logs:
+        log.close()
+
+    lines = read_lines(path)
+    assert len(lines) == threads_count * per_thread
+    assert {line["method"] for line in lines} == {
+        f"t{t}-{i}" for t in range(threads_count) for i in range(per_thread)
+    }
+    assert all(line["reason"] == padding for line in lines)
+
+
+def test_reopening_appends(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    first = AuditLog(path, fsync=True)
+    first.record(replace(RECORD, method="before restart"))
+    first.close()
+    second = AuditLog(path)
+    second.record(replace(RECORD, method="after restart"))
+    second.close()
+    assert [line["method"] for line in read_lines(path)] == ["before restart", "after restart"]
+
+
+def test_new_log_is_not_world_readable(tmp_path: Path) -> None:
+    previous = os.umask(0o022)
+    try:
+        log = AuditLog(tmp_path / "nested" / "dir" / "audit.jsonl")
+    finally:
+        os.umask(previous)
+    log.close()
+    assert stat.S_IMODE(log.path.stat().st_mode) == AUDIT_MODE == 0o640
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [
+        ("ipv4:127.0.0.1:5000", ("127.0.0.1", 5000)),
+        ("ipv6:[::1]:5000", ("::1", 5000)),
+        ("ipv6:[fe80::1%eth0]:443", ("fe80::1%eth0", 443)),
+        ("127.0.0.1:80", ("127.0.0.1", 80)),
+        ("localhost:8443", ("localhost", 8443)),
+        ("unix:/x", ("unix:/x", None)),
+        ("unix:/run/ztbank/agent.sock", ("unix:/run/ztbank/agent.sock", None)),
+        ("ipv4:127.0.0.1", ("127.0.0.1", None)),
+        ("", ("", None)),
+    ],
+)
+def test_split_address(address: str, expected: tuple[str, int | None]) -> None:
+    assert split_address(address) == expected
+
+
+def test_split_address_of_a_grpc_ipv6_peer() -> None:
+    assert split_address("ipv6:%5B::1%5D:5000") == ("::1", 5000)
