@@ -12,13 +12,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
+import uvicorn
 from opentelemetry import trace
 from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.utils import get_local_addr, get_remote_addr
 
 from services.common.audit import AuditLog, AuditRecord
 from services.common.errors import CommonError
@@ -35,6 +38,7 @@ Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 Asgi = Callable[[Scope, Receive, Send], Awaitable[None]]
 TRANSFER_METHOD = "POST /v1/transfers"
+HANDSHAKE_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
@@ -144,22 +148,87 @@ class _ConnectionApp:
                     )
 
 
-def mtls_protocol(guard: HttpsGuard) -> type[H11Protocol]:
-    """An h11 protocol class for ``uvicorn.Config(http=...)`` bound to ``guard``."""
+def _reason(error: BaseException) -> str:
+    if isinstance(error, ssl.SSLError):
+        return error.reason or error.__class__.__name__
+    return str(error) or error.__class__.__name__
+
+
+def mtls_protocol(
+    guard: HttpsGuard, tls_context: Callable[[], ssl.SSLContext]
+) -> type[H11Protocol]:
+    """An h11 protocol class for ``uvicorn.Config(http=...)`` bound to ``guard``.
+
+    uvicorn is started without TLS: the protocol upgrades each accepted TCP connection itself
+    with ``loop.start_tls``, so a refused handshake (no certificate, unknown CA, expired) is
+    audited like every other decision, and the handshake time is measured exactly.
+    """
 
     class MtlsH11Protocol(H11Protocol):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
-            # asyncio builds the protocol when the TCP connection is accepted and calls
-            # connection_made once the TLS handshake is done: the gap is the handshake.
-            self._accepted = time.perf_counter()
             super().__init__(*args, **kwargs)
             # uvicorn's WebSocket handler would call the app without this guard.
             self.ws_protocol_class = None
+            self._secured = False
+            self._handshake: asyncio.Task[None] | None = None
+            # Bytes the TLS layer decrypts before this task has verified the peer.
+            self._early: list[bytes] = []
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            guard.telemetry.handshake_duration.record(
-                time.perf_counter() - self._accepted, {"service": guard.service}
+            # Nothing may reach the HTTP parser before the TLS layer sits in between.
+            transport.pause_reading()
+            self._handshake = self.loop.create_task(self._secure(transport))
+
+        def data_received(self, data: bytes) -> None:
+            if self._secured:
+                super().data_received(data)
+            else:
+                self._early.append(data)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._secured:
+                super().connection_lost(exc)
+            elif self._handshake is not None:
+                self._handshake.cancel()
+
+        async def _secure(self, tcp: asyncio.Transport) -> None:
+            plain_facts = ConnectionFacts(
+                client=get_remote_addr(tcp),
+                server=get_local_addr(tcp),
+                tls_version=None,
+                cipher=None,
             )
+            started = time.perf_counter()
+            try:
+                tls = await self.loop.start_tls(
+                    tcp,
+                    self,
+                    tls_context(),
+                    server_side=True,
+                    ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
+                )
+            except (OSError, TimeoutError) as error:
+                guard.record(
+                    plain_facts,
+                    None,
+                    "TLS handshake",
+                    "deny",
+                    f"TLS handshake failed: {_reason(error)}",
+                )
+                tcp.abort()
+                return
+            guard.telemetry.handshake_duration.record(
+                time.perf_counter() - started, {"service": guard.service}
+            )
+            if tls is None:  # the peer went away as the handshake completed
+                return
+            if self._verified(tls):
+                self._secured = True
+                early, self._early = self._early, []
+                for chunk in early:
+                    super().data_received(chunk)
+
+        def _verified(self, transport: asyncio.Transport) -> bool:
             super().connection_made(transport)
             ssl_object = transport.get_extra_info("ssl_object")
             cipher = ssl_object.cipher() if ssl_object is not None else None
@@ -178,7 +247,30 @@ def mtls_protocol(guard: HttpsGuard) -> type[H11Protocol]:
             except CommonError as error:
                 guard.record(facts, None, "TLS handshake", "deny", f"invalid X509-SVID: {error}")
                 transport.abort()
-                return
+                return False
             self.app = _ConnectionApp(self.app, guard, peer, facts)
+            return True
 
     return MtlsH11Protocol
+
+
+def mtls_server_config(
+    app: Asgi,
+    guard: HttpsGuard,
+    tls_context: Callable[[], ssl.SSLContext],
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+) -> uvicorn.Config:
+    """uvicorn settings for an app that only mutually authenticated, authorized peers reach."""
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        http=mtls_protocol(guard, tls_context),
+        ws="none",  # WebSocket upgrades would bypass the per-request guard
+        lifespan="off",
+        log_config=None,
+        access_log=False,
+        server_header=False,
+    )

@@ -3,12 +3,9 @@ every request, and an mTLS channel to the transfer-engine that follows certifica
 
 from __future__ import annotations
 
-import ssl
-from collections.abc import Callable
-
 import uvicorn
 
-from services.common.https_mtls import HttpsGuard, mtls_protocol
+from services.common.https_mtls import HttpsGuard, mtls_server_config
 from services.common.runtime import ServiceRuntime, create_runtime
 from services.common.tls import ReloadingContext, SvidFiles
 from services.common.workloads import GATEWAY, TRANSFER_ENGINE
@@ -35,19 +32,11 @@ def create_server(settings: GatewaySettings) -> tuple[uvicorn.Server, ServiceRun
         telemetry=runtime.telemetry,
     )
 
-    def live_context(_: uvicorn.Config, __: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
-        return tls.context
-
-    config = uvicorn.Config(
+    config = mtls_server_config(
         app,
+        guard,
+        lambda: tls.context,
         host=runtime.address.host,
         port=runtime.address.port,
-        http=mtls_protocol(guard),
-        ws="none",  # WebSocket upgrades would bypass the per-request guard
-        ssl_context_factory=live_context,
-        lifespan="off",
-        log_config=None,
-        access_log=False,
-        server_header=False,
     )
     return uvicorn.Server(config), runtime

@@ -277,14 +277,6 @@ def test_bad_client_is_refused(
         assert record["reason"] == f"no policy rule allows {intruder} to call {service} {method}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "bug: certificates refused inside the TLS handshake (none, foreign CA, expired) leave no"
-        " audit record at the gateway: HttpsGuard only audits in connection_made, which asyncio"
-        " never calls when OpenSSL (verify_mode CERT_REQUIRED) aborts the handshake"
-    ),
-)
 @pytest.mark.parametrize("kind", ["no certificate", "foreign CA", "expired SVID"])
 def test_handshake_refusal_is_audited_at_the_gateway(
     stack: E2EStack, kind: str, token: str, expired: Callable[[str], Credentials]

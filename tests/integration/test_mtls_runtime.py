@@ -31,7 +31,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from services.common import grpc_mtls
 from services.common.audit import AuditLog
 from services.common.grpc_mtls import AuthorizationInterceptor, MtlsChannel, server_credentials
-from services.common.https_mtls import HttpsGuard, Receive, Scope, Send, mtls_protocol
+from services.common.https_mtls import HttpsGuard, Receive, Scope, Send, mtls_server_config
 from services.common.identity.pem import fingerprint_sha256, serial_hex
 from services.common.identity.source import Listener, SvidMaterial, SvidSource
 from services.common.identity.spiffe_id import SpiffeId
@@ -472,20 +472,9 @@ def https_server(
         telemetry=telemetry,
     )
 
-    def live_context(_: uvicorn.Config, __: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
-        return tls.context
-
     app = WhoAmI()
     # The same configuration as services/gateway/server.py.
-    config = uvicorn.Config(
-        app,
-        http=mtls_protocol(guard),
-        ssl_context_factory=live_context,
-        lifespan="off",
-        log_config=None,
-        access_log=False,
-        server_header=False,
-    )
+    config = mtls_server_config(app, guard, lambda: tls.context)
     server = uvicorn.Server(config)
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -592,11 +581,28 @@ def test_https_path_outside_the_rule_is_denied(
     assert https_get(https_server.port, context, "/healthz").status == 200  # health is open
 
 
+def records_soon(audit: AuditLog, count: int) -> list[dict[str, Any]]:
+    """The server audits a refused handshake right after the client has seen it fail."""
+    deadline = time.monotonic() + TIMEOUT
+    while len(records := audit_records(audit)) < count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return records
+
+
 def only_this_caller_got_through(server: HttpsServer, authority: Authority) -> None:
-    """The control of a refusal test: a proper SVID does get through the same server, and the
-    audit holds that request alone, so the refused client reached neither the app nor policy."""
+    """The control of a refusal test: a proper SVID does get through the same server; the
+    refused client left exactly one audit record, a deny at the TLS handshake, and reached
+    neither the app nor the policy."""
     assert https_get(server.port, client_context(authority.svid(TELLER_ID))).status == 200
-    assert [r["caller_spiffe_id"] for r in audit_records(server.audit)] == [TELLER_ID]
+    records = audit_records(server.audit)
+    allowed = [r["caller_spiffe_id"] for r in records if r["decision"] == "allow"]
+    denied = [r for r in records if r["decision"] == "deny"]
+    assert allowed == [TELLER_ID]
+    assert len(denied) == 1
+    assert denied[0]["method"] == "TLS handshake"
+    assert denied[0]["caller_spiffe_id"] is None
+    assert denied[0]["reason"].startswith("TLS handshake failed")
+    assert denied[0]["source_port"] is not None
 
 
 def test_https_client_of_a_foreign_ca_is_refused(
@@ -652,12 +658,14 @@ def test_https_tls11_client_is_refused(authority: Authority, https_server: Https
     # The server ended the handshake (asyncio may drop the alert), not the client itself.
     assert isinstance(error, ssl.SSLError)
     assert error.reason in SERVER_REFUSALS | {"TLSV1_ALERT_PROTOCOL_VERSION"}
-    assert audit_records(https_server.audit) == []
+    [refused] = records_soon(https_server.audit, 1)
+    assert (refused["decision"], refused["method"]) == ("deny", "TLS handshake")
+    assert "PROTOCOL" in refused["reason"].upper()
 
     # The very same client is served once it may use TLS 1.2: the version was the reason.
     reply = https_get(https_server.port, legacy_context(material, ssl.TLSVersion.TLSv1_2))
     assert reply.status == 200
-    [record] = audit_records(https_server.audit)
+    _, record = audit_records(https_server.audit)
     assert record["tls_version"] == "TLSv1.2"
 
 
@@ -668,12 +676,14 @@ def test_https_tls12_non_aead_cipher_is_refused(
     error = refusal(https_server.port, tls12_context(material, "ECDHE-ECDSA-AES128-SHA256"))
     assert isinstance(error, ssl.SSLError)
     assert error.reason in SERVER_REFUSALS | {"SSLV3_ALERT_HANDSHAKE_FAILURE"}
-    assert audit_records(https_server.audit) == []
+    [refused] = records_soon(https_server.audit, 1)
+    assert (refused["decision"], refused["method"]) == ("deny", "TLS handshake")
+    assert "CIPHER" in refused["reason"].upper()
 
     # The same client with an AEAD suite gets through, and the audit names what was used.
     aead = tls12_context(material, "ECDHE-ECDSA-AES128-GCM-SHA256")
     assert https_get(https_server.port, aead).status == 200
-    [record] = audit_records(https_server.audit)
+    _, record = audit_records(https_server.audit)
     assert record["tls_version"] == "TLSv1.2"
     assert record["cipher"] == "ECDHE-ECDSA-AES128-GCM-SHA256"
 
