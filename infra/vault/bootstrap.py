@@ -17,7 +17,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -113,6 +113,18 @@ def _read(what: str, call: Callable[[], object]) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else answer
 
 
+def _ensure(
+    what: str, read: Callable[[], object], wanted: Mapping[str, Any], write: Callable[[], object]
+) -> bool:
+    """``write()`` unless what ``read()`` returns already holds every field of ``wanted``;
+    True if it wrote."""
+    current = _read(what, read)
+    if current is not None and all(current.get(key) == value for key, value in wanted.items()):
+        return False
+    write()
+    return True
+
+
 def _read_init_file(path: Path) -> InitSecrets:
     try:
         content = json.loads(path.read_text())
@@ -206,13 +218,12 @@ def ensure_urls(client: hvac.Client, mount: str, public_url: str) -> bool:
         "crl_distribution_points": [f"{base}/crl"],
         "ocsp_servers": [f"{base}/ocsp"],
     }
-    current = _read(
-        f"GET {mount}/config/urls", lambda: client.secrets.pki.read_urls(mount_point=mount)
+    return _ensure(
+        f"GET {mount}/config/urls",
+        lambda: client.secrets.pki.read_urls(mount_point=mount),
+        wanted,
+        lambda: client.secrets.pki.set_urls(wanted, mount_point=mount),
     )
-    if current is not None and all(current.get(key) == value for key, value in wanted.items()):
-        return False
-    client.secrets.pki.set_urls(wanted, mount_point=mount)
-    return True
 
 
 def _ca_pem(client: hvac.Client, mount: str) -> str:
@@ -312,16 +323,14 @@ def svid_role(trust_domain: str) -> dict[str, Any]:
 
 def ensure_svid_role(client: hvac.Client, mount: str, trust_domain: str) -> bool:
     wanted = svid_role(trust_domain)
-    current = _read(
+    return _ensure(
         f"GET {mount}/roles/{SVID_ROLE}",
         lambda: client.secrets.pki.read_role(name=SVID_ROLE, mount_point=mount),
+        wanted,
+        lambda: client.secrets.pki.create_or_update_role(
+            name=SVID_ROLE, extra_params=dict(wanted), mount_point=mount
+        ),
     )
-    if current is not None and all(current.get(key) == value for key, value in wanted.items()):
-        return False
-    client.secrets.pki.create_or_update_role(
-        name=SVID_ROLE, extra_params=dict(wanted), mount_point=mount
-    )
-    return True
 
 
 def issuer_policy(int_mount: str, root_mount: str) -> str:
@@ -371,14 +380,14 @@ def issuer_approle(policy: str) -> dict[str, Any]:
 
 def ensure_approle(client: hvac.Client, role: str, policy: str, mount: str) -> bool:
     wanted = issuer_approle(policy)
-    current = _read(
+    return _ensure(
         f"GET auth/{mount}/role/{role}",
         lambda: client.auth.approle.read_role(role_name=role, mount_point=mount),
+        wanted,
+        lambda: client.auth.approle.create_or_update_approle(
+            role_name=role, mount_point=mount, **wanted
+        ),
     )
-    if current is not None and all(current.get(key) == value for key, value in wanted.items()):
-        return False
-    client.auth.approle.create_or_update_approle(role_name=role, mount_point=mount, **wanted)
-    return True
 
 
 def _secret_id_is_live(client: hvac.Client, role: str, mount: str, secret_id: str) -> bool:

@@ -17,10 +17,15 @@ from services.issuer.errors import IssuerError
 
 READY_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
+POLL_INTERVAL = 0.05
 
 
-def accepts_connections(path: Path) -> bool:
+def accepts_connections(path: Path, timeout: float = 1.0) -> bool:
+    """True if something is listening on the unix socket ``path``."""
+    if not path.exists():
+        return False
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(timeout)
     try:
         probe.connect(str(path))
     except OSError:
@@ -31,32 +36,58 @@ def accepts_connections(path: Path) -> bool:
 
 
 class IssuerProcess:
-    """``ztbank issuer run`` in a child process, with the given environment overrides."""
+    """``ztbank issuer run`` (as ``python -m services.issuer``) in a child process.
 
-    def __init__(self, env: Mapping[str, str], log_path: Path) -> None:
-        self.env = {**os.environ, **env}
+    ``env`` overrides variables of this process's environment or, with
+    ``inherit_environment=False``, is the child's whole environment.  Every run appends its
+    output to ``log_path``.
+    """
+
+    def __init__(
+        self, env: Mapping[str, str], log_path: Path, *, inherit_environment: bool = True
+    ) -> None:
+        self.env = {**os.environ, **env} if inherit_environment else dict(env)
         self.log_path = log_path
-        settings = ZtbankSettings(
+        self.settings = ZtbankSettings(
             home=Path(self.env.get("ZTBANK_HOME", "var")),
+            certs_dir=Path(self.env.get("ZTBANK_CERTS_DIR", "certs")),
             trust_domain=self.env.get("ZTBANK_TRUST_DOMAIN", "ztbank.example"),
         )
-        self.home = settings.home
-        self.socket_uri = self.env.get("SPIFFE_ENDPOINT_SOCKET", settings.default_workload_endpoint)
+        self.home = self.settings.home
+        self.certs_dir = self.settings.certs_dir
+        self.socket_uri = self.env.get(
+            "SPIFFE_ENDPOINT_SOCKET", self.settings.default_workload_endpoint
+        )
         self.workload_socket = socket_path_from_endpoint(self.socket_uri)
-        self.admin_socket = settings.admin_socket
+        self.admin_socket = self.settings.admin_socket
+        self.ready_at: float | None = None  # time.time() when the sockets last became ready
         self._process: subprocess.Popen[bytes] | None = None
+
+    def workload_socket_for(self, name: str) -> Path:
+        """The per-workload socket the issuer serves once an entry selects ``name``."""
+        return self.settings.workload_socket_for(name)
 
     @property
     def pid(self) -> int | None:
         return self._process.pid if self._process else None
 
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
     def log(self) -> str:
+        """Everything the issuer wrote to stdout/stderr so far (all runs), for failure messages."""
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def start(self, timeout: float = READY_TIMEOUT) -> IssuerProcess:
+        """Start and wait until both the Workload API and the admin socket accept connections."""
+        if self.running:
+            raise IssuerError("issuer already running")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
-            self._process = subprocess.Popen(
+            log.write(f"--- ztbank issuer run ({time.strftime('%H:%M:%S')}) ---\n".encode())
+            log.flush()
+            process = self._process = subprocess.Popen(
                 [sys.executable, "-m", "services.issuer"],
                 env=self.env,
                 stdout=log,
@@ -64,32 +95,46 @@ class IssuerProcess:
                 stdin=subprocess.DEVNULL,
             )
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise IssuerError(f"issuer exited with {self._process.returncode}:\n{self.log()}")
+        while process.poll() is None:
             if accepts_connections(self.workload_socket) and accepts_connections(self.admin_socket):
+                self.ready_at = time.time()
                 return self
-            time.sleep(0.05)
+            if time.monotonic() >= deadline:
+                self.stop()
+                raise IssuerError(f"issuer not ready after {timeout:.0f}s:\n{self.log()}")
+            time.sleep(POLL_INTERVAL)
         self.stop()
-        raise IssuerError(f"issuer not ready after {timeout:.0f}s:\n{self.log()}")
+        raise IssuerError(f"issuer exited with {process.returncode}:\n{self.log()}")
 
     def stop(self) -> int | None:
-        process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return process.returncode if process else None
-        process.send_signal(signal.SIGTERM)
-        try:
-            return process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            return process.wait()
+        """SIGTERM, then SIGKILL after STOP_TIMEOUT; the exit code (None if it was not started)."""
+        return self._end(graceful=True)
 
-    def restart(self) -> IssuerProcess:
-        self.stop()
-        return self.start()
+    def kill(self) -> int | None:
+        """SIGKILL at once: the issuer gets no chance to remove its sockets."""
+        return self._end(graceful=False)
+
+    def _end(self, *, graceful: bool) -> int | None:
+        process, self._process = self._process, None
+        if process is None:
+            return None
+        if graceful:
+            process.send_signal(signal.SIGTERM)  # does nothing if it has already exited
+            try:
+                return process.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                pass
+        process.kill()
+        return process.wait(STOP_TIMEOUT)
+
+    def restart(self) -> int | None:
+        """Stop (returning that exit code) and start again with the same environment."""
+        code = self.stop()
+        self.start()
+        return code
 
     def __enter__(self) -> IssuerProcess:
-        return self.start() if self._process is None else self
+        return self if self.running else self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

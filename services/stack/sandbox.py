@@ -6,7 +6,7 @@ import shutil
 import socket
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from services.common.registry import ServiceAddress, write_registry
@@ -16,10 +16,38 @@ from services.stack.native import NativeStack, StackSettings
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+def free_ports(count: int) -> list[int]:
+    """Free ports on 127.0.0.1, all held until every one is picked, so that none repeats."""
+    with ExitStack() as held:
+        probes = [held.enter_context(socket.socket()) for _ in range(count)]
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [int(probe.getsockname()[1]) for probe in probes]
+
+
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def sandbox_settings(
+    root: Path, svid_ttl: str | None = None, risk_rules: Path | None = None
+) -> StackSettings:
+    """Settings of a private stack under ``root``: its own home and certs, the repository's
+    policy and risk rules, and a registry (written here) that puts every service on free ports."""
+    ports = iter(free_ports(2 * len(SERVICES)))
+    registry = root / "registry.json"
+    write_registry(
+        registry,
+        [ServiceAddress(w.name, "127.0.0.1", next(ports), next(ports)) for w in SERVICES],
+    )
+    return StackSettings(
+        home=root / "var",
+        certs_dir=root / "certs",
+        registry=registry,
+        policy=REPO_ROOT / "infra" / "policy.json",
+        risk_rules=risk_rules or REPO_ROOT / "infra" / "risk" / "rules.json",
+        svid_ttl=svid_ttl,
+    )
 
 
 @contextmanager
@@ -29,21 +57,7 @@ def sandbox_stack(
     """Up on entry, always down and deleted on exit.  The directory is short (unix sockets)."""
     root = Path(tempfile.mkdtemp(prefix="zts", dir="/tmp"))
     try:
-        registry = root / "registry.json"
-        write_registry(
-            registry,
-            [ServiceAddress(w.name, "127.0.0.1", free_port(), free_port()) for w in SERVICES],
-        )
-        stack = NativeStack(
-            StackSettings(
-                home=root / "var",
-                certs_dir=root / "certs",
-                registry=registry,
-                policy=REPO_ROOT / "infra" / "policy.json",
-                risk_rules=risk_rules or REPO_ROOT / "infra" / "risk" / "rules.json",
-                svid_ttl=svid_ttl,
-            )
-        )
+        stack = NativeStack(sandbox_settings(root, svid_ttl, risk_rules))
         try:
             stack.up()
             yield stack

@@ -1,8 +1,10 @@
 """The whole native stack, started once per e2e session by the code behind ``make up``.
 
-``NativeStack.up()`` runs the issuer, risk, transfer-engine and gateway as detached processes in
-a short temp dir under /tmp (unix socket paths must fit in 108 bytes) with free ports of its own
-and a 20 s SVID TTL; the fixture always stops them and removes the dir, whatever happened.
+``services.stack.sandbox`` (as ``make bench`` uses it) has ``NativeStack.up()`` run the issuer,
+risk, transfer-engine and gateway as detached processes in a short temp dir under /tmp (unix
+socket paths must fit in 108 bytes) with free ports of its own; here with a 20 s SVID TTL and
+none of the developer's ``ZTBANK_*``, ``SPIFFE_*``, ``VAULT_*`` or ``OTEL_*`` variables.  The
+stack is always stopped and the dir removed, whatever happened.
 
 ``E2EStack`` is what tests get: the settings and addresses plus raw clients that assert nothing
 themselves — HTTPS to the gateway and gRPC channels to the other services with any credentials
@@ -14,18 +16,14 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
-import shutil
-import socket
 import ssl
 import tempfile
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import pytest
@@ -39,46 +37,20 @@ from services.common.files import private_key_pem
 from services.common.identity.pem import certificates_to_pem, serial_hex
 from services.common.identity.source import SvidMaterial, fetch_svid
 from services.common.identity.x509svid import verify_der_chain
-from services.common.registry import ServiceAddress, write_registry
+from services.common.registry import FileRegistry, ServiceAddress
 from services.common.workloads import GATEWAY, OPS, RISK, SERVICES, TELLER, TRANSFER_ENGINE
 from services.issuer.admin_client import call_admin
 from services.stack.native import NativeStack, StackSettings, StackStatus
+from services.stack.sandbox import sandbox_stack
+from tests.support.helpers import scrub_environment, wait_until
 from tests.support.pki import Issued
 
-TRUST_DOMAIN = "ztbank.example"
 SVID_TTL = "20s"
-REPO = Path(__file__).resolve().parents[2]
-POLICY = REPO / "infra" / "policy.json"
-RISK_RULES = REPO / "infra" / "risk" / "rules.json"
 WORKLOADS = {w.name: w for w in (*SERVICES, TELLER, OPS)}
 GRPC_SERVICES = (TRANSFER_ENGINE.name, RISK.name)
 HTTP_TIMEOUT = 10.0
 RPC_TIMEOUT = 5.0
-POLL_INTERVAL = 0.05
 FILE_TIMEOUT = 10.0  # span exporters batch every 0.5 s; audit records are fsync'ed inline
-# Variables of the developer's shell that would reconfigure the stack's processes.
-_LEAKY_PREFIXES = ("ZTBANK_", "SPIFFE_", "VAULT_", "OTEL_")
-
-T = TypeVar("T")
-
-
-def wait_until(
-    predicate: Callable[[], T | None],
-    *,
-    timeout: float,
-    message: str | Callable[[], str],
-    interval: float = POLL_INTERVAL,
-) -> T:
-    """Poll ``predicate`` until it returns something truthy (returned) or ``timeout`` passes."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            raise AssertionError(message() if callable(message) else message)
-        time.sleep(interval)
-
 
 # -- credentials -----------------------------------------------------------------------------
 
@@ -197,7 +169,6 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 @dataclass
 class E2EStack:
-    base: Path
     settings: StackSettings
     native: NativeStack
     addresses: dict[str, ServiceAddress]
@@ -378,53 +349,14 @@ def balances(teller: TellerClient, customer: str) -> dict[str, Decimal]:
     return {a["id"]: Decimal(a["balance"]) for a in reply.body["accounts"]}
 
 
-def _free_ports(count: int) -> list[int]:
-    """Ports free right now; all are held until every one is picked, so none repeats."""
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [int(s.getsockname()[1]) for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 @pytest.fixture(scope="session")
 def stack() -> Iterator[E2EStack]:
-    base = Path(tempfile.mkdtemp(prefix="zte", dir="/tmp"))
+    """The sandbox stack of ``make bench`` (services.stack.sandbox), in a clean environment."""
     env = pytest.MonkeyPatch()
-    native: NativeStack | None = None
     try:
-        for name in list(os.environ):
-            if name.startswith(_LEAKY_PREFIXES):
-                env.delenv(name)
-        # Child processes inherit os.environ: risk reads its rules from here.
-        env.setenv("ZTBANK_RISK_RULES", str(RISK_RULES))
-        env.setenv("ZTBANK_SVID_TTL", SVID_TTL)
-        ports = iter(_free_ports(2 * len(SERVICES)))
-        addresses = {
-            w.name: ServiceAddress(w.name, "127.0.0.1", next(ports), next(ports)) for w in SERVICES
-        }
-        registry = base / "registry.json"
-        write_registry(registry, list(addresses.values()))
-        settings = StackSettings(
-            home=base / "home",
-            certs_dir=base / "certs",
-            trust_domain=TRUST_DOMAIN,
-            registry=registry,
-            policy=POLICY,
-            svid_ttl=SVID_TTL,
-        )
-        native = NativeStack(settings)
-        native.up()
-        yield E2EStack(base=base, settings=settings, native=native, addresses=addresses)
+        scrub_environment(env)  # the stack's processes inherit this process's environment
+        with sandbox_stack(svid_ttl=SVID_TTL) as native:
+            addresses = FileRegistry(native.settings.registry).services()
+            yield E2EStack(settings=native.settings, native=native, addresses=addresses)
     finally:
-        try:
-            if native is not None:
-                native.down()
-        finally:
-            env.undo()
-            shutil.rmtree(base, ignore_errors=True)
+        env.undo()

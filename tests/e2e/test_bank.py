@@ -18,7 +18,8 @@ import pytest
 from services.cli.teller import Reply, TellerClient
 from services.common.identity.pem import fingerprint_sha256
 from services.common.workloads import GATEWAY, RISK, TELLER, TRANSFER_ENGINE
-from tests.e2e.conftest import FILE_TIMEOUT, E2EStack, HttpsReply, balances, wait_until
+from tests.e2e.conftest import FILE_TIMEOUT, E2EStack, HttpsReply, balances
+from tests.support.helpers import wait_until
 
 pytestmark = pytest.mark.e2e
 

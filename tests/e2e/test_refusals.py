@@ -30,9 +30,9 @@ from tests.e2e.conftest import (
     E2EStack,
     GatewayRefusedError,
     as_credentials,
-    wait_until,
 )
 from tests.support import pki
+from tests.support.helpers import wait_until
 
 pytestmark = pytest.mark.e2e
 

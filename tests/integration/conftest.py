@@ -2,70 +2,31 @@
 
 Every issuer gets its own short directory under /tmp (unix socket paths must stay under 108
 bytes, which pytest's ``tmp_path`` does not guarantee), its own root CA made by
-``ztbank certs init``, and a clean environment: no ``ZTBANK_*``, ``SPIFFE_*`` or ``VAULT_*``
-variable of the developer's shell leaks in.  Readiness and every other wait poll with a deadline.
+``ztbank certs init``, and a clean environment (``tests.support.helpers``): no ``ZTBANK_*``,
+``SPIFFE_*``, ``VAULT_*`` or ``OTEL_*`` variable of the developer's shell leaks in.  Starting,
+waiting for readiness and stopping are the library's (``services.issuer.harness``); readiness and
+every other wait poll with a deadline.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import TypeVar
 
 import pytest
 
+from services.issuer import harness
+from tests.support.helpers import clean_environment
+
 TRUST_DOMAIN = "ztbank.example"
 DEFAULT_SVID_TTL = "10s"
-STARTUP_TIMEOUT = 20.0
-STOP_TIMEOUT = 10.0
 CLI_TIMEOUT = 30.0
-POLL_INTERVAL = 0.05
-_LEAKY_PREFIXES = ("ZTBANK_", "SPIFFE_", "VAULT_")
-
-T = TypeVar("T")
-
-
-def wait_until(
-    predicate: Callable[[], T],
-    *,
-    timeout: float,
-    message: str | Callable[[], str],
-    interval: float = POLL_INTERVAL,
-) -> T:
-    """Poll ``predicate`` until it returns something truthy (returned) or ``timeout`` passes."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            raise AssertionError(message() if callable(message) else message)
-        time.sleep(interval)
-
-
-def socket_accepts(path: Path) -> bool:
-    """True if something is listening on the unix socket ``path``."""
-    if not path.exists():
-        return False
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(str(path))
-    except OSError:
-        return False
-    finally:
-        probe.close()
-    return True
 
 
 def ztbank_executable() -> str:
@@ -79,123 +40,16 @@ def ztbank_executable() -> str:
     return found
 
 
-def one_line(stderr: str) -> str:
-    """The single line of ``stderr``; fail (showing it) if it has more, none, or a traceback."""
-    lines = stderr.splitlines()
-    assert len(lines) == 1, f"expected exactly one line on stderr, got {len(lines)}:\n{stderr}"
-    assert "Traceback" not in stderr, stderr
-    return lines[0]
-
-
-def clean_environment() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith(_LEAKY_PREFIXES)}
-
-
-class IssuerProcess:
-    """One ``ztbank issuer run`` subprocess and the CLI that talks to it.
+class IssuerProcess(harness.IssuerProcess):
+    """The library's issuer subprocess (``services.issuer.harness``) in ``base_dir``, and the
+    CLI that talks to it.
 
     ``env`` is the complete environment of the issuer and of every ``cli`` call.
     """
 
     def __init__(self, base_dir: Path, env: dict[str, str]) -> None:
+        super().__init__(env, base_dir / "issuer.log", inherit_environment=False)
         self.base_dir = base_dir
-        self.env = env
-        self.home = Path(env["ZTBANK_HOME"])
-        self.certs_dir = Path(env["ZTBANK_CERTS_DIR"])
-        self.log_path = base_dir / "issuer.log"
-        self.ready_at: float | None = None  # time.time() when the sockets last became ready
-        self._process: subprocess.Popen[bytes] | None = None
-
-    # -- paths -------------------------------------------------------------------------------
-
-    @property
-    def socket_path(self) -> Path:
-        return Path(self.env["SPIFFE_ENDPOINT_SOCKET"].removeprefix("unix://"))
-
-    @property
-    def socket_uri(self) -> str:
-        return f"unix://{self.socket_path}"
-
-    @property
-    def admin_socket(self) -> Path:
-        return self.home / "run" / "issuer" / "admin.sock"
-
-    def workload_socket_for(self, name: str) -> Path:
-        return self.home / "run" / name / "agent.sock"
-
-    @property
-    def log(self) -> str:
-        """Everything the issuer wrote to stdout/stderr so far (all runs), for failure messages."""
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return "<no issuer log>"
-
-    # -- lifecycle ---------------------------------------------------------------------------
-
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
-
-    def start(self) -> None:
-        if self.running:
-            raise RuntimeError("issuer already running")
-        with self.log_path.open("ab") as log:
-            log.write(f"--- ztbank issuer run ({time.strftime('%H:%M:%S')}) ---\n".encode())
-            log.flush()
-            self._process = subprocess.Popen(
-                [ztbank_executable(), "issuer", "run"],
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        try:
-            wait_until(
-                self._ready,
-                timeout=STARTUP_TIMEOUT,
-                message=lambda: f"issuer not ready after {STARTUP_TIMEOUT}s; log:\n{self.log}",
-            )
-        except BaseException:
-            self.stop()
-            raise
-        self.ready_at = time.time()
-
-    def _ready(self) -> bool:
-        assert self._process is not None
-        code = self._process.poll()
-        if code is not None:
-            raise AssertionError(f"issuer exited with {code} during startup; log:\n{self.log}")
-        return socket_accepts(self.socket_path) and socket_accepts(self.admin_socket)
-
-    def stop(self) -> int | None:
-        """SIGTERM, wait, SIGKILL on timeout; the exit code (None if it was not started)."""
-        process, self._process = self._process, None
-        if process is None:
-            return None
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=STOP_TIMEOUT)
-        return process.returncode
-
-    def kill(self) -> None:
-        """SIGKILL: the issuer gets no chance to remove its sockets."""
-        process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.kill()
-            process.wait(timeout=STOP_TIMEOUT)
-
-    def restart(self) -> int | None:
-        """Stop (returning that exit code) and start again with the same environment."""
-        code = self.stop()
-        self.start()
-        return code
-
-    # -- CLI ---------------------------------------------------------------------------------
 
     def cli(self, *args: str, timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess[str]:
         """Run ``ztbank ARGS`` with the issuer's environment; never raises on a non-zero exit."""
@@ -212,7 +66,7 @@ class IssuerProcess:
         result = self.cli(*args)
         assert result.returncode == 0, (
             f"ztbank {' '.join(args)} exited {result.returncode}\n"
-            f"stdout: {result.stdout}\nstderr: {result.stderr}\nissuer log:\n{self.log}"
+            f"stdout: {result.stdout}\nstderr: {result.stderr}\nissuer log:\n{self.log()}"
         )
         return result
 

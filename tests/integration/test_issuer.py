@@ -30,13 +30,8 @@ from spiffe.workloadapi.x509_context import X509Context
 
 from services.common.errors import SvidVerificationError
 from services.common.identity.x509svid import verify_x509_svid
-from tests.integration.conftest import (
-    TRUST_DOMAIN,
-    IssuerFactory,
-    IssuerProcess,
-    one_line,
-    wait_until,
-)
+from tests.integration.conftest import TRUST_DOMAIN, IssuerFactory, IssuerProcess
+from tests.support.helpers import one_line, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -204,7 +199,7 @@ def test_x509_svid_rotates_with_fresh_serial_and_key_before_55_percent(
             three_svids,
             timeout=15.0,
             interval=0.1,
-            message=lambda: f"saw {len(arrivals)} SVIDs in 15s, expected 3; log:\n{issuer.log}",
+            message=lambda: f"saw {len(arrivals)} SVIDs in 15s, expected 3; log:\n{issuer.log()}",
         )
 
     with lock:
@@ -239,20 +234,20 @@ def test_unregistered_workload_is_denied(issuer: IssuerProcess) -> None:
     assert "PERMISSION_DENIED" in str(refused.value), refused.value
 
     assert_refused(
-        raw_fetch_x509(issuer.socket_path), grpc.StatusCode.PERMISSION_DENIED, issuer.log
+        raw_fetch_x509(issuer.workload_socket), grpc.StatusCode.PERMISSION_DENIED, issuer.log()
     )
 
 
 def test_request_without_security_header_is_refused(issuer: IssuerProcess) -> None:
     issuer.create_entry(TELLER, OUR_UID)
 
-    with_header = raw_fetch_x509(issuer.socket_path)
+    with_header = raw_fetch_x509(issuer.workload_socket)
     assert with_header.code == grpc.StatusCode.OK, with_header.details
     assert with_header.response is not None
     assert [s.spiffe_id for s in with_header.response.svids] == [TELLER]
 
-    without = raw_fetch_x509(issuer.socket_path, with_header=False)
-    assert_refused(without, grpc.StatusCode.INVALID_ARGUMENT, issuer.log)
+    without = raw_fetch_x509(issuer.workload_socket, with_header=False)
+    assert_refused(without, grpc.StatusCode.INVALID_ARGUMENT, issuer.log())
     assert without.response is None
 
 
@@ -294,7 +289,7 @@ def test_restart_keeps_entries_identity_and_root(issuer: IssuerProcess) -> None:
     assert set(issuer.entry_ids()) == created
     before = x509_context(issuer)
 
-    assert issuer.restart() == 0, f"issuer did not exit cleanly on SIGTERM; log:\n{issuer.log}"
+    assert issuer.restart() == 0, f"issuer did not exit cleanly on SIGTERM; log:\n{issuer.log()}"
 
     assert set(issuer.entry_ids()) == created
     after = x509_context(issuer)
@@ -316,7 +311,7 @@ def test_deleted_entry_is_refused_and_unknown_delete_is_a_usage_error(
     issuer: IssuerProcess,
 ) -> None:
     entry_id = issuer.create_entry(TELLER, OUR_UID)
-    assert raw_fetch_x509(issuer.socket_path).code == grpc.StatusCode.OK
+    assert raw_fetch_x509(issuer.workload_socket).code == grpc.StatusCode.OK
 
     channel = grpc.insecure_channel(issuer.socket_uri)
     try:
@@ -337,7 +332,7 @@ def test_deleted_entry_is_refused_and_unknown_delete_is_a_usage_error(
 
     assert entry_id not in issuer.entry_ids()
     assert_refused(
-        raw_fetch_x509(issuer.socket_path), grpc.StatusCode.PERMISSION_DENIED, issuer.log
+        raw_fetch_x509(issuer.workload_socket), grpc.StatusCode.PERMISSION_DENIED, issuer.log()
     )
 
     unknown = issuer.cli("entry", "delete", str(uuid.uuid4()))
@@ -354,7 +349,7 @@ def test_socket_selector_gets_its_own_private_socket(issuer: IssuerProcess) -> N
     wait_until(
         agent.exists,
         timeout=10.0,
-        message=lambda: f"{agent} did not appear; log:\n{issuer.log}",
+        message=lambda: f"{agent} did not appear; log:\n{issuer.log()}",
     )
     mode = stat.S_IMODE(agent.parent.stat().st_mode)
     assert mode == 0o700, f"{agent.parent} has mode {mode:o}, expected 700"
@@ -368,14 +363,14 @@ def test_socket_selector_gets_its_own_private_socket(issuer: IssuerProcess) -> N
     )
 
     assert_refused(
-        raw_fetch_x509(issuer.socket_path), grpc.StatusCode.PERMISSION_DENIED, issuer.log
+        raw_fetch_x509(issuer.workload_socket), grpc.StatusCode.PERMISSION_DENIED, issuer.log()
     )
 
     issuer.cli_ok("entry", "delete", entry_id)
     wait_until(
         lambda: not agent.exists(),
         timeout=10.0,
-        message=lambda: f"{agent} still exists after its entry was deleted; log:\n{issuer.log}",
+        message=lambda: f"{agent} still exists after its entry was deleted; log:\n{issuer.log()}",
     )
 
 
@@ -465,11 +460,11 @@ def test_issuer_run_with_invalid_settings_exits_2(
     assert result.returncode == 2, result
     line = one_line(result.stderr)
     assert line.startswith("ztbank: "), line
-    assert not issuer.socket_path.exists(), "the issuer opened its socket despite bad settings"
+    assert not issuer.workload_socket.exists(), "the issuer opened its socket despite bad settings"
 
 
 def test_cli_against_stopped_issuer_exits_1(issuer: IssuerProcess) -> None:
-    assert issuer.stop() == 0, f"issuer did not exit cleanly on SIGTERM; log:\n{issuer.log}"
+    assert issuer.stop() == 0, f"issuer did not exit cleanly on SIGTERM; log:\n{issuer.log()}"
     assert not issuer.admin_socket.exists(), "a cleanly stopped issuer left its admin socket"
     for args in (
         ("entry", "list"),
@@ -627,10 +622,10 @@ def ca_rotation() -> Iterator[RotationRun]:
             deadline = issuer.ready_at + ROTATION_WINDOW
             while time.time() < deadline and not source.is_closed():
                 time.sleep(0.2)
-            assert not source.is_closed(), f"the X509 stream failed; log:\n{issuer.log}"
+            assert not source.is_closed(), f"the X509 stream failed; log:\n{issuer.log()}"
         with lock:
             observed = tuple(updates)
-        yield RotationRun(issuer.ready_at, observed, issuer.log)
+        yield RotationRun(issuer.ready_at, observed, issuer.log())
 
 
 def test_ca_rotation_publishes_new_ca_before_it_signs(ca_rotation: RotationRun) -> None:

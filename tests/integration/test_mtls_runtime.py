@@ -39,6 +39,7 @@ from services.common.peer import current_peer
 from services.common.policy import Policy
 from services.common.telemetry import Telemetry, setup_telemetry
 from services.common.tls import PeerVerifier, ReloadingContext, SvidFiles, client_context
+from services.stack.sandbox import free_port
 from tests.support.pki import Issued, create_intermediate_ca, create_leaf, create_root_ca
 
 pytestmark = pytest.mark.integration
@@ -110,14 +111,6 @@ class FakeSource(SvidSource):
         self._listeners: list[Listener] = []
         self._lock = threading.Lock()
 
-    def current(self) -> SvidMaterial:
-        with self._lock:
-            return self._material
-
-    def subscribe(self, listener: Listener) -> None:
-        with self._lock:
-            self._listeners.append(listener)
-
     def publish(self, material: SvidMaterial) -> None:
         """A rotation: the new SVID becomes current, then every listener hears of it."""
         with self._lock:
@@ -163,12 +156,6 @@ def telemetry(tmp_path: Path) -> Iterator[Telemetry]:
 
 def audit_records(log: AuditLog) -> list[dict[str, Any]]:
     return [json.loads(line) for line in log.path.read_text().splitlines()]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def served_certificate(port: int, context: ssl.SSLContext) -> x509.Certificate:

@@ -7,14 +7,11 @@ rights: the bootstrap mounts engines, writes policies and enables AppRole.
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import os
-import sys
 from datetime import timedelta
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 from cryptography import x509
@@ -26,6 +23,7 @@ from services.common.identity.spiffe_id import DEFAULT_TRUST_DOMAIN
 from services.issuer.adapters.upstream import SignedCA
 from services.issuer.adapters.upstream_vault import VaultAuth, VaultUpstream
 from services.issuer.errors import UpstreamError
+from tests.support.vault_bootstrap import load_bootstrap_script
 
 pytestmark = [
     pytest.mark.vault,
@@ -34,19 +32,6 @@ pytestmark = [
         reason="needs a real Vault: set VAULT_ADDR and VAULT_TOKEN",
     ),
 ]
-
-_SCRIPT = Path(__file__).resolve().parents[2] / "infra" / "vault" / "bootstrap.py"
-
-
-def _load_script() -> ModuleType:
-    # Loaded by path: infra/ is not a package, and the script must stay runnable on its own.
-    spec = importlib.util.spec_from_file_location("ztbank_vault_bootstrap", _SCRIPT)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +47,7 @@ def approle_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "--approle-out",
         str(directory / "approle.json"),
     ]
-    assert _load_script().main(argv) == 0
+    assert load_bootstrap_script().main(argv) == 0
     return directory / "approle.json"
 
 
@@ -124,7 +109,7 @@ def test_bootstrap_run_again_changes_nothing(
         str(approle_file),
     ]
 
-    assert _load_script().main(argv) == 0
+    assert load_bootstrap_script().main(argv) == 0
 
     assert "changed" not in capsys.readouterr().out
     assert approle_file.read_text() == credentials

@@ -1,4 +1,3 @@
-import os
 import stat
 from collections.abc import Sequence
 from pathlib import Path
@@ -9,6 +8,7 @@ from cryptography import x509
 from services.cli import main as cli
 from services.common.identity.spiffe_id import DEFAULT_TRUST_DOMAIN
 from services.issuer.admin_client import call_admin
+from tests.support.helpers import scrub_environment
 
 LEDGER = f"spiffe://{DEFAULT_TRUST_DOMAIN}/env/dev/zone/az1/team/payments/svc/ledger"
 
@@ -16,9 +16,7 @@ LEDGER = f"spiffe://{DEFAULT_TRUST_DOMAIN}/env/dev/zone/az1/team/payments/svc/le
 @pytest.fixture(autouse=True)
 def environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """An empty ZTBANK_HOME (no issuer running) and nothing else from the caller's env."""
-    for name in list(os.environ):
-        if name.upper().startswith(("ZTBANK_", "SPIFFE_", "VAULT_")):
-            monkeypatch.delenv(name)
+    scrub_environment(monkeypatch)
     home = tmp_path / "home"
     home.mkdir()
     monkeypatch.setenv("ZTBANK_HOME", str(home))

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from services.common.settings import load_settings
 from services.common.workloads import OPS, TELLER
 from services.gateway.app import create_app
 from services.gateway.settings import GatewaySettings
+from tests.support.helpers import scrub_environment
 from tests.unit.gateway.fakes import FakeClock, FakeTransferEngine
 
 TRUST_DOMAIN = "ztbank.example"
@@ -58,9 +58,7 @@ def signing_key() -> ec.EllipticCurvePrivateKey:
 
 @pytest.fixture
 def settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> GatewaySettings:
-    for name in list(os.environ):
-        if name.upper().startswith(("ZTBANK_", "SPIFFE_")):
-            monkeypatch.delenv(name)
+    scrub_environment(monkeypatch)
     return load_settings(GatewaySettings, home=tmp_path / "var", trust_domain=TRUST_DOMAIN)
 
 

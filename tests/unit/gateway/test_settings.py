@@ -1,4 +1,3 @@
-import os
 from datetime import timedelta
 from pathlib import Path
 
@@ -7,13 +6,7 @@ import pytest
 from services.common.settings import InvalidSettingsError, load_settings
 from services.gateway.settings import GatewaySettings
 
-
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for name in list(os.environ):
-        if name.upper().startswith(("ZTBANK_", "SPIFFE_")):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("settings_environment")
 
 
 def test_defaults(tmp_path: Path) -> None:

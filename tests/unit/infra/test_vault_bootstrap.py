@@ -6,16 +6,13 @@ configured Vault actually sends, rather than what a static mock was told to expe
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import secrets
 import stat
-import sys
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -27,24 +24,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from tests.support.vault_bootstrap import load_bootstrap_script
+
 ADDR = "http://vault.test:8200"
 PUBLIC_URL = "https://vault.bank.test"
 TRUST_DOMAIN = "bank.test"
-_SCRIPT = Path(__file__).resolve().parents[3] / "infra" / "vault" / "bootstrap.py"
 
 
-def _load_script() -> ModuleType:
-    # Loaded by path: infra/ is not a package, and the script must stay runnable on its own.
-    spec = importlib.util.spec_from_file_location("ztbank_vault_bootstrap", _SCRIPT)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bootstrap = _load_script()
+bootstrap = load_bootstrap_script()
 
 Handler = Callable[..., requests.Response]
 

@@ -1,4 +1,3 @@
-import os
 from datetime import timedelta
 from pathlib import Path
 
@@ -10,13 +9,7 @@ from services.issuer.settings import IssuerSettings
 ENDPOINT_VARIABLES = ("SPIFFE_ENDPOINT_SOCKET", "ZTBANK_ENDPOINT_SOCKET")
 
 
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Only what a test sets is seen; relative defaults resolve under an empty tmp dir."""
-    for name in list(os.environ):
-        if name.upper().startswith(("ZTBANK_", "SPIFFE_", "VAULT_")):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("settings_environment")
 
 
 def refusal(monkeypatch: pytest.MonkeyPatch, **env: str) -> str:

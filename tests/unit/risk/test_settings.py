@@ -1,4 +1,3 @@
-import os
 from pathlib import Path
 
 import pytest
@@ -6,13 +5,7 @@ import pytest
 from services.common.settings import load_settings
 from services.risk.settings import RiskSettings
 
-
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for name in list(os.environ):
-        if name.upper().startswith("ZTBANK_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("settings_environment")
 
 
 def test_rules_default_to_the_repository_file(tmp_path: Path) -> None:

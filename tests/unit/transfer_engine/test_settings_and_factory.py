@@ -1,4 +1,3 @@
-import os
 import stat
 from pathlib import Path
 
@@ -13,14 +12,7 @@ from services.transfer_engine.factory import build_transfer_engine_service
 from services.transfer_engine.settings import TransferEngineSettings
 from tests.unit.transfer_engine.fakes import FakeServicerContext
 
-
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Only what a test sets is seen; relative defaults resolve under an empty tmp dir."""
-    for name in list(os.environ):
-        if name.upper().startswith("ZTBANK_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("settings_environment")
 
 
 def test_defaults(tmp_path: Path) -> None:
