@@ -37,6 +37,8 @@ class ZtbankSettings(BaseSettings):
     home: Path = Path("var")
     certs_dir: Path = Path("certs")
     trust_domain: str = DEFAULT_TRUST_DOMAIN
+    # host:port of the issuer's plain-HTTP revocation endpoints (CRLs, OCSP): signed data only.
+    issuer_http: str = "127.0.0.1:8180"
 
     @field_validator("trust_domain")
     @classmethod
@@ -47,6 +49,10 @@ class ZtbankSettings(BaseSettings):
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         return value.absolute()
+
+    @property
+    def issuer_url(self) -> str:
+        return f"http://{self.issuer_http}"
 
     @property
     def run_dir(self) -> Path:
