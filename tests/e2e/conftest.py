@@ -113,6 +113,9 @@ def tls_client_context(credentials: AnyCredentials, alpn: Sequence[str]) -> ssl.
     context.check_hostname = False
     context.load_verify_locations(cadata=creds.bundle_pem.decode())
     context.set_alpn_protocols(list(alpn))
+    # A test client may hold keys the server must refuse (RSA 1024): the servers, not this
+    # client, enforce the policy under test.
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")
     if creds.chain_pem is not None and creds.key_pem is not None:
         with tempfile.TemporaryDirectory(prefix="zte-cred-") as directory:
             chain, key = Path(directory) / "chain.pem", Path(directory) / "key.pem"
@@ -131,10 +134,14 @@ class HttpsReply:
     status: int
     headers: dict[str, str]  # names in lower case
     body: Any  # parsed JSON, else text
-    server_serial: str  # serial of the certificate the gateway served on this connection
+    server_certificate: x509.Certificate  # what the gateway served on this connection
     local_port: int  # our end of the connection, as the gateway's audit records it
     tls_version: str | None
     cipher: str | None
+
+    @property
+    def server_serial(self) -> str:
+        return serial_hex(self.server_certificate)
 
     @property
     def content_type(self) -> str:
@@ -275,7 +282,7 @@ class E2EStack:
             status=response.status,
             headers={k.lower(): v for k, v in response.getheaders()},
             body=parsed,
-            server_serial=serial_hex(x509.load_der_x509_certificate(der)),
+            server_certificate=x509.load_der_x509_certificate(der),
             local_port=local_port,
             tls_version=version,
             cipher=cipher[0] if cipher else None,

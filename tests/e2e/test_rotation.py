@@ -1,5 +1,8 @@
 """SVIDs rotate (20 s TTL, renewed at 40-50 % of it) under load without one failed request.
 
+Issue 4's proof: at least three rotations of every service, a new key each time, and each new
+certificate served at or before 55 % of the previous one's lifetime.
+
 A teller client sends continuously, each request on a new TLS connection so that every one
 sees the certificate the gateway serves at that moment: GET /v1/accounts and 0.01 transfers
 back and forth between alice's two accounts (past the velocity rule's 5 a minute they are held
@@ -15,10 +18,13 @@ import itertools
 import time
 import uuid
 from collections import Counter
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from services.common.identity.source import SvidMaterial
 from services.common.workloads import GATEWAY, RISK, TELLER, TRANSFER_ENGINE
@@ -26,8 +32,9 @@ from tests.e2e.conftest import E2EStack, GatewayRefusedError, HttpsReply, balanc
 
 pytestmark = pytest.mark.e2e
 
-ROTATIONS = 2
-DEADLINE_SECONDS = 40.0
+ROTATIONS = 3
+DEADLINE_SECONDS = 50.0
+LATEST_ROTATION = 0.55
 REFRESH_MARGIN_SECONDS = 5.0
 PROBE_INTERVAL_SECONDS = 1.0
 TOKEN_MARGIN_SECONDS = 5.0
@@ -48,6 +55,11 @@ WORKLOAD = itertools.cycle(
 )
 
 
+def _served_at(first_seen: dict[str, tuple[datetime, x509.Certificate]], reply: HttpsReply) -> None:
+    """When each gateway certificate was first served to us."""
+    first_seen.setdefault(reply.server_serial, (datetime.now(UTC), reply.server_certificate))
+
+
 def _note(seen: list[str], serial: str | None) -> None:
     """Distinct serials in the order first seen."""
     if serial is not None and serial not in seen:
@@ -62,6 +74,7 @@ def test_rotation_under_continuous_load(stack: E2EStack) -> None:
     failures: list[str] = []
     answers: Counter[tuple[str, int]] = Counter()
     teller_serials: list[str] = [svid.serial]
+    gateway_certificates: dict[str, tuple[datetime, x509.Certificate]] = {}
 
     def send(method: str, path: str, body: Any, headers: dict[str, str]) -> HttpsReply | None:
         try:
@@ -70,6 +83,7 @@ def test_rotation_under_continuous_load(stack: E2EStack) -> None:
             failures.append(f"{method} {path}: {refused}")
             return None
         _note(served[GATEWAY.name], reply.server_serial)
+        _served_at(gateway_certificates, reply)
         answers[(method, reply.status)] += 1
         if not 200 <= reply.status < 300:
             failures.append(f"{method} {path}: {reply.status} {reply.body}")
@@ -115,6 +129,23 @@ def test_rotation_under_continuous_load(stack: E2EStack) -> None:
             f"(wanted {ROTATIONS} rotations within {DEADLINE_SECONDS:.0f} s): {serials}"
         )
     assert len(teller_serials) > 1, f"the teller SVID was never renewed in {elapsed:.1f} s"
+
+    # Every rotation of the gateway brought a new key, served by 55 % of the old lifetime.
+    ordered = [gateway_certificates[serial] for serial in served[GATEWAY.name]]
+    keys = [
+        certificate.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        for _, certificate in ordered
+    ]
+    assert len(set(keys)) == len(keys), "a rotation reused the previous key"
+    for (_, previous), (seen_at, _) in itertools.pairwise(ordered):
+        lifetime = previous.not_valid_after_utc - previous.not_valid_before_utc
+        fraction = (seen_at - previous.not_valid_before_utc) / lifetime
+        assert fraction <= LATEST_ROTATION, (
+            f"the successor of {previous.serial_number:x} was first served at"
+            f" {fraction:.0%} of its lifetime"
+        )
     assert answers[("GET", 200)] > 0
     assert answers[("POST", 201)] + answers[("POST", 202)] > 0, answers
     # Transfers only ever moved money between alice's own accounts.
