@@ -76,5 +76,19 @@ bench-issuer: install ## issuer: SVIDs issued per second, Workload API latency p
 bench-bank: install ## bank: transfer latency p50/p99 at fixed rates, maximum throughput
 	$(BIN)/python -m loadtest.bench_bank
 
+# Load tests against the running stack; `make up` runs first (it is idempotent).
+PROFILE ?= mixed
+USERS ?= 20
+DURATION ?= 30s
+CHAOS_DURATION ?= 60s
+
+.PHONY: load load-chaos
+
+load: up ## locust on the stack: PROFILE=reads|transfers|mixed USERS=20 DURATION=30s
+	$(BIN)/python -m loadtest.run --profile $(PROFILE) --users $(USERS) --duration $(DURATION)
+
+load-chaos: up ## mixed load while SVIDs rotate and one client's SVID is revoked (loadtest/README.md)
+	$(BIN)/python -m loadtest.chaos --users $(USERS) --duration $(CHAOS_DURATION)
+
 clean: ## remove local state (var/) and caches; keeps certs/ and .venv/
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache

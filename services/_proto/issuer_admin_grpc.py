@@ -34,6 +34,10 @@ class IssuerAdminBase(abc.ABC):
     async def Status(self, stream: 'grpclib.server.Stream[issuer_admin_pb2.StatusRequest, issuer_admin_pb2.StatusResponse]') -> None:
         pass
 
+    @abc.abstractmethod
+    async def Revoke(self, stream: 'grpclib.server.Stream[issuer_admin_pb2.RevokeRequest, issuer_admin_pb2.RevokeResponse]') -> None:
+        pass
+
     def __mapping__(self) -> typing.Dict[str, grpclib.const.Handler]:
         return {
             '/ztbank.issuer.v1.IssuerAdmin/CreateEntry': grpclib.const.Handler(
@@ -65,6 +69,12 @@ class IssuerAdminBase(abc.ABC):
                 grpclib.const.Cardinality.UNARY_UNARY,
                 issuer_admin_pb2.StatusRequest,
                 issuer_admin_pb2.StatusResponse,
+            ),
+            '/ztbank.issuer.v1.IssuerAdmin/Revoke': grpclib.const.Handler(
+                self.Revoke,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                issuer_admin_pb2.RevokeRequest,
+                issuer_admin_pb2.RevokeResponse,
             ),
         }
 
@@ -101,4 +111,10 @@ class IssuerAdminStub:
             '/ztbank.issuer.v1.IssuerAdmin/Status',
             issuer_admin_pb2.StatusRequest,
             issuer_admin_pb2.StatusResponse,
+        )
+        self.Revoke = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/ztbank.issuer.v1.IssuerAdmin/Revoke',
+            issuer_admin_pb2.RevokeRequest,
+            issuer_admin_pb2.RevokeResponse,
         )

@@ -78,12 +78,42 @@ class MintX509SVIDResponse(_message.Message):
     not_after: str
     def __init__(self, chain_pem: _Optional[bytes] = ..., key_pem: _Optional[bytes] = ..., bundle_pem: _Optional[bytes] = ..., serial: _Optional[str] = ..., not_after: _Optional[str] = ...) -> None: ...
 
+class RevokeRequest(_message.Message):
+    __slots__ = ("serial", "spiffe_id", "reason", "undo")
+    SERIAL_FIELD_NUMBER: _ClassVar[int]
+    SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    UNDO_FIELD_NUMBER: _ClassVar[int]
+    serial: str
+    spiffe_id: str
+    reason: str
+    undo: bool
+    def __init__(self, serial: _Optional[str] = ..., spiffe_id: _Optional[str] = ..., reason: _Optional[str] = ..., undo: _Optional[bool] = ...) -> None: ...
+
+class RevokeResponse(_message.Message):
+    __slots__ = ("serials", "spiffe_id", "reason", "revoked_at", "replaced", "crl_number", "undone")
+    SERIALS_FIELD_NUMBER: _ClassVar[int]
+    SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_AT_FIELD_NUMBER: _ClassVar[int]
+    REPLACED_FIELD_NUMBER: _ClassVar[int]
+    CRL_NUMBER_FIELD_NUMBER: _ClassVar[int]
+    UNDONE_FIELD_NUMBER: _ClassVar[int]
+    serials: _containers.RepeatedScalarFieldContainer[str]
+    spiffe_id: str
+    reason: str
+    revoked_at: str
+    replaced: _containers.RepeatedScalarFieldContainer[str]
+    crl_number: int
+    undone: bool
+    def __init__(self, serials: _Optional[_Iterable[str]] = ..., spiffe_id: _Optional[str] = ..., reason: _Optional[str] = ..., revoked_at: _Optional[str] = ..., replaced: _Optional[_Iterable[str]] = ..., crl_number: _Optional[int] = ..., undone: _Optional[bool] = ...) -> None: ...
+
 class StatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("trust_domain", "upstream", "workload_socket", "active_ca_serial", "active_ca_not_after", "entries", "bundle_size")
+    __slots__ = ("trust_domain", "upstream", "workload_socket", "active_ca_serial", "active_ca_not_after", "entries", "bundle_size", "revocation_url", "crl_number", "revoked_certificates", "revoked_spiffe_ids")
     TRUST_DOMAIN_FIELD_NUMBER: _ClassVar[int]
     UPSTREAM_FIELD_NUMBER: _ClassVar[int]
     WORKLOAD_SOCKET_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +121,10 @@ class StatusResponse(_message.Message):
     ACTIVE_CA_NOT_AFTER_FIELD_NUMBER: _ClassVar[int]
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    REVOCATION_URL_FIELD_NUMBER: _ClassVar[int]
+    CRL_NUMBER_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_CERTIFICATES_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_SPIFFE_IDS_FIELD_NUMBER: _ClassVar[int]
     trust_domain: str
     upstream: str
     workload_socket: str
@@ -98,4 +132,8 @@ class StatusResponse(_message.Message):
     active_ca_not_after: str
     entries: int
     bundle_size: int
-    def __init__(self, trust_domain: _Optional[str] = ..., upstream: _Optional[str] = ..., workload_socket: _Optional[str] = ..., active_ca_serial: _Optional[str] = ..., active_ca_not_after: _Optional[str] = ..., entries: _Optional[int] = ..., bundle_size: _Optional[int] = ...) -> None: ...
+    revocation_url: str
+    crl_number: int
+    revoked_certificates: int
+    revoked_spiffe_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, trust_domain: _Optional[str] = ..., upstream: _Optional[str] = ..., workload_socket: _Optional[str] = ..., active_ca_serial: _Optional[str] = ..., active_ca_not_after: _Optional[str] = ..., entries: _Optional[int] = ..., bundle_size: _Optional[int] = ..., revocation_url: _Optional[str] = ..., crl_number: _Optional[int] = ..., revoked_certificates: _Optional[int] = ..., revoked_spiffe_ids: _Optional[_Iterable[str]] = ...) -> None: ...

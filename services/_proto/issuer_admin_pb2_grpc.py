@@ -59,6 +59,11 @@ class IssuerAdminStub:
                 request_serializer=issuer__admin__pb2.StatusRequest.SerializeToString,
                 response_deserializer=issuer__admin__pb2.StatusResponse.FromString,
                 _registered_method=True)
+        self.Revoke = channel.unary_unary(
+                '/ztbank.issuer.v1.IssuerAdmin/Revoke',
+                request_serializer=issuer__admin__pb2.RevokeRequest.SerializeToString,
+                response_deserializer=issuer__admin__pb2.RevokeResponse.FromString,
+                _registered_method=True)
 
 
 class IssuerAdminServicer:
@@ -94,6 +99,12 @@ class IssuerAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Revoke(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IssuerAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +132,11 @@ def add_IssuerAdminServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=issuer__admin__pb2.StatusRequest.FromString,
                     response_serializer=issuer__admin__pb2.StatusResponse.SerializeToString,
+            ),
+            'Revoke': grpc.unary_unary_rpc_method_handler(
+                    servicer.Revoke,
+                    request_deserializer=issuer__admin__pb2.RevokeRequest.FromString,
+                    response_serializer=issuer__admin__pb2.RevokeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -258,6 +274,33 @@ class IssuerAdmin:
             '/ztbank.issuer.v1.IssuerAdmin/Status',
             issuer__admin__pb2.StatusRequest.SerializeToString,
             issuer__admin__pb2.StatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Revoke(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ztbank.issuer.v1.IssuerAdmin/Revoke',
+            issuer__admin__pb2.RevokeRequest.SerializeToString,
+            issuer__admin__pb2.RevokeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -20,6 +20,7 @@ from services.common.files import PRIVATE_MODE, PUBLIC_MODE, write_atomic
 from services.common.settings import ZtbankSettings, load_settings
 from services.issuer.admin_client import AdminCallError, call_admin
 from services.issuer.domain.entries import Selector, parse_workload_id
+from services.issuer.domain.revocation import parse_reason, parse_serial
 from services.issuer.errors import IssuerError
 from services.stack.native import NativeStack, StackError, StackSettings, StackStatus
 
@@ -194,6 +195,67 @@ def cmd_svid_mint(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- revoke -----------------------------------------------------------------------------------
+
+
+def _revoke_request(args: argparse.Namespace, settings: ZtbankSettings) -> pb.RevokeRequest:
+    """Check what can be checked here, so bad input never reaches the issuer."""
+    try:
+        if args.undo:
+            if args.serial:
+                raise UsageError("--undo lifts a SPIFFE ID's revocation; a serial stays revoked")
+            if args.reason:
+                raise UsageError("--undo takes no --reason")
+            _check_workload_id(args.spiffe_id, settings)
+            return pb.RevokeRequest(spiffe_id=args.spiffe_id, undo=True)
+        reason = parse_reason(args.reason or "")
+        if args.serial:
+            return pb.RevokeRequest(serial=parse_serial(args.serial), reason=reason)
+        _check_workload_id(args.spiffe_id, settings)
+        return pb.RevokeRequest(spiffe_id=args.spiffe_id, reason=reason)
+    except IssuerError as error:
+        raise UsageError(str(error)) from None
+
+
+def _revoke_dict(response: pb.RevokeResponse) -> dict[str, object]:
+    return {
+        "serials": list(response.serials),
+        "spiffe_id": response.spiffe_id,
+        "reason": response.reason,
+        "revoked_at": response.revoked_at,
+        "replaced": list(response.replaced),
+        "crl_number": response.crl_number or None,
+        "undone": response.undone,
+    }
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    settings = _base_settings(args)
+    request = _revoke_request(args, settings)
+    response = call_admin(settings.admin_socket, lambda s: s.Revoke(request))
+    if args.json:
+        print(json.dumps(_revoke_dict(response)))
+    elif response.undone:
+        print(
+            f"lifted the revocation of {response.spiffe_id} ({response.reason} since"
+            f" {response.revoked_at}): it gets SVIDs again; its revoked certificates stay revoked"
+        )
+    elif request.serial:
+        renewed = "; its workloads get a fresh SVID now" if response.replaced else ""
+        print(
+            f"revoked serial {response.serials[0]} of {response.spiffe_id} ({response.reason})"
+            f" at {response.revoked_at}; CRL number {response.crl_number}{renewed}"
+        )
+    else:
+        serials = ", ".join(response.serials) if response.serials else "none unexpired"
+        print(
+            f"revoked {response.spiffe_id} ({response.reason}) at {response.revoked_at}:"
+            f" no new SVIDs until `ztbank revoke --undo --spiffe-id {response.spiffe_id}`;"
+            f" certificates revoked: {serials}; CRL number {response.crl_number}"
+        )
+    return 0
+
+
 # -- the native stack ---------------------------------------------------------------------------
 
 
@@ -206,7 +268,12 @@ def _status_document(status: StackStatus) -> dict[str, object]:
     return {
         "trust_domain": status.trust_domain,
         "root_ca": status.root_ca,
-        "issuer": {"socket": status.issuer_socket, "running": status.issuer_running},
+        "issuer": {
+            "socket": status.issuer_socket,
+            "running": status.issuer_running,
+            "crl_url": status.issuer_crl_url,
+            "ocsp_url": status.issuer_ocsp_url,
+        },
         "services": {
             name: {
                 "spiffe_id": probe.spiffe_id,
@@ -225,6 +292,7 @@ def _print_status(status: StackStatus) -> None:
     print(f"trust domain {status.trust_domain}  root CA {status.root_ca}")
     running = "running" if status.issuer_running else "stopped"
     print(f"{'issuer':<16} {running}, Workload API {status.issuer_socket}")
+    print(f"{'':<16} CRLs {status.issuer_crl_url}  OCSP {status.issuer_ocsp_url}")
     for name, probe in status.services.items():
         health = "healthy" if probe.healthy else f"DOWN ({probe.error})"
         serial = (
@@ -351,6 +419,24 @@ def build_parser() -> argparse.ArgumentParser:
     mint.add_argument("--dns-name", action="append", help="extra DNS SAN (repeatable)")
     mint.add_argument("--json", action="store_true")
     mint.set_defaults(handler=cmd_svid_mint)
+
+    revoke = groups.add_parser(
+        "revoke",
+        help="revoke a certificate by serial, or a SPIFFE ID (its certificates and new SVIDs)",
+    )
+    target = revoke.add_mutually_exclusive_group(required=True)
+    target.add_argument("--serial", help="hex serial, as `svid mint` or openssl print it")
+    target.add_argument("--spiffe-id", help="revoke every certificate of this ID; refuse new ones")
+    revoke.add_argument(
+        "--reason",
+        help="RFC 5280 reason: unspecified (default), keyCompromise, superseded,"
+        " cessationOfOperation, affiliationChanged, privilegeWithdrawn",
+    )
+    revoke.add_argument(
+        "--undo", action="store_true", help="with --spiffe-id: let the ID be issued SVIDs again"
+    )
+    revoke.add_argument("--json", action="store_true")
+    revoke.set_defaults(handler=cmd_revoke)
     for name, handler, text in (
         ("up", cmd_up, "start the native stack in the background and wait until healthy"),
         ("down", cmd_down, "stop every process `up` started (state is kept)"),

@@ -5,6 +5,15 @@ handshake) and authorize every call in ``AuthorizationInterceptor``: the peer's 
 the auth context is checked with the X509-SVID rules, the caller's SPIFFE ID against the policy,
 and the decision is audited before any servicer code runs.
 
+Revocation: ``PeerVerifier`` runs on every call, so the next call of a revoked peer is refused
+(UNAUTHENTICATED "certificate revoked") even on a connection opened before the revocation, and a
+peer whose CRL is not fresh is refused with UNAVAILABLE (fail closed).  Server streams are
+revocable too: each runs its servicer's iterator in a pump thread while the handler thread waits
+for either the next item or a revocation notice, and on a notice the handler thread itself audits
+and aborts the call (grpc's ``context.abort`` only works from the handler thread).  grpcio offers
+no way to close one client's HTTP/2 connection from Python: a revoked peer's TCP connection stays
+open until the client closes it, but no call on it gets past the interceptor.
+
 grpcio client credentials are fixed per channel, so ``MtlsChannel`` builds a new channel on each
 rotation and closes the old one after a grace period, letting calls in flight finish.  grpcio
 matches the server certificate against a DNS name; ztbank gives each gRPC server's SVID a DNS SAN
@@ -13,10 +22,12 @@ with its service name, which only that service's registration entry carries.
 
 from __future__ import annotations
 
+import contextvars
 import logging
+import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -31,12 +42,20 @@ from services.common.errors import CommonError
 from services.common.identity.source import SvidMaterial, SvidSource
 from services.common.peer import PeerIdentity, reset_current_peer, set_current_peer
 from services.common.policy import Policy
+from services.common.revocation import (
+    RevocationChecker,
+    RevocationError,
+    RevokedCertificateError,
+)
 from services.common.telemetry import Telemetry, current_trace_id, extract_context, inject_context
 from services.common.tls import PeerVerifier
 
 logger = logging.getLogger(__name__)
 
 CHANNEL_GRACE_SECONDS = 30.0
+REVOKED_DETAILS = "certificate revoked"
+UNAVAILABLE_DETAILS = "revocation status unavailable"
+REVOKED_STREAM_REASON = "certificate revoked: stream ended"
 
 
 def _server_config(material: SvidMaterial) -> Any:
@@ -77,6 +96,107 @@ def _leaf_der(auth: Mapping[str, Any]) -> list[bytes] | None:
     return [certificate.public_bytes(serialization.Encoding.DER)]
 
 
+class _StreamRevokedError(Exception):
+    """Raised in the handler thread when the stream's peer has been revoked."""
+
+
+_ITEM, _DONE, _FAILED, _REVOKED = "item", "done", "failed", "revoked"
+
+
+class _RevocableStream:
+    """One open server stream whose servicer iterator runs in a pump thread.
+
+    The handler thread (grpc's) waits on a queue for the next item, the end of the iterator, its
+    exception, or a revocation notice, whichever comes first; so a stream idle inside its
+    servicer still ends promptly when its peer is revoked.  The pump hands over one item at a
+    time (it waits until grpc has taken the previous one), keeping grpc's flow control.
+    """
+
+    def __init__(self, serial: str) -> None:
+        self.serial = serial
+        self._events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._taken = threading.Semaphore(0)
+        self._stopped = threading.Event()
+
+    def revoke(self) -> None:
+        self._events.put((_REVOKED, None))
+
+    def run(self, produce: Callable[[], Iterable[Any]]) -> Generator[Any, None, None]:
+        """Items of ``produce()``; raise ``_StreamRevokedError`` once revoked.  The pump runs
+        in a copy of the caller's context (peer identity, trace span)."""
+        context = contextvars.copy_context()
+        pump = threading.Thread(
+            target=context.run, args=(self._pump, produce), name="grpc-stream-pump", daemon=True
+        )
+        pump.start()
+        try:
+            while True:
+                kind, value = self._events.get()
+                if kind == _ITEM:
+                    yield value
+                    self._taken.release()
+                elif kind == _DONE:
+                    return
+                elif kind == _FAILED:
+                    raise value
+                else:
+                    raise _StreamRevokedError
+        finally:
+            self._stopped.set()
+            self._taken.release()
+
+    def _pump(self, produce: Callable[[], Iterable[Any]]) -> None:
+        iterator: Iterator[Any] | None = None
+        try:
+            iterator = iter(produce())
+            for item in iterator:
+                self._events.put((_ITEM, item))
+                self._taken.acquire()
+                if self._stopped.is_set():
+                    return
+        except Exception as error:  # context.abort() in the servicer included: re-raised there
+            self._events.put((_FAILED, error))
+            return
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
+        self._events.put((_DONE, None))
+
+
+class _LiveStreams:
+    """The open server streams of one server, by peer serial, ended on revocation."""
+
+    def __init__(self, revocation: RevocationChecker) -> None:
+        self._revocation = revocation
+        self._lock = threading.Lock()
+        self._streams: set[_RevocableStream] = set()
+        revocation.subscribe(self.revoke)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._streams)
+
+    def open(self, serial: str) -> _RevocableStream:
+        stream = _RevocableStream(serial)
+        with self._lock:
+            self._streams.add(stream)
+        # A notice sent between the call's check and this registration is not lost.
+        if serial in self._revocation.revoked_serials():
+            stream.revoke()
+        return stream
+
+    def close(self, stream: _RevocableStream) -> None:
+        with self._lock:
+            self._streams.discard(stream)
+
+    def revoke(self, serials: frozenset[str]) -> None:
+        with self._lock:
+            doomed = [stream for stream in self._streams if stream.serial in serials]
+        for stream in doomed:
+            stream.revoke()
+
+
 class AuthorizationInterceptor(grpc.ServerInterceptor):
     def __init__(
         self,
@@ -94,6 +214,7 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):
         self._audit = audit
         self._telemetry = telemetry
         self._local_host, self._local_port = split_address(local_address)
+        self.streams = _LiveStreams(verifier.revocation)
 
     def _record(
         self,
@@ -132,6 +253,11 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "a client X509-SVID is required")
         try:
             peer = self._verifier.verify(chain, context.peer())
+        except RevocationError as error:
+            self._record(context, method, error.peer, "deny", str(error))
+            if isinstance(error, RevokedCertificateError):
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, REVOKED_DETAILS)
+            context.abort(grpc.StatusCode.UNAVAILABLE, UNAVAILABLE_DETAILS)
         except CommonError as error:
             self._record(context, method, None, "deny", f"invalid X509-SVID: {error}")
             context.abort(grpc.StatusCode.UNAUTHENTICATED, f"invalid X509-SVID: {error}")
@@ -144,16 +270,17 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):
         return peer
 
     @contextmanager
-    def _call_scope(self, method: str, context: grpc.ServicerContext) -> Iterator[None]:
+    def _call_scope(self, method: str, context: grpc.ServicerContext) -> Iterator[PeerIdentity]:
         """Trace span from the caller's context, then authorization, then the identity."""
         attached = otel_context.attach(extract_context(context.invocation_metadata()))
         try:
             with self._telemetry.tracer.start_as_current_span(
                 method, kind=trace.SpanKind.SERVER, attributes={"rpc.system": "grpc"}
             ):
-                token = set_current_peer(self._authorize(method, context))
+                peer = self._authorize(method, context)
+                token = set_current_peer(peer)
                 try:
-                    yield
+                    yield peer
                 finally:
                     reset_current_peer(token)
         finally:
@@ -168,8 +295,15 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):
 
     def _streaming(self, method: str, behaviour: Callable[..., Any]) -> Callable[..., Any]:
         def handle(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            with self._call_scope(method, context):
-                yield from behaviour(request, context)
+            with self._call_scope(method, context) as peer:
+                stream = self.streams.open(peer.serial)
+                try:
+                    yield from stream.run(lambda: behaviour(request, context))
+                except _StreamRevokedError:
+                    self._record(context, method, peer, "deny", REVOKED_STREAM_REASON)
+                    context.abort(grpc.StatusCode.UNAUTHENTICATED, REVOKED_DETAILS)
+                finally:
+                    self.streams.close(stream)
 
         return handle
 

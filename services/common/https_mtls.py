@@ -5,6 +5,12 @@ h11 protocol: once the TLS handshake is done it reads the verified peer certific
 transport, checks the X509-SVID rules (closing the connection if they fail) and binds the peer
 identity to every request on that connection.  Each request is then authorized against the
 policy and audited before the application sees it.
+
+Revocation: the handshake check refuses a revoked peer (``PeerVerifier``), and every verified
+connection is kept in a ``LiveConnections`` registry subscribed to the revocation watcher, which
+aborts the open connections of a peer as soon as its serial shows up in a CRL.  The server
+context issues no session tickets, and a resumed TLS 1.2 session (session IDs) still goes
+through ``PeerVerifier`` with the certificate stored in the session.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import asyncio
 import json
 import logging
 import ssl
+import threading
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
@@ -28,6 +35,7 @@ from services.common.errors import CommonError
 from services.common.peer import PeerIdentity, reset_current_peer, set_current_peer
 from services.common.policy import Policy
 from services.common.problem import PROBLEM_MEDIA_TYPE, problem
+from services.common.revocation import RevocationError
 from services.common.telemetry import Telemetry, current_trace_id, extract_context
 from services.common.tls import PeerVerifier
 
@@ -39,6 +47,8 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 Asgi = Callable[[Scope, Receive, Send], Awaitable[None]]
 TRANSFER_METHOD = "POST /v1/transfers"
 HANDSHAKE_TIMEOUT = 10.0
+CONNECTION_METHOD = "TLS connection"
+REVOKED_CONNECTION_REASON = "certificate revoked: connection closed"
 
 
 @dataclass(frozen=True)
@@ -148,6 +158,68 @@ class _ConnectionApp:
                     )
 
 
+@dataclass(frozen=True)
+class _LiveConnection:
+    loop: asyncio.AbstractEventLoop
+    transport: asyncio.Transport
+    peer: PeerIdentity
+    facts: ConnectionFacts
+
+
+class LiveConnections:
+    """The verified connections of one server, closed when their peer's certificate is revoked.
+
+    Revocation notices arrive in the watcher's thread; the transports belong to the event loop,
+    so the abort is handed to it.  A connection is re-checked right after it joins the registry:
+    a notice that went out between its handshake check and its registration is not missed.
+    """
+
+    def __init__(self, guard: HttpsGuard) -> None:
+        self._guard = guard
+        self._lock = threading.Lock()
+        self._live: dict[object, _LiveConnection] = {}
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._live)
+
+    def add(
+        self, key: object, transport: asyncio.Transport, peer: PeerIdentity, facts: ConnectionFacts
+    ) -> bool:
+        """Called in the event loop once ``transport``'s peer has been verified; False if the
+        peer was revoked meanwhile (the connection is then already closed)."""
+        connection = _LiveConnection(asyncio.get_running_loop(), transport, peer, facts)
+        with self._lock:
+            self._live[key] = connection
+        if peer.serial in self._guard.verifier.revocation.revoked_serials():
+            self._close(key, connection)
+            return False
+        return True
+
+    def discard(self, key: object) -> None:
+        with self._lock:
+            self._live.pop(key, None)
+
+    def close_revoked(self, serials: frozenset[str]) -> None:
+        """The revocation listener: abort every connection whose peer serial is in ``serials``."""
+        with self._lock:
+            doomed = [(k, c) for k, c in self._live.items() if c.peer.serial in serials]
+        for key, connection in doomed:
+            try:
+                connection.loop.call_soon_threadsafe(self._close, key, connection)
+            except RuntimeError:  # the loop is closed: so is the connection
+                self.discard(key)
+
+    def _close(self, key: object, connection: _LiveConnection) -> None:
+        with self._lock:
+            if self._live.pop(key, None) is None:
+                return  # already gone, or already closed by an earlier notice
+        self._guard.record(
+            connection.facts, connection.peer, CONNECTION_METHOD, "deny", REVOKED_CONNECTION_REASON
+        )
+        connection.transport.abort()
+
+
 def _reason(error: BaseException) -> str:
     if isinstance(error, ssl.SSLError):
         return error.reason or error.__class__.__name__
@@ -164,7 +236,12 @@ def mtls_protocol(
     audited like every other decision, and the handshake time is measured exactly.
     """
 
+    connections = LiveConnections(guard)
+    guard.verifier.revocation.subscribe(connections.close_revoked)
+
     class MtlsH11Protocol(H11Protocol):
+        live = connections
+
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             # uvicorn's WebSocket handler would call the app without this guard.
@@ -186,9 +263,12 @@ def mtls_protocol(
                 self._early.append(data)
 
         def connection_lost(self, exc: Exception | None) -> None:
-            if self._secured:
+            connections.discard(self)
+            # uvicorn's side is attached once the TLS handshake is done, verified or not: a
+            # refused peer must leave uvicorn's connection set too, or shutdown waits for it.
+            if self.transport is not None:
                 super().connection_lost(exc)
-            elif self._handshake is not None:
+            if not self._secured and self._handshake is not None:
                 self._handshake.cancel()
 
         async def _secure(self, tcp: asyncio.Transport) -> None:
@@ -244,12 +324,16 @@ def mtls_protocol(
                 if not der:
                     raise CommonError("no client certificate")
                 peer = guard.verifier.verify([der], address)
+            except RevocationError as error:
+                guard.record(facts, error.peer, "TLS handshake", "deny", str(error))
+                transport.abort()
+                return False
             except CommonError as error:
                 guard.record(facts, None, "TLS handshake", "deny", f"invalid X509-SVID: {error}")
                 transport.abort()
                 return False
             self.app = _ConnectionApp(self.app, guard, peer, facts)
-            return True
+            return connections.add(self, transport, peer, facts)
 
     return MtlsH11Protocol
 

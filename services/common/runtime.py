@@ -1,5 +1,6 @@
 """What every bank service needs at run time, built once by its factory: identity from the
-Workload API, peer verification, policy, audit, telemetry and discovery."""
+Workload API, revocation from the issuer's CRLs, peer verification, policy, audit, telemetry and
+discovery."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from services.common.grpc_mtls import AuthorizationInterceptor, MtlsChannel, ser
 from services.common.identity.source import SvidSource
 from services.common.policy import Policy
 from services.common.registry import FileRegistry, ServiceAddress
+from services.common.revocation import DEFAULT_INTERVAL, RevocationWatcher
 from services.common.settings import ZtbankSettings, socket_path_from_endpoint
 from services.common.telemetry import Telemetry, setup_telemetry
 from services.common.tls import PeerVerifier
@@ -38,6 +40,9 @@ class ServiceSettings(ZtbankSettings):
     policy: Path = Path("infra/policy.json")
     audit_fsync: bool = True
     svid_timeout_seconds: float = 30.0
+    # CRL polling of <issuer_url>/crls, and how long startup waits for the first fresh CRL.
+    revocation_interval_seconds: float = Field(default=DEFAULT_INTERVAL, gt=0)
+    revocation_timeout_seconds: float = Field(default=30.0, ge=0)
 
     @model_validator(mode="after")
     def _paths(self) -> ServiceSettings:
@@ -61,6 +66,7 @@ class ServiceRuntime:
     settings: ServiceSettings
     address: ServiceAddress
     source: SvidSource
+    revocation: RevocationWatcher
     verifier: PeerVerifier
     policy: Policy
     audit: AuditLog
@@ -73,11 +79,14 @@ class ServiceRuntime:
 
     def close(self) -> None:
         self.telemetry.shutdown()
+        self.revocation.close()
         self.source.close()
         self.audit.close()
 
 
 def create_runtime(name: str, settings: ServiceSettings) -> ServiceRuntime:
+    """Everything ``name`` needs, once its SVID is fetched and its CRLs are fresh: a service
+    that cannot get either within its timeout does not start (fail closed)."""
     registry = FileRegistry(settings.registry)
     address = registry.lookup(name)
     source = SvidSource(
@@ -85,12 +94,25 @@ def create_runtime(name: str, settings: ServiceSettings) -> ServiceRuntime:
         settings.trust_domain,
         timeout=settings.svid_timeout_seconds,
     )
+    revocation = RevocationWatcher(
+        f"{settings.issuer_url}/crls",
+        lambda: source.current().bundle,
+        interval=settings.revocation_interval_seconds,
+    )
+    try:
+        revocation.start()
+        revocation.wait_ready(settings.revocation_timeout_seconds)
+    except BaseException:
+        revocation.close()
+        source.close()
+        raise
     return ServiceRuntime(
         name=name,
         settings=settings,
         address=address,
         source=source,
-        verifier=PeerVerifier(source.current, settings.trust_domain),
+        revocation=revocation,
+        verifier=PeerVerifier(source.current, settings.trust_domain, revocation=revocation),
         policy=Policy(settings.policy, settings.trust_domain),
         audit=AuditLog(settings.home / "audit" / f"{name}.jsonl", fsync=settings.audit_fsync),
         telemetry=setup_telemetry(
@@ -98,6 +120,7 @@ def create_runtime(name: str, settings: ServiceSettings) -> ServiceRuntime:
             metrics_port=address.metrics_port,
             spans_path=settings.home / "telemetry" / f"{name}-spans.jsonl",
             svid_seconds_left=lambda: source.current().seconds_left(),
+            revocation=revocation,
         ),
         registry=registry,
     )

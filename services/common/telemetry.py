@@ -3,6 +3,11 @@
 With ``OTEL_EXPORTER_OTLP_ENDPOINT`` set, spans and metrics go to that collector over OTLP/HTTP.
 Otherwise metrics are served as Prometheus text on ``127.0.0.1:<metrics port>/metrics`` and spans
 are appended as JSON lines to a local sink file.
+
+Identity health is observable: ``svid.expiry`` / ``svid.valid`` for the served SVID and, with a
+revocation watcher, ``revocation.fresh`` (1 while every held CRL is fresh, 0 when new connections
+are being refused: the alert), ``revocation.age`` (seconds since the stalest CRL was fetched) and
+``revocation.revoked`` (serials currently listed as revoked).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
@@ -28,6 +34,16 @@ from opentelemetry.sdk.trace.export import (
 )
 
 OTLP_ENV = "OTEL_EXPORTER_OTLP_ENDPOINT"
+
+
+class RevocationStatus(Protocol):
+    """What the revocation metrics read (``RevocationWatcher``)."""
+
+    def fresh(self) -> bool: ...
+
+    def age_seconds(self) -> float | None: ...
+
+    def revoked_serials(self) -> frozenset[str]: ...
 
 
 class JsonLinesSpanExporter(SpanExporter):
@@ -84,10 +100,13 @@ def setup_telemetry(
     metrics_port: int | None,
     spans_path: Path,
     svid_seconds_left: Callable[[], float] | None = None,
+    revocation: RevocationStatus | None = None,
+    metric_readers: Sequence[MetricReader] = (),
 ) -> Telemetry:
+    """``metric_readers`` are added to the configured ones (tests read metrics in memory)."""
     resource = Resource.create({"service.name": service, "service.namespace": "ztbank"})
     tracer_provider = TracerProvider(resource=resource)
-    readers: list[MetricReader] = []
+    readers: list[MetricReader] = list(metric_readers)
     if os.environ.get(OTLP_ENV):
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -129,6 +148,9 @@ def setup_telemetry(
             description="1 while the served SVID is within its validity",
         )
 
+    if revocation is not None:
+        _revocation_gauges(meter, revocation)
+
     def shutdown() -> None:
         tracer_provider.shutdown()
         meter_provider.shutdown()
@@ -146,6 +168,38 @@ def setup_telemetry(
             "transfer.duration", unit="s", description="time to create a transfer"
         ),
         _shutdown=shutdown,
+    )
+
+
+def _revocation_gauges(meter: Meter, revocation: RevocationStatus) -> None:
+    status = revocation
+
+    def observe_fresh(_: CallbackOptions) -> Iterable[Observation]:
+        yield Observation(1 if status.fresh() else 0)
+
+    def observe_age(_: CallbackOptions) -> Iterable[Observation]:
+        age = status.age_seconds()
+        if age is not None:
+            yield Observation(age)
+
+    def observe_revoked(_: CallbackOptions) -> Iterable[Observation]:
+        yield Observation(len(status.revoked_serials()))
+
+    meter.create_observable_gauge(
+        "revocation.fresh",
+        [observe_fresh],
+        description="1 while every CRL held is fresh; 0 means new connections are refused",
+    )
+    meter.create_observable_gauge(
+        "revocation.age",
+        [observe_age],
+        unit="s",
+        description="seconds since the stalest CRL was last fetched from the issuer",
+    )
+    meter.create_observable_gauge(
+        "revocation.revoked",
+        [observe_revoked],
+        description="certificate serials the current CRLs list as revoked",
     )
 
 

@@ -3,8 +3,8 @@
 Policy for every ztbank TLS endpoint: TLS 1.2 or newer, AEAD cipher suites only (TLS 1.3 suites
 are all AEAD; for 1.2 only ECDHE with AES-GCM or ChaCha20-Poly1305), no session tickets and no
 compression.  OpenSSL checks the chain against the trust bundle during the handshake; the SPIFFE
-rules OpenSSL does not know are checked afterwards by ``PeerVerifier`` on every connection, so a
-resumed TLS 1.2 session is re-checked too.
+rules OpenSSL does not know, and revocation, are checked afterwards by ``PeerVerifier`` on every
+connection (and every gRPC call), so a resumed TLS 1.2 session is re-checked too.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from services.common.identity.pem import fingerprint_sha256, load_der_certificat
 from services.common.identity.source import SvidMaterial, SvidSource
 from services.common.identity.x509svid import verify_der_chain
 from services.common.peer import PeerIdentity
+from services.common.revocation import RevocationChecker, RevocationError
 
 TLS12_AEAD_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 
@@ -97,21 +98,36 @@ class ReloadingContext:
 
 
 class PeerVerifier:
-    """Checks a peer's certificate against the X509-SVID rules and the current bundle."""
+    """Checks a peer's certificate against the X509-SVID rules, the current bundle and the
+    issuer's CRLs (``revocation``, always present: production has no "no revocation" mode)."""
 
-    def __init__(self, bundle: Callable[[], SvidMaterial], trust_domain: str) -> None:
+    def __init__(
+        self,
+        bundle: Callable[[], SvidMaterial],
+        trust_domain: str,
+        *,
+        revocation: RevocationChecker,
+    ) -> None:
         self._material = bundle
         self.trust_domain = trust_domain
+        self.revocation = revocation
 
     def verify(self, chain_der: list[bytes], address: str) -> PeerIdentity:
-        """Raise ``SvidVerificationError`` unless the chain is a valid SVID of our domain."""
+        """Raise ``SvidVerificationError`` unless the chain is a valid SVID of our domain, and
+        a ``RevocationError`` (with ``peer`` set) if it is revoked or its status is unknown."""
         spiffe_id = verify_der_chain(
             chain_der, self._material().bundle, trust_domain=self.trust_domain
         )
         leaf = load_der_certificates(chain_der[0])[0]
-        return PeerIdentity(
+        peer = PeerIdentity(
             spiffe_id=spiffe_id,
             serial=serial_hex(leaf),
             fingerprint_sha256=fingerprint_sha256(leaf),
             address=address,
         )
+        try:
+            self.revocation.check(leaf)
+        except RevocationError as error:
+            error.peer = peer
+            raise
+        return peer

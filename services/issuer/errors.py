@@ -23,3 +23,23 @@ class NotEntitledError(IssuerError):
 
 class MintError(IssuerError):
     """An admin mint request cannot be honoured (bad ID, TTL too long, outside the trust domain)."""
+
+
+class RevokedIdentityError(NotEntitledError):
+    """The SPIFFE ID is revoked: no SVID (workload or minted) is issued for it until lifted."""
+
+
+class RevocationError(IssuerError):
+    """A revocation request is malformed (bad serial, unknown reason, both or neither target)."""
+
+
+class UnknownSerialError(RevocationError):
+    """The serial was never issued by this issuer, or its certificate has already expired."""
+
+
+class AlreadyRevokedError(RevocationError):
+    """The certificate is already revoked."""
+
+
+class NotRevokedError(RevocationError):
+    """Lifting a revocation that does not exist."""

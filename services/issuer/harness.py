@@ -20,6 +20,13 @@ STOP_TIMEOUT = 10.0
 POLL_INTERVAL = 0.05
 
 
+def free_loopback_port() -> int:
+    """A port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 def accepts_connections(path: Path, timeout: float = 1.0) -> bool:
     """True if something is listening on the unix socket ``path``."""
     if not path.exists():
@@ -40,18 +47,22 @@ class IssuerProcess:
 
     ``env`` overrides variables of this process's environment or, with
     ``inherit_environment=False``, is the child's whole environment.  Every run appends its
-    output to ``log_path``.
+    output to ``log_path``.  Without ZTBANK_ISSUER_HTTP in that environment the child's
+    revocation endpoint gets a free loopback port (kept across restarts), so that harnessed
+    issuers never collide with each other or with a developer's stack on the default port.
     """
 
     def __init__(
         self, env: Mapping[str, str], log_path: Path, *, inherit_environment: bool = True
     ) -> None:
         self.env = {**os.environ, **env} if inherit_environment else dict(env)
+        self.env.setdefault("ZTBANK_ISSUER_HTTP", f"127.0.0.1:{free_loopback_port()}")
         self.log_path = log_path
         self.settings = ZtbankSettings(
             home=Path(self.env.get("ZTBANK_HOME", "var")),
             certs_dir=Path(self.env.get("ZTBANK_CERTS_DIR", "certs")),
             trust_domain=self.env.get("ZTBANK_TRUST_DOMAIN", "ztbank.example"),
+            issuer_http=self.env["ZTBANK_ISSUER_HTTP"],
         )
         self.home = self.settings.home
         self.certs_dir = self.settings.certs_dir
@@ -60,6 +71,8 @@ class IssuerProcess:
         )
         self.workload_socket = socket_path_from_endpoint(self.socket_uri)
         self.admin_socket = self.settings.admin_socket
+        # Base URL of the revocation endpoints: /crls, /crl/<ca>.crl, /ocsp, /healthz.
+        self.http_url = self.settings.issuer_url
         self.ready_at: float | None = None  # time.time() when the sockets last became ready
         self._process: subprocess.Popen[bytes] | None = None
 

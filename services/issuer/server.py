@@ -1,4 +1,5 @@
-"""Wires the issuer together (``create_issuer``) and runs its listeners and CA maintenance."""
+"""Wires the issuer together (``create_issuer``) and runs its listeners (Workload API and admin
+sockets, the revocation HTTP endpoint) and the maintenance of its CAs and CRLs."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 import socket
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from grpclib.server import Server
@@ -18,15 +19,19 @@ from services.issuer.adapters.sqlite_store import SqliteStore
 from services.issuer.adapters.upstream import UpstreamAuthority
 from services.issuer.adapters.upstream_disk import DiskUpstream
 from services.issuer.domain.authority import CertificateAuthority
+from services.issuer.domain.crl import CrlPublisher
+from services.issuer.domain.ocsp import OcspResponder
 from services.issuer.domain.service import IssuerService
 from services.issuer.errors import IssuerError
 from services.issuer.settings import MAX_SVID_TTL, IssuerSettings
 from services.issuer.transport.admin_api import AdminApi
+from services.issuer.transport.revocation_http import RevocationEndpoint, create_app
 from services.issuer.transport.workload_api import ChangeFeed, WorkloadApi
 
 logger = logging.getLogger(__name__)
 
 MAX_RETRY_DELAY = 30.0
+CRL_RETRY_DELAY = 1.0
 
 
 def build_upstream(settings: IssuerSettings) -> UpstreamAuthority:
@@ -68,7 +73,8 @@ def _claim_socket(path: Path) -> None:
 
 
 class Issuer:
-    """The running issuer: Workload API sockets, admin socket and the CA maintenance loop."""
+    """The running issuer: Workload API sockets, admin socket, revocation endpoint and the
+    maintenance loop of CAs and CRLs."""
 
     def __init__(self, settings: IssuerSettings, upstream: UpstreamAuthority | None = None) -> None:
         self.settings = settings
@@ -79,6 +85,7 @@ class Issuer:
             upstream=upstream or build_upstream(settings),
             store=AuthorityFile(settings.state_dir / "authority.json"),
             ca_ttl=settings.ca_ttl,
+            revocation_url=settings.issuer_url,
         )
         self.service = IssuerService(
             authority=self.authority,
@@ -87,29 +94,49 @@ class Issuer:
             max_ttl=MAX_SVID_TTL,
             jwt_svid_ttl=settings.jwt_svid_ttl,
         )
+        self.crls = CrlPublisher(
+            signers=self.authority, repository=self._store, ttl=settings.crl_validity
+        )
+        self._ocsp = OcspResponder(
+            signers=self.authority, repository=self._store, ttl=settings.crl_validity
+        )
+        self._http = RevocationEndpoint(create_app(self.crls, self._ocsp), settings.issuer_http)
         self._feed = ChangeFeed()
         self._servers: dict[str | None, tuple[Server, Path]] = {}
         self._admin: Server | None = None
         self._maintenance: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        # The first CA must exist before any socket answers, or the first fetch would fail.
+        # The first CA (and its CRL) must exist before any socket answers, or the first fetch
+        # would fail; the revocation endpoint is up before the SVIDs that point at it go out.
         await asyncio.to_thread(self.authority.maintain)
+        self.crls.refresh()
+        await self._http.start()
         self.settings.run_dir.mkdir(parents=True, exist_ok=True)
         await self._listen(None, self.settings.workload_socket, mode=0o777)
         await self.reconcile_sockets()
         admin_path = self.settings.admin_socket
         ensure_private_dir(admin_path.parent)
         _claim_socket(admin_path)
-        self._admin = Server([AdminApi(self.service, on_change=self._changed, status=self.status)])
+        self._admin = Server(
+            [
+                AdminApi(
+                    self.service,
+                    on_change=self._changed,
+                    status=self.status,
+                    on_revoke=self._revoked,
+                )
+            ]
+        )
         await self._admin.start(path=str(admin_path))
         admin_path.chmod(0o600)
         self._maintenance = asyncio.create_task(self._maintain_forever())
         logger.info(
-            "issuer ready: trust domain %s, workload API %s, upstream %s",
+            "issuer ready: trust domain %s, workload API %s, upstream %s, revocation %s",
             self.settings.trust_domain,
             self.settings.workload_socket,
             self.settings.upstream,
+            self.settings.issuer_url,
         )
 
     async def _listen(self, name: str | None, path: Path, *, mode: int) -> None:
@@ -137,6 +164,14 @@ class Issuer:
         self._feed.publish()
         asyncio.get_running_loop().create_task(self.reconcile_sockets())
 
+    def _revoked(self) -> int:
+        """After a revocation: new CRLs for every CA, and every stream re-checks its SVIDs (a
+        revoked ID's streams end, a revoked current SVID is replaced)."""
+        self.crls.refresh(force=True)
+        self._feed.publish()
+        logger.info("revocation recorded; CRLs re-issued up to number %d", self.crls.latest_number)
+        return self.crls.latest_number
+
     async def _maintain_forever(self) -> None:
         delay = 1.0
         while True:
@@ -152,8 +187,18 @@ class Issuer:
             if self.authority.generation != generation:
                 logger.info("signing CA set changed; pushing the new bundle")
                 self._feed.publish()
+            next_due = min(next_due, self._refresh_crls())
             wait = (next_due - datetime.now(UTC)).total_seconds()
             await asyncio.sleep(min(max(wait, 0.05), MAX_RETRY_DELAY))
+
+    def _refresh_crls(self) -> datetime:
+        """Re-sign due CRLs; on any failure log it and retry soon.  This loop must not die: the
+        services refuse connections once the CRLs they hold pass nextUpdate."""
+        try:
+            return self.crls.refresh()
+        except Exception:
+            logger.exception("re-signing the CRLs failed; retrying in %.0fs", CRL_RETRY_DELAY)
+            return datetime.now(UTC) + timedelta(seconds=CRL_RETRY_DELAY)
 
     def status(self) -> pb.StatusResponse:
         active = self.authority.bundle()
@@ -166,6 +211,12 @@ class Issuer:
             active_ca_not_after=expires.isoformat(timespec="seconds"),
             entries=len(self.service.entries()),
             bundle_size=len(active),
+            revocation_url=self.settings.issuer_url,
+            crl_number=self.crls.latest_number,
+            revoked_certificates=len(
+                self._store.revoked_certificates(unexpired_at=datetime.now(UTC))
+            ),
+            revoked_spiffe_ids=sorted(r.spiffe_id for r in self.service.revoked_ids()),
         )
 
     async def stop(self) -> None:
@@ -173,6 +224,7 @@ class Issuer:
             self._maintenance.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._maintenance
+        await self._http.stop()
         servers = [server for server, _ in self._servers.values()]
         if self._admin is not None:
             servers.append(self._admin)

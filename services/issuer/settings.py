@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
 
@@ -13,6 +14,19 @@ from services.common.settings import ZtbankSettings, socket_path_from_endpoint
 
 MAX_SVID_TTL = timedelta(minutes=10)
 MIN_SVID_TTL = timedelta(seconds=5)
+MIN_CRL_TTL = timedelta(seconds=5)
+
+
+def parse_listen_address(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) -> (host, port); ValueError saying what is wrong."""
+    try:
+        parts = urlsplit(f"//{value}")
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        host, port = None, None
+    if not host or not port or parts.path or parts.query or parts.username is not None:
+        raise ValueError(f"{value!r} must be HOST:PORT with a port from 1 to 65535")
+    return host, port
 
 
 class IssuerSettings(ZtbankSettings):
@@ -21,6 +35,8 @@ class IssuerSettings(ZtbankSettings):
     svid_ttl: timedelta = timedelta(minutes=5)
     jwt_svid_ttl: timedelta = timedelta(minutes=5)
     ca_ttl: timedelta = timedelta(hours=24)
+    # Validity (thisUpdate..nextUpdate) of CRLs and OCSP answers; unset means ZTBANK_SVID_TTL.
+    crl_ttl: timedelta | None = None
     upstream: Literal["disk", "vault"] = "disk"
     endpoint_socket: str = Field(
         default="",
@@ -35,9 +51,11 @@ class IssuerSettings(ZtbankSettings):
     vault_role_id: str | None = None
     vault_secret_id: str | None = None
 
-    @field_validator("svid_ttl", "jwt_svid_ttl", "ca_ttl", mode="before")
+    @field_validator("svid_ttl", "jwt_svid_ttl", "ca_ttl", "crl_ttl", mode="before")
     @classmethod
     def _parse_durations(cls, value: object) -> object:
+        if value == "":
+            return None
         return parse_duration(value) if isinstance(value, str) else value
 
     @model_validator(mode="after")
@@ -51,6 +69,19 @@ class IssuerSettings(ZtbankSettings):
                 )
         if self.ca_ttl < 6 * self.svid_ttl:
             raise ValueError("ZTBANK_CA_TTL must be at least six times ZTBANK_SVID_TTL")
+        if self.crl_ttl is None:
+            self.crl_ttl = self.svid_ttl
+        # At least 5s so that re-signing at half of it stays cheap; at most the SVID TTL so that a
+        # relying party never trusts a CRL older than the certificates it vouches for.
+        if not MIN_CRL_TTL <= self.crl_ttl <= self.svid_ttl:
+            raise ValueError(
+                "ZTBANK_CRL_TTL must be between 5s and ZTBANK_SVID_TTL"
+                f" ({format_duration(self.svid_ttl)}; got {format_duration(self.crl_ttl)})"
+            )
+        try:
+            parse_listen_address(self.issuer_http)
+        except ValueError as error:
+            raise ValueError(f"ZTBANK_ISSUER_HTTP: {error}") from None
         if not self.endpoint_socket:
             self.endpoint_socket = self.default_workload_endpoint
         try:
@@ -66,6 +97,11 @@ class IssuerSettings(ZtbankSettings):
                     " (or VAULT_TOKEN)"
                 )
         return self
+
+    @property
+    def crl_validity(self) -> timedelta:
+        """ZTBANK_CRL_TTL after validation (the SVID TTL when unset)."""
+        return self.crl_ttl or self.svid_ttl
 
     @property
     def state_dir(self) -> Path:

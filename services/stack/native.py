@@ -27,6 +27,7 @@ from services.common.settings import ZtbankSettings
 from services.common.workloads import GATEWAY, OPS, RISK, SERVICES, TELLER, TRANSFER_ENGINE
 from services.issuer.adapters.upstream_disk import init_root_ca
 from services.issuer.admin_client import call_admin
+from services.issuer.domain.revocation import crls_url, ocsp_url
 from services.issuer.harness import accepts_connections
 from services.stack.probe import ServiceProbe, probe
 from services.stack.processes import ManagedProcess
@@ -53,6 +54,9 @@ class StackStatus:
     issuer_socket: str
     issuer_running: bool
     services: dict[str, ServiceProbe]
+    # The issuer's revocation endpoints: every current CRL (PEM) and the OCSP responder.
+    issuer_crl_url: str = ""
+    issuer_ocsp_url: str = ""
 
 
 async def _create_entry(stub: IssuerAdminStub, *, request: pb.CreateEntryRequest) -> pb.Entry:
@@ -80,6 +84,7 @@ class NativeStack:
             "ZTBANK_HOME": str(self.settings.home),
             "ZTBANK_CERTS_DIR": str(self.settings.certs_dir),
             "ZTBANK_TRUST_DOMAIN": self.settings.trust_domain,
+            "ZTBANK_ISSUER_HTTP": self.settings.issuer_http,
             "ZTBANK_REGISTRY": str(self.settings.registry.absolute()),
             "ZTBANK_POLICY": str(self.settings.policy.absolute()),
             "ZTBANK_RISK_RULES": str(self.settings.risk_rules.absolute()),
@@ -184,6 +189,8 @@ class NativeStack:
             issuer_socket=self.settings.default_workload_endpoint,
             issuer_running=self.issuer.running(),
             services=services,
+            issuer_crl_url=crls_url(self.settings.issuer_url),
+            issuer_ocsp_url=ocsp_url(self.settings.issuer_url),
         )
 
     # -- down / reset --------------------------------------------------------------------------

@@ -33,8 +33,9 @@ def sandbox_settings(
     root: Path, svid_ttl: str | None = None, risk_rules: Path | None = None
 ) -> StackSettings:
     """Settings of a private stack under ``root``: its own home and certs, the repository's
-    policy and risk rules, and a registry (written here) that puts every service on free ports."""
-    ports = iter(free_ports(2 * len(SERVICES)))
+    policy and risk rules, a registry (written here) that puts every service on free ports, and
+    a free port for the issuer's revocation endpoint."""
+    ports = iter(free_ports(2 * len(SERVICES) + 1))
     registry = root / "registry.json"
     write_registry(
         registry,
@@ -47,6 +48,7 @@ def sandbox_settings(
         policy=REPO_ROOT / "infra" / "policy.json",
         risk_rules=risk_rules or REPO_ROOT / "infra" / "risk" / "rules.json",
         svid_ttl=svid_ttl,
+        issuer_http=f"127.0.0.1:{next(ports)}",
     )
 
 

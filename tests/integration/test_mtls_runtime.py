@@ -2,7 +2,9 @@
 
 SVIDs come straight from the test PKI (root -> signing CA -> leaves) through a fake SVID source
 whose ``publish`` plays the Workload API pushing a rotation.  The bundle holds the root and the
-signing CA, as the issuer's does.
+signing CA, as the issuer's does.  Revocation is real but quiet: every verifier has a watcher of a
+local ``/crls`` serving an empty CRL of the signing CA (tests/integration/
+test_revocation_enforcement.py revokes).
 """
 
 from __future__ import annotations
@@ -37,9 +39,11 @@ from services.common.identity.source import Listener, SvidMaterial, SvidSource
 from services.common.identity.spiffe_id import SpiffeId
 from services.common.peer import current_peer
 from services.common.policy import Policy
+from services.common.revocation import RevocationWatcher
 from services.common.telemetry import Telemetry, setup_telemetry
 from services.common.tls import PeerVerifier, ReloadingContext, SvidFiles, client_context
 from services.stack.sandbox import free_port
+from tests.support.crl import build_crl, crl_server, started_watcher
 from tests.support.pki import Issued, create_intermediate_ca, create_leaf, create_root_ca
 
 pytestmark = pytest.mark.integration
@@ -101,6 +105,16 @@ def authority() -> Authority:
 def foreign() -> Authority:
     """Another CA for the same trust domain name: its SVIDs chain to nothing we trust."""
     return new_authority("impostor")
+
+
+@pytest.fixture
+def revocation(authority: Authority) -> Iterator[RevocationWatcher]:
+    """A fresh watcher of a local issuer ``/crls`` that revokes nothing."""
+    with crl_server() as crls:
+        crls.publish(build_crl(authority.signing_ca))
+        watcher = started_watcher(crls, authority.bundle)
+        yield watcher
+        watcher.close()
 
 
 class FakeSource(SvidSource):
@@ -190,13 +204,17 @@ class GrpcServer:
 
 @pytest.fixture
 def grpc_server(
-    authority: Authority, policy: Policy, audit: AuditLog, telemetry: Telemetry
+    authority: Authority,
+    policy: Policy,
+    audit: AuditLog,
+    telemetry: Telemetry,
+    revocation: RevocationWatcher,
 ) -> Iterator[GrpcServer]:
     source = FakeSource(authority.svid(RISK_ID, dns=("risk",)))
     port = free_port()
     interceptor = AuthorizationInterceptor(
         service="risk",
-        verifier=PeerVerifier(source.current, TD),
+        verifier=PeerVerifier(source.current, TD, revocation=revocation),
         policy=policy,
         audit=audit,
         telemetry=telemetry,
@@ -447,13 +465,14 @@ def https_server(
     policy: Policy,
     audit: AuditLog,
     telemetry: Telemetry,
+    revocation: RevocationWatcher,
     tmp_path: Path,
 ) -> Iterator[HttpsServer]:
     source = FakeSource(authority.svid(GATEWAY_ID))
     tls = ReloadingContext(source, SvidFiles(tmp_path / "tls"), server=True)
     guard = HttpsGuard(
         service="gateway",
-        verifier=PeerVerifier(source.current, TD),
+        verifier=PeerVerifier(source.current, TD, revocation=revocation),
         policy=policy,
         audit=audit,
         telemetry=telemetry,

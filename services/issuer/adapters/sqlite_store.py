@@ -1,16 +1,18 @@
-"""SQLite persistence for registration entries and the register of issued certificates."""
+"""SQLite persistence: registration entries, the register of issued certificates, revocations
+(of certificates and of SPIFFE IDs) and the CRL number counter."""
 
 from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
 
 from services.common.identity.spiffe_id import SpiffeId
 from services.issuer.domain.entries import Entry, IssuedRecord, Selector
+from services.issuer.domain.revocation import RevokedCertificate, RevokedId
 from services.issuer.errors import EntryError
 
 _SCHEMA = """
@@ -32,7 +34,58 @@ CREATE TABLE IF NOT EXISTS issued (
     entry_id TEXT
 );
 CREATE INDEX IF NOT EXISTS issued_by_id ON issued (spiffe_id);
+CREATE TABLE IF NOT EXISTS revoked_certificates (
+    serial TEXT PRIMARY KEY,
+    spiffe_id TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    revoked_at TEXT NOT NULL,
+    not_after TEXT NOT NULL,
+    ca_serial TEXT
+);
+CREATE TABLE IF NOT EXISTS revoked_ids (
+    spiffe_id TEXT PRIMARY KEY,
+    reason TEXT NOT NULL,
+    revoked_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS counters (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
 """
+# Columns added after the first release; existing databases get them on open.
+_MIGRATIONS = {("issued", "ca_serial"): "ALTER TABLE issued ADD COLUMN ca_serial TEXT"}
+_SELECT_ISSUED = (
+    "SELECT serial, spiffe_id, not_after, issued_at, source, entry_id, ca_serial FROM issued"
+)
+_SELECT_REVOKED = (
+    "SELECT serial, spiffe_id, reason, revoked_at, not_after, ca_serial FROM revoked_certificates"
+)
+_CRL_NUMBER = "crl_number"
+
+
+def _issued(row: Sequence[str | None]) -> IssuedRecord:
+    serial, spiffe_id, not_after, issued_at, source = (str(value) for value in row[:5])
+    return IssuedRecord(
+        serial=serial,
+        spiffe_id=spiffe_id,
+        not_after=datetime.fromisoformat(not_after),
+        issued_at=datetime.fromisoformat(issued_at),
+        source=source,
+        entry_id=row[5],
+        ca_serial=row[6],
+    )
+
+
+def _revoked(row: Sequence[str | None]) -> RevokedCertificate:
+    serial, spiffe_id, reason, revoked_at, not_after = (str(value) for value in row[:5])
+    return RevokedCertificate(
+        serial=serial,
+        spiffe_id=spiffe_id,
+        reason=reason,
+        revoked_at=datetime.fromisoformat(revoked_at),
+        not_after=datetime.fromisoformat(not_after),
+        ca_serial=row[5],
+    )
 
 
 class SqliteStore:
@@ -44,6 +97,10 @@ class SqliteStore:
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(_SCHEMA)
+            for (table, column), statement in _MIGRATIONS.items():
+                columns = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+                if column not in columns:
+                    db.execute(statement)
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -53,6 +110,8 @@ class SqliteStore:
                 yield db
         finally:
             db.close()
+
+    # -- entries -------------------------------------------------------------------------------
 
     def add_entry(self, entry: Entry) -> None:
         selectors = json.dumps(sorted(str(s) for s in entry.selectors))
@@ -96,10 +155,14 @@ class SqliteStore:
             for row in rows
         ]
 
+    # -- issued certificates -------------------------------------------------------------------
+
     def record_issued(self, record: IssuedRecord) -> None:
         with self._connect() as db:
             db.execute(
-                "INSERT OR IGNORE INTO issued VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT OR IGNORE INTO issued"
+                " (serial, spiffe_id, not_after, issued_at, source, entry_id, ca_serial)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
                     record.serial,
                     record.spiffe_id,
@@ -107,25 +170,96 @@ class SqliteStore:
                     record.issued_at.isoformat(),
                     record.source,
                     record.entry_id,
+                    record.ca_serial,
                 ),
             )
 
     def issued(self, spiffe_id: str | None = None) -> list[IssuedRecord]:
-        query = "SELECT serial, spiffe_id, not_after, issued_at, source, entry_id FROM issued"
-        params: tuple[str, ...] = ()
-        if spiffe_id is not None:
-            query += " WHERE spiffe_id = ?"
-            params = (spiffe_id,)
         with self._connect() as db:
-            rows = db.execute(query + " ORDER BY issued_at", params).fetchall()
-        return [
-            IssuedRecord(
-                serial=row[0],
-                spiffe_id=row[1],
-                not_after=datetime.fromisoformat(row[2]),
-                issued_at=datetime.fromisoformat(row[3]),
-                source=row[4],
-                entry_id=row[5],
+            if spiffe_id is None:
+                rows = db.execute(_SELECT_ISSUED + " ORDER BY issued_at").fetchall()
+            else:
+                rows = db.execute(
+                    _SELECT_ISSUED + " WHERE spiffe_id = ? ORDER BY issued_at", (spiffe_id,)
+                ).fetchall()
+        return [_issued(row) for row in rows]
+
+    def issued_record(self, serial: str) -> IssuedRecord | None:
+        with self._connect() as db:
+            row = db.execute(_SELECT_ISSUED + " WHERE serial = ?", (serial,)).fetchone()
+        return _issued(row) if row else None
+
+    # -- revocation ----------------------------------------------------------------------------
+
+    def add_revocations(
+        self, certificates: Sequence[RevokedCertificate], identity: RevokedId | None = None
+    ) -> None:
+        """Record revoked certificates (and the revoked ID) in one transaction; a serial or ID
+        revoked before keeps its first revocation."""
+        with self._connect() as db:
+            db.executemany(
+                "INSERT OR IGNORE INTO revoked_certificates"
+                " (serial, spiffe_id, reason, revoked_at, not_after, ca_serial)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        c.serial,
+                        c.spiffe_id,
+                        c.reason,
+                        c.revoked_at.isoformat(),
+                        c.not_after.isoformat(),
+                        c.ca_serial,
+                    )
+                    for c in certificates
+                ],
             )
-            for row in rows
+            if identity is not None:
+                db.execute(
+                    "INSERT OR IGNORE INTO revoked_ids VALUES (?, ?, ?)",
+                    (identity.spiffe_id, identity.reason, identity.revoked_at.isoformat()),
+                )
+
+    def revoked_certificate(self, serial: str) -> RevokedCertificate | None:
+        with self._connect() as db:
+            row = db.execute(_SELECT_REVOKED + " WHERE serial = ?", (serial,)).fetchone()
+        return _revoked(row) if row else None
+
+    def revoked_certificates(
+        self, *, ca_serial: str | None = None, unexpired_at: datetime | None = None
+    ) -> list[RevokedCertificate]:
+        """Revoked certificates, oldest revocation first; with ``ca_serial`` only those that CA
+        issued (and those of unknown CA); with ``unexpired_at`` only those still valid then."""
+        with self._connect() as db:
+            rows = db.execute(_SELECT_REVOKED + " ORDER BY revoked_at, serial").fetchall()
+        # Times are compared as datetimes, not as stored text; the table stays small (a few
+        # revocations per SVID TTL at most).
+        return [
+            c
+            for c in map(_revoked, rows)
+            if (ca_serial is None or c.ca_serial in (None, ca_serial))
+            and (unexpired_at is None or c.not_after > unexpired_at)
         ]
+
+    def revoked_ids(self) -> list[RevokedId]:
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT spiffe_id, reason, revoked_at FROM revoked_ids ORDER BY revoked_at"
+            ).fetchall()
+        return [RevokedId(row[0], row[1], datetime.fromisoformat(row[2])) for row in rows]
+
+    def remove_revoked_id(self, spiffe_id: str) -> bool:
+        with self._connect() as db:
+            deleted = db.execute("DELETE FROM revoked_ids WHERE spiffe_id = ?", (spiffe_id,))
+            return deleted.rowcount == 1
+
+    def next_crl_number(self) -> int:
+        """The next CRL number: strictly greater than every number handed out before, across
+        restarts (RFC 5280 5.2.3)."""
+        with self._connect() as db:
+            db.execute(
+                "INSERT INTO counters VALUES (?, 1)"
+                " ON CONFLICT (name) DO UPDATE SET value = value + 1",
+                (_CRL_NUMBER,),
+            )
+            row = db.execute("SELECT value FROM counters WHERE name = ?", (_CRL_NUMBER,)).fetchone()
+        return int(row[0])

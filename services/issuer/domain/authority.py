@@ -29,6 +29,7 @@ from services.issuer.domain.certificates import (
     build_x509_svid,
     new_key,
 )
+from services.issuer.domain.revocation import crl_url, ocsp_url
 from services.issuer.errors import IssuerError
 
 PREPARE_AT = 0.5
@@ -92,6 +93,23 @@ class IssuedSvid:
     def leaf(self) -> x509.Certificate:
         return self.chain[0]
 
+    @property
+    def ca_serial(self) -> str:
+        """Lowercase hex serial of the signing CA that issued the leaf."""
+        return format(self.chain[1].serial_number, "x")
+
+
+@dataclass(frozen=True)
+class Signer:
+    """A published signing CA and its key: what signs that CA's CRLs and OCSP answers."""
+
+    ca_cert: x509.Certificate
+    ca_key: ec.EllipticCurvePrivateKey
+
+    @property
+    def serial(self) -> str:
+        return format(self.ca_cert.serial_number, "x")
+
 
 class CertificateAuthority:
     """Thread-safe: ``maintain`` may run in a worker thread while the event loop signs SVIDs."""
@@ -104,8 +122,12 @@ class CertificateAuthority:
         store: AuthorityStore,
         ca_ttl: timedelta,
         clock: Clock = utc_now,
+        revocation_url: str | None = None,
     ) -> None:
+        """``revocation_url`` (e.g. http://127.0.0.1:8180) is where the issuer serves CRLs and
+        OCSP; SVIDs then name their CA's CRL and the OCSP responder.  None leaves them out."""
         self.trust_domain = trust_domain
+        self.revocation_url = revocation_url
         self._upstream = upstream
         self._store = store
         self._ca_ttl = ca_ttl
@@ -193,6 +215,12 @@ class CertificateAuthority:
                     seen.setdefault(cert.fingerprint(_SHA256), cert)
             return list(seen.values())
 
+    def signers(self) -> list[Signer]:
+        """Every published, unexpired signing CA: active, prepared, then retired ones."""
+        with self._lock:
+            now = self._clock()
+            return [Signer(s.ca_cert, s.ca_key) for s in self._slots() if s.expires > now]
+
     def active_ca_serial(self) -> str:
         with self._lock:
             return format(self._active().ca_cert.serial_number, "x")
@@ -213,8 +241,10 @@ class CertificateAuthority:
         if not spiffe_id.member_of(self.trust_domain) or spiffe_id.is_trust_domain_id:
             raise IssuerError(f"{spiffe_id} is not a workload ID of {self.trust_domain}")
         key = new_key()
+        base = self.revocation_url
         with self._lock:
             slot = self._active()
+            ca_serial = format(slot.ca_cert.serial_number, "x")
             leaf = build_x509_svid(
                 spiffe_id,
                 key.public_key(),
@@ -223,5 +253,7 @@ class CertificateAuthority:
                 ttl=ttl,
                 dns_names=dns_names,
                 now=self._clock(),
+                crl_url=crl_url(base, ca_serial) if base else None,
+                ocsp_url=ocsp_url(base) if base else None,
             )
             return IssuedSvid(spiffe_id, key, (leaf, slot.ca_cert, *slot.upstream_chain))

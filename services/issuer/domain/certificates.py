@@ -2,7 +2,9 @@
 
 Everything here is pure: keys and certificates in, certificates out.  SVIDs follow the X509-SVID
 specification to the letter (one URI SAN, not a CA, critical key usage with digitalSignature only,
-EKU serverAuth + clientAuth, ECDSA P-256).
+EKU serverAuth + clientAuth, ECDSA P-256).  Given the issuer's revocation URLs they also say where
+their status is published: a CRL distribution point (the issuing CA's CRL) and an OCSP responder
+(authority information access), both non-critical.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
 
 from services.common.identity.spiffe_id import SpiffeId
 
@@ -167,6 +169,8 @@ def build_x509_svid(
     ttl: timedelta,
     dns_names: Sequence[str] = (),
     now: datetime | None = None,
+    crl_url: str | None = None,
+    ocsp_url: str | None = None,
 ) -> x509.Certificate:
     """An X509-SVID whose lifetime never exceeds ``ttl`` nor the signing CA's own expiry."""
     now = now or datetime.now(UTC)
@@ -181,7 +185,7 @@ def build_x509_svid(
             x509.NameAttribute(NameOID.COMMON_NAME, spiffe_id.path.rsplit("/", 1)[-1][:64]),
         ]
     )
-    return (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
         .issuer_name(ca_cert.subject)
@@ -203,5 +207,20 @@ def build_x509_svid(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
             critical=False,
         )
-        .sign(ca_key, hashes.SHA256())
     )
+    if crl_url:
+        point = x509.DistributionPoint(
+            full_name=[x509.UniformResourceIdentifier(crl_url)],
+            relative_name=None,
+            reasons=None,
+            crl_issuer=None,
+        )
+        builder = builder.add_extension(x509.CRLDistributionPoints([point]), critical=False)
+    if ocsp_url:
+        responder = x509.AccessDescription(
+            AuthorityInformationAccessOID.OCSP, x509.UniformResourceIdentifier(ocsp_url)
+        )
+        builder = builder.add_extension(
+            x509.AuthorityInformationAccess([responder]), critical=False
+        )
+    return builder.sign(ca_key, hashes.SHA256())

@@ -108,3 +108,5 @@ class IssuedRecord:
     issued_at: datetime
     source: str
     entry_id: str | None
+    # Serial (hex) of the signing CA that issued it; None in records older than revocation.
+    ca_serial: str | None = None

@@ -1,10 +1,11 @@
-"""The issuer's use cases: entries, SVIDs for attested workloads, JWT-SVIDs and admin minting."""
+"""The issuer's use cases: entries, SVIDs for attested workloads, JWT-SVIDs, admin minting and
+revocation (see ``domain.revocation`` for what revoking a serial or a SPIFFE ID means)."""
 
 from __future__ import annotations
 
 import random
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol
@@ -26,7 +27,23 @@ from services.issuer.domain.jwt_svid import (
     sign_jwt_svid,
     validate_jwt_svid,
 )
-from services.issuer.errors import EntryError, MintError, NotEntitledError
+from services.issuer.domain.revocation import (
+    RevocationResult,
+    RevokedCertificate,
+    RevokedId,
+    parse_reason,
+    parse_serial,
+)
+from services.issuer.errors import (
+    AlreadyRevokedError,
+    EntryError,
+    MintError,
+    NotEntitledError,
+    NotRevokedError,
+    RevocationError,
+    RevokedIdentityError,
+    UnknownSerialError,
+)
 
 # Workloads get a new SVID between 40% and 50% of its lifetime: at or before half, jittered so
 # that a fleet started together does not rotate together.
@@ -41,6 +58,20 @@ class IssuerRepository(Protocol):
     def entries(self) -> list[Entry]: ...
 
     def record_issued(self, record: IssuedRecord) -> None: ...
+
+    def issued(self, spiffe_id: str | None = None) -> list[IssuedRecord]: ...
+
+    def issued_record(self, serial: str) -> IssuedRecord | None: ...
+
+    def add_revocations(
+        self, certificates: Sequence[RevokedCertificate], identity: RevokedId | None = None
+    ) -> None: ...
+
+    def revoked_certificate(self, serial: str) -> RevokedCertificate | None: ...
+
+    def revoked_ids(self) -> list[RevokedId]: ...
+
+    def remove_revoked_id(self, spiffe_id: str) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -73,6 +104,7 @@ class IssuerService:
         self._entries = repository.entries()
         self._cache: dict[str, WorkloadSvid] = {}
         self._entries_version = 0
+        self._revoked_ids = {r.spiffe_id: r for r in repository.revoked_ids()}
 
     @property
     def version(self) -> tuple[int, int]:
@@ -134,10 +166,15 @@ class IssuerService:
     # -- X509-SVIDs --------------------------------------------------------------------------
 
     def _entitled(self, selectors: frozenset[Selector]) -> list[Entry]:
+        """The workload's entries whose SPIFFE ID is not revoked."""
         entries = entitled_entries(self._entries, selectors)
         if not entries:
             raise NotEntitledError("no registration entry matches this workload")
-        return entries
+        allowed = [entry for entry in entries if str(entry.spiffe_id) not in self._revoked_ids]
+        if not allowed:
+            ids = ", ".join(sorted({str(entry.spiffe_id) for entry in entries}))
+            raise RevokedIdentityError(f"{ids}: SPIFFE ID revoked")
+        return allowed
 
     def _issue(
         self,
@@ -156,6 +193,7 @@ class IssuerService:
                 issued_at=self._clock(),
                 source=source,
                 entry_id=entry_id,
+                ca_serial=svid.ca_serial,
             )
         )
         return svid
@@ -192,7 +230,84 @@ class IssuerService:
             names = validate_dns_names(dns_names)
         except EntryError as error:
             raise MintError(str(error)) from None
+        revoked = self._revoked_ids.get(str(parsed))
+        if revoked is not None:
+            raise RevokedIdentityError(
+                f"{parsed} is revoked ({revoked.reason}, {revoked.revoked_at:%Y-%m-%dT%H:%M:%SZ})"
+            )
         return self._issue(parsed, lifetime, names, "mint", None)
+
+    # -- revocation --------------------------------------------------------------------------
+
+    def revoked_ids(self) -> list[RevokedId]:
+        return list(self._revoked_ids.values())
+
+    def _drop_cached(self, *, serials: Collection[str] = (), spiffe_id: str = "") -> list[str]:
+        """Forget cached SVIDs that were revoked (or belong to ``spiffe_id``): the next fetch
+        issues a fresh one.  Returns the serials dropped."""
+        dropped = []
+        for entry_id, cached in list(self._cache.items()):
+            serial = format(cached.svid.leaf.serial_number, "x")
+            if serial in serials or str(cached.entry.spiffe_id) == spiffe_id:
+                del self._cache[entry_id]
+                dropped.append(serial)
+        return dropped
+
+    def revoke_serial(self, serial_text: str, reason_text: str = "") -> RevocationResult:
+        """Revoke one certificate this issuer issued and that has not expired yet.  If it is an
+        entry's current SVID (and the ID is not revoked) that entry gets a new one at once."""
+        serial, reason = parse_serial(serial_text), parse_reason(reason_text)
+        now = self._clock()
+        record = self._repository.issued_record(serial)
+        if record is None or record.not_after <= now:
+            raise UnknownSerialError(
+                f"unknown serial {serial}: not issued by this issuer, or already expired"
+            )
+        existing = self._repository.revoked_certificate(serial)
+        if existing is not None:
+            raise AlreadyRevokedError(
+                f"serial {serial} is already revoked"
+                f" ({existing.reason}, {existing.revoked_at:%Y-%m-%dT%H:%M:%SZ})"
+            )
+        self._repository.add_revocations([_revoked(record, reason, now)])
+        replaced = self._drop_cached(serials={serial})
+        return RevocationResult((serial,), record.spiffe_id, reason, now, tuple(replaced))
+
+    def revoke_spiffe_id(self, spiffe_id: str, reason_text: str = "") -> RevocationResult:
+        """Revoke every unexpired certificate issued for ``spiffe_id`` and refuse it new SVIDs
+        (Workload API and mint) until ``lift_revocation``.  Revoking it again revokes whatever
+        was issued since (nothing, normally) and keeps the first reason and time."""
+        try:
+            parsed = str(parse_workload_id(spiffe_id, self.trust_domain))
+        except EntryError as error:
+            raise RevocationError(str(error)) from None
+        reason = parse_reason(reason_text)
+        now = self._clock()
+        revoked = [
+            _revoked(record, reason, now)
+            for record in self._repository.issued(parsed)
+            if record.not_after > now
+            and self._repository.revoked_certificate(record.serial) is None
+        ]
+        identity = self._revoked_ids.get(parsed) or RevokedId(parsed, reason, now)
+        self._repository.add_revocations(revoked, identity)
+        self._revoked_ids[parsed] = identity
+        self._drop_cached(spiffe_id=parsed)
+        serials = tuple(c.serial for c in revoked)
+        return RevocationResult(serials, parsed, identity.reason, identity.revoked_at)
+
+    def lift_revocation(self, spiffe_id: str) -> RevocationResult:
+        """Let ``spiffe_id`` be issued SVIDs again.  Certificates revoked with it stay revoked;
+        its workloads receive new ones on their next fetch."""
+        try:
+            parsed = str(parse_workload_id(spiffe_id, self.trust_domain))
+        except EntryError as error:
+            raise RevocationError(str(error)) from None
+        identity = self._revoked_ids.get(parsed)
+        if identity is None or not self._repository.remove_revoked_id(parsed):
+            raise NotRevokedError(f"{parsed} is not revoked")
+        del self._revoked_ids[parsed]
+        return RevocationResult((), parsed, identity.reason, identity.revoked_at)
 
     # -- JWT-SVIDs ---------------------------------------------------------------------------
 
@@ -227,12 +342,28 @@ class IssuerService:
         return jwks(self.authority.jwt_public_keys())
 
     def validate_jwt(self, token: str, audience: str) -> tuple[SpiffeId, dict[str, Any]]:
+        """Validate a JWT-SVID; one whose subject is a revoked SPIFFE ID is refused too (JWT-SVIDs
+        carry no serial: until they expire, only this validation can tell)."""
         if not audience:
             raise InvalidJwtSvidError("audience is required")
-        return validate_jwt_svid(
+        spiffe_id, claims = validate_jwt_svid(
             token,
             audience,
             keys=self.authority.jwt_public_keys(),
             trust_domain=self.trust_domain,
             now=self._clock(),
         )
+        if str(spiffe_id) in self._revoked_ids:
+            raise InvalidJwtSvidError(f"{spiffe_id} is revoked")
+        return spiffe_id, claims
+
+
+def _revoked(record: IssuedRecord, reason: str, now: datetime) -> RevokedCertificate:
+    return RevokedCertificate(
+        serial=record.serial,
+        spiffe_id=record.spiffe_id,
+        reason=reason,
+        revoked_at=now,
+        not_after=record.not_after,
+        ca_serial=record.ca_serial,
+    )

@@ -1,4 +1,5 @@
-"""The issuer's admin API: entries, minting and status, for the issuer's own uid (or root)."""
+"""The issuer's admin API: entries, minting, revocation and status, for the issuer's own uid (or
+root)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,18 @@ from services._proto.issuer_admin_grpc import IssuerAdminBase
 from services.common.files import private_key_pem
 from services.common.identity.pem import certificates_to_pem, serial_hex
 from services.issuer.domain.entries import Entry
+from services.issuer.domain.revocation import RevocationResult
 from services.issuer.domain.service import IssuerService
-from services.issuer.errors import EntryError, IssuerError, MintError
+from services.issuer.errors import (
+    AlreadyRevokedError,
+    EntryError,
+    IssuerError,
+    MintError,
+    NotRevokedError,
+    RevocationError,
+    RevokedIdentityError,
+    UnknownSerialError,
+)
 from services.issuer.transport.grpc_peer import stream_credentials
 
 
@@ -42,10 +53,15 @@ class AdminApi(IssuerAdminBase):
         *,
         on_change: Callable[[], None],
         status: Callable[[], pb.StatusResponse],
+        on_revoke: Callable[[], int] = lambda: 0,
     ) -> None:
+        """``on_change`` after entries change or a revocation is lifted; ``on_revoke`` after a
+        revocation: re-issues the CRLs, wakes the Workload API streams and returns the highest
+        CRL number."""
         self._service = service
         self._on_change = on_change
         self._status = status
+        self._on_revoke = on_revoke
 
     @staticmethod
     def _authorize(stream: Any) -> None:
@@ -96,6 +112,8 @@ class AdminApi(IssuerAdminBase):
             )
         except MintError as error:
             raise GRPCError(Status.INVALID_ARGUMENT, str(error)) from None
+        except RevokedIdentityError as error:
+            raise GRPCError(Status.FAILED_PRECONDITION, str(error)) from None
         except IssuerError as error:
             raise GRPCError(Status.UNAVAILABLE, str(error)) from None
         await stream.send_message(
@@ -107,6 +125,45 @@ class AdminApi(IssuerAdminBase):
                 not_after=svid.leaf.not_valid_after_utc.isoformat(timespec="seconds"),
             )
         )
+
+    async def Revoke(self, stream: Any) -> None:  # noqa: N802
+        self._authorize(stream)
+        request = await stream.recv_message()
+        try:
+            result = self._revoke(request)
+        except (UnknownSerialError, NotRevokedError) as error:
+            raise GRPCError(Status.NOT_FOUND, str(error)) from None
+        except AlreadyRevokedError as error:
+            raise GRPCError(Status.ALREADY_EXISTS, str(error)) from None
+        except RevocationError as error:
+            raise GRPCError(Status.INVALID_ARGUMENT, str(error)) from None
+        if request.undo:
+            self._on_change()
+            crl_number = 0
+        else:
+            crl_number = self._on_revoke()
+        await stream.send_message(
+            pb.RevokeResponse(
+                serials=list(result.serials),
+                spiffe_id=result.spiffe_id,
+                reason=result.reason,
+                revoked_at=result.at.isoformat(timespec="seconds"),
+                replaced=list(result.replaced),
+                crl_number=crl_number,
+                undone=request.undo,
+            )
+        )
+
+    def _revoke(self, request: pb.RevokeRequest) -> RevocationResult:
+        if bool(request.serial) == bool(request.spiffe_id):
+            raise RevocationError("give either a serial or a SPIFFE ID to revoke")
+        if request.undo:
+            if not request.spiffe_id:
+                raise RevocationError("only a SPIFFE ID's revocation can be lifted, not a serial's")
+            return self._service.lift_revocation(request.spiffe_id)
+        if request.serial:
+            return self._service.revoke_serial(request.serial, request.reason)
+        return self._service.revoke_spiffe_id(request.spiffe_id, request.reason)
 
     async def Status(self, stream: Any) -> None:  # noqa: N802
         self._authorize(stream)

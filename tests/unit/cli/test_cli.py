@@ -69,6 +69,9 @@ def run(argv: Sequence[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
         (["entry", "delete"], "entry_id"),
         (["entry", "list", "--bogus"], "unrecognized arguments"),
         (["issuer", "run", "--upstream", "cloud"], "invalid choice"),
+        (["revoke"], "one of the arguments --serial --spiffe-id is required"),
+        (["revoke", "--serial", "ab", "--spiffe-id", LEDGER], "not allowed with"),
+        (["revoke", "--reason", "keyCompromise"], "required"),
     ],
 )
 def test_bad_usage_is_one_line_and_exit_2(
@@ -108,6 +111,15 @@ def entry_create(
         (["--trust-domain", "Bank.Example", *entry_create()], "trust domain"),
         (["svid", "mint", "--spiffe-id", "spiffe://other.example/x", "--out", "o"], "outside"),
         (["svid", "mint", "--spiffe-id", LEDGER, "--out", "o", "--ttl", "1 minute"], "duration"),
+        (["revoke", "--serial", "xyz"], "not a certificate serial"),
+        (["revoke", "--serial", "0"], "not a certificate serial"),
+        (["revoke", "--serial", "ab", "--reason", "stolen"], "unknown revocation reason"),
+        (["revoke", "--serial", "ab", "--reason", "cACompromise"], "keyCompromise"),
+        (["revoke", "--spiffe-id", "spiffe://other.example/x"], "outside the trust domain"),
+        (["revoke", "--spiffe-id", f"spiffe://{DEFAULT_TRUST_DOMAIN}"], "trust domain itself"),
+        (["revoke", "--serial", "ab", "--undo"], "a serial stays revoked"),
+        (["revoke", "--spiffe-id", LEDGER, "--undo", "--reason", "superseded"], "no --reason"),
+        (["revoke", "--spiffe-id", "ledger", "--undo"], "spiffe://"),
     ],
 )
 def test_invalid_input_is_refused_before_contacting_the_issuer(
@@ -140,6 +152,9 @@ def test_other_trust_domain_flag_moves_the_boundary(
         ["entry", "list"],
         ["entry", "delete", "0b6f2c1e"],
         ["svid", "mint", "--spiffe-id", LEDGER, "--out", "minted"],
+        ["revoke", "--serial", "0x4F:0C", "--reason", "keycompromise"],
+        ["revoke", "--spiffe-id", LEDGER],
+        ["revoke", "--spiffe-id", LEDGER, "--undo"],
     ],
 )
 def test_valid_input_without_an_issuer_is_exit_1(
@@ -203,3 +218,42 @@ def test_certs_init_for_another_trust_domain(
     root = x509.load_pem_x509_certificate((tmp_path / "certs" / "root-ca.pem").read_bytes())
     san = root.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.UniformResourceIdentifier) == ["spiffe://bank.test"]
+
+
+# -- status -----------------------------------------------------------------------------------
+
+
+def test_status_document_names_the_revocation_endpoints() -> None:
+    from services.stack.native import StackStatus
+
+    status = StackStatus(
+        trust_domain=DEFAULT_TRUST_DOMAIN,
+        root_ca="certs/root-ca.pem",
+        issuer_socket="unix:///var/run/workload.sock",
+        issuer_running=True,
+        services={},
+        issuer_crl_url="http://127.0.0.1:8180/crls",
+        issuer_ocsp_url="http://127.0.0.1:8180/ocsp",
+    )
+    issuer = cli._status_document(status)["issuer"]
+    assert issuer == {
+        "socket": "unix:///var/run/workload.sock",
+        "running": True,
+        "crl_url": "http://127.0.0.1:8180/crls",
+        "ocsp_url": "http://127.0.0.1:8180/ocsp",
+    }
+
+
+def test_native_stack_passes_and_reports_the_issuer_http_address(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from services.stack.native import NativeStack, StackSettings
+    from services.stack.sandbox import REPO_ROOT
+
+    monkeypatch.setenv("ZTBANK_ISSUER_HTTP", "127.0.0.1:9999")
+    stack = NativeStack(StackSettings(registry=REPO_ROOT / "infra" / "registry.json"))
+    assert stack._env["ZTBANK_ISSUER_HTTP"] == "127.0.0.1:9999"
+    monkeypatch.setattr(stack, "_ops_svid", lambda: None)
+    status = stack.status()
+    assert status.issuer_crl_url == "http://127.0.0.1:9999/crls"
+    assert status.issuer_ocsp_url == "http://127.0.0.1:9999/ocsp"

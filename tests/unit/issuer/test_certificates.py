@@ -4,7 +4,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID
 
 from services.common.identity.spiffe_id import SpiffeId
 from services.common.identity.x509svid import verify_x509_svid
@@ -236,3 +236,42 @@ def test_root_is_self_signed_with_room_for_one_intermediate(pki: Pki) -> None:
 
 def test_root_lifetime_is_exactly_its_ttl(pki: Pki) -> None:
     assert_validity(pki.root, now=pki.now, ttl=ROOT_LIFETIME)
+
+
+# -- revocation pointers ----------------------------------------------------------------------
+
+CRL_URL = "http://127.0.0.1:8180/crl/abc.crl"
+OCSP_URL = "http://127.0.0.1:8180/ocsp"
+
+
+def test_svid_names_its_crl_and_ocsp_responder_when_given(pki: Pki) -> None:
+    leaf = build_x509_svid(
+        SVID_ID,
+        new_key().public_key(),
+        ca_cert=pki.ca,
+        ca_key=pki.ca_key,
+        ttl=TTL,
+        crl_url=CRL_URL,
+        ocsp_url=OCSP_URL,
+    )
+    points = leaf.extensions.get_extension_for_class(x509.CRLDistributionPoints)
+    assert not points.critical
+    (point,) = points.value
+    assert point.full_name == [x509.UniformResourceIdentifier(CRL_URL)]
+    assert (point.relative_name, point.reasons, point.crl_issuer) == (None, None, None)
+    access = leaf.extensions.get_extension_for_class(x509.AuthorityInformationAccess)
+    assert not access.critical
+    assert [(d.access_method, d.access_location) for d in access.value] == [
+        (AuthorityInformationAccessOID.OCSP, x509.UniformResourceIdentifier(OCSP_URL))
+    ]
+    # Still exactly one URI SAN, and still a valid X509-SVID.
+    san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.UniformResourceIdentifier) == [str(SVID_ID)]
+    assert verify_x509_svid([leaf], [pki.ca], trust_domain=TD, now=pki.now) == SVID_ID
+
+
+def test_svid_without_urls_has_no_revocation_pointers(pki: Pki) -> None:
+    leaf = pki.svid()
+    for kind in (x509.CRLDistributionPoints, x509.AuthorityInformationAccess):
+        with pytest.raises(x509.ExtensionNotFound):
+            leaf.extensions.get_extension_for_class(kind)

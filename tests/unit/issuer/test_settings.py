@@ -41,6 +41,9 @@ def test_defaults(tmp_path: Path) -> None:
     assert settings.workload_socket == tmp_path / "var" / "run" / "workload.sock"
     assert settings.state_dir == tmp_path / "var" / "issuer"
     assert settings.admin_socket == tmp_path / "var" / "run" / "issuer" / "admin.sock"
+    assert settings.crl_ttl == settings.crl_validity == settings.svid_ttl
+    assert settings.issuer_http == "127.0.0.1:8180"
+    assert settings.issuer_url == "http://127.0.0.1:8180"
 
 
 def test_endpoint_socket_follows_ztbank_home(
@@ -85,6 +88,13 @@ def test_explicit_endpoint_socket(
         ("ZTBANK_CA_TTL", "2h", "ca_ttl", timedelta(hours=2)),
         ("ZTBANK_TRUST_DOMAIN", "bank.test", "trust_domain", "bank.test"),
         ("ZTBANK_UPSTREAM", "disk", "upstream", "disk"),
+        ("ZTBANK_CRL_TTL", "30s", "crl_validity", timedelta(seconds=30)),
+        ("ZTBANK_CRL_TTL", "5s", "crl_validity", timedelta(seconds=5)),
+        ("ZTBANK_CRL_TTL", "5m", "crl_validity", timedelta(minutes=5)),
+        ("ZTBANK_CRL_TTL", "", "crl_validity", timedelta(minutes=5)),
+        ("ZTBANK_ISSUER_HTTP", "0.0.0.0:9000", "issuer_http", "0.0.0.0:9000"),
+        ("ZTBANK_ISSUER_HTTP", "[::1]:9000", "issuer_url", "http://[::1]:9000"),
+        ("ZTBANK_ISSUER_HTTP", "issuer.internal:80", "issuer_url", "http://issuer.internal:80"),
     ],
 )
 def test_reads_the_environment(
@@ -138,6 +148,16 @@ def test_ca_ttl_of_exactly_six_svid_ttls_is_accepted(monkeypatch: pytest.MonkeyP
         ({"ZTBANK_SVID_TTL": "10m", "ZTBANK_CA_TTL": "59m"}, "ZTBANK_CA_TTL"),
         ({"ZTBANK_CA_TTL": "20m"}, "ZTBANK_CA_TTL"),
         ({"ZTBANK_UPSTREAM": "cloud"}, "ZTBANK_UPSTREAM"),
+        ({"ZTBANK_CRL_TTL": "4s"}, "ZTBANK_CRL_TTL"),
+        ({"ZTBANK_CRL_TTL": "6m"}, "ZTBANK_CRL_TTL"),
+        ({"ZTBANK_SVID_TTL": "20s", "ZTBANK_CRL_TTL": "21s"}, "ZTBANK_CRL_TTL"),
+        ({"ZTBANK_CRL_TTL": "often"}, "ZTBANK_CRL_TTL"),
+        ({"ZTBANK_ISSUER_HTTP": "127.0.0.1"}, "ZTBANK_ISSUER_HTTP"),
+        ({"ZTBANK_ISSUER_HTTP": "127.0.0.1:0"}, "ZTBANK_ISSUER_HTTP"),
+        ({"ZTBANK_ISSUER_HTTP": "127.0.0.1:70000"}, "ZTBANK_ISSUER_HTTP"),
+        ({"ZTBANK_ISSUER_HTTP": ":8180"}, "ZTBANK_ISSUER_HTTP"),
+        ({"ZTBANK_ISSUER_HTTP": "http://127.0.0.1:8180"}, "ZTBANK_ISSUER_HTTP"),
+        ({"ZTBANK_ISSUER_HTTP": "127.0.0.1:8180/x"}, "ZTBANK_ISSUER_HTTP"),
         ({"ZTBANK_UPSTREAM": "vault", "VAULT_TOKEN": "t"}, "VAULT_ADDR"),
         ({"ZTBANK_UPSTREAM": "vault", "VAULT_ADDR": "https://vault:8200"}, "ZTBANK_VAULT_ROLE_ID"),
         (
@@ -199,3 +219,13 @@ def test_socket_path_limit_counts_bytes_not_characters(monkeypatch: pytest.Monke
 def test_socket_refusal_names_the_variable(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
     message = refusal(monkeypatch, SPIFFE_ENDPOINT_SOCKET=value)
     assert any(variable in message for variable in ENDPOINT_VARIABLES)
+
+
+def test_crl_ttl_refusal_says_the_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    message = refusal(monkeypatch, ZTBANK_SVID_TTL="1m", ZTBANK_CRL_TTL="2m")
+    assert "between 5s and ZTBANK_SVID_TTL (1m; got 2m)" in message
+
+
+def test_crl_ttl_follows_a_shorter_svid_ttl(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ZTBANK_SVID_TTL", "20s")
+    assert load_settings(IssuerSettings).crl_validity == timedelta(seconds=20)

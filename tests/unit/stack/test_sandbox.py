@@ -1,0 +1,23 @@
+import json
+from pathlib import Path
+
+from services.issuer.settings import parse_listen_address
+from services.stack.native import NativeStack
+from services.stack.sandbox import sandbox_settings
+
+
+def test_sandbox_gives_the_issuer_http_endpoint_its_own_free_port(tmp_path: Path) -> None:
+    settings = sandbox_settings(tmp_path)
+    host, port = parse_listen_address(settings.issuer_http)
+    assert host == "127.0.0.1"
+    registry = json.loads(settings.registry.read_text())
+    service_ports = {
+        entry[key]
+        for entry in registry["services"].values()
+        for key in ("port", "metrics_port")
+        if entry.get(key) is not None
+    }
+    assert service_ports
+    assert port not in service_ports
+    # Every process of the stack is told where the issuer publishes revocation.
+    assert NativeStack(settings)._env["ZTBANK_ISSUER_HTTP"] == settings.issuer_http
