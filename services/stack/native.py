@@ -79,7 +79,7 @@ class NativeStack:
         return ManagedProcess(name, module, self._pid_dir, self._log_dir)
 
     @property
-    def _env(self) -> dict[str, str]:
+    def env(self) -> dict[str, str]:
         env = {
             "ZTBANK_HOME": str(self.settings.home),
             "ZTBANK_CERTS_DIR": str(self.settings.certs_dir),
@@ -102,14 +102,14 @@ class NativeStack:
         deadline = time.monotonic() + timeout
         init_root_ca(self.settings.certs_dir, self.settings.trust_domain)
         if not self.issuer.running():
-            self.issuer.start(self._env)
+            self.issuer.start(self.env)
         self._wait(partial(accepts_connections, self.settings.admin_socket), deadline, self.issuer)
         self._register_entries()
         for name, process in self.services.items():
             if not process.running():
                 socket_path = self.settings.workload_socket_for(name)
                 self._wait(socket_path.exists, deadline, self.issuer)
-                process.start(self._env | {"SPIFFE_ENDPOINT_SOCKET": self._workload_socket(name)})
+                process.start(self.env | {"SPIFFE_ENDPOINT_SOCKET": self._workload_socket(name)})
         for name, process in self.services.items():
             self._wait(partial(self._healthy, name), deadline, process)
         return self.status()

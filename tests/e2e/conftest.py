@@ -16,8 +16,12 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import ssl
+import subprocess
+import sys
 import tempfile
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -336,6 +340,35 @@ class E2EStack:
 
     def status(self) -> StackStatus:
         return self.native.status()
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """``ztbank ARGS`` as an operator of this stack would run it."""
+        env = {
+            **os.environ,
+            "ZTBANK_HOME": str(self.settings.home),
+            "ZTBANK_CERTS_DIR": str(self.settings.certs_dir),
+            "ZTBANK_TRUST_DOMAIN": self.trust_domain,
+            "ZTBANK_ISSUER_HTTP": self.settings.issuer_http,
+        }
+        executable = Path(sys.executable).with_name("ztbank")
+        return subprocess.run(
+            [str(executable), *args],
+            check=False,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+    def metric(self, service: str, name: str) -> float | None:
+        """One sample of a Prometheus metric from the service's metrics port."""
+        port = self.addresses[service].metrics_port
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+            text = reply.read().decode()
+        for line in text.splitlines():
+            if line.startswith(name) and (line[len(name)] in " {"):
+                return float(line.rsplit(" ", 1)[1])
+        return None
 
     def restart(self) -> StackStatus:
         """``down()`` then ``up()`` of the same stack: same home, certs and ports."""
