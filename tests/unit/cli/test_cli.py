@@ -252,7 +252,7 @@ def test_native_stack_passes_and_reports_the_issuer_http_address(
 
     monkeypatch.setenv("ZTBANK_ISSUER_HTTP", "127.0.0.1:9999")
     stack = NativeStack(StackSettings(registry=REPO_ROOT / "infra" / "registry.json"))
-    assert stack._env["ZTBANK_ISSUER_HTTP"] == "127.0.0.1:9999"
+    assert stack.env["ZTBANK_ISSUER_HTTP"] == "127.0.0.1:9999"
     monkeypatch.setattr(stack, "_ops_svid", lambda: None)
     status = stack.status()
     assert status.issuer_crl_url == "http://127.0.0.1:9999/crls"

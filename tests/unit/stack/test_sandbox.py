@@ -20,4 +20,4 @@ def test_sandbox_gives_the_issuer_http_endpoint_its_own_free_port(tmp_path: Path
     assert service_ports
     assert port not in service_ports
     # Every process of the stack is told where the issuer publishes revocation.
-    assert NativeStack(settings)._env["ZTBANK_ISSUER_HTTP"] == settings.issuer_http
+    assert NativeStack(settings).env["ZTBANK_ISSUER_HTTP"] == settings.issuer_http
