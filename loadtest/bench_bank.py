@@ -19,9 +19,21 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from services._proto import issuer_admin_pb2 as pb
+from services._proto.issuer_admin_grpc import IssuerAdminStub
 from services.cli.teller import TellerClient
+from services.common.identity.source import SvidMaterial
+from services.common.identity.spiffe_id import SpiffeId
+from services.common.workloads import TELLER
+from services.issuer.admin_client import call_admin
+from services.stack.native import NativeStack
 from services.stack.sandbox import sandbox_stack
 
 ACCOUNTS = ("acc-alice-cny", "acc-alice-savings")
@@ -138,11 +150,65 @@ def max_throughput(workers: list[Worker], seconds: float, name: str) -> Result:
     return Result(name, latencies, failures[0], seconds)
 
 
+def minted_teller(stack: NativeStack, ttl_seconds: int) -> SvidMaterial:
+    """A teller SVID from the admin API: it outlives short workload TTLs and can be revoked
+    without touching the real teller."""
+    spiffe_id = TELLER.spiffe_id(stack.settings.trust_domain)
+    request = pb.MintX509SVIDRequest(spiffe_id=str(spiffe_id), ttl_seconds=ttl_seconds)
+    reply = call_admin(stack.settings.admin_socket, lambda stub: stub.MintX509SVID(request))
+    key = serialization.load_pem_private_key(reply.key_pem, password=None)
+    return SvidMaterial(
+        spiffe_id=SpiffeId.parse(str(spiffe_id)),
+        chain=tuple(x509.load_pem_x509_certificates(reply.chain_pem)),
+        key=key,
+        bundle=tuple(x509.load_pem_x509_certificates(reply.bundle_pem)),
+    )
+
+
+def _refused(client: TellerClient, connection: Any) -> bool:
+    try:
+        return client.request("GET", "/healthz", connection=connection).status != 200
+    except Exception:  # any failure to be served counts as refused here
+        return True
+
+
+async def _revoke(stub: IssuerAdminStub, *, serial: str) -> pb.RevokeResponse:
+    return await stub.Revoke(pb.RevokeRequest(serial=serial, reason="keyCompromise"))
+
+
+def revocation_propagation(stack: NativeStack, count: int) -> tuple[list[float], list[float]]:
+    """Seconds from `Revoke` returning until (a) a new connection and (b) an open keep-alive
+    connection of the revoked client are refused, over ``count`` revocations."""
+    new_connection, open_connection = [], []
+    for _ in range(count):
+        victim = minted_teller(stack, 120)
+        client = TellerClient(stack.settings, victim)
+        kept = client.connect()
+        assert client.request("GET", "/healthz", connection=kept).status == 200
+        call_admin(stack.settings.admin_socket, partial(_revoke, serial=victim.serial))
+        revoked = time.perf_counter()
+        seen: dict[str, float] = {}
+        while len(seen) < 2 and time.perf_counter() - revoked < 10:
+            if "new" not in seen and _refused(client, None):
+                seen["new"] = time.perf_counter() - revoked
+            if "open" not in seen and _refused(client, kept):
+                seen["open"] = time.perf_counter() - revoked
+            time.sleep(0.005)
+        kept.close()
+        new_connection.append(seen.get("new", float("inf")))
+        open_connection.append(seen.get("open", float("inf")))
+    return new_connection, open_connection
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rates", default="10,25,50", help="offered transfers per second")
     parser.add_argument("--seconds", type=float, default=10.0, help="duration of each row")
     parser.add_argument("--clients", type=int, default=8, help="concurrent teller connections")
+    parser.add_argument(
+        "--rotation-rate", type=float, default=25.0, help="offered rate of the rotation rows"
+    )
+    parser.add_argument("--revocations", type=int, default=10, help="revocations to time")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="ztbench") as scratch:
@@ -163,6 +229,19 @@ def main() -> int:
                     fresh, args.seconds, f"max, {args.clients} clients, new TLS connection each"
                 )
             )
+            calm = fixed_rate(fresh, args.rotation_rate, args.seconds)
+            calm.name = f"{args.rotation_rate:g}/s, new connections, SVID TTL 5m (no rotation)"
+            results.append(calm)
+            new_connection, open_connection = revocation_propagation(stack, args.revocations)
+        with sandbox_stack(svid_ttl="10s", risk_rules=rules) as stack:
+            # A minted teller SVID outlives the 10 s TTL, so only the services rotate.
+            client = TellerClient(stack.settings, minted_teller(stack, 600))
+            fresh = [Worker(client, reuse=False) for _ in range(args.clients)]
+            rotating = fixed_rate(fresh, args.rotation_rate, args.seconds)
+            rotating.name = (
+                f"{args.rotation_rate:g}/s, new connections, SVID TTL 10s (rotating every 4-5 s)"
+            )
+            results.append(rotating)
     header = (
         "transfers (POST /v1/transfers, 3 services, mTLS)",
         "done/s",
@@ -174,6 +253,13 @@ def main() -> int:
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+    print()
+    print(f"revocation propagation over {args.revocations} revocations (seconds after Revoke)")
+    for name, samples in (
+        ("new connection refused", new_connection),
+        ("open connection cut", open_connection),
+    ):
+        print(f"  {name:<24} median {statistics.median(samples):.3f}  worst {max(samples):.3f}")
     return 0
 
 

@@ -61,12 +61,17 @@ class _VerifiedConnection(http.client.HTTPSConnection):
 
 
 class TellerClient:
-    def __init__(self, settings: StackSettings) -> None:
-        socket_uri = f"unix://{settings.workload_socket_for(TELLER.name)}"
-        try:
-            self._material = fetch_svid(socket_uri, settings.trust_domain, timeout=5)
-        except CommonError as error:
-            raise CliError(f"no teller identity ({error}); is the stack up? (make up)") from None
+    def __init__(self, settings: StackSettings, material: SvidMaterial | None = None) -> None:
+        """Acts with ``material`` if given (e.g. a minted SVID), else the teller's own SVID."""
+        if material is None:
+            socket_uri = f"unix://{settings.workload_socket_for(TELLER.name)}"
+            try:
+                material = fetch_svid(socket_uri, settings.trust_domain, timeout=5)
+            except CommonError as error:
+                raise CliError(
+                    f"no teller identity ({error}); is the stack up? (make up)"
+                ) from None
+        self._material = material
         self._context = client_context(self._material, ["http/1.1"])
         self._address = FileRegistry(settings.registry).lookup(GATEWAY.name)
         self._gateway_id = GATEWAY.spiffe_id(settings.trust_domain)
