@@ -17,6 +17,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -37,6 +38,8 @@ from services.stack.native import NativeStack
 from services.stack.sandbox import sandbox_stack
 
 ACCOUNTS = ("acc-alice-cny", "acc-alice-savings")
+# Why requests failed, printed under the table.
+ERRORS: Counter[str] = Counter()
 # Velocity review would turn most benchmark transfers into held ones: relax it for the run.
 BENCH_RULES = {"velocity_max_transfers": 1000, "velocity_window_seconds": 1}
 
@@ -88,13 +91,16 @@ class Worker:
             },
             connection=self._connection,
         )
+        if reply.status != 201:
+            ERRORS[f"HTTP {reply.status}: {reply.body}"] += 1
         return reply.status == 201
 
 
 def _safe(call: Callable[[], bool]) -> bool:
     try:
         return call()
-    except Exception:  # a failed request is counted, never fatal to the benchmark
+    except Exception as error:  # a failed request is counted, never fatal to the benchmark
+        ERRORS[f"{type(error).__name__}: {error}"] += 1
         return False
 
 
@@ -253,6 +259,8 @@ def main() -> int:
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+    for reason, count in ERRORS.most_common(5):
+        print(f"  failed {count}x: {reason}")
     print()
     print(f"revocation propagation over {args.revocations} revocations (seconds after Revoke)")
     for name, samples in (

@@ -71,30 +71,35 @@ def client_context(material: SvidMaterial, alpn: list[str] | None = None) -> ssl
 class ReloadingContext:
     """An ``ssl.SSLContext`` that follows the SVID source.
 
-    ``load_cert_chain`` on a live context replaces the certificate served by later handshakes
-    without touching open connections; the trust bundle only grows here, and retired CAs are
-    dropped by ``PeerVerifier``, which always uses the current bundle.
+    Each rotation builds a complete new context and swaps the reference, so a handshake never
+    meets a half-updated one (a new certificate with the old key): a live context is never
+    mutated.  Callers read ``context`` for every new connection; open connections keep theirs.
     """
 
     def __init__(self, source: SvidSource, files: SvidFiles, *, server: bool) -> None:
-        protocol = ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT
-        self.context = _harden(ssl.SSLContext(protocol))
-        if server:
-            # TLS 1.3 tickets would let a client resume without a certificate exchange.
-            self.context.num_tickets = 0
-        else:
-            # Peers are identified by SPIFFE ID (PeerVerifier), not by host name.
-            self.context.check_hostname = False
+        self._server = server
         self._files = files
         self._lock = threading.Lock()
-        self._load(source.current())
-        source.subscribe(self._load)
+        self.context = self._build(source.current())
+        source.subscribe(self._rotate)
 
-    def _load(self, material: SvidMaterial) -> None:
+    def _build(self, material: SvidMaterial) -> ssl.SSLContext:
+        protocol = ssl.PROTOCOL_TLS_SERVER if self._server else ssl.PROTOCOL_TLS_CLIENT
+        context = _harden(ssl.SSLContext(protocol))
+        if self._server:
+            # TLS 1.3 tickets would let a client resume without a certificate exchange.
+            context.num_tickets = 0
+        else:
+            # Peers are identified by SPIFFE ID (PeerVerifier), not by host name.
+            context.check_hostname = False
         with self._lock:
             self._files.write(material)
-            self.context.load_cert_chain(self._files.chain, self._files.key)
-            self.context.load_verify_locations(cadata=material.bundle_pem.decode())
+            context.load_cert_chain(self._files.chain, self._files.key)
+        context.load_verify_locations(cadata=material.bundle_pem.decode())
+        return context
+
+    def _rotate(self, material: SvidMaterial) -> None:
+        self.context = self._build(material)
 
 
 class PeerVerifier:
