@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help install up down status reset certs issuer proto proto-check lint format test test-unit test-integration test-e2e bench bench-issuer bench-bank clean
+.PHONY: help install up down logs status reset certs issuer proto proto-check lint format test test-unit test-integration test-e2e bench bench-issuer bench-bank clean
 
 help: ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -22,11 +22,24 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP) ## create .venv/ with pinned dependencies and the ztbank console script
 
-up: install ## start the native stack (issuer, gateway, transfer-engine, risk) in the background
-	$(BIN)/ztbank up
+# native when no Docker engine answers (always the case on our machines), compose when one does;
+# MODE=native|compose overrides the choice.
+STACK_MODE = $${MODE:-$$(docker info >/dev/null 2>&1 && echo compose || echo native)}
 
-down: install ## stop every process `make up` started (balances and history are kept)
-	$(BIN)/ztbank down
+up: install ## start the stack in the background (native processes, or compose when Docker runs)
+	@mode=$(STACK_MODE); echo "stack mode: $$mode"; \
+	if [ "$$mode" = compose ]; then docker compose up --detach --build --wait; \
+	else $(BIN)/ztbank up; fi
+
+down: install ## stop the stack; state is kept (compose: VOLUMES=1 also removes the volumes)
+	@mode=$(STACK_MODE); \
+	if [ "$$mode" = compose ]; then docker compose down $${VOLUMES:+--volumes}; \
+	else $(BIN)/ztbank down; fi
+
+logs: ## follow the stack's logs
+	@mode=$(STACK_MODE); \
+	if [ "$$mode" = compose ]; then docker compose logs --follow; \
+	else tail -n 20 -F var/log/*.log; fi
 
 status: install ## trust domain, issuer and each service's SVID serial, expiry and health (JSON)
 	$(BIN)/ztbank status --json

@@ -1,0 +1,66 @@
+# syntax=docker/dockerfile:1
+# One image for every ztbank Python process of the compose stack (issuer, gateway,
+# transfer-engine, risk, the one-shot jobs), plus a `load` target that adds locust.
+#   docker compose build            # target runtime (the last stage, the default)
+ARG PYTHON_IMAGE=python:3.11.10-slim-bookworm
+
+# ---- builder: resolve and install into a venv (build tools allowed here only) ----------------
+FROM ${PYTHON_IMAGE} AS builder
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /src
+# Dependencies first (cached while only the source changes), pinned by constraints.txt.
+COPY pyproject.toml constraints.txt README.md LICENSE ./
+RUN python -c "import tomllib; print('\\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+        > /tmp/requirements.txt
+RUN pip install -c constraints.txt -r /tmp/requirements.txt
+COPY services/ services/
+RUN pip install --no-deps .
+
+# ---- load-builder: the same venv plus locust (dev dependency) -----------------------------
+FROM builder AS load-builder
+RUN pip install -c constraints.txt locust
+
+# ---- base: what every final image shares (no compiler, no pip cache, non-root) -------------
+FROM ${PYTHON_IMAGE} AS base
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    ZTBANK_HOME=/var/lib/ztbank
+# One uid per workload: the issuer attests them with unix:uid selectors on one shared socket.
+# The directories below are the mount points of named volumes; a new volume takes the owner and
+# mode of its mount point from the image.
+RUN set -eux; \
+    groupadd --system --gid 10000 ztbank; \
+    useradd --system --uid 10000 --gid ztbank --no-create-home --shell /usr/sbin/nologin issuer; \
+    useradd --system --uid 10001 --gid ztbank --no-create-home --shell /usr/sbin/nologin gateway; \
+    useradd --system --uid 10002 --gid ztbank --no-create-home --shell /usr/sbin/nologin transfer-engine; \
+    useradd --system --uid 10003 --gid ztbank --no-create-home --shell /usr/sbin/nologin risk; \
+    install -d -o 10000 -g 10000 -m 0700 /var/lib/ztbank/issuer /vault/bootstrap; \
+    install -d -o 10001 -g 10000 -m 0700 /var/lib/ztbank/gateway; \
+    install -d -o 10002 -g 10000 -m 0700 /var/lib/ztbank/transfer-engine; \
+    install -d -o 10003 -g 10000 -m 0700 /var/lib/ztbank/risk; \
+    install -d -o 10000 -g 10000 -m 0755 /spiffe-workload-api
+WORKDIR /app
+COPY infra/ infra/
+COPY loadtest/ loadtest/
+COPY scripts/compose_*.sh scripts/
+# services/ is also installed in the venv; the copy keeps `python -m services.*` and the
+# relative paths of infra/ (policy, registry, rules) working from /app.
+COPY services/ services/
+
+# ---- load: runtime plus locust (compose profile "load") ------------------------------------
+FROM base AS load
+COPY --from=load-builder /opt/venv /opt/venv
+# Mints a teller SVID through the issuer's admin socket (uid 10000, the issuer's volume), then
+# runs locust headless against the gateway of ZTBANK_REGISTRY: `python -m loadtest.run`.
+USER 10000:10000
+ENTRYPOINT ["python", "-m", "loadtest.run"]
+
+# ---- runtime (default target) --------------------------------------------------------------
+FROM base AS runtime
+COPY --from=builder /opt/venv /opt/venv
+USER 10000:10000
+ENTRYPOINT ["ztbank"]
+CMD ["--help"]
