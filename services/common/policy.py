@@ -10,6 +10,10 @@ The policy is a JSON file (``infra/policy.json``) re-read when it changes, witho
 wildcards; ``{trust_domain}`` in a caller is replaced by the running trust domain.  Anything not
 allowed by a rule is denied.  If the file becomes unreadable or invalid, every request is denied
 until it is fixed (fail closed), and the reason is logged and returned with each denial.
+
+The document comes from a ``PolicySource``: the file here (``FilePolicySource``, the native stack)
+or Consul KV in the compose stack (``services.common.consul.ConsulPolicySource``).  Either way the
+same parser and the same decisions apply; only where the text lives differs.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from services.common.errors import CommonError, InvalidSpiffeIdError
 from services.common.identity.spiffe_id import SpiffeId
@@ -71,15 +76,48 @@ def parse_policy(text: str, trust_domain: str) -> tuple[Rule, ...]:
         raise PolicyError(f"invalid policy: {error}") from None
 
 
-class Policy:
-    """Decides in memory; a stat() at most every RELOAD_CHECK_SECONDS picks up edits."""
+class PolicySource(Protocol):
+    """Where the policy document lives.
 
-    def __init__(self, path: Path, trust_domain: str) -> None:
-        self._path = path
+    ``stamp()`` is cheap and changes whenever the document may have changed; ``read()`` returns
+    the document text.  Both raise ``PolicyError`` or ``OSError`` when the source is unusable,
+    which makes ``Policy`` deny everything until they stop raising.
+    """
+
+    def describe(self) -> str: ...
+
+    def stamp(self) -> object: ...
+
+    def read(self) -> str: ...
+
+
+class FilePolicySource:
+    """``infra/policy.json``: the stamp is the file's stat()."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def describe(self) -> str:
+        return str(self.path)
+
+    def stamp(self) -> object:
+        stat = os.stat(self.path)
+        # ctime and inode too: an edit that keeps size and mtime (cp -p) must still count.
+        return (stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino, stat.st_size)
+
+    def read(self) -> str:
+        return self.path.read_text()
+
+
+class Policy:
+    """Decides in memory; a stamp check at most every RELOAD_CHECK_SECONDS picks up edits."""
+
+    def __init__(self, source: Path | PolicySource, trust_domain: str) -> None:
+        self._source = FilePolicySource(source) if isinstance(source, Path) else source
         self._trust_domain = trust_domain
         self._lock = threading.Lock()
         self._checked = 0.0
-        self._stamp: tuple[int, int, int, int] | None = None
+        self._stamp: object = None
         self._rules: tuple[Rule, ...] = ()
         self._broken: str | None = None
         self._reload()
@@ -88,19 +126,25 @@ class Policy:
 
     def _reload(self) -> None:
         try:
-            stat = os.stat(self._path)
-            # ctime and inode too: an edit that keeps size and mtime (cp -p) must still count.
-            stamp = (stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino, stat.st_size)
+            stamp = self._source.stamp()
             if stamp == self._stamp and self._broken is None:
                 return
-            self._rules = parse_policy(self._path.read_text(), self._trust_domain)
+            self._rules = parse_policy(self._source.read(), self._trust_domain)
             self._stamp, self._broken = stamp, None
-            logger.info("policy loaded from %s: %d rules", self._path, len(self._rules))
+            logger.info(
+                "policy loaded from %s: %d rules", self._source.describe(), len(self._rules)
+            )
         except (OSError, PolicyError) as error:
             if self._broken is None:
-                logger.error("policy %s unusable, denying everything: %s", self._path, error)
+                logger.error(
+                    "policy %s unusable, denying everything: %s", self._source.describe(), error
+                )
             self._broken = f"policy unavailable: {error}"
             self._stamp = None
+
+    @property
+    def source(self) -> PolicySource:
+        return self._source
 
     def _fresh(self) -> None:
         now = time.monotonic()

@@ -16,12 +16,18 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from pydantic import AliasChoices, Field, model_validator
 
 from services.common.audit import AuditLog
+from services.common.consul import (
+    ConsulPolicySource,
+    ConsulRegistration,
+    ConsulRegistry,
+    ConsulSettings,
+)
 from services.common.grpc_mtls import AuthorizationInterceptor, MtlsChannel, server_credentials
 from services.common.identity.source import SvidSource
-from services.common.policy import Policy
-from services.common.registry import FileRegistry, ServiceAddress
+from services.common.policy import Policy, PolicySource
+from services.common.registry import FileRegistry, ServiceAddress, ServiceRegistry
 from services.common.revocation import DEFAULT_INTERVAL, RevocationWatcher
-from services.common.settings import ZtbankSettings, socket_path_from_endpoint
+from services.common.settings import ZtbankSettings, load_settings, socket_path_from_endpoint
 from services.common.telemetry import Telemetry, setup_telemetry
 from services.common.tls import PeerVerifier
 
@@ -71,13 +77,20 @@ class ServiceRuntime:
     policy: Policy
     audit: AuditLog
     telemetry: Telemetry
-    registry: FileRegistry
+    registry: ServiceRegistry
+    # The compose stack's Consul pieces; None on the native stack (files).
+    consul_registration: ConsulRegistration | None = None
+    consul_policy: ConsulPolicySource | None = None
 
     def channel_to(self, service: str) -> MtlsChannel:
         """An mTLS channel to a gRPC service, checked against its DNS SAN (its service name)."""
         return MtlsChannel(self.source, self.registry.lookup(service).target, service)
 
     def close(self) -> None:
+        if self.consul_registration is not None:
+            self.consul_registration.close()
+        if self.consul_policy is not None:
+            self.consul_policy.close()
         self.telemetry.shutdown()
         self.revocation.close()
         self.source.close()
@@ -86,9 +99,29 @@ class ServiceRuntime:
 
 def create_runtime(name: str, settings: ServiceSettings) -> ServiceRuntime:
     """Everything ``name`` needs, once its SVID is fetched and its CRLs are fresh: a service
-    that cannot get either within its timeout does not start (fail closed)."""
-    registry = FileRegistry(settings.registry)
-    address = registry.lookup(name)
+    that cannot get either within its timeout does not start (fail closed).
+
+    Discovery and policy come from Consul when ``CONSUL_HTTP_ADDR`` is set (the compose stack:
+    the service registers itself with a health check, finds peers among passing instances and
+    watches its policy in KV), else from ``infra/registry.json`` and ``infra/policy.json``.
+    Either way the registry file gives this service's own listen address (the port plan).
+    """
+    consul = load_settings(ConsulSettings)
+    plan = FileRegistry(settings.registry)
+    address = plan.lookup(name)
+    registry: ServiceRegistry = plan
+    policy_source: Path | PolicySource = settings.policy
+    consul_policy: ConsulPolicySource | None = None
+    if consul.enabled:
+        registry = ConsulRegistry(consul.client())
+        consul_policy = consul.policy_source().start()
+        policy_source = consul_policy
+    try:
+        policy = Policy(policy_source, settings.trust_domain)
+    except BaseException:
+        if consul_policy is not None:
+            consul_policy.close()
+        raise
     source = SvidSource(
         settings.workload_endpoint(name),
         settings.trust_domain,
@@ -99,12 +132,19 @@ def create_runtime(name: str, settings: ServiceSettings) -> ServiceRuntime:
         lambda: source.current().bundle,
         interval=settings.revocation_interval_seconds,
     )
+    registration: ConsulRegistration | None = None
     try:
         revocation.start()
         revocation.wait_ready(settings.revocation_timeout_seconds)
+        if consul.enabled:
+            registration = ConsulRegistration.register(
+                consul.client(), address, consul.advertised(address.host)
+            )
     except BaseException:
         revocation.close()
         source.close()
+        if consul_policy is not None:
+            consul_policy.close()
         raise
     return ServiceRuntime(
         name=name,
@@ -113,7 +153,7 @@ def create_runtime(name: str, settings: ServiceSettings) -> ServiceRuntime:
         source=source,
         revocation=revocation,
         verifier=PeerVerifier(source.current, settings.trust_domain, revocation=revocation),
-        policy=Policy(settings.policy, settings.trust_domain),
+        policy=policy,
         audit=AuditLog(settings.home / "audit" / f"{name}.jsonl", fsync=settings.audit_fsync),
         telemetry=setup_telemetry(
             name,
@@ -123,6 +163,8 @@ def create_runtime(name: str, settings: ServiceSettings) -> ServiceRuntime:
             revocation=revocation,
         ),
         registry=registry,
+        consul_registration=registration,
+        consul_policy=consul_policy,
     )
 
 

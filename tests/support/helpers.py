@@ -12,7 +12,7 @@ import pytest
 POLL_INTERVAL = 0.05
 # Variables of the developer's shell that would reconfigure a ztbank process.  Settings read the
 # environment case-insensitively, so names are compared in upper case.
-LEAKY_PREFIXES = ("ZTBANK_", "SPIFFE_", "VAULT_", "OTEL_")
+LEAKY_PREFIXES = ("ZTBANK_", "SPIFFE_", "VAULT_", "OTEL_", "CONSUL_")
 
 T = TypeVar("T")
 
