@@ -11,89 +11,64 @@ from __future__ import annotations
 
 import contextlib
 import http.client
-import json
 import socket
 import ssl
-import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-import uvicorn
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common import grpc_mtls
 from services.common.audit import AuditLog
-from services.common.grpc_mtls import AuthorizationInterceptor, MtlsChannel, server_credentials
-from services.common.https_mtls import HttpsGuard, Receive, Scope, Send, mtls_server_config
+from services.common.grpc_mtls import MtlsChannel
 from services.common.identity.pem import fingerprint_sha256, serial_hex
-from services.common.identity.source import Listener, SvidMaterial, SvidSource
-from services.common.identity.spiffe_id import SpiffeId
-from services.common.peer import current_peer
+from services.common.identity.source import SvidMaterial
 from services.common.policy import Policy
 from services.common.revocation import RevocationWatcher
 from services.common.telemetry import Telemetry, setup_telemetry
-from services.common.tls import PeerVerifier, ReloadingContext, SvidFiles, client_context
-from services.stack.sandbox import free_port
+from services.common.tls import client_context
 from tests.support.crl import build_crl, crl_server, started_watcher
-from tests.support.pki import Issued, create_intermediate_ca, create_leaf, create_root_ca
+from tests.support.mtls_servers import (
+    ECHO,
+    ENGINE_ID,
+    GATEWAY_ID,
+    RISK_ID,
+    TD,
+    TELLER_ID,
+    TIMEOUT,
+    Authority,
+    FakeSource,
+    GrpcHandler,
+    WhoAmI,
+    audit_log,
+    audit_records,
+    call_echo,
+    echo,
+    https_get,
+    mtls_clients,
+    new_authority,
+    refusal,
+    rpc_error,
+    running_grpc_server,
+    running_https_server,
+    server_policy,
+)
 
 pytestmark = pytest.mark.integration
 
-TD = "ztbank.example"
-TELLER_ID = f"spiffe://{TD}/env/prod/zone/az1/team/channels/svc/teller"
-GATEWAY_ID = f"spiffe://{TD}/env/prod/zone/az1/team/channels/svc/gateway"
-ENGINE_ID = f"spiffe://{TD}/env/prod/zone/az1/team/payments/svc/transfer-engine"
-RISK_ID = f"spiffe://{TD}/env/prod/zone/az1/team/risk/svc/risk"
-ECHO_SERVICE = "ztbank.test.v1.Echo"
-ECHO = f"/{ECHO_SERVICE}/Echo"
-TIMEOUT = 5.0
 # How a client sees the server abort a handshake: asyncio closes without sending the alert.
 SERVER_REFUSALS = {"UNEXPECTED_EOF_WHILE_READING"}
 TLS13_SUITES = {"TLS_AES_256_GCM_SHA384", "TLS_AES_128_GCM_SHA256", "TLS_CHACHA20_POLY1305_SHA256"}
 
 
 # -- identities ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Authority:
-    root: Issued
-    signing_ca: Issued
-
-    @property
-    def bundle(self) -> tuple[x509.Certificate, ...]:
-        certificates = (self.root.certificate, self.signing_ca.certificate)
-        return tuple(sorted(certificates, key=lambda c: c.fingerprint(hashes.SHA256())))
-
-    def svid(
-        self,
-        spiffe_id: str,
-        *,
-        dns: tuple[str, ...] = (),
-        trusted: tuple[x509.Certificate, ...] | None = None,
-    ) -> SvidMaterial:
-        """An SVID for ``spiffe_id``; ``trusted`` replaces the bundle (what the holder trusts)."""
-        leaf = create_leaf(self.signing_ca, uri_sans=[spiffe_id], dns_sans=dns)
-        return SvidMaterial(
-            spiffe_id=SpiffeId.parse(spiffe_id),
-            chain=(leaf.certificate, self.signing_ca.certificate),
-            key=leaf.key,
-            bundle=self.bundle if trusted is None else trusted,
-        )
-
-
-def new_authority(common_name: str) -> Authority:
-    root = create_root_ca(common_name=f"{common_name} root")
-    return Authority(root, create_intermediate_ca(root, common_name=f"{common_name} signing CA"))
 
 
 @pytest.fixture(scope="module")
@@ -117,48 +92,17 @@ def revocation(authority: Authority) -> Iterator[RevocationWatcher]:
         watcher.close()
 
 
-class FakeSource(SvidSource):
-    """What ``SvidSource`` offers the TLS layers, fed by hand instead of the Workload API."""
-
-    def __init__(self, material: SvidMaterial) -> None:  # no Workload API
-        self._material = material
-        self._listeners: list[Listener] = []
-        self._lock = threading.Lock()
-
-    def publish(self, material: SvidMaterial) -> None:
-        """A rotation: the new SVID becomes current, then every listener hears of it."""
-        with self._lock:
-            self._material = material
-            listeners = list(self._listeners)
-        for listener in listeners:
-            listener(material)
-
-    def close(self) -> None:
-        pass
-
-
 # -- shared runtime pieces -------------------------------------------------------------------
-
-
-def write_policy(path: Path) -> Path:
-    rules = [
-        {"service": "gateway", "methods": ["* /v1/*"], "callers": [TELLER_ID]},
-        {"service": "risk", "methods": [f"/{ECHO_SERVICE}/*"], "callers": [ENGINE_ID]},
-    ]
-    path.write_text(json.dumps({"rules": rules}))
-    return path
 
 
 @pytest.fixture
 def policy(tmp_path: Path) -> Policy:
-    return Policy(write_policy(tmp_path / "policy.json"), TD)
+    return server_policy(tmp_path)
 
 
 @pytest.fixture
 def audit(tmp_path: Path) -> Iterator[AuditLog]:
-    log = AuditLog(tmp_path / "audit.jsonl", fsync=False)
-    yield log
-    log.close()
+    yield from audit_log(tmp_path)
 
 
 @pytest.fixture
@@ -166,10 +110,6 @@ def telemetry(tmp_path: Path) -> Iterator[Telemetry]:
     instance = setup_telemetry("mtls-test", metrics_port=None, spans_path=tmp_path / "spans.jsonl")
     yield instance
     instance.shutdown()
-
-
-def audit_records(log: AuditLog) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in log.path.read_text().splitlines()]
 
 
 def served_certificate(port: int, context: ssl.SSLContext) -> x509.Certificate:
@@ -184,11 +124,6 @@ def served_certificate(port: int, context: ssl.SSLContext) -> x509.Certificate:
 
 
 # -- gRPC ------------------------------------------------------------------------------------
-
-
-def echo(request: bytes, context: grpc.ServicerContext) -> bytes:
-    """Answers with what the servicer sees as the verified caller."""
-    return request + b" from " + str(current_peer().spiffe_id).encode()
 
 
 @dataclass
@@ -211,59 +146,27 @@ def grpc_server(
     revocation: RevocationWatcher,
 ) -> Iterator[GrpcServer]:
     source = FakeSource(authority.svid(RISK_ID, dns=("risk",)))
-    port = free_port()
-    interceptor = AuthorizationInterceptor(
-        service="risk",
-        verifier=PeerVerifier(source.current, TD, revocation=revocation),
+    handlers: dict[str, GrpcHandler] = {"Echo": grpc.unary_unary_rpc_method_handler(echo)}
+    with running_grpc_server(
+        source,
         policy=policy,
         audit=audit,
         telemetry=telemetry,
-        local_address=f"127.0.0.1:{port}",
-    )
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=[interceptor])
-    health_servicer = health.HealthServicer()
-    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    server.add_generic_rpc_handlers(
-        (
-            grpc.method_handlers_generic_handler(
-                ECHO_SERVICE, {"Echo": grpc.unary_unary_rpc_method_handler(echo)}
-            ),
-        )
-    )
-    assert server.add_secure_port(f"127.0.0.1:{port}", server_credentials(source)) == port
-    server.start()
-    yield GrpcServer(source, port, audit)
-    server.stop(grace=None).wait(TIMEOUT)
+        revocation=revocation,
+        handlers=handlers,
+    ) as running:
+        yield GrpcServer(source, running.port, audit)
+
+
+# Makes a client of the test server with an SVID: its channel and the source it rotates from.
+ClientTo = Callable[[SvidMaterial], tuple[MtlsChannel, FakeSource]]
 
 
 @pytest.fixture
-def client_to(
-    grpc_server: GrpcServer,
-) -> Iterator[Callable[[SvidMaterial], tuple[MtlsChannel, FakeSource]]]:
+def client_to(grpc_server: GrpcServer) -> Iterator[ClientTo]:
     """``MtlsChannel`` clients of the test server, closed afterwards."""
-    made: list[MtlsChannel] = []
-
-    def make(material: SvidMaterial) -> tuple[MtlsChannel, FakeSource]:
-        source = FakeSource(material)
-        channel = MtlsChannel(source, grpc_server.target, "risk")
-        made.append(channel)
-        return channel, source
-
-    yield make
-    for channel in made:
-        channel.close()
-
-
-def call_echo(channel: grpc.Channel, payload: bytes = b"ping") -> bytes:
-    method: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(ECHO)
-    return method(payload, timeout=TIMEOUT)
-
-
-def rpc_error(call: Callable[[], object]) -> grpc.RpcError:
-    with pytest.raises(grpc.RpcError) as caught:
-        call()
-    return caught.value
+    with mtls_clients(grpc_server.target) as make:
+        yield make
 
 
 def check_health(channel: grpc.Channel) -> int:
@@ -275,7 +178,7 @@ def check_health(channel: grpc.Channel) -> int:
 def test_grpc_allowed_caller_gets_through_and_is_audited(
     authority: Authority,
     grpc_server: GrpcServer,
-    client_to: Callable[[SvidMaterial], tuple[MtlsChannel, FakeSource]],
+    client_to: ClientTo,
 ) -> None:
     material = authority.svid(ENGINE_ID)
     channel, _ = client_to(material)
@@ -297,7 +200,7 @@ def test_grpc_allowed_caller_gets_through_and_is_audited(
 def test_grpc_caller_not_in_policy_is_denied_and_audited(
     authority: Authority,
     grpc_server: GrpcServer,
-    client_to: Callable[[SvidMaterial], tuple[MtlsChannel, FakeSource]],
+    client_to: ClientTo,
 ) -> None:
     material = authority.svid(GATEWAY_ID)
     channel, _ = client_to(material)
@@ -316,7 +219,7 @@ def test_grpc_caller_not_in_policy_is_denied_and_audited(
 def test_grpc_health_answers_any_verified_svid(
     authority: Authority,
     grpc_server: GrpcServer,
-    client_to: Callable[[SvidMaterial], tuple[MtlsChannel, FakeSource]],
+    client_to: ClientTo,
 ) -> None:
     channel, _ = client_to(authority.svid(GATEWAY_ID))
     assert check_health(channel.channel()) == health_pb2.HealthCheckResponse.SERVING
@@ -329,7 +232,7 @@ def test_grpc_client_of_a_foreign_ca_fails_the_handshake(
     authority: Authority,
     foreign: Authority,
     grpc_server: GrpcServer,
-    client_to: Callable[[SvidMaterial], tuple[MtlsChannel, FakeSource]],
+    client_to: ClientTo,
 ) -> None:
     # Same SPIFFE ID as an allowed caller, and it trusts our server: only its issuer is wrong.
     impostor = foreign.svid(ENGINE_ID, trusted=authority.bundle)
@@ -344,7 +247,7 @@ def test_grpc_client_of_a_foreign_ca_fails_the_handshake(
 def test_grpc_certificate_of_our_ca_but_not_an_svid_of_our_domain_is_unauthenticated(
     authority: Authority,
     grpc_server: GrpcServer,
-    client_to: Callable[[SvidMaterial], tuple[MtlsChannel, FakeSource]],
+    client_to: ClientTo,
 ) -> None:
     # OpenSSL accepts the chain; the X509-SVID rules refuse the other trust domain.
     outsider = authority.svid(ENGINE_ID.replace(TD, "other.example"))
@@ -360,7 +263,7 @@ def test_grpc_certificate_of_our_ca_but_not_an_svid_of_our_domain_is_unauthentic
 def test_grpc_server_rotation_reaches_new_connections_only(
     authority: Authority,
     grpc_server: GrpcServer,
-    client_to: Callable[[SvidMaterial], tuple[MtlsChannel, FakeSource]],
+    client_to: ClientTo,
 ) -> None:
     client = authority.svid(ENGINE_ID)
     probe = client_context(client, alpn=["h2"])
@@ -382,7 +285,7 @@ def test_grpc_server_rotation_reaches_new_connections_only(
 def test_grpc_mtls_channel_follows_client_rotation(
     authority: Authority,
     grpc_server: GrpcServer,
-    client_to: Callable[[SvidMaterial], tuple[MtlsChannel, FakeSource]],
+    client_to: ClientTo,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(grpc_mtls, "CHANNEL_GRACE_SECONDS", 60.0)
@@ -404,7 +307,7 @@ def test_grpc_mtls_channel_follows_client_rotation(
 def test_grpc_mtls_channel_closes_the_stale_channel_after_the_grace(
     authority: Authority,
     grpc_server: GrpcServer,
-    client_to: Callable[[SvidMaterial], tuple[MtlsChannel, FakeSource]],
+    client_to: ClientTo,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(grpc_mtls, "CHANNEL_GRACE_SECONDS", 0.1)
@@ -425,32 +328,6 @@ def test_grpc_mtls_channel_closes_the_stale_channel_after_the_grace(
 # -- HTTPS -----------------------------------------------------------------------------------
 
 
-class WhoAmI:
-    """The application: reports the verified peer it was handed, and notes every scope."""
-
-    def __init__(self) -> None:
-        self.seen: list[tuple[str, str]] = []
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        self.seen.append((scope["type"], scope["path"]))
-        if scope["type"] == "websocket":
-            await receive()  # websocket.connect
-            await send({"type": "websocket.close", "code": 1008})
-            return
-        peer = current_peer()
-        body = json.dumps(
-            {"spiffe_id": str(peer.spiffe_id), "serial": peer.serial, "path": scope["path"]}
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [(b"content-type", b"application/json")],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
-
-
 @dataclass
 class HttpsServer:
     source: FakeSource
@@ -469,66 +346,15 @@ def https_server(
     tmp_path: Path,
 ) -> Iterator[HttpsServer]:
     source = FakeSource(authority.svid(GATEWAY_ID))
-    tls = ReloadingContext(source, SvidFiles(tmp_path / "tls"), server=True)
-    guard = HttpsGuard(
-        service="gateway",
-        verifier=PeerVerifier(source.current, TD, revocation=revocation),
+    with running_https_server(
+        source,
         policy=policy,
         audit=audit,
         telemetry=telemetry,
-    )
-
-    app = WhoAmI()
-    # The same configuration as services/gateway/server.py.
-    config = mtls_server_config(app, guard, lambda: tls.context)
-    server = uvicorn.Server(config)
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    port = int(listener.getsockname()[1])
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + TIMEOUT
-    while not server.started:
-        assert thread.is_alive(), "uvicorn exited during startup"
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    try:
-        yield HttpsServer(source, port, audit, app)
-    finally:
-        server.should_exit = True
-        thread.join(TIMEOUT)
-        listener.close()
-
-
-@dataclass(frozen=True)
-class Reply:
-    status: int
-    content_type: str
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-def https_get(port: int, context: ssl.SSLContext, path: str = "/v1/accounts") -> Reply:
-    connection = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=TIMEOUT)
-    try:
-        connection.request("GET", path)
-        response = connection.getresponse()
-        return Reply(response.status, response.getheader("content-type", ""), response.read())
-    finally:
-        connection.close()
-
-
-def refusal(port: int, context: ssl.SSLContext) -> ssl.SSLError | ConnectionError:
-    """The error of a request that must not get through (RemoteDisconnected is a
-    ConnectionError: with TLS 1.3 the client's side of the handshake ends before the server
-    has judged its certificate)."""
-    with pytest.raises((ssl.SSLError, ConnectionError)) as caught:
-        https_get(port, context)
-    error = caught.value
-    assert isinstance(error, ssl.SSLError | ConnectionError)
-    return error
+        revocation=revocation,
+        tls_dir=tmp_path / "tls",
+    ) as running:
+        yield HttpsServer(source, running.port, audit, running.app)
 
 
 def tls12_context(material: SvidMaterial, ciphers: str) -> ssl.SSLContext:

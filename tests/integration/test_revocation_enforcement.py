@@ -16,7 +16,6 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent import futures
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -24,9 +23,8 @@ from typing import Any
 
 import grpc
 import pytest
-import uvicorn
 from cryptography import x509
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.sdk.metrics.export import Gauge, InMemoryMetricReader
 
 from services.common.audit import AuditLog
@@ -35,42 +33,35 @@ from services.common.grpc_mtls import (
     REVOKED_STREAM_REASON,
     UNAVAILABLE_DETAILS,
     AuthorizationInterceptor,
-    MtlsChannel,
-    server_credentials,
 )
-from services.common.https_mtls import (
-    CONNECTION_METHOD,
-    REVOKED_CONNECTION_REASON,
-    HttpsGuard,
-    mtls_server_config,
-)
+from services.common.https_mtls import CONNECTION_METHOD, REVOKED_CONNECTION_REASON
 from services.common.identity.source import SvidMaterial
 from services.common.peer import current_peer
 from services.common.policy import Policy
 from services.common.revocation import RevocationWatcher
 from services.common.telemetry import Telemetry, setup_telemetry
-from services.common.tls import PeerVerifier, ReloadingContext, SvidFiles, client_context
-from services.stack.sandbox import free_port
-from tests.integration.test_mtls_runtime import (
+from services.common.tls import client_context
+from tests.support import mtls_servers as servers
+from tests.support.crl import CRL_VALIDITY, Clock, CrlServer, build_crl, crl_server, wait_for
+from tests.support.mtls_servers import (
     ECHO,
     ECHO_SERVICE,
     ENGINE_ID,
     GATEWAY_ID,
     RISK_ID,
-    TD,
     TELLER_ID,
     TIMEOUT,
     Authority,
     FakeSource,
+    GrpcHandler,
     WhoAmI,
     audit_records,
     call_echo,
     https_get,
     new_authority,
     refusal,
-    write_policy,
+    rpc_error,
 )
-from tests.support.crl import CRL_VALIDITY, Clock, CrlServer, build_crl, crl_server, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -144,24 +135,29 @@ def watcher(issuer: Issuer, authority: Authority, clock: Clock) -> Iterator[Revo
     revocation.close()
 
 
-def revoke(issuer: Issuer, watcher: RevocationWatcher, material: SvidMaterial) -> float:
-    """Revoke ``material`` at the issuer; the monotonic time it was published."""
-    published = time.monotonic()
-    issuer.revoke(material)
-    assert wait_for(lambda: material.serial in watcher.revoked_serials(), TIMEOUT)
-    return published
+# Revokes an SVID at the issuer, once the watcher knows: the monotonic time it was published.
+Revoke = Callable[[SvidMaterial], float]
+
+
+@pytest.fixture
+def revoke(issuer: Issuer, watcher: RevocationWatcher) -> Revoke:
+    def revoke(material: SvidMaterial) -> float:
+        published = time.monotonic()
+        issuer.revoke(material)
+        assert wait_for(lambda: material.serial in watcher.revoked_serials(), TIMEOUT)
+        return published
+
+    return revoke
 
 
 @pytest.fixture
 def policy(tmp_path: Path) -> Policy:
-    return Policy(write_policy(tmp_path / "policy.json"), TD)
+    return servers.server_policy(tmp_path)
 
 
 @pytest.fixture
 def audit(tmp_path: Path) -> Iterator[AuditLog]:
-    log = AuditLog(tmp_path / "audit.jsonl", fsync=False)
-    yield log
-    log.close()
+    yield from servers.audit_log(tmp_path)
 
 
 @dataclass
@@ -239,10 +235,6 @@ class Ticker:
             self.finished.set()
 
 
-def echo(request: bytes, context: grpc.ServicerContext) -> bytes:
-    return request + b" from " + str(current_peer().spiffe_id).encode()
-
-
 def aborting(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
     yield b"first"
     context.abort(grpc.StatusCode.NOT_FOUND, "no such account")
@@ -268,52 +260,32 @@ def grpc_server(
     telemetry: Telemetry,
     watcher: RevocationWatcher,
 ) -> Iterator[GrpcServer]:
-    source = FakeSource(authority.svid(RISK_ID, dns=("risk",)))
-    port = free_port()
-    interceptor = AuthorizationInterceptor(
-        service="risk",
-        verifier=PeerVerifier(source.current, TD, revocation=watcher),
+    ticker = Ticker()
+    handlers: dict[str, GrpcHandler] = {
+        "Echo": grpc.unary_unary_rpc_method_handler(servers.echo),
+        "Ticks": grpc.unary_stream_rpc_method_handler(ticker),
+        "Aborting": grpc.unary_stream_rpc_method_handler(aborting),
+    }
+    with servers.running_grpc_server(
+        FakeSource(authority.svid(RISK_ID, dns=("risk",))),
         policy=policy,
         audit=audit,
         telemetry=telemetry,
-        local_address=f"127.0.0.1:{port}",
-    )
-    ticker = Ticker()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), interceptors=[interceptor])
-    health_servicer = health.HealthServicer()
-    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    server.add_generic_rpc_handlers(
-        (
-            grpc.method_handlers_generic_handler(
-                ECHO_SERVICE,
-                {
-                    "Echo": grpc.unary_unary_rpc_method_handler(echo),
-                    "Ticks": grpc.unary_stream_rpc_method_handler(ticker),
-                    "Aborting": grpc.unary_stream_rpc_method_handler(aborting),
-                },
-            ),
-        )
-    )
-    assert server.add_secure_port(f"127.0.0.1:{port}", server_credentials(source)) == port
-    server.start()
-    yield GrpcServer(port, audit, ticker, interceptor)
-    health_servicer.enter_graceful_shutdown()
-    server.stop(grace=None).wait(TIMEOUT)
+        revocation=watcher,
+        handlers=handlers,
+        max_workers=8,
+    ) as running:
+        yield GrpcServer(running.port, audit, ticker, running.interceptor)
+
+
+# Makes a client of the test server with an SVID: its (current) channel.
+ClientTo = Callable[[SvidMaterial], grpc.Channel]
 
 
 @pytest.fixture
-def client_to(grpc_server: GrpcServer) -> Iterator[Callable[[SvidMaterial], grpc.Channel]]:
-    made: list[MtlsChannel] = []
-
-    def make(material: SvidMaterial) -> grpc.Channel:
-        channel = MtlsChannel(FakeSource(material), grpc_server.target, "risk")
-        made.append(channel)
-        return channel.channel()
-
-    yield make
-    for channel in made:
-        channel.close()
+def client_to(grpc_server: GrpcServer) -> Iterator[ClientTo]:
+    with servers.mtls_clients(grpc_server.target) as make:
+        yield lambda material: make(material)[0].channel()
 
 
 def ticks(channel: grpc.Channel, payload: bytes = b"tick") -> Iterator[bytes]:
@@ -331,21 +303,20 @@ def drain_until_error(stream: Iterator[Any]) -> grpc.RpcError:
 def test_grpc_revoked_caller_is_refused_on_its_open_channel_and_audited(
     authority: Authority,
     grpc_server: GrpcServer,
-    client_to: Callable[[SvidMaterial], grpc.Channel],
-    issuer: Issuer,
-    watcher: RevocationWatcher,
+    client_to: ClientTo,
+    revoke: Revoke,
 ) -> None:
     revoked, other = authority.svid(ENGINE_ID), authority.svid(ENGINE_ID)
     channel, bystander = client_to(revoked), client_to(other)
     assert call_echo(channel) == f"ping from {ENGINE_ID}".encode()  # connection now open
     assert call_echo(bystander)
 
-    revoke(issuer, watcher, revoked)
-    error = grpc_error(lambda: call_echo(channel))  # same channel, same TCP connection
+    revoke(revoked)
+    error = rpc_error(lambda: call_echo(channel))  # same channel, same TCP connection
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
     assert error.details() == REVOKED_DETAILS
     fresh_channel = client_to(revoked)
-    assert grpc_error(lambda: call_echo(fresh_channel)).code() == grpc.StatusCode.UNAUTHENTICATED
+    assert rpc_error(lambda: call_echo(fresh_channel)).code() == grpc.StatusCode.UNAUTHENTICATED
     assert call_echo(bystander) == f"ping from {ENGINE_ID}".encode()  # same ID, other cert
 
     denied = deny_records(grpc_server.audit)
@@ -357,18 +328,11 @@ def test_grpc_revoked_caller_is_refused_on_its_open_channel_and_audited(
         assert record["reason"].startswith(f"certificate revoked: serial {revoked.serial}")
 
 
-def grpc_error(call: Callable[[], object]) -> grpc.RpcError:
-    with pytest.raises(grpc.RpcError) as caught:
-        call()
-    return caught.value
-
-
 def test_grpc_open_stream_of_a_revoked_peer_is_ended_and_audited(
     authority: Authority,
     grpc_server: GrpcServer,
-    client_to: Callable[[SvidMaterial], grpc.Channel],
-    issuer: Issuer,
-    watcher: RevocationWatcher,
+    client_to: ClientTo,
+    revoke: Revoke,
 ) -> None:
     revoked, other = authority.svid(ENGINE_ID), authority.svid(ENGINE_ID)
     stream = ticks(client_to(revoked), b"revoked")
@@ -376,7 +340,7 @@ def test_grpc_open_stream_of_a_revoked_peer_is_ended_and_audited(
     kept = ticks(client_to(other), b"kept")
     assert next(kept) == b"kept 0"
 
-    published = revoke(issuer, watcher, revoked)
+    published = revoke(revoked)
     error = drain_until_error(stream)
     reaction = time.monotonic() - published
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -398,9 +362,8 @@ def test_grpc_open_stream_of_a_revoked_peer_is_ended_and_audited(
 def test_grpc_idle_stream_of_a_revoked_peer_is_ended_too(
     authority: Authority,
     grpc_server: GrpcServer,
-    client_to: Callable[[SvidMaterial], grpc.Channel],
-    issuer: Issuer,
-    watcher: RevocationWatcher,
+    client_to: ClientTo,
+    revoke: Revoke,
 ) -> None:
     # Health.Watch sends SERVING, then blocks inside the servicer until the status changes:
     # there is no "next item" at which to check, only the revocation notice.
@@ -409,7 +372,7 @@ def test_grpc_idle_stream_of_a_revoked_peer_is_ended_too(
     watch = stub.Watch(health_pb2.HealthCheckRequest(), timeout=30)
     assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
 
-    published = revoke(issuer, watcher, revoked)
+    published = revoke(revoked)
     error = drain_until_error(watch)
     reaction = time.monotonic() - published
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -422,7 +385,7 @@ def test_grpc_idle_stream_of_a_revoked_peer_is_ended_too(
 def test_grpc_streams_keep_their_own_status_and_end_cleanly(
     authority: Authority,
     grpc_server: GrpcServer,
-    client_to: Callable[[SvidMaterial], grpc.Channel],
+    client_to: ClientTo,
 ) -> None:
     """The pump thread is invisible to servicers: abort() keeps its code, and a cancelled
     stream's servicer generator is closed."""
@@ -443,7 +406,7 @@ def test_grpc_streams_keep_their_own_status_and_end_cleanly(
 def test_grpc_fails_closed_without_a_fresh_crl_and_recovers_without_restart(
     authority: Authority,
     grpc_server: GrpcServer,
-    client_to: Callable[[SvidMaterial], grpc.Channel],
+    client_to: ClientTo,
     issuer: Issuer,
     watcher: RevocationWatcher,
     clock: Clock,
@@ -456,7 +419,7 @@ def test_grpc_fails_closed_without_a_fresh_crl_and_recovers_without_restart(
     assert call_echo(channel)
     clock.advance(CRL_VALIDITY / 2)
     assert not watcher.fresh()
-    error = grpc_error(lambda: call_echo(channel))
+    error = rpc_error(lambda: call_echo(channel))
     assert (error.code(), error.details()) == (grpc.StatusCode.UNAVAILABLE, UNAVAILABLE_DETAILS)
     [record] = deny_records(grpc_server.audit)
     assert record["caller_spiffe_id"] == ENGINE_ID
@@ -488,32 +451,15 @@ def https_server(
     watcher: RevocationWatcher,
     tmp_path: Path,
 ) -> Iterator[HttpsServer]:
-    source = FakeSource(authority.svid(GATEWAY_ID))
-    tls = ReloadingContext(source, SvidFiles(tmp_path / "tls"), server=True)
-    guard = HttpsGuard(
-        service="gateway",
-        verifier=PeerVerifier(source.current, TD, revocation=watcher),
+    with servers.running_https_server(
+        FakeSource(authority.svid(GATEWAY_ID)),
         policy=policy,
         audit=audit,
         telemetry=telemetry,
-    )
-    app = WhoAmI()
-    config = mtls_server_config(app, guard, lambda: tls.context)
-    server = uvicorn.Server(config)
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    port = int(listener.getsockname()[1])
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
-    thread.start()
-    assert wait_for(lambda: server.started, TIMEOUT), "uvicorn did not start"
-    try:
-        yield HttpsServer(port, audit, app, config.http.live)  # type: ignore[union-attr]
-    finally:
-        server.should_exit = True
-        thread.join(TIMEOUT)
-        listener.close()
-    # Refused connections must not linger in uvicorn's connection set (shutdown waits on it).
-    assert not thread.is_alive(), "uvicorn did not shut down"
+        revocation=watcher,
+        tls_dir=tmp_path / "tls",
+    ) as running:
+        yield HttpsServer(running.port, audit, running.app, running.live)
 
 
 def keep_alive(port: int, material: SvidMaterial) -> http.client.HTTPSConnection:
@@ -538,10 +484,10 @@ CLOSED = (ConnectionError, ssl.SSLError, http.client.HTTPException, OSError)
 
 
 def test_https_revoked_client_is_refused_at_the_handshake_and_audited(
-    authority: Authority, https_server: HttpsServer, issuer: Issuer, watcher: RevocationWatcher
+    authority: Authority, https_server: HttpsServer, revoke: Revoke
 ) -> None:
     revoked = authority.svid(TELLER_ID)
-    revoke(issuer, watcher, revoked)
+    revoke(revoked)
     refusal(https_server.port, client_context(revoked))
     record = records_soon(https_server.audit, lambda r: r["decision"] == "deny")
     assert record["method"] == "TLS handshake"
@@ -555,7 +501,7 @@ def test_https_revoked_client_is_refused_at_the_handshake_and_audited(
 
 
 def test_https_open_connection_of_a_revoked_peer_is_closed_within_the_interval(
-    authority: Authority, https_server: HttpsServer, issuer: Issuer, watcher: RevocationWatcher
+    authority: Authority, https_server: HttpsServer, revoke: Revoke
 ) -> None:
     revoked, other = authority.svid(TELLER_ID), authority.svid(TELLER_ID)
     with (
@@ -563,7 +509,7 @@ def test_https_open_connection_of_a_revoked_peer_is_closed_within_the_interval(
         contextlib.closing(keep_alive(https_server.port, other)) as bystander,
     ):
         assert wait_for(lambda: len(https_server.live) == 2, TIMEOUT)
-        published = revoke(issuer, watcher, revoked)
+        published = revoke(revoked)
         record = records_soon(
             https_server.audit, lambda r: r["reason"] == REVOKED_CONNECTION_REASON
         )
@@ -600,7 +546,7 @@ def exchange(
 
 
 def test_https_tls12_session_resumption_does_not_let_a_revoked_peer_back_in(
-    authority: Authority, https_server: HttpsServer, issuer: Issuer, watcher: RevocationWatcher
+    authority: Authority, https_server: HttpsServer, revoke: Revoke
 ) -> None:
     revoked = authority.svid(TELLER_ID)
     context = client_context(revoked)
@@ -616,7 +562,7 @@ def test_https_tls12_session_resumption_does_not_let_a_revoked_peer_back_in(
     assert resumed, "the server no longer resumes TLS 1.2 sessions: update this test"
     assert reply.startswith(b"HTTP/1.1 200")
 
-    revoke(issuer, watcher, revoked)
+    revoke(revoked)
     reply, _, resumed = exchange(https_server.port, context, session)
     assert resumed  # the abbreviated handshake succeeds ...
     assert not reply.startswith(b"HTTP")  # ... and the connection is closed before any HTTP
@@ -680,8 +626,7 @@ def test_https_fails_closed_without_a_fresh_crl_and_recovers_without_restart(
 def test_revocation_metrics_follow_the_crls(
     authority: Authority,
     telemetry: Telemetry,
-    issuer: Issuer,
-    watcher: RevocationWatcher,
+    revoke: Revoke,
     metrics: Metrics,
 ) -> None:
     assert metrics.gauge("revocation.fresh") == 1
@@ -690,6 +635,6 @@ def test_revocation_metrics_follow_the_crls(
     assert age is not None
     assert 0 <= age < 5
 
-    revoke(issuer, watcher, authority.svid(TELLER_ID))
-    revoke(issuer, watcher, authority.svid(ENGINE_ID))
+    revoke(authority.svid(TELLER_ID))
+    revoke(authority.svid(ENGINE_ID))
     assert metrics.gauge("revocation.revoked") == 2
