@@ -81,7 +81,12 @@ def test_write_private_key(tmp_path: Path) -> None:
     loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
     assert isinstance(loaded, ec.EllipticCurvePrivateKey)
     assert loaded.private_numbers() == key.private_numbers()
-    assert path.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")  # PKCS#8, unencrypted
+    pkcs8_unencrypted = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    assert path.read_bytes() == pkcs8_unencrypted
 
 
 def test_ensure_private_dir_creates_0700(tmp_path: Path) -> None:
