@@ -24,6 +24,7 @@ from services._proto import issuer_admin_pb2 as pb
 from services._proto.issuer_admin_grpc import IssuerAdminStub
 from services.common.identity.spiffe_id import SpiffeId
 from services.issuer.adapters.upstream_disk import DiskUpstream, init_root_ca
+from services.issuer.admin_client import call_admin
 from services.issuer.domain.authority import AuthorityState, CertificateAuthority
 from services.issuer.harness import IssuerProcess
 
@@ -87,14 +88,9 @@ async def _mint_many(admin_socket: Path, count: int) -> float:
         channel.close()
 
 
-async def _create_entry(admin_socket: Path) -> None:
-    channel = Channel(path=str(admin_socket))
-    try:
-        await IssuerAdminStub(channel).CreateEntry(
-            pb.CreateEntryRequest(spiffe_id=WORKLOAD_ID, selectors=[f"unix:uid:{os.getuid()}"])
-        )
-    finally:
-        channel.close()
+async def _create_entry(stub: IssuerAdminStub) -> pb.Entry:
+    request = pb.CreateEntryRequest(spiffe_id=WORKLOAD_ID, selectors=[f"unix:uid:{os.getuid()}"])
+    return await stub.CreateEntry(request)
 
 
 def main() -> int:
@@ -117,7 +113,7 @@ def main() -> int:
             )
         )
         with IssuerProcess(env, workdir / "issuer.log") as issuer:
-            asyncio.run(_create_entry(issuer.admin_socket))
+            call_admin(issuer.admin_socket, _create_entry)
             mint_rate = asyncio.run(_mint_many(issuer.admin_socket, args.mints))
             rows.append(
                 (
