@@ -180,10 +180,9 @@ def test_transfer_end_to_end(stack: E2EStack) -> None:
 
     def trace_spans() -> dict[str, dict[str, Any]] | None:
         found = {}
+        trace = stack.trace(trace_id)
         for service, name in wanted.items():
-            spans = [
-                s for s in stack.spans(service) if s["trace_id"] == trace_id and s["name"] == name
-            ]
+            spans = [s for s in trace if s["service"] == service and s["name"] == name]
             if not spans:
                 return None
             assert len(spans) == 1, spans
@@ -194,21 +193,11 @@ def test_transfer_end_to_end(stack: E2EStack) -> None:
         trace_spans,
         timeout=FILE_TIMEOUT,
         message=lambda: (
-            f"trace {trace_id} not in all three span files: "
-            + str(
-                {
-                    s: [x["name"] for x in stack.spans(s) if x["trace_id"] == trace_id]
-                    for s in wanted
-                }
-            )
+            f"trace {trace_id} is not complete: "
+            + str([(s["service"], s["name"]) for s in stack.trace(trace_id)])
         ),
     )
-    everything = {
-        s["span_id"]: s
-        for service in wanted
-        for s in stack.spans(service)
-        if s["trace_id"] == trace_id
-    }
+    everything = {s["span_id"]: s for s in stack.trace(trace_id)}
 
     def ancestors(span: dict[str, Any]) -> list[str]:
         chain, parent = [], span["parent_id"]
@@ -480,18 +469,19 @@ def test_tampered_token_is_401(stack: E2EStack) -> None:
 
 
 def test_balances_and_idempotency_survive_a_restart(stack: E2EStack) -> None:
+    processes = stack.controlled.services
     teller = stack.teller()
     key = new_key()
     body = order(BOB_CNY, ALICE_CNY, "0.50")
     first = post_transfer(teller, BOB, body, key)
     assert first.status == 201, first
     before = all_balances(teller)
-    pids = {name: process.pid() for name, process in stack.native.services.items()}
+    pids = {name: process.pid() for name, process in processes.items()}
 
     status = stack.restart()
 
     assert all(p.healthy for p in status.services.values()), stack.log_tails()
-    restarted = {name: process.pid() for name, process in stack.native.services.items()}
+    restarted = {name: process.pid() for name, process in processes.items()}
     assert all(restarted[name] not in {None, pid} for name, pid in pids.items()), restarted
     teller = stack.teller()  # the old teller SVID may not outlive a restart
     assert all_balances(teller) == before

@@ -34,13 +34,14 @@ def _served(stack: E2EStack, client: Credentials, token: str) -> bool:
 
 
 def test_issuer_outage_and_recovery(stack: E2EStack) -> None:
+    native = stack.controlled
     token = stack.teller().token("alice")
     # A client identity that outlives the outage (its own renewal would need the issuer).
     client = stack.mint(stack.spiffe_id(TELLER.name), ttl_seconds=300)
-    pids = {name: process.pid() for name, process in stack.native.services.items()}
+    pids = {name: process.pid() for name, process in native.services.items()}
     assert _served(stack, client, token)
 
-    stack.native.issuer.stop()
+    native.issuer.stop()
     stopped = time.monotonic()
     try:
         # Right after the outage starts, everything still works on the current material.
@@ -66,7 +67,7 @@ def test_issuer_outage_and_recovery(stack: E2EStack) -> None:
         assert left is not None
         assert left < first_left
     finally:
-        stack.native.issuer.start(stack.native.env)
+        native.issuer.start(native.env)
     restarted = time.monotonic()
 
     deadline = restarted + RECOVERY_BUDGET_SECONDS
@@ -80,11 +81,11 @@ def test_issuer_outage_and_recovery(stack: E2EStack) -> None:
     # above does not reach) is back on a fresh SVID within the budget: py-spiffe reconnects
     # with a backoff of up to 5 s.
     def all_healthy() -> bool:
-        status = stack.status()
+        status = native.status()
         return all(status.services[w.name].healthy for w in SERVICES)
 
     while not all_healthy():
-        assert time.monotonic() < deadline, f"not all services recovered:\n{stack.status()}"
+        assert time.monotonic() < deadline, f"not all services recovered:\n{native.status()}"
         time.sleep(0.5)
-    assert {name: p.pid() for name, p in stack.native.services.items()} == pids
+    assert {name: p.pid() for name, p in native.services.items()} == pids
     assert stack.metric(GATEWAY.name, "revocation_fresh") == 1.0

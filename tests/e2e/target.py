@@ -1,0 +1,105 @@
+"""Which stack the e2e suites run against, and how they reach what it keeps.
+
+``ZTBANK_E2E_STACK=sandbox`` (the default; ``make test-e2e``): conftest starts a private native
+stack with a 20 s SVID TTL and stops it afterwards.
+
+``ZTBANK_E2E_STACK=existing``: a stack someone else started and will stop — ``make
+test-e2e-existing`` (a native stack of its own, in a temp dir) or ``make test-compose`` (the
+``e2e`` service inside the compose network).  The suites find it through the settings every
+ztbank process reads (``ZTBANK_HOME`` of the issuer, ``ZTBANK_CERTS_DIR``, ``ZTBANK_REGISTRY``,
+``ZTBANK_TRUST_DOMAIN``, ``ZTBANK_ISSUER_HTTP``) plus the ``ZTBANK_E2E_*`` variables below.
+What such a stack cannot give (stopping its processes, the root CA's key when Vault holds it, a
+short TTL) makes the tests that need it skip, saying why.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.common.identity.source import SvidMaterial, SvidUnavailableError, fetch_svid
+from services.common.settings import ZtbankSettings
+from tests.support.svid_as_uid import fetch_svid_as
+
+IdentitySource = Callable[[str], SvidMaterial]
+
+
+class E2ETargetSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ZTBANK_E2E_", extra="ignore")
+
+    stack: Literal["sandbox", "existing"] = "sandbox"
+    # socket: each workload's SVID from its own socket (the native single-user model);
+    # uid: from the shared SPIFFE_ENDPOINT_SOCKET, fetched by a child process running as the
+    # workload's uid (compose: real unix:uid attestation; needs root).
+    identity: Literal["socket", "uid"] = "socket"
+    uids: dict[str, int] = Field(default_factory=dict)  # JSON: {"gateway": 10001, ...}
+    gid: int = 0
+    # Each service's ZTBANK_HOME (audit and span files), "{service}" replaced; "" = ZTBANK_HOME.
+    service_home: str = ""
+    # Where spans end up: the services' JSONL files, or Jaeger's query API behind the collector.
+    traces: Literal["files", "jaeger"] = "files"
+    jaeger_url: str = "http://jaeger:16686"
+    ready_timeout: float = 90.0
+
+
+def identity_source(target: E2ETargetSettings, settings: ZtbankSettings) -> IdentitySource:
+    """How the suites get the SVID the issuer gives ``workload`` (a name from workloads.py)."""
+    if target.identity == "socket":
+
+        def from_own_socket(workload: str) -> SvidMaterial:
+            socket_uri = f"unix://{settings.workload_socket_for(workload)}"
+            return fetch_svid(socket_uri, settings.trust_domain, timeout=5)
+
+        return from_own_socket
+
+    shared = os.environ.get("SPIFFE_ENDPOINT_SOCKET") or settings.default_workload_endpoint
+
+    def as_its_uid(workload: str) -> SvidMaterial:
+        if workload not in target.uids:
+            raise SvidUnavailableError(f"no uid for {workload} in ZTBANK_E2E_UIDS")
+        return fetch_svid_as(target.uids[workload], target.gid, shared, settings.trust_domain)
+
+    return as_its_uid
+
+
+def service_home(target: E2ETargetSettings, settings: ZtbankSettings, service: str) -> Path:
+    if not target.service_home:
+        return settings.home
+    return Path(target.service_home.replace("{service}", service))
+
+
+def jaeger_trace(jaeger_url: str, trace_id: str) -> list[dict[str, Any]]:
+    """One trace from Jaeger's query API, as the span sink's records (trace_id, span_id,
+    parent_id, name, service); [] while Jaeger does not know it."""
+    try:
+        with urllib.request.urlopen(f"{jaeger_url}/api/traces/{trace_id}", timeout=5) as reply:
+            document = json.load(reply)
+    except urllib.error.HTTPError as error:
+        if error.code == 404:
+            return []
+        raise
+    records = []
+    for trace in document.get("data") or []:
+        processes = trace.get("processes", {})
+        for span in trace.get("spans", []):
+            parents = [
+                r["spanID"] for r in span.get("references", []) if r.get("refType") == "CHILD_OF"
+            ]
+            records.append(
+                {
+                    "trace_id": span["traceID"].zfill(32),
+                    "span_id": span["spanID"].zfill(16),
+                    "parent_id": parents[0].zfill(16) if parents else None,
+                    "name": span["operationName"],
+                    "service": processes.get(span.get("processID"), {}).get("serviceName"),
+                }
+            )
+    return records

@@ -1,0 +1,89 @@
+"""An SVID fetched by a child process running as another uid: real ``unix:uid`` attestation.
+
+The compose stack tells its workloads apart by uid on one shared Workload API socket, so a test
+harness running as root gets each workload's SVID the way that workload does: from a child
+process that drops to the workload's uid and gid before it connects, and prints the SVID as JSON
+on a pipe.  ``python -m tests.support.svid_as_uid UID GID SOCKET TRUST_DOMAIN TIMEOUT`` is the
+child.  It starts as root and switches itself (not ``subprocess``'s ``user=``, which switches
+before exec) because the interpreter may live where only root may read, as under /root here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+from services.common.errors import CommonError
+from services.common.identity.pem import load_pem_certificates
+from services.common.identity.source import SvidMaterial, SvidUnavailableError, fetch_svid
+from services.common.identity.spiffe_id import SpiffeId
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CHILD_MODULE = "tests.support.svid_as_uid"
+CHILD_TIMEOUT = 20.0
+
+
+def fetch_svid_as(
+    uid: int, gid: int, socket_uri: str, trust_domain: str, *, timeout: float = 5.0
+) -> SvidMaterial:
+    """The SVID the issuer hands a process of ``uid``:``gid`` (needs root to switch uid)."""
+    child = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            CHILD_MODULE,
+            str(uid),
+            str(gid),
+            socket_uri,
+            trust_domain,
+            str(timeout),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=CHILD_TIMEOUT,
+        check=False,
+    )
+    if child.returncode != 0:
+        raise SvidUnavailableError(f"uid {uid}: {child.stderr.strip() or child.returncode}")
+    reply = json.loads(child.stdout)
+    key = load_pem_private_key(reply["key_pem"].encode(), password=None)
+    return SvidMaterial(
+        spiffe_id=SpiffeId.parse(reply["spiffe_id"]),
+        chain=tuple(load_pem_certificates(reply["chain_pem"].encode())),
+        key=key,
+        bundle=tuple(load_pem_certificates(reply["bundle_pem"].encode())),
+    )
+
+
+def main(argv: list[str]) -> int:
+    uid, gid, socket_uri, trust_domain, timeout = argv
+    try:
+        os.setgroups([])
+        os.setgid(int(gid))
+        os.setuid(int(uid))
+    except PermissionError:
+        print(f"switching to uid {uid} needs root", file=sys.stderr)
+        return 1
+    try:
+        material = fetch_svid(socket_uri, trust_domain, timeout=float(timeout))
+    except CommonError as error:
+        print(error, file=sys.stderr)
+        return 1
+    reply = {
+        "spiffe_id": str(material.spiffe_id),
+        "chain_pem": material.chain_pem.decode(),
+        "key_pem": material.key_pem.decode(),
+        "bundle_pem": material.bundle_pem.decode(),
+    }
+    print(json.dumps(reply))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
