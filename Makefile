@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help install up down logs status reset certs issuer proto proto-check lint format test test-unit test-integration test-e2e bench bench-issuer bench-bank clean
+.PHONY: help install up down logs status reset certs issuer proto proto-check lint format test test-unit test-integration test-e2e test-e2e-existing test-compose bench bench-issuer bench-bank clean
 
 help: ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -69,8 +69,9 @@ format: install ## apply ruff fixes and formatting
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-test: install ## unit, integration (real issuer processes) and e2e (whole native stack) tests
+test: install ## unit, integration and e2e tests, then the e2e suites once more against an existing stack
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+	$(BIN)/python -m tests.e2e.run_existing $(PYTEST_ARGS)
 
 test-unit: install ## unit tests only (no processes, no network)
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
@@ -80,6 +81,12 @@ test-integration: install ## integration tests only
 
 test-e2e: install ## end-to-end tests on a private native stack (always torn down)
 	$(BIN)/python -m pytest tests/e2e $(PYTEST_ARGS)
+
+test-e2e-existing: install ## e2e suites in "existing stack" mode, against a native stack started first
+	$(BIN)/python -m tests.e2e.run_existing $(PYTEST_ARGS)
+
+test-compose: ## e2e suites inside the compose network on a fresh compose stack (needs Docker)
+	scripts/test_compose.sh $(PYTEST_ARGS)
 
 bench: bench-issuer bench-bank ## all benchmarks
 
