@@ -22,6 +22,12 @@ RUN pip install --no-deps .
 FROM builder AS load-builder
 RUN pip install -c constraints.txt locust
 
+# ---- test-builder: the same venv plus the dev dependencies (pytest, ...) -------------------
+FROM builder AS test-builder
+RUN python -c "import tomllib; print('\\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['dev']))" \
+        > /tmp/requirements-dev.txt
+RUN pip install -c constraints.txt -r /tmp/requirements-dev.txt
+
 # ---- base: what every final image shares (no compiler, no pip cache, non-root) -------------
 FROM ${PYTHON_IMAGE} AS base
 ENV PATH=/opt/venv/bin:$PATH \
@@ -57,6 +63,18 @@ COPY --from=load-builder /opt/venv /opt/venv
 # runs locust headless against the gateway of ZTBANK_REGISTRY: `python -m loadtest.run`.
 USER 10000:10000
 ENTRYPOINT ["python", "-m", "loadtest.run"]
+
+# ---- test: the e2e suites against the running stack (compose profile "test", make test-compose)
+FROM base AS test
+COPY --from=test-builder /opt/venv /opt/venv
+COPY pyproject.toml ./
+COPY tests/ tests/
+# Root: the harness reads every service's volume and drops to each workload's uid to be
+# attested as it (tests/support/svid_as_uid.py). Only this image runs tests, and only as a
+# one-shot job of the compose profile "test".
+USER 0:0
+ENTRYPOINT ["python", "-m", "pytest"]
+CMD ["tests/e2e", "-p", "no:cacheprovider"]
 
 # ---- runtime (default target) --------------------------------------------------------------
 FROM base AS runtime

@@ -18,6 +18,10 @@ from typing import Any
 import pytest
 import yaml
 
+from services.common.workloads import OPS, SERVICES, TELLER
+from tests.e2e.target import E2ETargetSettings
+from tests.support.helpers import scrub_environment
+
 ROOT = Path(__file__).resolve().parents[3]
 COMPOSE = ROOT / "compose.yaml"
 ENV_FILE = ROOT / ".env"
@@ -149,7 +153,7 @@ def test_compose_parses_with_the_expected_services(raw_compose: dict[str, Any]) 
     assert "version" not in raw_compose  # the Compose Specification has no version key
     expected = {
         "vault", "vault-bootstrap", "consul", "issuer", "entries", "gateway", "transfer-engine",
-        "risk", "otel-collector", "jaeger", "prometheus", "grafana", "locust",
+        "risk", "otel-collector", "jaeger", "prometheus", "grafana", "locust", "e2e",
     }  # fmt: skip
     assert expected <= set(raw_compose["services"])
 
@@ -202,9 +206,10 @@ def test_every_dependency_names_a_condition_that_fits(
 def test_one_shot_jobs_are_the_expected_ones(services: dict[str, dict[str, Any]]) -> None:
     one_shots = {name for name, s in services.items() if is_one_shot(s)}
     assert one_shots == {
-        "vault-bootstrap", "entries", "consul-seed", "healthcheck-bin", "locust",
+        "vault-bootstrap", "entries", "consul-seed", "healthcheck-bin", "locust", "e2e",
     }  # fmt: skip
     assert services["locust"]["profiles"] == ["load"]
+    assert services["e2e"]["profiles"] == ["test"]
 
 
 def _published(services: dict[str, dict[str, Any]]) -> Iterator[tuple[str, str, str, str]]:
@@ -363,9 +368,42 @@ def test_bank_services_run_as_distinct_non_root_uids_matched_by_entries(
     assert entries["TRANSFER_ENGINE_UID"] == uids["transfer-engine"]
     assert entries["RISK_UID"] == uids["risk"]
     script = (ROOT / "scripts/compose_entries.sh").read_text()
-    for variable in ("GATEWAY_UID", "TRANSFER_ENGINE_UID", "RISK_UID"):
+    for variable in ("GATEWAY_UID", "TRANSFER_ENGINE_UID", "RISK_UID", "TELLER_UID", "OPS_UID"):
         assert f"${{{variable}:?}}" in script
     assert "unix:uid:$3" in script
+
+
+def test_e2e_harness_switches_to_the_uids_the_entries_register(
+    services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The e2e service finds its settings in its environment (tests/e2e/target.py) and is
+    attested as each workload by the uid the `entries` job registered for it."""
+    e2e_env = services["e2e"]["environment"]
+    scrub_environment(monkeypatch)
+    for name, value in e2e_env.items():
+        monkeypatch.setenv(name, value)
+    target = E2ETargetSettings()
+    assert (target.stack, target.identity, target.traces) == ("existing", "uid", "jaeger")
+    entries = services["entries"]["environment"]
+    assert target.uids == {
+        "gateway": int(entries["GATEWAY_UID"]),
+        "transfer-engine": int(entries["TRANSFER_ENGINE_UID"]),
+        "risk": int(entries["RISK_UID"]),
+        "teller": int(entries["TELLER_UID"]),
+        "ops": int(entries["OPS_UID"]),
+    }
+    assert set(target.uids) == {w.name for w in (*SERVICES, TELLER, OPS)}
+    for name in BANK_SERVICES:
+        home = target.service_home.replace("{service}", name)
+        assert services[name]["environment"]["ZTBANK_HOME"] == home
+        assert f"{name}-data:{home}:ro" in services["e2e"]["volumes"], name
+    assert f"issuer-data:{e2e_env['ZTBANK_HOME']}" in services["e2e"]["volumes"]
+    assert e2e_env["ZTBANK_HOME"] == services["issuer"]["environment"]["ZTBANK_HOME"]
+    assert e2e_env["ZTBANK_REGISTRY"] == services["gateway"]["environment"]["ZTBANK_REGISTRY"]
+    for shared in ("SPIFFE_ENDPOINT_SOCKET", "ZTBANK_ISSUER_HTTP", "ZTBANK_TRUST_DOMAIN"):
+        assert e2e_env[shared] == services["gateway"]["environment"][shared], shared
+    assert target.jaeger_url == "http://jaeger:16686"
+    assert "jaeger" in services["e2e"]["depends_on"]
 
 
 def test_registry_for_compose_names_the_compose_hosts(
@@ -435,7 +473,9 @@ def test_dockerfile_builds_with_constraints_and_a_pinned_python() -> None:
     for line in text.splitlines():
         if line.upper().startswith("FROM "):
             image = line.split()[1]
-            assert image.startswith("${") or image in {"builder", "base", "load-builder"}, line
+            assert image.startswith("${") or image in {
+                "builder", "base", "load-builder", "test-builder",
+            }, line  # fmt: skip
 
 
 def test_dockerfile_python_matches_env_file(env: dict[str, str]) -> None:
@@ -460,7 +500,8 @@ def test_volume_mount_points_belong_to_the_uids_in_env_file(env: dict[str, str])
 def test_dockerignore_keeps_local_state_out() -> None:
     lines = (ROOT / ".dockerignore").read_text().splitlines()
     assert lines[lines.index("**")] == "**"  # ignore everything, then allow what COPY needs
-    for allowed in ("!services/", "!infra/", "!loadtest/", "!constraints.txt", "!pyproject.toml"):
+    allowed_paths = ("!services/", "!infra/", "!loadtest/", "!tests/")
+    for allowed in (*allowed_paths, "!constraints.txt", "!pyproject.toml"):
         assert allowed in lines
     for never in ("!.env", "!var/", "!certs/", "!.venv/"):
         assert never not in lines
@@ -547,7 +588,7 @@ def test_docker_compose_config_validates() -> None:
         )
     done = subprocess.run(
         [*command, "--project-directory", str(ROOT), "-f", str(COMPOSE), "--profile", "load",
-         "config", "-q"],
+         "--profile", "test", "config", "-q"],
         capture_output=True,
         text=True,
         check=False,
