@@ -8,6 +8,7 @@ import json
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import NoReturn
 
@@ -273,6 +274,7 @@ def _status_document(status: StackStatus) -> dict[str, object]:
             "running": status.issuer_running,
             "crl_url": status.issuer_crl_url,
             "ocsp_url": status.issuer_ocsp_url,
+            "authority": asdict(authority) if (authority := status.issuer_authority) else None,
         },
         "services": {
             name: {
@@ -293,6 +295,14 @@ def _print_status(status: StackStatus) -> None:
     running = "running" if status.issuer_running else "stopped"
     print(f"{'issuer':<16} {running}, Workload API {status.issuer_socket}")
     print(f"{'':<16} CRLs {status.issuer_crl_url}  OCSP {status.issuer_ocsp_url}")
+    if (authority := status.issuer_authority) is not None:
+        print(
+            f"{'':<16} signing CA {authority.active_ca_serial} until"
+            f" {authority.active_ca_not_after} ({authority.upstream} upstream),"
+            f" {authority.entries} entries, CRL #{authority.crl_number},"
+            f" {authority.revoked_certificates} certificates and"
+            f" {len(authority.revoked_spiffe_ids)} SPIFFE IDs revoked"
+        )
     for name, probe in status.services.items():
         health = "healthy" if probe.healthy else f"DOWN ({probe.error})"
         serial = (

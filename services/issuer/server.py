@@ -202,13 +202,13 @@ class Issuer:
 
     def status(self) -> pb.StatusResponse:
         active = self.authority.bundle()
-        _, _, expires = self.authority.jwt_signing_key()
+        active_ca = self.authority.active_ca()
         return pb.StatusResponse(
             trust_domain=self.settings.trust_domain,
             upstream=self.settings.upstream,
             workload_socket=str(self.settings.workload_socket),
-            active_ca_serial=self.authority.active_ca_serial(),
-            active_ca_not_after=expires.isoformat(timespec="seconds"),
+            active_ca_serial=format(active_ca.serial_number, "x"),
+            active_ca_not_after=active_ca.not_valid_after_utc.isoformat(timespec="seconds"),
             entries=len(self.service.entries()),
             bundle_size=len(active),
             revocation_url=self.settings.issuer_url,

@@ -26,7 +26,7 @@ from services.common.registry import FileRegistry
 from services.common.settings import ZtbankSettings
 from services.common.workloads import GATEWAY, OPS, RISK, SERVICES, TELLER, TRANSFER_ENGINE
 from services.issuer.adapters.upstream_disk import init_root_ca
-from services.issuer.admin_client import call_admin
+from services.issuer.admin_client import AdminCallError, call_admin
 from services.issuer.domain.revocation import crls_url, ocsp_url
 from services.issuer.harness import accepts_connections
 from services.stack.probe import ServiceProbe, probe
@@ -48,6 +48,19 @@ class StackSettings(ZtbankSettings):
 
 
 @dataclass(frozen=True)
+class IssuerAuthority:
+    """What the issuer's admin API reports: its signing CA and its revocation state."""
+
+    upstream: str
+    active_ca_serial: str
+    active_ca_not_after: str
+    entries: int
+    crl_number: int
+    revoked_certificates: int  # revoked and not yet expired
+    revoked_spiffe_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class StackStatus:
     trust_domain: str
     root_ca: str
@@ -57,6 +70,7 @@ class StackStatus:
     # The issuer's revocation endpoints: every current CRL (PEM) and the OCSP responder.
     issuer_crl_url: str = ""
     issuer_ocsp_url: str = ""
+    issuer_authority: IssuerAuthority | None = None  # None: the admin socket did not answer
 
 
 async def _create_entry(stub: IssuerAdminStub, *, request: pb.CreateEntryRequest) -> pb.Entry:
@@ -145,6 +159,21 @@ class NativeStack:
 
     # -- status --------------------------------------------------------------------------------
 
+    def _authority(self) -> IssuerAuthority | None:
+        try:
+            reply = call_admin(self.settings.admin_socket, lambda s: s.Status(pb.StatusRequest()))
+        except AdminCallError:
+            return None
+        return IssuerAuthority(
+            upstream=reply.upstream,
+            active_ca_serial=reply.active_ca_serial,
+            active_ca_not_after=reply.active_ca_not_after,
+            entries=reply.entries,
+            crl_number=reply.crl_number,
+            revoked_certificates=reply.revoked_certificates,
+            revoked_spiffe_ids=tuple(reply.revoked_spiffe_ids),
+        )
+
     def _ops_svid(self) -> SvidMaterial | None:
         try:
             return fetch_svid(
@@ -191,6 +220,7 @@ class NativeStack:
             services=services,
             issuer_crl_url=crls_url(self.settings.issuer_url),
             issuer_ocsp_url=ocsp_url(self.settings.issuer_url),
+            issuer_authority=self._authority(),
         )
 
     # -- down / reset --------------------------------------------------------------------------

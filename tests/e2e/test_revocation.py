@@ -10,11 +10,14 @@ OCSP says revoked.
 from __future__ import annotations
 
 import http.client
+import json
 import ssl
 import threading
 import time
 import urllib.request
 from collections.abc import Callable
+from datetime import datetime
+from typing import Any
 
 import grpc
 import pytest
@@ -231,6 +234,30 @@ def test_revoked_gateway_identity_is_cut_off_at_the_transfer_engine(stack: E2ESt
     assert not bystander.failures, bystander.failures[:3]
     assert victim.serial in _crl_serials(stack)
     assert _ocsp_status(stack, victim) == ocsp.OCSPCertStatus.REVOKED
+
+
+def test_status_shows_the_signing_ca_and_each_revocation(stack: E2EStack) -> None:
+    """`ztbank status --json` asks the issuer's admin API: a trainer sees the revocation land."""
+
+    def authority() -> dict[str, Any]:
+        result = stack.cli("status", "--json")
+        document = json.loads(result.stdout)
+        assert document["issuer"]["authority"] is not None, result.stdout
+        return dict(document["issuer"]["authority"])
+
+    before = authority()
+    victim = stack.mint(stack.spiffe_id(TELLER.name), ttl_seconds=60)
+    _revoke(stack, victim.serial)
+    after = authority()
+
+    assert after["revoked_certificates"] == before["revoked_certificates"] + 1
+    assert after["crl_number"] > before["crl_number"]
+    signing_ca = x509.load_pem_x509_certificates(victim.chain_pem or b"")[1]
+    assert after["active_ca_serial"] == format(signing_ca.serial_number, "x")
+    not_after = datetime.fromisoformat(after["active_ca_not_after"])
+    assert not_after == signing_ca.not_valid_after_utc
+    assert after["upstream"] in {"disk", "vault"}
+    assert after["entries"] >= 5  # the three services, the teller and ops
 
 
 def test_revoking_an_unknown_serial_is_a_clear_error(stack: E2EStack) -> None:

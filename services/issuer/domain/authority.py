@@ -221,9 +221,10 @@ class CertificateAuthority:
             now = self._clock()
             return [Signer(s.ca_cert, s.ca_key) for s in self._slots() if s.expires > now]
 
-    def active_ca_serial(self) -> str:
+    def active_ca(self) -> x509.Certificate:
+        """The signing CA that signs SVIDs now."""
         with self._lock:
-            return format(self._active().ca_cert.serial_number, "x")
+            return self._active().ca_cert
 
     def jwt_public_keys(self) -> dict[str, ec.EllipticCurvePublicKey]:
         with self._lock:

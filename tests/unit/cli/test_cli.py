@@ -1,3 +1,4 @@
+import json
 import stat
 from collections.abc import Sequence
 from pathlib import Path
@@ -241,6 +242,39 @@ def test_status_document_names_the_revocation_endpoints() -> None:
         "running": True,
         "crl_url": "http://127.0.0.1:8180/crls",
         "ocsp_url": "http://127.0.0.1:8180/ocsp",
+        "authority": None,  # the admin socket did not answer
+    }
+
+
+def test_status_document_carries_the_issuer_authority() -> None:
+    from services.stack.native import IssuerAuthority, StackStatus
+
+    authority = IssuerAuthority(
+        upstream="disk",
+        active_ca_serial="1f2e",
+        active_ca_not_after="2026-11-29T10:00:00+00:00",
+        entries=5,
+        crl_number=7,
+        revoked_certificates=2,
+        revoked_spiffe_ids=("spiffe://ztbank.example/env/prod/zone/az1/team/x/svc/y",),
+    )
+    status = StackStatus(
+        trust_domain=DEFAULT_TRUST_DOMAIN,
+        root_ca="certs/root-ca.pem",
+        issuer_socket="unix:///var/run/workload.sock",
+        issuer_running=True,
+        services={},
+        issuer_authority=authority,
+    )
+    document = json.loads(json.dumps(cli._status_document(status)))
+    assert document["issuer"]["authority"] == {
+        "upstream": "disk",
+        "active_ca_serial": "1f2e",
+        "active_ca_not_after": "2026-11-29T10:00:00+00:00",
+        "entries": 5,
+        "crl_number": 7,
+        "revoked_certificates": 2,
+        "revoked_spiffe_ids": ["spiffe://ztbank.example/env/prod/zone/az1/team/x/svc/y"],
     }
 
 

@@ -179,7 +179,7 @@ def test_first_maintain_creates_the_active_ca(
     assert ca.not_valid_after_utc - ca.not_valid_before_utc == CA_TTL
     assert ca.not_valid_before_utc == clock.now - MAX_BACKDATE
     assert fingerprints(authority.bundle()) == fingerprints([root, ca])
-    assert authority.active_ca_serial() == format(ca.serial_number, "x")
+    assert authority.active_ca() == ca
 
 
 def test_svids_are_p256_and_chain_to_the_root(
@@ -370,7 +370,7 @@ def test_failing_upstream_leaves_no_active_ca(
     with pytest.raises(IssuerError):
         authority.jwt_signing_key()
     with pytest.raises(IssuerError):
-        authority.active_ca_serial()
+        authority.active_ca()
 
 
 def test_expired_ca_is_not_used_when_renewal_fails(
@@ -421,7 +421,7 @@ def test_state_survives_a_restart_through_the_authority_file(
         trust_domain=TD, upstream=upstream, store=AuthorityFile(path), ca_ttl=CA_TTL, clock=clock
     )
     assert fingerprints(second.bundle()) == fingerprints(first.bundle())
-    assert second.active_ca_serial() == first.active_ca_serial()
+    assert second.active_ca() == first.active_ca()
     assert second.jwt_public_keys() == first.jwt_public_keys()
     assert second.jwt_signing_key()[0] == first.jwt_signing_key()[0]
     assert signing_ca(second) == signing_ca(first)
