@@ -36,7 +36,8 @@ from cryptography.hazmat.primitives import serialization
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
-from services.common.audit import AuditLog, AuditRecord, split_address
+from services.common.audit import AuditLog, split_address
+from services.common.decisions import record_decision
 from services.common.errors import CommonError
 from services.common.identity.source import SvidMaterial, SvidSource
 from services.common.peer import PeerIdentity, reset_current_peer, set_current_peer
@@ -46,7 +47,7 @@ from services.common.revocation import (
     RevocationError,
     RevokedCertificateError,
 )
-from services.common.telemetry import Telemetry, current_trace_id, extract_context, inject_context
+from services.common.telemetry import Telemetry, extract_context, inject_context
 from services.common.tls import PeerVerifier
 
 logger = logging.getLogger(__name__)
@@ -212,7 +213,7 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):
         self._policy = policy
         self._audit = audit
         self._telemetry = telemetry
-        self._local_host, self._local_port = split_address(local_address)
+        self._local = split_address(local_address)
         self.streams = _LiveStreams(verifier.revocation)
 
     def _record(
@@ -223,27 +224,18 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):
         decision: str,
         reason: str,
     ) -> None:
-        host, port = split_address(context.peer())
-        self._audit.record(
-            AuditRecord(
-                caller_spiffe_id=str(peer.spiffe_id) if peer else None,
-                cert_serial=peer.serial if peer else None,
-                cert_sha256=peer.fingerprint_sha256 if peer else None,
-                source_addr=host,
-                source_port=port,
-                dest_addr=self._local_host,
-                dest_port=self._local_port,
-                # grpcio's auth context does not expose the negotiated version or suite.
-                tls_version=None,
-                cipher=None,
-                service=self._service,
-                method=method,
-                decision=decision,
-                reason=reason,
-                trace_id=current_trace_id(),
-            )
+        # grpcio's auth context does not expose the negotiated version or suite.
+        record_decision(
+            self._audit,
+            self._telemetry,
+            service=self._service,
+            peer=peer,
+            method=method,
+            decision=decision,
+            reason=reason,
+            source=split_address(context.peer()),
+            dest=self._local,
         )
-        self._telemetry.authz_decisions.add(1, {"service": self._service, "decision": decision})
 
     def _authorize(self, method: str, context: grpc.ServicerContext) -> PeerIdentity:
         chain = _leaf_der(context.auth_context())

@@ -30,13 +30,14 @@ from opentelemetry import trace
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.utils import get_local_addr, get_remote_addr
 
-from services.common.audit import AuditLog, AuditRecord
+from services.common.audit import AuditLog
+from services.common.decisions import record_decision
 from services.common.errors import CommonError
 from services.common.peer import PeerIdentity, reset_current_peer, set_current_peer
 from services.common.policy import Policy
 from services.common.problem import PROBLEM_MEDIA_TYPE, problem
 from services.common.revocation import RevocationError
-from services.common.telemetry import Telemetry, current_trace_id, extract_context
+from services.common.telemetry import Telemetry, extract_context
 from services.common.tls import PeerVerifier
 
 logger = logging.getLogger(__name__)
@@ -77,26 +78,19 @@ class HttpsGuard:
         decision: str,
         reason: str,
     ) -> None:
-        client, server = facts.client or ("", None), facts.server or ("", None)
-        self.audit.record(
-            AuditRecord(
-                caller_spiffe_id=str(peer.spiffe_id) if peer else None,
-                cert_serial=peer.serial if peer else None,
-                cert_sha256=peer.fingerprint_sha256 if peer else None,
-                source_addr=client[0],
-                source_port=client[1],
-                dest_addr=server[0],
-                dest_port=server[1],
-                tls_version=facts.tls_version,
-                cipher=facts.cipher,
-                service=self.service,
-                method=method,
-                decision=decision,
-                reason=reason,
-                trace_id=current_trace_id(),
-            )
+        record_decision(
+            self.audit,
+            self.telemetry,
+            service=self.service,
+            peer=peer,
+            method=method,
+            decision=decision,
+            reason=reason,
+            source=facts.client or ("", None),
+            dest=facts.server or ("", None),
+            tls_version=facts.tls_version,
+            cipher=facts.cipher,
         )
-        self.telemetry.authz_decisions.add(1, {"service": self.service, "decision": decision})
 
 
 async def _send_problem(send: Send, status: int, title: str, detail: str) -> None:

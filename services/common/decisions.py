@@ -1,0 +1,45 @@
+"""One authorization decision, as the HTTPS and gRPC guards both report it: an audit record
+and a count in the ``authz_decisions`` metric."""
+
+from __future__ import annotations
+
+from services.common.audit import AuditLog, AuditRecord
+from services.common.peer import PeerIdentity
+from services.common.telemetry import Telemetry, current_trace_id
+
+Endpoint = tuple[str, int | None]  # (host, port); port None when unknown
+
+
+def record_decision(
+    audit: AuditLog,
+    telemetry: Telemetry,
+    *,
+    service: str,
+    peer: PeerIdentity | None,
+    method: str,
+    decision: str,
+    reason: str,
+    source: Endpoint,
+    dest: Endpoint,
+    tls_version: str | None = None,
+    cipher: str | None = None,
+) -> None:
+    audit.record(
+        AuditRecord(
+            caller_spiffe_id=str(peer.spiffe_id) if peer else None,
+            cert_serial=peer.serial if peer else None,
+            cert_sha256=peer.fingerprint_sha256 if peer else None,
+            source_addr=source[0],
+            source_port=source[1],
+            dest_addr=dest[0],
+            dest_port=dest[1],
+            tls_version=tls_version,
+            cipher=cipher,
+            service=service,
+            method=method,
+            decision=decision,
+            reason=reason,
+            trace_id=current_trace_id(),
+        )
+    )
+    telemetry.authz_decisions.add(1, {"service": service, "decision": decision})
