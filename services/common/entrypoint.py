@@ -1,4 +1,4 @@
-"""The shared ``__main__`` of the gRPC services: settings, logging, serve, one-line failures."""
+"""The shared ``__main__`` of the services: settings, logging, serve, one-line failures."""
 
 from __future__ import annotations
 
@@ -14,13 +14,21 @@ from services.common.runtime import ServiceRuntime, ServiceSettings, serve_until
 from services.common.settings import load_settings
 
 SettingsT = TypeVar("SettingsT", bound=ServiceSettings)
+ServerT = TypeVar("ServerT")
+
+
+def serve_grpc(server: grpc.Server, runtime: ServiceRuntime) -> None:
+    server.start()
+    serve_until_signalled(server, runtime)
 
 
 def run_service(
     name: str,
     settings_class: type[SettingsT],
-    create_server: Callable[[SettingsT], tuple[grpc.Server, ServiceRuntime]],
+    create_server: Callable[[SettingsT], tuple[ServerT, ServiceRuntime]],
+    serve: Callable[[ServerT, ServiceRuntime], None],
 ) -> int:
+    """Start-up failures exit 2 (bad settings or identity) or 1, with one line on stderr."""
     configure_json_logging(name)
     try:
         settings = load_settings(settings_class)
@@ -31,6 +39,5 @@ def run_service(
     except Exception as error:  # every package's error root, reported in one line
         print(f"{name}: cannot start: {error}", file=sys.stderr)
         return 1
-    server.start()
-    serve_until_signalled(server, runtime)
+    serve(server, runtime)
     return 0

@@ -2,9 +2,9 @@
 
 import sys
 
-from services.common.entrypoint import run_service
+from services.common.entrypoint import run_service, serve_grpc
 from services.transfer_engine.server import create_server
 from services.transfer_engine.settings import TransferEngineSettings
 
 if __name__ == "__main__":
-    sys.exit(run_service("transfer-engine", TransferEngineSettings, create_server))
+    sys.exit(run_service("transfer-engine", TransferEngineSettings, create_server, serve_grpc))
