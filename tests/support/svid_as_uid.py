@@ -10,12 +10,17 @@ before exec) because the interpreter may live where only root may read, as under
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import os
+import pkgutil
 import subprocess
 import sys
 from pathlib import Path
 
+import grpc
+import spiffe
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from services.common.errors import CommonError
@@ -61,8 +66,19 @@ def fetch_svid_as(
     )
 
 
+def _import_everything_the_fetch_may_need() -> None:
+    """grpc and py-spiffe import modules on first use; import them all while still root,
+    because after the switch the interpreter's files may be out of reach (a 0700 temp clone of
+    the repository in CI)."""
+    for package in (grpc, spiffe):
+        for module in pkgutil.walk_packages(package.__path__, f"{package.__name__}."):
+            with contextlib.suppress(ImportError):
+                importlib.import_module(module.name)
+
+
 def main(argv: list[str]) -> int:
     uid, gid, socket_uri, trust_domain, timeout = argv
+    _import_everything_the_fetch_may_need()
     try:
         os.setgroups([])
         os.setgid(int(gid))
