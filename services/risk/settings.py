@@ -19,3 +19,11 @@ class RiskSettings(ServiceSettings):
     @classmethod
     def _absolute_rules(cls, value: Path) -> Path:
         return value.absolute()
+
+    @property
+    def state_dir(self) -> Path:
+        return self.home / "risk"
+
+    @property
+    def velocity_path(self) -> Path:
+        return self.state_dir / "velocity.db"

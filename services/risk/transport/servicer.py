@@ -12,9 +12,9 @@ from services.common.identity.spiffe_id import SpiffeId
 from services.common.peer import NoPeerIdentityError, current_peer
 from services.common.workloads import TRANSFER_ENGINE
 from services.risk.adapters.rules_file import RulesFile
-from services.risk.adapters.velocity_memory import InMemoryVelocityHistory
+from services.risk.adapters.velocity_sqlite import SqliteVelocityHistory
 from services.risk.domain.assessment import RiskAssessor, TransferRequest
-from services.risk.errors import InvalidTransferError
+from services.risk.errors import InvalidTransferError, VelocityStoreError
 from services.risk.settings import RiskSettings
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,12 @@ class RiskService(risk_pb2_grpc.RiskServicer):
             )
         except InvalidTransferError as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid transfer: {error}")
-        assessment = self._assessor.assess(transfer)
+        try:
+            assessment = self._assessor.assess(transfer)
+        except VelocityStoreError as error:
+            # No history, no score: the transfer-engine holds the transfer (fail closed).
+            logger.error("transfer %s not assessed: %s", transfer.transfer_id, error)
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"risk cannot assess now: {error}")
         logger.info(
             "transfer %s: %s (score %d) %s",
             transfer.transfer_id,
@@ -75,6 +80,8 @@ class RiskService(risk_pb2_grpc.RiskServicer):
 
 
 def create_risk_service(settings: RiskSettings) -> RiskService:
-    """Raises RulesError when the rules file cannot be read or is invalid: no rules, no start."""
-    assessor = RiskAssessor(RulesFile(settings.risk_rules), InMemoryVelocityHistory())
+    """Raises RulesError when the rules file cannot be read or is invalid: no rules, no start;
+    VelocityStoreError when the velocity history cannot be opened."""
+    rules = RulesFile(settings.risk_rules)
+    assessor = RiskAssessor(rules, SqliteVelocityHistory(settings.velocity_path))
     return RiskService(assessor, allowed_caller=TRANSFER_ENGINE.spiffe_id(settings.trust_domain))

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from services.risk.adapters.rules_file import RulesFile
-from services.risk.adapters.velocity_memory import InMemoryVelocityHistory
+from services.risk.adapters.velocity_sqlite import SqliteVelocityHistory
 from services.risk.domain.assessment import Decision, Reason, RiskAssessor, TransferRequest
 from services.risk.domain.rules import Rules, parse_rules
 from services.risk.errors import RiskError, RulesError
@@ -145,7 +145,10 @@ def test_deleted_file_keeps_the_last_good_rules(
 
 
 def test_the_next_assessment_uses_the_new_rules(path: Path, clock: FakeClock) -> None:
-    assessor = RiskAssessor(RulesFile(path, clock=clock), InMemoryVelocityHistory(clock=clock))
+    assessor = RiskAssessor(
+        RulesFile(path, clock=clock),
+        SqliteVelocityHistory(path.parent / "velocity.db", clock=clock),
+    )
     transfer = TransferRequest(
         transfer_id="t-1",
         customer="cust-1",

@@ -10,6 +10,9 @@ from services._proto import risk_pb2
 from services.common.identity.spiffe_id import SpiffeId
 from services.common.peer import PeerIdentity, reset_current_peer, set_current_peer
 from services.common.workloads import GATEWAY, TRANSFER_ENGINE
+from services.risk.adapters.rules_file import RulesFile
+from services.risk.adapters.velocity_sqlite import SqliteVelocityHistory
+from services.risk.domain.assessment import RiskAssessor
 from services.risk.errors import RulesError
 from services.risk.settings import RiskSettings
 from services.risk.transport.servicer import RiskService, create_risk_service
@@ -42,7 +45,7 @@ def as_peer(spiffe_id: SpiffeId | None) -> object:
 def service(tmp_path: Path) -> RiskService:
     rules = tmp_path / "rules.json"
     rules.write_text(json.dumps({"blocked_customers": ["cust-fraud"]}))
-    return create_risk_service(RiskSettings(risk_rules=rules, trust_domain=TD))
+    return create_risk_service(RiskSettings(home=tmp_path, risk_rules=rules, trust_domain=TD))
 
 
 @pytest.fixture
@@ -155,6 +158,28 @@ def test_refused_requests_do_not_count_towards_velocity(service: RiskService) ->
 
 
 def test_the_service_does_not_start_without_rules(tmp_path: Path) -> None:
-    settings = RiskSettings(risk_rules=tmp_path / "missing.json", trust_domain=TD)
+    settings = RiskSettings(home=tmp_path, risk_rules=tmp_path / "missing.json", trust_domain=TD)
     with pytest.raises(RulesError, match=r"missing\.json"):
         create_risk_service(settings)
+
+
+@pytest.mark.usefixtures("from_transfer_engine")
+def test_without_its_velocity_history_risk_answers_unavailable(tmp_path: Path) -> None:
+    rules = tmp_path / "rules.json"
+    rules.write_text("{}")
+    history = SqliteVelocityHistory(tmp_path / "velocity.db")
+    service = RiskService(
+        RiskAssessor(RulesFile(rules), history), allowed_caller=TRANSFER_ENGINE.spiffe_id(TD)
+    )
+    history.close()  # as if the file went away under the service
+    with pytest.raises(AbortedError) as caught:
+        service.Assess(request(), FakeContext())
+    assert caught.value.code is grpc.StatusCode.UNAVAILABLE
+    assert caught.value.details.startswith("risk cannot assess now: velocity history:")
+
+
+def test_velocity_history_is_kept_in_the_state_directory(tmp_path: Path) -> None:
+    rules = tmp_path / "rules.json"
+    rules.write_text("{}")
+    create_risk_service(RiskSettings(home=tmp_path / "var", risk_rules=rules, trust_domain=TD))
+    assert (tmp_path / "var" / "risk" / "velocity.db").is_file()
