@@ -53,6 +53,8 @@ from services.common.tls import PeerVerifier
 logger = logging.getLogger(__name__)
 
 CHANNEL_GRACE_SECONDS = 30.0
+# How often a client asks the registry again where its service is.
+DISCOVERY_RECHECK_SECONDS = 5.0
 REVOKED_DETAILS = "certificate revoked"
 UNAVAILABLE_DETAILS = "revocation status unavailable"
 REVOKED_STREAM_REASON = "certificate revoked: stream ended"
@@ -330,24 +332,53 @@ class _TracePropagation(grpc.UnaryUnaryClientInterceptor):
 
 
 class MtlsChannel:
-    """A client channel to ``target`` that is rebuilt whenever our SVID rotates."""
+    """A client channel to a gRPC service, rebuilt when our SVID rotates or the service moves.
 
-    def __init__(self, source: SvidSource, target: str, server_name: str) -> None:
-        self._target = target
+    ``resolve`` answers the service's current address (host:port) from the registry: the file
+    of the native stack, or Consul's passing instances.  It is asked again every
+    ``recheck_seconds``; a new address gets a new channel, and calls in flight finish on the old
+    one.  When the registry cannot answer, the channel stays where it is: discovery decides
+    where to call, mTLS and the peer's SPIFFE ID decide whether to trust it.
+    """
+
+    def __init__(
+        self,
+        source: SvidSource,
+        resolve: Callable[[], str],
+        server_name: str,
+        *,
+        recheck_seconds: float = DISCOVERY_RECHECK_SECONDS,
+    ) -> None:
+        self._resolve = resolve
         self._server_name = server_name
         self._lock = threading.Lock()
-        self._channel = self._build(source.current())
+        self._material = source.current()
+        self._target = resolve()
+        self._channel = self._build(self._material, self._target)
         self._closed = False
+        self._stop = threading.Event()
         source.subscribe(self._rotate)
+        watcher = threading.Thread(
+            target=self._watch,
+            args=(recheck_seconds,),
+            name=f"discovery-{server_name}",
+            daemon=True,
+        )
+        watcher.start()
 
-    def _build(self, material: SvidMaterial) -> grpc.Channel:
+    @property
+    def target(self) -> str:
+        with self._lock:
+            return self._target
+
+    def _build(self, material: SvidMaterial, target: str) -> grpc.Channel:
         credentials = grpc.ssl_channel_credentials(
             root_certificates=material.bundle_pem,
             private_key=material.key_pem,
             certificate_chain=material.chain_pem,
         )
         channel = grpc.secure_channel(
-            self._target,
+            target,
             credentials,
             options=[
                 ("grpc.ssl_target_name_override", self._server_name),
@@ -357,12 +388,27 @@ class MtlsChannel:
         return grpc.intercept_channel(channel, _TracePropagation())
 
     def _rotate(self, material: SvidMaterial) -> None:
-        fresh = self._build(material)
+        self._replace(material=material)
+
+    def _watch(self, recheck_seconds: float) -> None:
+        while not self._stop.wait(recheck_seconds):
+            try:
+                target = self._resolve()
+            except CommonError as error:
+                logger.warning("%s stays at %s: %s", self._server_name, self.target, error)
+                continue
+            if target != self.target:
+                logger.info("%s moved from %s to %s", self._server_name, self.target, target)
+                self._replace(target=target)
+
+    def _replace(self, *, material: SvidMaterial | None = None, target: str | None = None) -> None:
         with self._lock:
             if self._closed:
-                fresh.close()
                 return
-            stale, self._channel = self._channel, fresh
+            self._material = material or self._material
+            self._target = target or self._target
+            # grpc.secure_channel connects lazily: building under the lock is cheap.
+            stale, self._channel = self._channel, self._build(self._material, self._target)
         timer = threading.Timer(CHANNEL_GRACE_SECONDS, stale.close)
         timer.daemon = True
         timer.start()
@@ -372,6 +418,7 @@ class MtlsChannel:
             return self._channel
 
     def close(self) -> None:
+        self._stop.set()
         with self._lock:
             self._closed = True
             self._channel.close()

@@ -83,8 +83,9 @@ class ServiceRuntime:
     consul_policy: ConsulPolicySource | None = None
 
     def channel_to(self, service: str) -> MtlsChannel:
-        """An mTLS channel to a gRPC service, checked against its DNS SAN (its service name)."""
-        return MtlsChannel(self.source, self.registry.lookup(service).target, service)
+        """An mTLS channel to a gRPC service, checked against its DNS SAN (its service name),
+        that follows the service when the registry moves it."""
+        return MtlsChannel(self.source, lambda: self.registry.lookup(service).target, service)
 
     def close(self) -> None:
         if self.consul_registration is not None:

@@ -31,10 +31,12 @@ from services.common.grpc_mtls import MtlsChannel
 from services.common.identity.pem import fingerprint_sha256, serial_hex
 from services.common.identity.source import SvidMaterial
 from services.common.policy import Policy
+from services.common.registry import RegistryError
 from services.common.revocation import RevocationWatcher
 from services.common.telemetry import Telemetry, setup_telemetry
 from services.common.tls import client_context
 from tests.support.crl import build_crl, crl_server, started_watcher
+from tests.support.helpers import wait_until
 from tests.support.mtls_servers import (
     ECHO,
     ENGINE_ID,
@@ -323,6 +325,57 @@ def test_grpc_mtls_channel_closes_the_stale_channel_after_the_grace(
         assert time.monotonic() < deadline, "the stale channel was never closed"
         time.sleep(0.05)
     assert call_echo(channel.channel())
+
+
+def test_grpc_mtls_channel_follows_its_service_to_a_new_address(
+    authority: Authority,
+    policy: Policy,
+    audit: AuditLog,
+    telemetry: Telemetry,
+    revocation: RevocationWatcher,
+) -> None:
+    """The registry moves the service: the client follows within one recheck, and stays put
+    while the registry cannot answer."""
+
+    def servers(name: bytes) -> contextlib.AbstractContextManager[Any]:
+        def answer(request: bytes, context: grpc.ServicerContext) -> bytes:
+            return name
+
+        return running_grpc_server(
+            FakeSource(authority.svid(RISK_ID, dns=("risk",))),
+            policy=policy,
+            audit=audit,
+            telemetry=telemetry,
+            revocation=revocation,
+            handlers={"Echo": grpc.unary_unary_rpc_method_handler(answer)},
+        )
+
+    with servers(b"old") as old, servers(b"new") as new:
+        registry: dict[str, str | Exception] = {"risk": f"127.0.0.1:{old.port}"}
+
+        def resolve() -> str:
+            answer = registry["risk"]
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+
+        channel = MtlsChannel(
+            FakeSource(authority.svid(ENGINE_ID)), resolve, "risk", recheck_seconds=0.1
+        )
+        try:
+            assert call_echo(channel.channel()) == b"old"
+            registry["risk"] = f"127.0.0.1:{new.port}"
+            wait_until(
+                lambda: call_echo(channel.channel()) == b"new",
+                timeout=TIMEOUT,
+                message="the channel never followed the service to its new address",
+            )
+            registry["risk"] = RegistryError("registry unreadable")
+            time.sleep(0.3)  # three rechecks that cannot answer
+            assert channel.target == f"127.0.0.1:{new.port}"
+            assert call_echo(channel.channel()) == b"new"
+        finally:
+            channel.close()
 
 
 # -- HTTPS -----------------------------------------------------------------------------------

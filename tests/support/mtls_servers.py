@@ -197,7 +197,7 @@ def mtls_clients(target: str) -> Iterator[Callable[[SvidMaterial], tuple[MtlsCha
 
     def make(material: SvidMaterial) -> tuple[MtlsChannel, FakeSource]:
         source = FakeSource(material)
-        channel = MtlsChannel(source, target, "risk")
+        channel = MtlsChannel(source, lambda: target, "risk")
         made.append(channel)
         return channel, source
 
