@@ -2,6 +2,7 @@ import json
 import stat
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -224,7 +225,8 @@ def test_certs_init_for_another_trust_domain(
 # -- status -----------------------------------------------------------------------------------
 
 
-def test_status_document_names_the_revocation_endpoints() -> None:
+def _issuer_status(**fields: Any) -> dict[str, Any]:
+    """The "issuer" part of ``ztbank status --json`` for a stack without services."""
     from services.stack.native import StackStatus
 
     status = StackStatus(
@@ -233,10 +235,16 @@ def test_status_document_names_the_revocation_endpoints() -> None:
         issuer_socket="unix:///var/run/workload.sock",
         issuer_running=True,
         services={},
-        issuer_crl_url="http://127.0.0.1:8180/crls",
-        issuer_ocsp_url="http://127.0.0.1:8180/ocsp",
+        **fields,
     )
-    issuer = cli._status_document(status)["issuer"]
+    issuer: dict[str, Any] = json.loads(json.dumps(cli._status_document(status)))["issuer"]
+    return issuer
+
+
+def test_status_document_names_the_revocation_endpoints() -> None:
+    issuer = _issuer_status(
+        issuer_crl_url="http://127.0.0.1:8180/crls", issuer_ocsp_url="http://127.0.0.1:8180/ocsp"
+    )
     assert issuer == {
         "socket": "unix:///var/run/workload.sock",
         "running": True,
@@ -247,7 +255,7 @@ def test_status_document_names_the_revocation_endpoints() -> None:
 
 
 def test_status_document_carries_the_issuer_authority() -> None:
-    from services.stack.native import IssuerAuthority, StackStatus
+    from services.stack.native import IssuerAuthority
 
     authority = IssuerAuthority(
         upstream="disk",
@@ -258,16 +266,7 @@ def test_status_document_carries_the_issuer_authority() -> None:
         revoked_certificates=2,
         revoked_spiffe_ids=("spiffe://ztbank.example/env/prod/zone/az1/team/x/svc/y",),
     )
-    status = StackStatus(
-        trust_domain=DEFAULT_TRUST_DOMAIN,
-        root_ca="certs/root-ca.pem",
-        issuer_socket="unix:///var/run/workload.sock",
-        issuer_running=True,
-        services={},
-        issuer_authority=authority,
-    )
-    document = json.loads(json.dumps(cli._status_document(status)))
-    assert document["issuer"]["authority"] == {
+    assert _issuer_status(issuer_authority=authority)["authority"] == {
         "upstream": "disk",
         "active_ca_serial": "1f2e",
         "active_ca_not_after": "2026-11-29T10:00:00+00:00",
