@@ -26,7 +26,7 @@ from services.issuer.domain.entries import Selector
 from services.issuer.domain.jwt_svid import InvalidJwtSvidError
 from services.issuer.domain.service import IssuerService
 from services.issuer.errors import IssuerError, NotEntitledError
-from services.issuer.transport.grpc_peer import stream_credentials
+from services.issuer.transport.grpc_peer import stream_peer
 
 logger = logging.getLogger(__name__)
 
@@ -97,8 +97,8 @@ class WorkloadApi:
     async def _attest(self, stream: Any) -> frozenset[Selector]:
         if stream.metadata.get(HEADER_KEY) != HEADER_VALUE:
             raise GRPCError(Status.INVALID_ARGUMENT, "security header missing from request")
-        creds = stream_credentials(stream)
-        selectors = workload_selectors(creds, self._socket_name)
+        with stream_peer(stream) as (creds, pidfd):
+            selectors = workload_selectors(creds, self._socket_name, pidfd)
         logger.debug("attested pid %s as %s", creds.pid, sorted(map(str, selectors)))
         return selectors
 
