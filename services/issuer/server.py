@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -31,6 +32,9 @@ from services.issuer.transport.workload_api import ChangeFeed, WorkloadApi
 logger = logging.getLogger(__name__)
 
 MAX_RETRY_DELAY = 30.0
+# Issued and revoked certificates are remembered this long after they expire, then pruned.
+RECORD_RETENTION = timedelta(days=1)
+PRUNE_INTERVAL = timedelta(hours=1)
 CRL_RETRY_DELAY = 1.0
 
 
@@ -80,6 +84,7 @@ class Issuer:
         self.settings = settings
         ensure_private_dir(settings.state_dir)
         self._store = SqliteStore(settings.state_dir / "issuer.db")
+        self._next_prune = datetime.now(UTC)
         self.authority = CertificateAuthority(
             trust_domain=settings.trust_domain,
             upstream=upstream or build_upstream(settings),
@@ -188,8 +193,23 @@ class Issuer:
                 logger.info("signing CA set changed; pushing the new bundle")
                 self._feed.publish()
             next_due = min(next_due, self._refresh_crls())
+            await asyncio.to_thread(self._prune_records)
             wait = (next_due - datetime.now(UTC)).total_seconds()
             await asyncio.sleep(min(max(wait, 0.05), MAX_RETRY_DELAY))
+
+    def _prune_records(self) -> None:
+        """At most once per PRUNE_INTERVAL; a failure is logged and tried again next time."""
+        now = datetime.now(UTC)
+        if now < self._next_prune:
+            return
+        self._next_prune = now + PRUNE_INTERVAL
+        try:
+            issued, revoked = self._store.prune_expired(now - RECORD_RETENTION)
+        except sqlite3.Error:
+            logger.exception("pruning expired certificate records failed")
+            return
+        if issued or revoked:
+            logger.info("pruned %d issued and %d revoked expired certificates", issued, revoked)
 
     def _refresh_crls(self) -> datetime:
         """Re-sign due CRLs; on any failure log it and retry soon.  This loop must not die: the

@@ -252,6 +252,22 @@ class SqliteStore:
             deleted = db.execute("DELETE FROM revoked_ids WHERE spiffe_id = ?", (spiffe_id,))
             return deleted.rowcount == 1
 
+    def prune_expired(self, expired_before: datetime) -> tuple[int, int]:
+        """Forget issued and revoked certificates that expired before ``expired_before``: no
+        CRL lists them any more and no peer accepts them.  Returns (issued, revoked) removed."""
+        removed = []
+        with self._connect() as db:
+            for table in ("issued", "revoked_certificates"):
+                rows = db.execute(f"SELECT serial, not_after FROM {table}").fetchall()  # noqa: S608
+                stale = [
+                    (serial,)
+                    for serial, not_after in rows
+                    if datetime.fromisoformat(not_after) < expired_before
+                ]
+                db.executemany(f"DELETE FROM {table} WHERE serial = ?", stale)  # noqa: S608
+                removed.append(len(stale))
+        return removed[0], removed[1]
+
     def next_crl_number(self) -> int:
         """The next CRL number: strictly greater than every number handed out before, across
         restarts (RFC 5280 5.2.3)."""

@@ -11,7 +11,13 @@ from cryptography import x509
 from services.issuer.adapters.sqlite_store import SqliteStore
 from services.issuer.domain.entries import IssuedRecord, Selector
 from services.issuer.domain.jwt_svid import InvalidJwtSvidError
-from services.issuer.domain.revocation import REASONS, parse_reason, parse_serial, reason_flag
+from services.issuer.domain.revocation import (
+    REASONS,
+    RevokedCertificate,
+    parse_reason,
+    parse_serial,
+    reason_flag,
+)
 from services.issuer.errors import (
     AlreadyRevokedError,
     NotEntitledError,
@@ -327,6 +333,27 @@ def test_an_old_database_gains_the_ca_column(world: World) -> None:
         "abc", LEDGER, world.clock(), world.clock(), "mint", None, None
     )
     SqliteStore(path)  # migrating twice is a no-op
+
+
+def test_records_of_certificates_long_expired_are_pruned(world: World) -> None:
+    now = world.clock()
+    store = SqliteStore(world.root / "prune.db")
+    for serial, expires in (("0a", now - timedelta(days=2)), ("0b", now + timedelta(minutes=5))):
+        store.record_issued(IssuedRecord(serial, LEDGER, expires, now, "mint", None, None))
+    store.add_revocations(
+        [
+            RevokedCertificate("0a", LEDGER, "keyCompromise", now, now - timedelta(days=2), None),
+            RevokedCertificate(
+                "0b", LEDGER, "keyCompromise", now, now + timedelta(minutes=5), None
+            ),
+        ]
+    )
+
+    assert store.prune_expired(now - timedelta(days=1)) == (1, 1)
+
+    assert [r.serial for r in store.issued()] == ["0b"]
+    assert [r.serial for r in store.revoked_certificates()] == ["0b"]
+    assert store.prune_expired(now - timedelta(days=1)) == (0, 0)
 
 
 def test_issued_svids_point_at_their_cas_crl_and_the_ocsp_responder(world: World) -> None:
