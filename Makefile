@@ -102,13 +102,16 @@ USERS ?= 20
 DURATION ?= 30s
 CHAOS_DURATION ?= 60s
 
-.PHONY: load load-chaos
+.PHONY: load load-chaos lab-revocation
 
 load: up ## locust on the stack: PROFILE=reads|transfers|mixed USERS=20 DURATION=30s
 	$(BIN)/python -m loadtest.run --profile $(PROFILE) --users $(USERS) --duration $(DURATION)
 
 load-chaos: up ## mixed load while SVIDs rotate and one client's SVID is revoked (loadtest/README.md)
 	$(BIN)/python -m loadtest.chaos --users $(USERS) --duration $(CHAOS_DURATION)
+
+lab-revocation: up ## lab: revoke a connected client and watch it being cut off (ztbank lab revocation)
+	$(BIN)/ztbank lab revocation
 
 clean: ## remove local state (var/) and caches; keeps certs/ and .venv/
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache

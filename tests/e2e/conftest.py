@@ -410,6 +410,7 @@ class E2EStack:
             "ZTBANK_CERTS_DIR": str(self.settings.certs_dir),
             "ZTBANK_TRUST_DOMAIN": self.trust_domain,
             "ZTBANK_ISSUER_HTTP": self.settings.issuer_http,
+            "ZTBANK_REGISTRY": str(self.settings.registry),
         }
         executable = Path(sys.executable).with_name("ztbank")
         return subprocess.run(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import ssl
 import threading
 import time
@@ -258,6 +259,27 @@ def test_status_shows_the_signing_ca_and_each_revocation(stack: E2EStack) -> Non
     assert not_after == signing_ca.not_valid_after_utc
     assert after["upstream"] in {"disk", "vault"}
     assert after["entries"] >= 5  # the three services, the teller and ops
+
+
+def test_the_revocation_lab_shows_a_connected_client_cut_off(stack: E2EStack) -> None:
+    """`ztbank lab revocation` (`make lab-revocation`): what a trainer runs in class."""
+    if stack.target.identity != "socket":
+        pytest.skip("the lab acts as the native stack's teller (its own Workload API socket)")
+    result = stack.cli("lab", "revocation")
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "lab revocation: a connected teller client is revoked"
+    assert lines[-1].startswith("lab passed: the revoked client was cut off within")
+    serial = re.search(r"serial ([0-9a-f]{12})…", lines[1])
+    assert serial, lines[1]
+    assert any(line.startswith("  5 ") and "OCSP answers REVOKED" in line for line in lines)
+    denials = [
+        r
+        for r in stack.audit(GATEWAY.name)
+        if r["cert_serial"].startswith(serial.group(1)) and r["decision"] == "deny"
+    ]
+    assert denials, "the lab's victim was never refused at the gateway"
+    assert result.stderr == ""
 
 
 def test_revoking_an_unknown_serial_is_a_clear_error(stack: E2EStack) -> None:

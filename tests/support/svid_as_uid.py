@@ -21,12 +21,14 @@ from pathlib import Path
 
 import grpc
 import spiffe
-from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from services.common.errors import CommonError
-from services.common.identity.pem import load_pem_certificates
-from services.common.identity.source import SvidMaterial, SvidUnavailableError, fetch_svid
-from services.common.identity.spiffe_id import SpiffeId
+from services.common.identity.source import (
+    SvidMaterial,
+    SvidUnavailableError,
+    fetch_svid,
+    svid_from_pem,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CHILD_MODULE = "tests.support.svid_as_uid"
@@ -57,12 +59,11 @@ def fetch_svid_as(
     if child.returncode != 0:
         raise SvidUnavailableError(f"uid {uid}: {child.stderr.strip() or child.returncode}")
     reply = json.loads(child.stdout)
-    key = load_pem_private_key(reply["key_pem"].encode(), password=None)
-    return SvidMaterial(
-        spiffe_id=SpiffeId.parse(reply["spiffe_id"]),
-        chain=tuple(load_pem_certificates(reply["chain_pem"].encode())),
-        key=key,
-        bundle=tuple(load_pem_certificates(reply["bundle_pem"].encode())),
+    return svid_from_pem(
+        reply["chain_pem"].encode(),
+        reply["key_pem"].encode(),
+        reply["bundle_pem"].encode(),
+        trust_domain,
     )
 
 

@@ -14,15 +14,16 @@ from datetime import UTC, datetime
 from functools import cached_property
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from spiffe import TrustDomain, WorkloadApiClient, X509Source
 from spiffe.workloadapi.x509_context import X509Context
 
 from services.common.errors import CommonError
 from services.common.files import private_key_pem
-from services.common.identity.pem import certificates_to_pem, serial_hex
+from services.common.identity.pem import certificates_to_pem, load_pem_certificates, serial_hex
 from services.common.identity.spiffe_id import SpiffeId
+from services.common.identity.x509svid import verify_x509_svid
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,18 @@ class SvidMaterial:
     @cached_property
     def bundle_pem(self) -> bytes:
         return certificates_to_pem(self.bundle)
+
+
+def svid_from_pem(
+    chain_pem: bytes, key_pem: bytes, bundle_pem: bytes, trust_domain: str
+) -> SvidMaterial:
+    """An SVID handed over as PEM (a minted one, or one passed between processes), checked to
+    be a valid X509-SVID of ``trust_domain`` that chains to the bundle."""
+    chain = tuple(load_pem_certificates(chain_pem))
+    bundle = tuple(load_pem_certificates(bundle_pem))
+    spiffe_id = verify_x509_svid(chain, bundle, trust_domain=trust_domain)
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    return SvidMaterial(spiffe_id=spiffe_id, chain=chain, key=key, bundle=bundle)
 
 
 def _material(context: X509Context, trust_domain: str) -> SvidMaterial:

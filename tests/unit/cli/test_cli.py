@@ -74,6 +74,10 @@ def run(argv: Sequence[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
         (["revoke"], "one of the arguments --serial --spiffe-id is required"),
         (["revoke", "--serial", "ab", "--spiffe-id", LEDGER], "not allowed with"),
         (["revoke", "--reason", "keyCompromise"], "required"),
+        (["lab"], "required"),
+        (["lab", "outage"], "invalid choice"),
+        (["lab", "revocation", "--budget", "soon"], "invalid float value"),
+        (["lab", "revocation", "--budget", "0"], "--budget must be a positive number"),
     ],
 )
 def test_bad_usage_is_one_line_and_exit_2(
