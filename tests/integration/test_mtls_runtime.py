@@ -48,6 +48,7 @@ from tests.support.mtls_servers import (
     Authority,
     FakeSource,
     GrpcHandler,
+    GrpcTestServer,
     WhoAmI,
     audit_log,
     audit_records,
@@ -129,14 +130,8 @@ def served_certificate(port: int, context: ssl.SSLContext) -> x509.Certificate:
 
 
 @dataclass
-class GrpcServer:
+class GrpcServer(GrpcTestServer):
     source: FakeSource
-    port: int
-    audit: AuditLog
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
 
 
 @pytest.fixture
@@ -157,7 +152,7 @@ def grpc_server(
         revocation=revocation,
         handlers=handlers,
     ) as running:
-        yield GrpcServer(source, running.port, audit)
+        yield GrpcServer(port=running.port, audit=audit, source=source)
 
 
 # Makes a client of the test server with an SVID: its channel and the source it rotates from.

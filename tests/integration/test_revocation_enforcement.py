@@ -54,6 +54,7 @@ from tests.support.mtls_servers import (
     Authority,
     FakeSource,
     GrpcHandler,
+    GrpcTestServer,
     WhoAmI,
     audit_records,
     call_echo,
@@ -241,15 +242,9 @@ def aborting(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
 
 
 @dataclass
-class GrpcServer:
-    port: int
-    audit: AuditLog
+class GrpcServer(GrpcTestServer):
     ticker: Ticker
     interceptor: AuthorizationInterceptor
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
 
 
 @pytest.fixture
@@ -275,7 +270,9 @@ def grpc_server(
         handlers=handlers,
         max_workers=8,
     ) as running:
-        yield GrpcServer(running.port, audit, ticker, running.interceptor)
+        yield GrpcServer(
+            port=running.port, audit=audit, ticker=ticker, interceptor=running.interceptor
+        )
 
 
 # Makes a client of the test server with an SVID: its (current) channel.

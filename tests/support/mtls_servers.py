@@ -150,6 +150,18 @@ class RunningGrpc:
     interceptor: AuthorizationInterceptor
 
 
+@dataclass
+class GrpcTestServer:
+    """What a test of a running gRPC server holds: where it listens and what it audits."""
+
+    port: int
+    audit: AuditLog
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
 @contextmanager
 def running_grpc_server(
     source: FakeSource,
