@@ -102,7 +102,7 @@ USERS ?= 20
 DURATION ?= 30s
 CHAOS_DURATION ?= 60s
 
-.PHONY: load load-chaos lab-revocation
+.PHONY: load load-chaos lab-revocation lab-mis-issued
 
 load: up ## locust on the stack: PROFILE=reads|transfers|mixed USERS=20 DURATION=30s
 	$(BIN)/python -m loadtest.run --profile $(PROFILE) --users $(USERS) --duration $(DURATION)
@@ -112,6 +112,9 @@ load-chaos: up ## mixed load while SVIDs rotate and one client's SVID is revoked
 
 lab-revocation: up ## lab: revoke a connected client and watch it being cut off (ztbank lab revocation)
 	$(BIN)/ztbank lab revocation
+
+lab-mis-issued: up ## lab: certificates a correct CA never issues, refused and audited (ztbank lab mis-issued)
+	$(BIN)/ztbank lab mis-issued
 
 clean: ## remove local state (var/) and caches; keeps certs/ and .venv/
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache

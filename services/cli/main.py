@@ -15,6 +15,7 @@ from typing import NoReturn
 
 from services._proto import issuer_admin_pb2 as pb
 from services.cli.errors import CliError, UsageError
+from services.cli.lab_misissued import run_misissued_lab
 from services.cli.lab_revocation import run_revocation_lab
 from services.cli.teller import Reply, TellerClient, refusal
 from services.common.durations import parse_duration
@@ -360,6 +361,11 @@ def cmd_lab_revocation(args: argparse.Namespace) -> int:
     return 0 if passed else 1
 
 
+def cmd_lab_misissued(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.ERROR)
+    return 0 if run_misissued_lab(_stack_settings(args), print) else 1
+
+
 # -- banking as the teller ----------------------------------------------------------------------
 
 
@@ -482,6 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--budget", type=float, default=5.0, help="seconds the cut-off may take (default 5)"
     )
     revocation_lab.set_defaults(handler=cmd_lab_revocation)
+    lab.add_parser(
+        "mis-issued", help="present certificates a correct CA never issues to the gateway"
+    ).set_defaults(handler=cmd_lab_misissued)
 
     login = groups.add_parser("login", help="print a short-lived bearer token for a customer")
     login.add_argument("customer")

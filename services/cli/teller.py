@@ -76,6 +76,11 @@ class TellerClient:
         self._address = FileRegistry(settings.registry).lookup(GATEWAY.name)
         self._gateway_id = GATEWAY.spiffe_id(settings.trust_domain)
 
+    @property
+    def material(self) -> SvidMaterial:
+        """The SVID this client presents (and the bundle it trusts)."""
+        return self._material
+
     def connect(self) -> http.client.HTTPSConnection:
         """A keep-alive connection for many requests (benchmarks); ``request`` opens its own."""
         return _VerifiedConnection(

@@ -176,3 +176,20 @@ def test_tls12_with_aead_and_tls13_are_accepted(stack: E2EStack, service: str) -
     context.maximum_version = ssl.TLSVersion.TLSv1_2
     context.set_ciphers("ECDHE-ECDSA-AES128-GCM-SHA256")
     assert _handshake(stack, service, context) == "TLSv1.2"
+
+
+def test_the_mis_issued_lab_shows_every_case_refused_and_audited(stack: E2EStack) -> None:
+    """`ztbank lab mis-issued` (`make lab-mis-issued`): what a trainer runs in class."""
+    if stack.target.identity != "socket":
+        pytest.skip("the lab acts as the native stack's teller (its own Workload API socket)")
+    result = stack.cli("lab", "mis-issued")
+    assert result.returncode == 0, result.stdout + result.stderr
+    cases = [line for line in result.stdout.splitlines() if line[:5].strip().isdigit()]
+    assert len(cases) == 10, result.stdout
+    assert all(" ok  " in line for line in cases), result.stdout
+    assert cases[0].endswith("control: a well-formed SVID from the same CA: HTTP 200")
+    assert all("audited: " in line for line in cases[1:]), result.stdout
+    assert "exactly one URI SAN, found 2" in result.stdout
+    assert "no policy rule allows" in result.stdout
+    assert result.stdout.splitlines()[-1].startswith("lab passed: 9 mis-issued certificates")
+    assert result.stderr == ""

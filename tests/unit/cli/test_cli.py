@@ -78,6 +78,7 @@ def run(argv: Sequence[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
         (["lab", "outage"], "invalid choice"),
         (["lab", "revocation", "--budget", "soon"], "invalid float value"),
         (["lab", "revocation", "--budget", "0"], "--budget must be a positive number"),
+        (["lab", "mis-issued", "--budget", "1"], "unrecognized arguments"),
     ],
 )
 def test_bad_usage_is_one_line_and_exit_2(
