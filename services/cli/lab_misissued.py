@@ -14,7 +14,6 @@ Native stack only: the lab reads the issuer's CA state and the gateway's audit f
 from __future__ import annotations
 
 import http.client
-import json
 import secrets
 import socket
 import ssl
@@ -30,12 +29,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from services.cli.errors import CliError
+from services.cli.lab_audit import last_gateway_denial
 from services.cli.teller import TellerClient
 from services.common.files import private_key_pem
 from services.common.identity.pem import certificates_to_pem
 from services.common.registry import FileRegistry
 from services.common.workloads import GATEWAY, TELLER
 from services.issuer.adapters.authority_file import AuthorityFile
+from services.issuer.domain.certificates import CA_KEY_USAGE, SVID_KEY_USAGE
 from services.issuer.errors import IssuerError
 from services.stack.native import StackSettings
 
@@ -79,20 +80,7 @@ def build_leaf(
         .not_valid_before(now + spec.not_before)
         .not_valid_after(now + spec.not_after)
         .add_extension(x509.BasicConstraints(ca=spec.is_ca, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=spec.is_ca,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(CA_KEY_USAGE if spec.is_ca else SVID_KEY_USAGE, critical=True)
         .add_extension(x509.ExtendedKeyUsage(list(spec.extended_key_usage)), critical=False)
     )
     if spec.uri_sans:
@@ -115,20 +103,7 @@ def impostor_ca(trust_domain: str) -> Signer:
         .not_valid_before(now - timedelta(minutes=1))
         .not_valid_after(now + timedelta(hours=1))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(CA_KEY_USAGE, critical=True)
         .sign(key, hashes.SHA256())
     )
     return Signer(certificate, key)
@@ -209,23 +184,6 @@ def present(
         raw.close()
 
 
-def _audited(settings: StackSettings, local_port: int) -> str | None:
-    """The gateway's last deny reason for the connection from ``local_port``."""
-    path = settings.home / "audit" / f"{GATEWAY.name}.jsonl"
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if record.get("source_port") == local_port and record.get("decision") == "deny":
-            return str(record.get("reason"))
-    return None
-
-
 def _signing_ca(settings: StackSettings) -> Signer:
     try:
         active = AuthorityFile(settings.home / "issuer" / "authority.json").load().active
@@ -254,7 +212,7 @@ def run_misissued_lab(settings: StackSettings, say: Say) -> bool:
             ok = outcome.answer == "HTTP 200"
             detail = outcome.answer
         else:
-            reason = _audited(settings, outcome.local_port)
+            reason = last_gateway_denial(settings, source_port=outcome.local_port)
             ok = outcome.answer != "HTTP 200" and reason is not None
             audit = f"audited: {reason!r}" if reason else "NOT audited"
             detail = f"{outcome.answer}; {audit}"

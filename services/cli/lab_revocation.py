@@ -17,7 +17,6 @@ the budget.  It is what a trainer runs in front of the class, and what the e2e s
 from __future__ import annotations
 
 import http.client
-import json
 import time
 import urllib.request
 from collections.abc import Callable
@@ -30,10 +29,11 @@ from cryptography.x509 import ocsp
 
 from services._proto import issuer_admin_pb2 as pb
 from services.cli.errors import CliError
+from services.cli.lab_audit import last_gateway_denial
 from services.cli.teller import TellerClient
 from services.common.identity.source import SvidMaterial, svid_from_pem
 from services.common.revocation import RevocationWatcher
-from services.common.workloads import GATEWAY, TELLER
+from services.common.workloads import TELLER
 from services.issuer.admin_client import AdminCallError, call_admin
 from services.issuer.domain.revocation import crls_url, ocsp_url
 from services.stack.native import StackSettings
@@ -126,23 +126,6 @@ def _listed_in_crls(settings: StackSettings, victim: SvidMaterial) -> bool:
     return victim.serial in watcher.revoked_serials()
 
 
-def _audited_refusal(settings: StackSettings, serial: str) -> str | None:
-    """The reason of the gateway's last deny record for ``serial``, if any."""
-    path = settings.home / "audit" / f"{GATEWAY.name}.jsonl"
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue  # a line still being written
-        if record.get("cert_serial") == serial and record.get("decision") == "deny":
-            return str(record.get("reason"))
-    return None
-
-
 def run_revocation_lab(settings: StackSettings, say: Say, *, budget: float) -> bool:
     """Run the lab, narrating through ``say``; True when everything behaved."""
     say("lab revocation: a connected teller client is revoked")
@@ -193,7 +176,7 @@ def run_revocation_lab(settings: StackSettings, say: Say, *, budget: float) -> b
     checks.append(bystander_served)
     say(f"  6 the stack's own teller {'is' if bystander_served else 'is NOT'} still served")
 
-    reason = _audited_refusal(settings, victim_svid.serial)
+    reason = last_gateway_denial(settings, cert_serial=victim_svid.serial)
     checks.append(reason is not None and "revoked" in reason)
     say(f"  7 the gateway audited {f'a deny: {reason!r}' if reason else 'NO deny for it'}")
 
