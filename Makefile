@@ -102,7 +102,7 @@ USERS ?= 20
 DURATION ?= 30s
 CHAOS_DURATION ?= 60s
 
-.PHONY: load load-chaos lab-revocation lab-mis-issued
+.PHONY: load load-chaos lab-revocation lab-mis-issued lab-rotation
 
 load: up ## locust on the stack: PROFILE=reads|transfers|mixed USERS=20 DURATION=30s
 	$(BIN)/python -m loadtest.run --profile $(PROFILE) --users $(USERS) --duration $(DURATION)
@@ -115,6 +115,9 @@ lab-revocation: up ## lab: revoke a connected client and watch it being cut off 
 
 lab-mis-issued: up ## lab: certificates a correct CA never issues, refused and audited (ztbank lab mis-issued)
 	$(BIN)/ztbank lab mis-issued
+
+lab-rotation: up ## lab: every service renews its SVID under traffic (quick with ZTBANK_SVID_TTL=20s make up)
+	$(BIN)/ztbank lab rotation
 
 clean: ## remove local state (var/) and caches; keeps certs/ and .venv/
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache

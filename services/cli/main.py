@@ -17,6 +17,7 @@ from services._proto import issuer_admin_pb2 as pb
 from services.cli.errors import CliError, UsageError
 from services.cli.lab_misissued import run_misissued_lab
 from services.cli.lab_revocation import run_revocation_lab
+from services.cli.lab_rotation import run_rotation_lab
 from services.cli.teller import Reply, TellerClient, refusal
 from services.common.durations import parse_duration
 from services.common.errors import CommonError
@@ -29,6 +30,7 @@ from services.issuer.errors import IssuerError
 from services.stack.native import NativeStack, StackError, StackSettings, StackStatus
 
 Handler = Callable[[argparse.Namespace], int]
+MAX_LAB_ROTATIONS = 5
 
 
 class _Parser(argparse.ArgumentParser):
@@ -361,6 +363,15 @@ def cmd_lab_revocation(args: argparse.Namespace) -> int:
     return 0 if passed else 1
 
 
+def cmd_lab_rotation(args: argparse.Namespace) -> int:
+    if not 1 <= args.rotations <= MAX_LAB_ROTATIONS:
+        raise UsageError(
+            f"--rotations must be between 1 and {MAX_LAB_ROTATIONS} (got {args.rotations})"
+        )
+    logging.basicConfig(level=logging.ERROR)
+    return 0 if run_rotation_lab(_stack_settings(args), print, rotations=args.rotations) else 1
+
+
 def cmd_lab_misissued(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.ERROR)
     return 0 if run_misissued_lab(_stack_settings(args), print) else 1
@@ -491,6 +502,13 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_parser(
         "mis-issued", help="present certificates a correct CA never issues to the gateway"
     ).set_defaults(handler=cmd_lab_misissued)
+    rotation_lab = lab.add_parser(
+        "rotation", help="watch every service renew its SVID while requests keep flowing"
+    )
+    rotation_lab.add_argument(
+        "--rotations", type=int, default=2, help="rotations to wait for per service (1-5)"
+    )
+    rotation_lab.set_defaults(handler=cmd_lab_rotation)
 
     login = groups.add_parser("login", help="print a short-lived bearer token for a customer")
     login.add_argument("customer")

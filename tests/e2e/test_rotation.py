@@ -154,3 +154,17 @@ def test_rotation_under_continuous_load(stack: E2EStack) -> None:
     assert answers[("POST", 201)] + answers[("POST", 202)] > 0, answers
     # Transfers only ever moved money between alice's own accounts.
     assert sum(balances(stack.teller(), "alice").values(), Decimal(0)) == alice_total
+
+
+def test_the_rotation_lab_sees_every_service_renew_without_a_failure(stack: E2EStack) -> None:
+    """`ztbank lab rotation` (`make lab-rotation`): what a trainer runs in class."""
+    if stack.target.identity != "socket":
+        pytest.skip("the lab acts as the native stack's teller (its own Workload API socket)")
+    result = stack.cli("lab", "rotation", "--rotations", "1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    renewed = {line.split()[0] for line in lines if " now serves " in line}
+    assert renewed == {GATEWAY.name, TRANSFER_ENGINE.name, RISK.name}, result.stdout
+    assert any(line.endswith(", 0 failed") for line in lines), result.stdout
+    assert lines[-1].startswith("lab passed: 1 rotation(s) of every service"), result.stdout
+    assert result.stderr == ""

@@ -79,6 +79,8 @@ def run(argv: Sequence[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
         (["lab", "revocation", "--budget", "soon"], "invalid float value"),
         (["lab", "revocation", "--budget", "0"], "--budget must be a positive number"),
         (["lab", "mis-issued", "--budget", "1"], "unrecognized arguments"),
+        (["lab", "rotation", "--rotations", "0"], "--rotations must be between 1 and 5"),
+        (["lab", "rotation", "--rotations", "two"], "invalid int value"),
     ],
 )
 def test_bad_usage_is_one_line_and_exit_2(
