@@ -175,5 +175,5 @@ def test_lifetime_beyond_the_maximum(
 
 @pytest.mark.parametrize("token", ["garbage", "a.b.c", "Bearer x", "é" * 10])
 def test_garbage(client: TestClient, token: str) -> None:
-    response = client.get("/v1/accounts", headers={"Authorization": f"Bearer {token}".encode()})
+    response = client.get("/v1/accounts", headers={b"Authorization": f"Bearer {token}".encode()})
     assert_unauthenticated(response, token_presented=True)

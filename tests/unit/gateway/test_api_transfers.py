@@ -171,7 +171,7 @@ def test_idempotency_key_missing_or_invalid_is_400(
     response = client.post(
         "/v1/transfers",
         json=order(),
-        headers={name: value.encode() for name, value in headers.items()},
+        headers={name.encode(): value.encode() for name, value in headers.items()},
     )
 
     assert response.status_code == 400

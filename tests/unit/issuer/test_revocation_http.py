@@ -9,7 +9,7 @@ import socket
 from collections.abc import Callable, Mapping
 from urllib.parse import quote
 
-import httpx
+import httpx2 as httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
