@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from pydantic import ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -37,8 +38,12 @@ class ZtbankSettings(BaseSettings):
     home: Path = Path("var")
     certs_dir: Path = Path("certs")
     trust_domain: str = DEFAULT_TRUST_DOMAIN
-    # host:port of the issuer's plain-HTTP revocation endpoints (CRLs, OCSP): signed data only.
+    # host:port the issuer's plain-HTTP revocation endpoints (CRLs, OCSP) listen on; they serve
+    # signed data only.
     issuer_http: str = "127.0.0.1:8180"
+    # Where peers reach those endpoints: written into every certificate (CRL distribution point,
+    # OCSP responder) and polled by the services.  Empty: http://<issuer_http>.
+    issuer_public_url: str = ""
 
     @field_validator("trust_domain")
     @classmethod
@@ -50,9 +55,19 @@ class ZtbankSettings(BaseSettings):
     def _absolute(cls, value: Path) -> Path:
         return value.absolute()
 
+    @field_validator("issuer_public_url")
+    @classmethod
+    def _public_url(cls, value: str) -> str:
+        if not value:
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
+            raise ValueError(f"{value!r} must be an http:// or https:// URL with a host")
+        return value.rstrip("/")
+
     @property
     def issuer_url(self) -> str:
-        return f"http://{self.issuer_http}"
+        return self.issuer_public_url or f"http://{self.issuer_http}"
 
     @property
     def run_dir(self) -> Path:

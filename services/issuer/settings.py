@@ -79,9 +79,14 @@ class IssuerSettings(ZtbankSettings):
                 f" ({format_duration(self.svid_ttl)}; got {format_duration(self.crl_ttl)})"
             )
         try:
-            parse_listen_address(self.issuer_http)
+            host, _ = parse_listen_address(self.issuer_http)
         except ValueError as error:
             raise ValueError(f"ZTBANK_ISSUER_HTTP: {error}") from None
+        if host in ("0.0.0.0", "::") and not self.issuer_public_url:  # noqa: S104 (refused here)
+            raise ValueError(
+                f"ZTBANK_ISSUER_HTTP listens on every address ({self.issuer_http}), which no peer"
+                " can be sent to: set ZTBANK_ISSUER_PUBLIC_URL to the URL they reach it by"
+            )
         if not self.endpoint_socket:
             self.endpoint_socket = self.default_workload_endpoint
         try:

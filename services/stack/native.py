@@ -105,6 +105,8 @@ class NativeStack:
         }
         if self.settings.svid_ttl:
             env["ZTBANK_SVID_TTL"] = self.settings.svid_ttl
+        if self.settings.issuer_public_url:
+            env["ZTBANK_ISSUER_PUBLIC_URL"] = self.settings.issuer_public_url
         return env
 
     def _workload_socket(self, name: str) -> str:

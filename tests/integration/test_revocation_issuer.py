@@ -30,6 +30,7 @@ from spiffe._proto import workload_pb2, workload_pb2_grpc
 
 from services.common.identity.pem import load_der_certificates
 from services.issuer.errors import IssuerError
+from services.stack.sandbox import free_port
 from tests.integration.conftest import TRUST_DOMAIN, IssuerFactory, IssuerProcess
 from tests.support.helpers import one_line
 
@@ -211,6 +212,24 @@ def test_revoked_minted_svid_is_on_the_crl_and_ocsp_says_revoked(issuer: IssuerP
     assert "Reason: keyCompromise" in output
     assert "Revocation Time:" in output
     assert status_line(ocsp_status(kept), kept) == "good"
+
+
+def test_certificates_name_the_public_url_while_the_endpoint_listens_on_every_address(
+    issuer_factory: IssuerFactory,
+) -> None:
+    """ZTBANK_ISSUER_HTTP=0.0.0.0:PORT binds every address; ZTBANK_ISSUER_PUBLIC_URL is what
+    certificates tell peers."""
+    port = free_port()
+    issuer = issuer_factory(
+        ZTBANK_ISSUER_HTTP=f"0.0.0.0:{port}",
+        ZTBANK_ISSUER_PUBLIC_URL="http://pki.ztbank.example:8180",
+    )
+    minted = mint(issuer, TELLER, "public")
+    ca_serial = format(minted.ca.serial_number, "x")
+    assert minted.crl_url == f"http://pki.ztbank.example:8180/crl/{ca_serial}.crl"
+    assert minted.ocsp_url == "http://pki.ztbank.example:8180/ocsp"
+    content_type, _ = fetch(f"http://127.0.0.1:{port}/crl/{ca_serial}.crl")
+    assert content_type == "application/pkix-crl"
 
 
 def test_crls_endpoint_serves_every_current_crl_as_pem(issuer: IssuerProcess) -> None:

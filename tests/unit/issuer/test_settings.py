@@ -92,7 +92,13 @@ def test_explicit_endpoint_socket(
         ("ZTBANK_CRL_TTL", "5s", "crl_validity", timedelta(seconds=5)),
         ("ZTBANK_CRL_TTL", "5m", "crl_validity", timedelta(minutes=5)),
         ("ZTBANK_CRL_TTL", "", "crl_validity", timedelta(minutes=5)),
-        ("ZTBANK_ISSUER_HTTP", "0.0.0.0:9000", "issuer_http", "0.0.0.0:9000"),
+        ("ZTBANK_ISSUER_PUBLIC_URL", "http://issuer:8180/", "issuer_url", "http://issuer:8180"),
+        (
+            "ZTBANK_ISSUER_PUBLIC_URL",
+            "https://pki.example/z",
+            "issuer_url",
+            "https://pki.example/z",
+        ),
         ("ZTBANK_ISSUER_HTTP", "[::1]:9000", "issuer_url", "http://[::1]:9000"),
         ("ZTBANK_ISSUER_HTTP", "issuer.internal:80", "issuer_url", "http://issuer.internal:80"),
     ],
@@ -158,6 +164,10 @@ def test_ca_ttl_of_exactly_six_svid_ttls_is_accepted(monkeypatch: pytest.MonkeyP
         ({"ZTBANK_ISSUER_HTTP": ":8180"}, "ZTBANK_ISSUER_HTTP"),
         ({"ZTBANK_ISSUER_HTTP": "http://127.0.0.1:8180"}, "ZTBANK_ISSUER_HTTP"),
         ({"ZTBANK_ISSUER_HTTP": "127.0.0.1:8180/x"}, "ZTBANK_ISSUER_HTTP"),
+        ({"ZTBANK_ISSUER_HTTP": "0.0.0.0:8180"}, "ZTBANK_ISSUER_PUBLIC_URL"),
+        ({"ZTBANK_ISSUER_HTTP": "[::]:8180"}, "ZTBANK_ISSUER_PUBLIC_URL"),
+        ({"ZTBANK_ISSUER_PUBLIC_URL": "issuer:8180"}, "ZTBANK_ISSUER_PUBLIC_URL"),
+        ({"ZTBANK_ISSUER_PUBLIC_URL": "ftp://issuer"}, "ZTBANK_ISSUER_PUBLIC_URL"),
         ({"ZTBANK_UPSTREAM": "vault", "VAULT_TOKEN": "t"}, "VAULT_ADDR"),
         ({"ZTBANK_UPSTREAM": "vault", "VAULT_ADDR": "https://vault:8200"}, "ZTBANK_VAULT_ROLE_ID"),
         (
@@ -229,3 +239,10 @@ def test_crl_ttl_refusal_says_the_bounds(monkeypatch: pytest.MonkeyPatch) -> Non
 def test_crl_ttl_follows_a_shorter_svid_ttl(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ZTBANK_SVID_TTL", "20s")
     assert load_settings(IssuerSettings).crl_validity == timedelta(seconds=20)
+
+
+def test_every_address_is_allowed_with_a_public_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ZTBANK_ISSUER_HTTP", "0.0.0.0:8180")
+    monkeypatch.setenv("ZTBANK_ISSUER_PUBLIC_URL", "http://issuer:8180")
+    settings = load_settings(IssuerSettings)
+    assert (settings.issuer_http, settings.issuer_url) == ("0.0.0.0:8180", "http://issuer:8180")
