@@ -102,7 +102,7 @@ USERS ?= 20
 DURATION ?= 30s
 CHAOS_DURATION ?= 60s
 
-.PHONY: load load-chaos lab-revocation lab-mis-issued lab-rotation
+.PHONY: load load-chaos lab-revocation lab-mis-issued lab-rotation lab-outage
 
 load: up ## locust on the stack: PROFILE=reads|transfers|mixed USERS=20 DURATION=30s
 	$(BIN)/python -m loadtest.run --profile $(PROFILE) --users $(USERS) --duration $(DURATION)
@@ -118,6 +118,9 @@ lab-mis-issued: up ## lab: certificates a correct CA never issues, refused and a
 
 lab-rotation: up ## lab: every service renews its SVID under traffic (quick with ZTBANK_SVID_TTL=20s make up)
 	$(BIN)/ztbank lab rotation
+
+lab-outage: up ## lab: stop the issuer; the bank serves, fails closed, recovers (quick with ZTBANK_SVID_TTL=20s)
+	$(BIN)/ztbank lab outage
 
 clean: ## remove local state (var/) and caches; keeps certs/ and .venv/
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache

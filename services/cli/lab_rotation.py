@@ -73,8 +73,7 @@ def run_rotation_lab(settings: StackSettings, say: Say, *, rotations: int) -> bo
     stack = NativeStack(settings)
     teller = TellerClient(settings)  # no teller identity: "is the stack up? (make up)"
     token, token_renewal = teller.token(CUSTOMER), time.monotonic() + TOKEN_RENEWAL_SECONDS
-    validity = teller.material.not_after - teller.material.leaf.not_valid_before_utc
-    lifetime = round(validity.total_seconds())
+    lifetime = round(teller.material.lifetime.total_seconds())
     budget = rotations * LATEST_ROTATION * lifetime + lifetime / 2 + SLACK_SECONDS
     say(
         f"  SVIDs live {lifetime} s here and are renewed at 40-50 % of that; waiting for"

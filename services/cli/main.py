@@ -16,6 +16,7 @@ from typing import NoReturn
 from services._proto import issuer_admin_pb2 as pb
 from services.cli.errors import CliError, UsageError
 from services.cli.lab_misissued import run_misissued_lab
+from services.cli.lab_outage import run_outage_lab
 from services.cli.lab_revocation import run_revocation_lab
 from services.cli.lab_rotation import run_rotation_lab
 from services.cli.teller import Reply, TellerClient, refusal
@@ -372,6 +373,11 @@ def cmd_lab_rotation(args: argparse.Namespace) -> int:
     return 0 if run_rotation_lab(_stack_settings(args), print, rotations=args.rotations) else 1
 
 
+def cmd_lab_outage(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.ERROR)
+    return 0 if run_outage_lab(_stack_settings(args), print) else 1
+
+
 def cmd_lab_misissued(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.ERROR)
     return 0 if run_misissued_lab(_stack_settings(args), print) else 1
@@ -509,6 +515,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--rotations", type=int, default=2, help="rotations to wait for per service (1-5)"
     )
     rotation_lab.set_defaults(handler=cmd_lab_rotation)
+    lab.add_parser(
+        "outage", help="stop the issuer: watch the bank serve, fail closed, and recover"
+    ).set_defaults(handler=cmd_lab_outage)
 
     login = groups.add_parser("login", help="print a short-lived bearer token for a customer")
     login.add_argument("customer")

@@ -42,6 +42,19 @@ class ManagedProcess:
     def running(self) -> bool:
         return self.pid() is not None
 
+    def environment(self) -> dict[str, str] | None:
+        """The environment the running process was started with (None if it is not running),
+        so that it can be started again exactly as it was."""
+        pid = self.pid()
+        if pid is None:
+            return None
+        try:
+            raw = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
+            return None
+        pairs = (entry.partition(b"=") for entry in raw.split(b"\0") if entry)
+        return {os.fsdecode(name): os.fsdecode(value) for name, _, value in pairs}
+
     def start(self, env: Mapping[str, str]) -> int:
         self.pid_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)

@@ -402,7 +402,7 @@ class E2EStack:
             interval=1.0,
         )
 
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+    def cli(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
         """``ztbank ARGS`` as an operator of this stack would run it."""
         env = {
             **os.environ,
@@ -419,7 +419,7 @@ class E2EStack:
             env=env,
             capture_output=True,
             text=True,
-            timeout=30,
+            timeout=timeout,
         )
 
     def metric(self, service: str, name: str) -> float | None:

@@ -10,7 +10,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import cached_property
 
 from cryptography import x509
@@ -53,6 +53,10 @@ class SvidMaterial:
     @property
     def not_after(self) -> datetime:
         return self.leaf.not_valid_after_utc
+
+    @property
+    def lifetime(self) -> timedelta:
+        return self.not_after - self.leaf.not_valid_before_utc
 
     def seconds_left(self, now: datetime | None = None) -> float:
         return (self.not_after - (now or datetime.now(UTC))).total_seconds()

@@ -197,3 +197,14 @@ def test_log_is_appended_across_restarts(sleeper: ManagedProcess, started: Start
         sleeper.stop()
     assert sleeper.log_tail().count(READY) == 2
     assert sleeper.log_tail(lines=1) == READY
+
+
+def test_environment_is_the_one_the_process_was_started_with(
+    sleeper: ManagedProcess, started: Started
+) -> None:
+    assert sleeper.environment() is None  # not running
+    started.start(sleeper, {"ZTBANK_SVID_TTL": "20s", "ZTBANK_LAB_MARK": "a=b"})
+    environment = sleeper.environment()
+    assert environment is not None
+    assert environment["ZTBANK_SVID_TTL"] == "20s"
+    assert environment["ZTBANK_LAB_MARK"] == "a=b"  # split at the first "=" only

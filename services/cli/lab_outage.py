@@ -1,0 +1,150 @@
+"""``ztbank lab outage``: the issuer goes away; the bank keeps serving, then fails closed, then
+recovers by itself once the issuer is back.
+
+Against the running native stack: a client SVID that outlives the outage is minted first, then
+the issuer is stopped.  Every half second the client asks the gateway on a new connection, and
+the gateway's ``revocation_fresh`` metric is read.  The services must keep serving on their
+current SVIDs and CRLs, then refuse once the revocation data is past its nextUpdate (the CRL
+TTL equals the SVID TTL) and raise the alert; never serve unverified.  The issuer is started
+again (always, even if the lab is interrupted) and the services must recover without a restart
+of their own.  With the default 5-minute SVIDs this takes up to about 10 minutes;
+``ZTBANK_SVID_TTL=20s make up`` makes it take under a minute.
+"""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from services._proto import issuer_admin_pb2 as pb
+from services.cli.errors import CliError
+from services.cli.teller import TellerClient
+from services.common.identity.source import SvidMaterial, svid_from_pem
+from services.common.registry import FileRegistry
+from services.common.workloads import GATEWAY, TELLER
+from services.issuer.admin_client import AdminCallError, call_admin
+from services.stack.native import NativeStack, StackSettings
+
+Say = Callable[[str], None]
+CLIENT_TTL_SECONDS = 600  # the longest the issuer mints: outlives any outage of the lab
+POLL_SECONDS = 0.5
+RECOVERY_BUDGET_SECONDS = 30.0
+CUSTOMER = "alice"
+
+
+@dataclass(frozen=True)
+class Observation:
+    served: bool
+    fresh: float | None  # the gateway's revocation_fresh gauge (1 fresh, 0 stale)
+
+
+def gateway_metric(settings: StackSettings, name: str) -> float | None:
+    """One sample of a gauge from the gateway's Prometheus port (127.0.0.1), if it has one."""
+    port = FileRegistry(settings.registry).lookup(GATEWAY.name).metrics_port
+    if port is None:
+        return None
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+            text = reply.read().decode()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(name) and line[len(name)] in " {":
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def _observe(settings: StackSettings, client: TellerClient, token: str) -> Observation:
+    try:
+        reply = client.request("GET", "/v1/accounts", headers={"Authorization": f"Bearer {token}"})
+        served = reply.status == 200  # 503: the gateway failing closed towards the engine
+    except CliError:
+        served = False
+    return Observation(served, gateway_metric(settings, "revocation_fresh"))
+
+
+def _mint_client(settings: StackSettings) -> SvidMaterial:
+    request = pb.MintX509SVIDRequest(
+        spiffe_id=str(TELLER.spiffe_id(settings.trust_domain)), ttl_seconds=CLIENT_TTL_SECONDS
+    )
+    try:
+        minted = call_admin(settings.admin_socket, lambda stub: stub.MintX509SVID(request))
+    except AdminCallError as error:
+        raise CliError(f"cannot mint the lab's client SVID: {error}") from None
+    return svid_from_pem(minted.chain_pem, minted.key_pem, minted.bundle_pem, settings.trust_domain)
+
+
+def run_outage_lab(settings: StackSettings, say: Say) -> bool:
+    say("lab outage: the issuer stops; the bank serves, then fails closed, then recovers")
+    stack = NativeStack(settings)
+    teller = TellerClient(settings)  # no teller identity: "is the stack up? (make up)"
+    token = teller.token(CUSTOMER)
+    lifetime = round(teller.material.lifetime.total_seconds())  # as every workload's SVID
+    client = TellerClient(settings, _mint_client(settings))
+    pids = {name: process.pid() for name, process in stack.services.items()}
+    if not _observe(settings, client, token).served:
+        raise CliError("the gateway does not serve even before the outage; is the stack up?")
+    deadline_closed = 2 * lifetime + 5
+    say(f"  SVIDs and CRLs live {lifetime} s here: fail-closed is due within {deadline_closed} s")
+
+    # Started again later exactly as it runs now (its TTLs, upstream, sockets), not as this
+    # shell's environment would start it.
+    issuer_env = stack.issuer.environment() or stack.env
+    stack.issuer.stop()
+    stopped = time.monotonic()
+    checks: list[bool] = []
+    try:
+        say("  1 stopped the issuer")
+        first = _observe(settings, client, token)
+        left = gateway_metric(settings, "svid_expiry_seconds")
+        checks += [first.served, left is not None and 0 < left <= lifetime]
+        say(
+            f"  2 right after: {'still served' if first.served else 'NOT served'};"
+            f" the gateway's SVID has {left if left is None else round(left)} s left"
+        )
+        closed_after = alert_after = None
+        while time.monotonic() < stopped + deadline_closed and (
+            closed_after is None or alert_after is None
+        ):
+            seen = _observe(settings, client, token)
+            if closed_after is None and not seen.served:
+                closed_after = time.monotonic() - stopped
+            if alert_after is None and seen.fresh == 0.0:
+                alert_after = time.monotonic() - stopped
+            time.sleep(POLL_SECONDS)
+        checks += [closed_after is not None, alert_after is not None]
+        say(f"  3 {_when('refused (fail closed)', closed_after, deadline_closed)}")
+        say(f"  4 {_when('revocation_fresh dropped to 0', alert_after, deadline_closed)}")
+    finally:
+        stack.issuer.start(issuer_env)
+    restarted = time.monotonic()
+    say("  5 started the issuer again")
+
+    recovered_after = None
+    while time.monotonic() < restarted + RECOVERY_BUDGET_SECONDS:
+        status = stack.status()
+        if (
+            all(p.healthy for p in status.services.values())
+            and _observe(settings, client, token).served
+        ):
+            recovered_after = time.monotonic() - restarted
+            break
+        time.sleep(POLL_SECONDS)
+    checks.append(recovered_after is not None)
+    recovery = "served again, every service healthy"
+    say(f"  6 {_when(recovery, recovered_after, RECOVERY_BUDGET_SECONDS)}")
+    same = {name: process.pid() for name, process in stack.services.items()} == pids
+    checks.append(same)
+    say(f"  7 {'no service was restarted' if same else 'a service was RESTARTED'}")
+
+    if all(checks):
+        say("lab passed: served through the outage, failed closed on stale data, recovered")
+        return True
+    say("lab failed: see above")
+    return False
+
+
+def _when(what: str, seconds: float | None, budget: float) -> str:
+    return f"{what} after {seconds:.1f} s" if seconds is not None else f"NOT {what} in {budget:g} s"
