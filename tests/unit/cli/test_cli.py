@@ -75,7 +75,7 @@ def run(argv: Sequence[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
         (["revoke", "--serial", "ab", "--spiffe-id", LEDGER], "not allowed with"),
         (["revoke", "--reason", "keyCompromise"], "required"),
         (["lab"], "required"),
-        (["lab", "outage"], "invalid choice"),
+        (["lab", "frobnicate"], "invalid choice"),
         (["lab", "revocation", "--budget", "soon"], "invalid float value"),
         (["lab", "revocation", "--budget", "0"], "--budget must be a positive number"),
         (["lab", "mis-issued", "--budget", "1"], "unrecognized arguments"),
