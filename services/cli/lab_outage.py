@@ -4,8 +4,9 @@ recovers by itself once the issuer is back.
 Against the running native stack: a client SVID that outlives the outage is minted first, then
 the issuer is stopped.  Every half second the client asks the gateway on a new connection, and
 the gateway's ``revocation_fresh`` metric is read.  The services must keep serving on their
-current SVIDs and CRLs, then refuse once the revocation data is past its nextUpdate (the CRL
-TTL equals the SVID TTL) and raise the alert; never serve unverified.  The issuer is started
+current SVIDs and CRLs, then fail closed once either lapses (an expired SVID is refused in the
+handshake; a CRL past its nextUpdate refuses every peer; the CRL TTL equals the SVID TTL), and
+raise the alert; never serve unverified.  The lab shows how the client saw the refusal.  The issuer is started
 again (always, even if the lab is interrupted) and the services must recover without a restart
 of their own.  With the default 5-minute SVIDs this takes up to about 10 minutes;
 ``ZTBANK_SVID_TTL=20s make up`` makes it take under a minute.
@@ -37,6 +38,7 @@ CUSTOMER = "alice"
 @dataclass(frozen=True)
 class Observation:
     served: bool
+    why: str  # what the client saw when not served
     fresh: float | None  # the gateway's revocation_fresh gauge (1 fresh, 0 stale)
 
 
@@ -59,10 +61,11 @@ def gateway_metric(settings: StackSettings, name: str) -> float | None:
 def _observe(settings: StackSettings, client: TellerClient, token: str) -> Observation:
     try:
         reply = client.request("GET", "/v1/accounts", headers={"Authorization": f"Bearer {token}"})
-        served = reply.status == 200  # 503: the gateway failing closed towards the engine
-    except CliError:
-        served = False
-    return Observation(served, gateway_metric(settings, "revocation_fresh"))
+        # 503: the gateway failing closed towards the transfer-engine.
+        served, why = reply.status == 200, f"HTTP {reply.status}"
+    except CliError as error:
+        served, why = False, str(error)
+    return Observation(served, why, gateway_metric(settings, "revocation_fresh"))
 
 
 def _mint_client(settings: StackSettings) -> SvidMaterial:
@@ -105,17 +108,20 @@ def run_outage_lab(settings: StackSettings, say: Say) -> bool:
             f" the gateway's SVID has {left if left is None else round(left)} s left"
         )
         closed_after = alert_after = None
+        why = ""
         while time.monotonic() < stopped + deadline_closed and (
             closed_after is None or alert_after is None
         ):
             seen = _observe(settings, client, token)
             if closed_after is None and not seen.served:
-                closed_after = time.monotonic() - stopped
+                closed_after, why = time.monotonic() - stopped, seen.why
             if alert_after is None and seen.fresh == 0.0:
                 alert_after = time.monotonic() - stopped
             time.sleep(POLL_SECONDS)
         checks += [closed_after is not None, alert_after is not None]
         say(f"  3 {_when('refused (fail closed)', closed_after, deadline_closed)}")
+        if why:
+            say(f"    as the client saw it: {why}")
         say(f"  4 {_when('revocation_fresh dropped to 0', alert_after, deadline_closed)}")
     finally:
         stack.issuer.start(issuer_env)

@@ -6,8 +6,11 @@ import http.client
 import json
 import ssl
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from cryptography import x509
 
 from services.cli.errors import CliError, UsageError
 from services.common.errors import CommonError
@@ -15,8 +18,15 @@ from services.common.identity.source import SvidMaterial, fetch_svid
 from services.common.identity.spiffe_id import SpiffeId
 from services.common.identity.x509svid import verify_der_chain
 from services.common.registry import FileRegistry
+from services.common.revocation import (
+    RevocationError,
+    RevocationUnavailableError,
+    RevocationWatcher,
+    RevokedCertificateError,
+)
 from services.common.tls import client_context
 from services.common.workloads import GATEWAY, TELLER
+from services.issuer.domain.revocation import crls_url
 from services.stack.native import StackSettings
 
 TIMEOUT = 10.0
@@ -30,19 +40,23 @@ class Reply:
 
 
 class _VerifiedConnection(http.client.HTTPSConnection):
-    """Checks the server's SPIFFE ID right after the handshake, before any request is sent."""
+    """Checks the server's SPIFFE ID and revocation status right after the handshake, before
+    any request is sent."""
 
     def __init__(
         self,
         host: str,
         port: int,
         context: ssl.SSLContext,
+        *,
         bundle: SvidMaterial,
         expected: SpiffeId,
+        revocation: Callable[[x509.Certificate], None],
     ) -> None:
         super().__init__(host, port, context=context, timeout=TIMEOUT)
         self._bundle = bundle
         self._expected = expected
+        self._revocation = revocation
 
     def connect(self) -> None:
         super().connect()
@@ -58,11 +72,25 @@ class _VerifiedConnection(http.client.HTTPSConnection):
         if found != self._expected:
             self.close()
             raise CliError(f"expected the gateway {self._expected}, got {found}")
+        try:
+            self._revocation(x509.load_der_x509_certificate(der or b""))
+        except RevokedCertificateError as error:
+            self.close()
+            raise CliError(f"the gateway's certificate is revoked: {error}") from None
+        except RevocationError as error:
+            self.close()  # fail closed, as the services do
+            raise CliError(f"cannot check the gateway's revocation status: {error}") from None
 
 
 class TellerClient:
     def __init__(self, settings: StackSettings, material: SvidMaterial | None = None) -> None:
-        """Acts with ``material`` if given (e.g. a minted SVID), else the teller's own SVID."""
+        """Acts with ``material`` if given (e.g. a minted SVID), else the teller's own SVID.
+
+        The gateway's certificate is checked against the issuer's CRLs on every connection.
+        They are fetched when first needed and again when what is held does not answer (stale
+        or missing).  The last verified answer is kept under ZTBANK_HOME, so a client started
+        during an issuer outage works as long as the services do.
+        """
         if material is None:
             socket_uri = f"unix://{settings.workload_socket_for(TELLER.name)}"
             try:
@@ -75,6 +103,22 @@ class TellerClient:
         self._context = client_context(self._material, ["http/1.1"])
         self._address = FileRegistry(settings.registry).lookup(GATEWAY.name)
         self._gateway_id = GATEWAY.spiffe_id(settings.trust_domain)
+        self._crls = RevocationWatcher(
+            crls_url(settings.issuer_url),
+            lambda: self._material.bundle,
+            cache=settings.home / "cache" / "crls.pem",
+        )
+        self._polled = False
+
+    def _check_revocation(self, gateway: x509.Certificate) -> None:
+        if not self._polled:
+            self._crls.poll()
+            self._polled = True
+        try:
+            self._crls.check(gateway)
+        except RevocationUnavailableError:
+            self._crls.poll()
+            self._crls.check(gateway)
 
     @property
     def material(self) -> SvidMaterial:
@@ -84,7 +128,12 @@ class TellerClient:
     def connect(self) -> http.client.HTTPSConnection:
         """A keep-alive connection for many requests (benchmarks); ``request`` opens its own."""
         return _VerifiedConnection(
-            self._address.host, self._address.port, self._context, self._material, self._gateway_id
+            self._address.host,
+            self._address.port,
+            self._context,
+            bundle=self._material,
+            expected=self._gateway_id,
+            revocation=self._check_revocation,
         )
 
     def request(

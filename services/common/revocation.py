@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from http import HTTPStatus
 from http.client import HTTPException
+from pathlib import Path
 from typing import Protocol
 
 from cryptography import x509
@@ -36,6 +37,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 
 from services.common.errors import CommonError
+from services.common.files import ensure_private_dir, write_atomic
 from services.common.peer import PeerIdentity
 
 logger = logging.getLogger(__name__)
@@ -165,7 +167,11 @@ class RevocationWatcher:
         interval: float = DEFAULT_INTERVAL,
         fetch_timeout: float = DEFAULT_FETCH_TIMEOUT,
         clock: Clock = _utcnow,
+        cache: Path | None = None,
     ) -> None:
+        """``cache``: a file that keeps the last answer that verified, read when the issuer
+        cannot be reached, for short-lived clients that start during an outage (its CRLs are
+        verified and judged fresh or stale like any fetched ones)."""
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"CRL URL {url!r} must be http:// or https://")
         if interval <= 0:
@@ -175,6 +181,7 @@ class RevocationWatcher:
         self._bundle = bundle
         self._fetch_timeout = fetch_timeout
         self._clock = clock
+        self._cache = cache
         # CRLs are signed data: no proxy from the environment gets to see or answer the poll.
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         self._lock = threading.Lock()
@@ -241,14 +248,36 @@ class RevocationWatcher:
         self._etag, self._body = etag, body
         return body
 
+    def _cached(self) -> bytes | None:
+        if self._cache is None:
+            return None
+        try:
+            return self._cache.read_bytes()
+        except OSError:
+            return None
+
+    def _keep(self, body: bytes) -> None:
+        if self._cache is None:
+            return
+        try:
+            ensure_private_dir(self._cache.parent)
+            write_atomic(self._cache, body)
+        except OSError as error:  # the cache only helps: never fail a verified poll over it
+            logger.warning("revocation: cannot keep the CRLs in %s: %s", self._cache, error)
+
     def poll(self) -> None:
         """One fetch: verify every CRL, keep the newest per CA, notify if the set grew."""
         problems: list[str] = []
+        fetched = True
         try:
             body = self._fetch()
         except (OSError, ValueError, HTTPException) as error:  # URLError is an OSError
-            self._report([f"cannot fetch {self.url}: {error}"])
-            return
+            problems.append(f"cannot fetch {self.url}: {error}")
+            cached = self._cached()
+            if cached is None:
+                self._report(problems)
+                return
+            body, fetched = cached, False
         now = self._clock()
         bundle = list(self._bundle())
         # A CA that left the bundle, or expired (nothing it issued verifies any more), takes its
@@ -297,6 +326,8 @@ class RevocationWatcher:
             listeners = list(self._listeners)
         if self.fresh():
             self._ready.set()
+            if fetched and not problems and self._cache is not None:
+                self._keep(body)
         self._report(problems)
         if revoked - before:
             logger.warning("revoked certificates: %s", ", ".join(sorted(revoked - before)))

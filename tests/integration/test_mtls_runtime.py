@@ -25,16 +25,19 @@ import pytest
 from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.cli.errors import CliError
+from services.cli.teller import TellerClient
 from services.common import grpc_mtls
 from services.common.audit import AuditLog
 from services.common.grpc_mtls import MtlsChannel
 from services.common.identity.pem import fingerprint_sha256, serial_hex
 from services.common.identity.source import SvidMaterial
 from services.common.policy import Policy
-from services.common.registry import RegistryError
+from services.common.registry import RegistryError, ServiceAddress, write_registry
 from services.common.revocation import RevocationWatcher
 from services.common.telemetry import Telemetry, setup_telemetry
 from services.common.tls import client_context
+from services.stack.native import StackSettings
 from tests.support.crl import build_crl, crl_server, started_watcher
 from tests.support.helpers import wait_until
 from tests.support.mtls_servers import (
@@ -403,6 +406,37 @@ def https_server(
         tls_dir=tmp_path / "tls",
     ) as running:
         yield HttpsServer(source, running.port, audit, running.app)
+
+
+def test_the_teller_cli_checks_the_gateways_revocation_and_fails_closed(
+    authority: Authority, https_server: HttpsServer, tmp_path: Path
+) -> None:
+    """The CLI client refuses a gateway whose certificate the issuer's CRLs list, and, with no
+    CRLs at all (issuer away, nothing kept), refuses rather than trusting blindly."""
+    registry = tmp_path / "registry.json"
+    write_registry(registry, [ServiceAddress("gateway", "127.0.0.1", https_server.port)])
+    gateway_leaf = https_server.source.current().leaf
+    with crl_server() as issuer:
+        settings = StackSettings(
+            home=tmp_path / "home",
+            registry=registry,
+            trust_domain=TD,
+            issuer_public_url=issuer.url.removesuffix("/crls"),
+        )
+        teller = authority.svid(TELLER_ID)
+
+        issuer.publish(build_crl(authority.signing_ca, [gateway_leaf]))
+        with pytest.raises(CliError, match=r"the gateway's certificate is revoked: .*serial"):
+            TellerClient(settings, teller).request("GET", "/v1/whoami")
+
+        issuer.publish(build_crl(authority.signing_ca))
+        assert TellerClient(settings, teller).request("GET", "/v1/whoami").status == 200
+
+        issuer.stop()  # the issuer is away: the kept CRLs still answer ...
+        assert TellerClient(settings, teller).request("GET", "/v1/whoami").status == 200
+        (settings.home / "cache" / "crls.pem").unlink()  # ... and without them: fail closed
+        with pytest.raises(CliError, match="cannot check the gateway's revocation status"):
+            TellerClient(settings, teller).request("GET", "/v1/whoami")
 
 
 def tls12_context(material: SvidMaterial, ciphers: str) -> ssl.SSLContext:

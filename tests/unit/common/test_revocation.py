@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -498,3 +499,41 @@ def test_peer_verifier_refuses_a_revoked_svid_naming_the_peer(
     other = create_leaf(ca, uri_sans=[WORKLOAD])
     chain[0] = other.certificate.public_bytes(serialization.Encoding.DER)
     assert verifier.verify(chain, "127.0.0.1:4001").serial == serial_hex(other.certificate)
+
+
+def test_a_client_started_during_an_outage_uses_the_kept_crls(
+    server: CrlServer, root: Issued, ca: Issued, clock: Clock, tmp_path: Path
+) -> None:
+    """Short-lived clients (the teller CLI) keep the last verified answer in a cache file."""
+    cache = tmp_path / "cache" / "crls.pem"
+    revoked, kept = leaf_of(ca), leaf_of(ca)
+    server.publish(build_crl(ca, [revoked]))
+    bundle = Bundle(root.certificate, ca.certificate)
+    first = RevocationWatcher(server.url, bundle, clock=clock, cache=cache)
+    first.poll()
+    assert b"-----BEGIN X509 CRL-----" in cache.read_bytes()
+
+    server.status = 503  # the issuer goes away; a new client starts
+    later = RevocationWatcher(server.url, bundle, clock=clock, cache=cache)
+    later.poll()
+    later.check(kept)
+    with pytest.raises(RevokedCertificateError):
+        later.check(revoked)
+
+    clock.advance(timedelta(minutes=30))  # the kept CRLs are judged like fetched ones
+    stale = RevocationWatcher(server.url, bundle, clock=clock, cache=cache)
+    stale.poll()
+    with pytest.raises(RevocationUnavailableError):
+        stale.check(kept)
+
+
+def test_only_a_verified_answer_is_kept(
+    server: CrlServer, root: Issued, ca: Issued, ca2: Issued, clock: Clock, tmp_path: Path
+) -> None:
+    cache = tmp_path / "crls.pem"
+    server.publish(build_crl(ca2))  # signed by a CA the bundle does not hold
+    watcher = RevocationWatcher(
+        server.url, Bundle(root.certificate, ca.certificate), clock=clock, cache=cache
+    )
+    watcher.poll()
+    assert not cache.exists()
