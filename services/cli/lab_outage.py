@@ -6,9 +6,9 @@ the issuer is stopped.  Every half second the client asks the gateway on a new c
 the gateway's ``revocation_fresh`` metric is read.  The services must keep serving on their
 current SVIDs and CRLs, then fail closed once either lapses (an expired SVID is refused in the
 handshake; a CRL past its nextUpdate refuses every peer; the CRL TTL equals the SVID TTL), and
-raise the alert; never serve unverified.  The lab shows how the client saw the refusal.  The issuer is started
-again (always, even if the lab is interrupted) and the services must recover without a restart
-of their own.  With the default 5-minute SVIDs this takes up to about 10 minutes;
+raise the alert; never serve unverified.  The lab shows how the client saw the refusal.  The
+issuer is started again (always, even if the lab is interrupted) and the services must recover
+without a restart of their own.  With the default 5-minute SVIDs this takes up to about 10 minutes;
 ``ZTBANK_SVID_TTL=20s make up`` makes it take under a minute.
 """
 
