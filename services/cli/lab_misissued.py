@@ -18,7 +18,6 @@ import secrets
 import socket
 import ssl
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -29,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from services.cli.errors import CliError
-from services.cli.lab_audit import last_gateway_denial
+from services.cli.lab_support import Say, last_gateway_denial
 from services.cli.teller import TellerClient
 from services.common.files import private_key_pem
 from services.common.identity.pem import certificates_to_pem
@@ -40,7 +39,6 @@ from services.issuer.domain.certificates import CA_KEY_USAGE, SVID_KEY_USAGE
 from services.issuer.errors import IssuerError
 from services.stack.native import StackSettings
 
-Say = Callable[[str], None]
 TIMEOUT = 5.0
 CUSTOMER = "alice"
 ACCOUNTS = "/v1/accounts"

@@ -16,19 +16,15 @@ from __future__ import annotations
 
 import time
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass
 
-from services._proto import issuer_admin_pb2 as pb
 from services.cli.errors import CliError
+from services.cli.lab_support import Say, mint_teller_svid
 from services.cli.teller import TellerClient
-from services.common.identity.source import SvidMaterial, svid_from_pem
 from services.common.registry import FileRegistry
-from services.common.workloads import GATEWAY, TELLER
-from services.issuer.admin_client import AdminCallError, call_admin
+from services.common.workloads import GATEWAY
 from services.stack.native import NativeStack, StackSettings
 
-Say = Callable[[str], None]
 CLIENT_TTL_SECONDS = 600  # the longest the issuer mints: outlives any outage of the lab
 POLL_SECONDS = 0.5
 RECOVERY_BUDGET_SECONDS = 30.0
@@ -68,24 +64,13 @@ def _observe(settings: StackSettings, client: TellerClient, token: str) -> Obser
     return Observation(served, why, gateway_metric(settings, "revocation_fresh"))
 
 
-def _mint_client(settings: StackSettings) -> SvidMaterial:
-    request = pb.MintX509SVIDRequest(
-        spiffe_id=str(TELLER.spiffe_id(settings.trust_domain)), ttl_seconds=CLIENT_TTL_SECONDS
-    )
-    try:
-        minted = call_admin(settings.admin_socket, lambda stub: stub.MintX509SVID(request))
-    except AdminCallError as error:
-        raise CliError(f"cannot mint the lab's client SVID: {error}") from None
-    return svid_from_pem(minted.chain_pem, minted.key_pem, minted.bundle_pem, settings.trust_domain)
-
-
 def run_outage_lab(settings: StackSettings, say: Say) -> bool:
     say("lab outage: the issuer stops; the bank serves, then fails closed, then recovers")
     stack = NativeStack(settings)
     teller = TellerClient(settings)  # no teller identity: "is the stack up? (make up)"
     token = teller.token(CUSTOMER)
     lifetime = round(teller.material.lifetime.total_seconds())  # as every workload's SVID
-    client = TellerClient(settings, _mint_client(settings))
+    client = TellerClient(settings, mint_teller_svid(settings, CLIENT_TTL_SECONDS))
     pids = {name: process.pid() for name, process in stack.services.items()}
     if not _observe(settings, client, token).served:
         raise CliError("the gateway does not serve even before the outage; is the stack up?")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import http.client
 import time
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -29,12 +28,11 @@ from cryptography.x509 import ocsp
 
 from services._proto import issuer_admin_pb2 as pb
 from services.cli.errors import CliError
-from services.cli.lab_audit import last_gateway_denial
+from services.cli.lab_support import Say, last_gateway_denial, mint_teller_svid
 from services.cli.teller import TellerClient
-from services.common.identity.source import SvidMaterial, svid_from_pem
+from services.common.identity.source import SvidMaterial
 from services.common.revocation import RevocationWatcher
-from services.common.workloads import TELLER
-from services.issuer.admin_client import AdminCallError, call_admin
+from services.issuer.admin_client import call_admin
 from services.issuer.domain.revocation import crls_url, ocsp_url
 from services.stack.native import StackSettings
 
@@ -43,8 +41,6 @@ POLL_SECONDS = 0.05
 HTTP_TIMEOUT = 5.0
 CUSTOMER = "alice"
 ACCOUNTS = "/v1/accounts"
-
-Say = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -108,13 +104,6 @@ def ocsp_status(url: str, leaf: x509.Certificate, issuer: x509.Certificate) -> s
     return response.certificate_status.name
 
 
-def _mint_victim(settings: StackSettings) -> SvidMaterial:
-    spiffe_id = str(TELLER.spiffe_id(settings.trust_domain))
-    request = pb.MintX509SVIDRequest(spiffe_id=spiffe_id, ttl_seconds=VICTIM_TTL_SECONDS)
-    minted = call_admin(settings.admin_socket, lambda stub: stub.MintX509SVID(request))
-    return svid_from_pem(minted.chain_pem, minted.key_pem, minted.bundle_pem, settings.trust_domain)
-
-
 def _revoke(settings: StackSettings, serial: str) -> pb.RevokeResponse:
     request = pb.RevokeRequest(serial=serial, reason="keyCompromise")
     return call_admin(settings.admin_socket, lambda stub: stub.Revoke(request))
@@ -131,10 +120,7 @@ def run_revocation_lab(settings: StackSettings, say: Say, *, budget: float) -> b
     say("lab revocation: a connected teller client is revoked")
     bystander = TellerClient(settings)  # no teller identity: "is the stack up? (make up)"
     token = bystander.token(CUSTOMER)
-    try:
-        victim_svid = _mint_victim(settings)
-    except AdminCallError as error:
-        raise CliError(f"cannot mint the victim's SVID: {error}") from None
+    victim_svid = mint_teller_svid(settings, VICTIM_TTL_SECONDS)
     short = f"{victim_svid.serial[:12]}…"
     say(f"  1 minted a teller SVID for the victim: serial {short}, valid {VICTIM_TTL_SECONDS} s")
 

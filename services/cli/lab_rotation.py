@@ -12,16 +12,15 @@ request failed.  With the default 5-minute SVIDs a lab of two rotations takes ab
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from services.cli.errors import CliError
+from services.cli.lab_support import Say
 from services.cli.teller import TellerClient
 from services.common.workloads import SERVICES
 from services.stack.native import NativeStack, StackSettings
 
-Say = Callable[[str], None]
 LATEST_ROTATION = 0.55
 PROBE_SECONDS = 0.5
 SLACK_SECONDS = 10.0
