@@ -15,9 +15,11 @@ Identity.  Each class presents an X509-SVID minted for the teller's SPIFFE ID by
 ``ZTBANK_LOAD_SVID`` for the tellers, ``ZTBANK_LOAD_VICTIM_SVID`` for the victim.  The gateway is
 identified by its SPIFFE ID, not its host name: OpenSSL verifies its chain against bundle.pem
 (no system CAs, host name checks off), then ``GatewayVerifyingContext.wrap_socket`` checks the
-X509-SVID rules and that the SPIFFE ID is the gateway's on *every new connection*, right after
-the handshake and before a request is written; a mismatch fails that request as
-``gateway identity`` and the connection is closed.
+X509-SVID rules, that the SPIFFE ID is the gateway's and that the issuer's CRLs (polled in the
+background from ``ZTBANK_ISSUER_HTTP``, as the services poll them) do not list its certificate,
+on *every new connection*, right after the handshake and before a request is written; a
+mismatch, a revoked certificate or stale CRLs fail that request as ``gateway identity`` and the
+connection is closed.
 
 Customers.  Each user obtains a customer token (``ZTBANK_LOAD_CUSTOMER``, default alice) at
 start and a new one once 80 % of its lifetime (``expires_in``) has passed, or after a 401.
@@ -71,8 +73,10 @@ from services.common.identity.pem import serial_hex  # noqa: E402
 from services.common.identity.spiffe_id import SpiffeId  # noqa: E402
 from services.common.identity.x509svid import verify_der_chain  # noqa: E402
 from services.common.registry import FileRegistry  # noqa: E402
+from services.common.revocation import RevocationError, RevocationWatcher  # noqa: E402
 from services.common.tls import TLS12_AEAD_CIPHERS  # noqa: E402
 from services.common.workloads import GATEWAY  # noqa: E402
+from services.issuer.domain.revocation import crls_url  # noqa: E402
 from services.stack.native import StackSettings  # noqa: E402
 
 if TYPE_CHECKING:
@@ -90,6 +94,7 @@ LOCUST_SUMMARY = os.environ.get("ZTBANK_LOAD_LOCUST_SUMMARY", "1") != "0"
 ACCOUNTS = ("acc-alice-cny", "acc-alice-savings")
 AMOUNT, CURRENCY = "0.01", "CNY"
 TOKEN_REFRESH_AT = 0.8  # of the token's lifetime
+REVOCATION_READY_SECONDS = 10.0
 TELLER, VICTIM = "teller", "victim"
 
 # Request names in the statistics (ids are folded into one name per endpoint).
@@ -133,10 +138,12 @@ OBSERVED = Observations()
 
 
 class GatewayVerifyingContext(_TlsContext):
-    """A client context presenting one SVID that accepts only the gateway as the server."""
+    """A client context presenting one SVID that accepts only the gateway as the server, and
+    only while the issuer's CRLs say its certificate is not revoked (fail closed)."""
 
     expected: SpiffeId
     bundle: list[x509.Certificate]
+    revocation: RevocationWatcher
     who: str
 
     def wrap_socket(  # noqa: PLR0917 (ssl.SSLContext's own signature)
@@ -170,7 +177,13 @@ class GatewayVerifyingContext(_TlsContext):
             tls.close()
             raise GatewayIdentityError(f"expected {self.expected}, the server is {found}")
         assert der is not None
-        OBSERVED.connected(self.who, x509.load_der_x509_certificate(der))
+        certificate = x509.load_der_x509_certificate(der)
+        try:
+            self.revocation.check(certificate)
+        except RevocationError as error:
+            tls.close()
+            raise GatewayIdentityError(f"the gateway's certificate: {error}") from None
+        OBSERVED.connected(self.who, certificate)
         return tls
 
 
@@ -202,7 +215,20 @@ def gateway_context(svid_dir: Path, who: str) -> GatewayVerifyingContext:
     context.bundle = x509.load_pem_x509_certificates(files["bundle.pem"].read_bytes())
     context.expected = GATEWAY.spiffe_id(_settings().trust_domain)
     context.who = who
+    context.revocation = _gateway_revocation(tuple(context.bundle))
     return context
+
+
+@cache
+def _gateway_revocation(bundle: tuple[x509.Certificate, ...]) -> RevocationWatcher:
+    """The issuer's CRLs, polled in the background as the services poll them."""
+    watcher = RevocationWatcher(crls_url(_settings().issuer_url), lambda: bundle)
+    watcher.start()
+    try:
+        watcher.wait_ready(REVOCATION_READY_SECONDS)
+    except RevocationError as error:
+        raise RuntimeError(f"cannot check the gateway's revocation status: {error}") from None
+    return watcher
 
 
 def _gateway_url() -> str | None:
