@@ -33,11 +33,12 @@ from pathlib import Path
 from typing import Protocol
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 
 from services.common.errors import CommonError
 from services.common.files import ensure_private_dir, write_atomic
+from services.common.identity.x509svid import issued_directly_by
 from services.common.peer import PeerIdentity
 
 logger = logging.getLogger(__name__)
@@ -141,14 +142,6 @@ def _signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> boo
         return crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
     except (TypeError, ValueError, UnsupportedAlgorithm):
         return False
-
-
-def _issued_by(leaf: x509.Certificate, ca: x509.Certificate) -> bool:
-    try:
-        leaf.verify_directly_issued_by(ca)
-    except (InvalidSignature, TypeError, ValueError, UnsupportedAlgorithm):
-        return False
-    return True
 
 
 class RevocationWatcher:
@@ -393,7 +386,7 @@ class RevocationWatcher:
         with self._lock:
             candidates = [crl for crl in self._crls.values() if crl.ca.subject == leaf.issuer]
         if len(candidates) > 1:
-            candidates = [crl for crl in candidates if _issued_by(leaf, crl.ca)]
+            candidates = [crl for crl in candidates if issued_directly_by(leaf, crl.ca)]
         serial = format(leaf.serial_number, "x")
         if not candidates:
             raise RevocationUnavailableError(

@@ -74,7 +74,7 @@ def verify_x509_svid(
     leaf = chain[0]
     spiffe_id = _leaf_spiffe_id(leaf, trust_domain)
     _check_leaf_extensions(leaf)
-    if leaf.issuer == leaf.subject and _signed_by(leaf, leaf):
+    if leaf.issuer == leaf.subject and issued_directly_by(leaf, leaf):
         raise SvidVerificationError("leaf is self-signed: an X509-SVID must be issued by a CA")
     path = _build_path(chain, bundle)
     for index, certificate in enumerate(path):
@@ -179,7 +179,8 @@ def _check_leaf_extensions(leaf: x509.Certificate) -> None:
             raise SvidVerificationError(f"leaf extendedKeyUsage lacks {name}")
 
 
-def _signed_by(certificate: x509.Certificate, issuer: x509.Certificate) -> bool:
+def issued_directly_by(certificate: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """True if ``issuer`` names and signed ``certificate``; any failure to tell is False."""
     try:
         certificate.verify_directly_issued_by(issuer)
     except (InvalidSignature, ValueError, TypeError, UnsupportedAlgorithm):
@@ -191,7 +192,7 @@ def _find_issuer(
     certificate: x509.Certificate, candidates: Sequence[x509.Certificate]
 ) -> x509.Certificate | None:
     for candidate in candidates:
-        if candidate.subject == certificate.issuer and _signed_by(certificate, candidate):
+        if candidate.subject == certificate.issuer and issued_directly_by(certificate, candidate):
             return candidate
     return None
 

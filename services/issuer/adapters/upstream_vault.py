@@ -19,7 +19,6 @@ import hvac
 import hvac.exceptions
 import requests
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import NameOID
@@ -27,6 +26,7 @@ from cryptography.x509.oid import NameOID
 from services.common.errors import InvalidCertificateError, InvalidSpiffeIdError
 from services.common.identity.pem import load_pem_certificates
 from services.common.identity.spiffe_id import SCHEME_PREFIX, validate_trust_domain
+from services.common.identity.x509svid import issued_directly_by
 from services.issuer.adapters.upstream import SignedCA
 from services.issuer.errors import UpstreamError
 
@@ -139,7 +139,7 @@ class VaultUpstream:
             _check_matches_csr(certificate, csr, located)
             chain, top = _path_upwards(certificate, [c for c in pool if not _self_signed(c)])
             roots = [c for c in pool if _self_signed(c)] or self._fetch_roots()
-        if not any(_issued_by(top, root) for root in roots):
+        if not any(issued_directly_by(top, root) for root in roots):
             raise UpstreamError(
                 f"the CA signed by {located} does not chain to a self-signed root"
                 f" (checked the returned ca_chain and {self._root_mount}/ca/pem)"
@@ -312,16 +312,8 @@ def _check_matches_csr(
         raise UpstreamError(f"{where} returned a certificate that is not a CA")
 
 
-def _issued_by(certificate: x509.Certificate, issuer: x509.Certificate) -> bool:
-    try:
-        certificate.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
-
-
 def _self_signed(certificate: x509.Certificate) -> bool:
-    return _issued_by(certificate, certificate)
+    return issued_directly_by(certificate, certificate)
 
 
 def _path_upwards(
@@ -335,7 +327,7 @@ def _path_upwards(
     remaining = list(intermediates)
     top = certificate
     while True:
-        parent = next((c for c in remaining if _issued_by(top, c)), None)
+        parent = next((c for c in remaining if issued_directly_by(top, c)), None)
         if parent is None:
             return chain, top
         chain.append(parent)
