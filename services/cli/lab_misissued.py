@@ -16,11 +16,8 @@ from __future__ import annotations
 import http.client
 import secrets
 import socket
-import ssl
-import tempfile
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -33,6 +30,7 @@ from services.cli.teller import TellerClient
 from services.common.files import private_key_pem
 from services.common.identity.pem import certificates_to_pem
 from services.common.registry import FileRegistry
+from services.common.tls import pem_client_context
 from services.common.workloads import GATEWAY, TELLER
 from services.issuer.adapters.authority_file import AuthorityFile
 from services.issuer.domain.certificates import CA_KEY_USAGE, SVID_KEY_USAGE
@@ -152,16 +150,9 @@ def present(
     token: str,
 ) -> Outcome:
     """GET /v1/accounts on a new TLS connection, presenting ``chain``."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.check_hostname = False  # the gateway is identified by its SPIFFE ID, not a name
-    context.load_verify_locations(cadata=certificates_to_pem(bundle).decode())
-    with tempfile.TemporaryDirectory(prefix="ztlab-") as directory:
-        chain_file, key_file = Path(directory) / "chain.pem", Path(directory) / "key.pem"
-        chain_file.write_bytes(certificates_to_pem(chain))
-        key_file.touch(mode=0o600)
-        key_file.write_bytes(private_key_pem(key))
-        context.load_cert_chain(chain_file, key_file)
+    context = pem_client_context(
+        certificates_to_pem(chain), private_key_pem(key), certificates_to_pem(bundle), ["http/1.1"]
+    )
     raw = socket.create_connection(address, timeout=TIMEOUT)
     local_port = int(raw.getsockname()[1])
     try:

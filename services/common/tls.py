@@ -55,16 +55,25 @@ class SvidFiles:
 
 
 def client_context(material: SvidMaterial, alpn: list[str] | None = None) -> ssl.SSLContext:
-    """A one-off client context (CLI, probes); the key touches disk only in a private temp dir."""
+    """A one-off client context (CLI, probes) presenting ``material``."""
+    return pem_client_context(material.chain_pem, material.key_pem, material.bundle_pem, alpn)
+
+
+def pem_client_context(
+    chain_pem: bytes, key_pem: bytes, bundle_pem: bytes, alpn: list[str] | None = None
+) -> ssl.SSLContext:
+    """A one-off client context presenting any chain (the labs present ones a correct CA never
+    issues) and trusting ``bundle_pem``; the key touches disk only in a private temp dir."""
     context = _harden(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
     context.check_hostname = False  # the server is identified by its SPIFFE ID instead
     if alpn:
         context.set_alpn_protocols(alpn)
     with tempfile.TemporaryDirectory(prefix="ztbank-svid-") as directory:
-        files = SvidFiles(Path(directory))
-        files.write(material)
-        context.load_cert_chain(files.chain, files.key)
-    context.load_verify_locations(cadata=material.bundle_pem.decode())
+        chain, key = Path(directory) / "svid.pem", Path(directory) / "svid.key"
+        write_atomic(key, key_pem, PRIVATE_MODE)
+        write_atomic(chain, chain_pem, PUBLIC_MODE)
+        context.load_cert_chain(chain, key)
+    context.load_verify_locations(cadata=bundle_pem.decode())
     return context
 
 
