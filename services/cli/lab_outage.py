@@ -15,7 +15,6 @@ without a restart of their own.  With the default 5-minute SVIDs this takes up t
 from __future__ import annotations
 
 import time
-import urllib.request
 from dataclasses import dataclass
 
 from services.cli.errors import CliError
@@ -24,6 +23,7 @@ from services.cli.teller import TellerClient
 from services.common.registry import FileRegistry
 from services.common.workloads import GATEWAY
 from services.stack.native import NativeStack, StackSettings
+from services.stack.probe import metric_sample
 
 CLIENT_TTL_SECONDS = 600  # the longest the issuer mints: outlives any outage of the lab
 POLL_SECONDS = 0.5
@@ -39,19 +39,7 @@ class Observation:
 
 
 def gateway_metric(settings: StackSettings, name: str) -> float | None:
-    """One sample of a gauge from the gateway's Prometheus port (127.0.0.1), if it has one."""
-    port = FileRegistry(settings.registry).lookup(GATEWAY.name).metrics_port
-    if port is None:
-        return None
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
-            text = reply.read().decode()
-    except OSError:
-        return None
-    for line in text.splitlines():
-        if line.startswith(name) and line[len(name)] in " {":
-            return float(line.rsplit(" ", 1)[1])
-    return None
+    return metric_sample(FileRegistry(settings.registry).lookup(GATEWAY.name), name)
 
 
 def _observe(settings: StackSettings, client: TellerClient, token: str) -> Observation:
@@ -115,9 +103,8 @@ def run_outage_lab(settings: StackSettings, say: Say) -> bool:
 
     recovered_after = None
     while time.monotonic() < restarted + RECOVERY_BUDGET_SECONDS:
-        status = stack.status()
         if (
-            all(p.healthy for p in status.services.values())
+            all(p.healthy for p in stack.probes().values())
             and _observe(settings, client, token).served
         ):
             recovered_after = time.monotonic() - restarted

@@ -58,9 +58,8 @@ def _served(teller: TellerClient, token: str) -> bool:
 
 
 def _probe(stack: NativeStack) -> dict[str, tuple[str, datetime]]:
-    status = stack.status()
     served = {}
-    for name, probe in status.services.items():
+    for name, probe in stack.probes().items():
         if not probe.healthy or probe.svid_serial is None or probe.svid_not_after is None:
             raise CliError(f"{name} is not healthy ({probe.error}); is the stack up? (make up)")
         served[name] = (probe.svid_serial, datetime.fromisoformat(probe.svid_not_after))

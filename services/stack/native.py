@@ -198,7 +198,8 @@ class NativeStack:
             https=name == GATEWAY.name,
         )
 
-    def status(self) -> StackStatus:
+    def probes(self) -> dict[str, ServiceProbe]:
+        """Each service's health and served SVID, probed over mTLS as the ops identity."""
         material = self._ops_svid()
         services = {}
         for workload in SERVICES:
@@ -214,12 +215,16 @@ class NativeStack:
                 )
             else:
                 services[workload.name] = self._probe(workload.name, material)
+        return services
+
+    def status(self) -> StackStatus:
+        """The probes, plus what the issuer's admin API says of its CA and revocations."""
         return StackStatus(
             trust_domain=self.settings.trust_domain,
             root_ca=str(self.settings.certs_dir / "root-ca.pem"),
             issuer_socket=self.settings.default_workload_endpoint,
             issuer_running=self.issuer.running(),
-            services=services,
+            services=self.probes(),
             issuer_crl_url=crls_url(self.settings.issuer_url),
             issuer_ocsp_url=ocsp_url(self.settings.issuer_url),
             issuer_authority=self._authority(),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,3 +81,20 @@ def probe(
         return ServiceProbe(address.name, str(expected), url, serial, not_after, healthy)
     except (OSError, CommonError, grpc.RpcError) as error:
         return ServiceProbe(address.name, str(expected), url, None, None, False, str(error))
+
+
+def metric_sample(address: ServiceAddress, name: str) -> float | None:
+    """One sample of a Prometheus metric from the service's metrics port on 127.0.0.1 (the
+    native stack's); None when it has no such port, does not answer, or lacks the metric."""
+    if address.metrics_port is None:
+        return None
+    url = f"http://127.0.0.1:{address.metrics_port}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=PROBE_TIMEOUT) as reply:
+            text = reply.read().decode()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(name) and line[len(name)] in " {":
+            return float(line.rsplit(" ", 1)[1])
+    return None

@@ -24,7 +24,6 @@ import ssl
 import subprocess
 import sys
 import tempfile
-import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -50,7 +49,7 @@ from services.common.settings import load_settings
 from services.common.workloads import GATEWAY, OPS, RISK, SERVICES, TELLER, TRANSFER_ENGINE
 from services.issuer.admin_client import call_admin
 from services.stack.native import NativeStack, StackSettings, StackStatus
-from services.stack.probe import ServiceProbe, probe
+from services.stack.probe import ServiceProbe, metric_sample, probe
 from services.stack.sandbox import sandbox_stack
 from tests.e2e.target import (
     E2ETargetSettings,
@@ -425,13 +424,7 @@ class E2EStack:
     def metric(self, service: str, name: str) -> float | None:
         """One sample of a Prometheus metric from the service's metrics port."""
         self.controlled  # noqa: B018 - only the sandbox serves metrics on 127.0.0.1
-        port = self.addresses[service].metrics_port
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
-            text = reply.read().decode()
-        for line in text.splitlines():
-            if line.startswith(name) and (line[len(name)] in " {"):
-                return float(line.rsplit(" ", 1)[1])
-        return None
+        return metric_sample(self.addresses[service], name)
 
     def restart(self) -> StackStatus:
         """``down()`` then ``up()`` of the same stack: same home, certs and ports."""
