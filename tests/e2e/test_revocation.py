@@ -23,12 +23,12 @@ from typing import Any
 import grpc
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import ocsp
 
 from services._proto import ledger_pb2
+from services.cli.lab_revocation import ocsp_status
 from services.common.workloads import GATEWAY, TELLER, TRANSFER_ENGINE
+from services.issuer.domain.revocation import ocsp_url
 from tests.e2e.conftest import Credentials, E2EStack, GatewayRefusedError, tls_client_context
 from tests.support.helpers import one_line
 
@@ -122,25 +122,10 @@ def _crl_serials(stack: E2EStack) -> set[str]:
 
 
 def _ocsp_status(stack: E2EStack, credentials: Credentials) -> ocsp.OCSPCertStatus:
+    """The issuer's answer, its signature verified against the issuing CA (as the lab does)."""
     assert credentials.chain_pem is not None
     leaf, issuer = x509.load_pem_x509_certificates(credentials.chain_pem)[:2]
-    request = ocsp.OCSPRequestBuilder().add_certificate(leaf, issuer, hashes.SHA256()).build()
-    http_request = urllib.request.Request(
-        f"http://{stack.settings.issuer_http}/ocsp",
-        data=request.public_bytes(serialization.Encoding.DER),
-        headers={"Content-Type": "application/ocsp-request"},
-    )
-    with urllib.request.urlopen(http_request, timeout=5) as reply:
-        response = ocsp.load_der_ocsp_response(reply.read())
-    assert response.response_status == ocsp.OCSPResponseStatus.SUCCESSFUL
-    # Signed by the CA that issued the certificate (raises InvalidSignature otherwise).
-    public_key = issuer.public_key()
-    assert isinstance(public_key, ec.EllipticCurvePublicKey)
-    assert response.signature_hash_algorithm is not None
-    public_key.verify(
-        response.signature, response.tbs_response_bytes, ec.ECDSA(response.signature_hash_algorithm)
-    )
-    return response.certificate_status
+    return ocsp.OCSPCertStatus[ocsp_status(ocsp_url(stack.settings.issuer_url), leaf, issuer)]
 
 
 def test_revoked_teller_is_cut_off_at_the_gateway(stack: E2EStack) -> None:
