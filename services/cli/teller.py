@@ -108,15 +108,11 @@ class TellerClient:
             lambda: self._material.bundle,
             cache=settings.home / "cache" / "crls.pem",
         )
-        self._polled = False
 
     def _check_revocation(self, gateway: x509.Certificate) -> None:
-        if not self._polled:
-            self._crls.poll()
-            self._polled = True
         try:
             self._crls.check(gateway)
-        except RevocationUnavailableError:
+        except RevocationUnavailableError:  # nothing held yet, or stale: ask the issuer
             self._crls.poll()
             self._crls.check(gateway)
 
