@@ -2,31 +2,47 @@
 # One image for every ztbank Python process of the compose stack (issuer, gateway,
 # transfer-engine, risk, the one-shot jobs), plus a `load` target that adds locust.
 #   docker compose build            # target runtime (the last stage, the default)
+#   make images OFFLINE=1           # no registry: a local Debian base and a host-made wheelhouse
 ARG PYTHON_IMAGE=python:3.11.10-slim-bookworm
 
-# ---- builder: resolve and install into a venv (build tools allowed here only) ----------------
-FROM ${PYTHON_IMAGE} AS builder
+# ---- deps: the pinned dependencies in a venv (build tools allowed in these stages only) ------
+FROM ${PYTHON_IMAGE} AS deps
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
+# OFFLINE=1: pip inside the build reaches no index (air-gapped, or no TLS to it from containers);
+# every dependency comes from wheelhouse/, which scripts/wheelhouse.sh fills on the host from the
+# same constraints.txt. The glob keeps this COPY valid when there is no wheelhouse/ (online builds).
+ARG OFFLINE=
+COPY constraints.txt wheelhouse* /wheelhouse/
+RUN if [ -n "$OFFLINE" ]; then \
+        printf '[global]\nno-index = true\nfind-links = /wheelhouse\n' > /etc/pip.conf; \
+    fi
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-# Dependencies first (cached while only the source changes), pinned by constraints.txt.
-COPY pyproject.toml constraints.txt README.md LICENSE ./
-RUN python -c "import tomllib; print('\\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
-        > /tmp/requirements.txt
+# Only what names the dependencies: these layers stay cached while the source changes.
+COPY pyproject.toml constraints.txt ./
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+open('/tmp/requirements.txt', 'w').write('\\n'.join(p['dependencies'])); \
+open('/tmp/requirements-dev.txt', 'w').write('\\n'.join(p['optional-dependencies']['dev']))"
 RUN pip install -c constraints.txt -r /tmp/requirements.txt
+
+# ---- builder: ztbank itself, built once as a wheel, installed into the runtime venv ---------
+FROM deps AS builder
+COPY README.md LICENSE ./
 COPY services/ services/
-RUN pip install --no-deps .
+RUN pip wheel --no-deps -w /dist . && pip install --no-deps /dist/*.whl
 
-# ---- load-builder: the same venv plus locust (dev dependency) -----------------------------
-FROM builder AS load-builder
+# ---- load-builder: the dependencies plus locust (dev dependency), then ztbank ----------------
+FROM deps AS load-builder
 RUN pip install -c constraints.txt locust
+COPY --from=builder /dist /dist
+RUN pip install --no-deps /dist/*.whl
 
-# ---- test-builder: the same venv plus the dev dependencies (pytest, ...) -------------------
-FROM builder AS test-builder
-RUN python -c "import tomllib; print('\\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['dev']))" \
-        > /tmp/requirements-dev.txt
+# ---- test-builder: the dependencies plus the dev ones (pytest, ...), then ztbank -------------
+FROM deps AS test-builder
 RUN pip install -c constraints.txt -r /tmp/requirements-dev.txt
+COPY --from=builder /dist /dist
+RUN pip install --no-deps /dist/*.whl
 
 # ---- base: what every final image shares (no compiler, no pip cache, non-root) -------------
 FROM ${PYTHON_IMAGE} AS base
@@ -43,7 +59,7 @@ RUN set -eux; \
     useradd --system --uid 10001 --gid ztbank --no-create-home --shell /usr/sbin/nologin gateway; \
     useradd --system --uid 10002 --gid ztbank --no-create-home --shell /usr/sbin/nologin transfer-engine; \
     useradd --system --uid 10003 --gid ztbank --no-create-home --shell /usr/sbin/nologin risk; \
-    install -d -o 10000 -g 10000 -m 0700 /var/lib/ztbank/issuer /vault/bootstrap; \
+    install -d -o 10000 -g 10000 -m 0700 /var/lib/ztbank/issuer /var/lib/ztbank/certs /vault/bootstrap; \
     install -d -o 10001 -g 10000 -m 0700 /var/lib/ztbank/gateway; \
     install -d -o 10002 -g 10000 -m 0700 /var/lib/ztbank/transfer-engine; \
     install -d -o 10003 -g 10000 -m 0700 /var/lib/ztbank/risk; \

@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help install up down logs status reset certs issuer proto proto-check lint format test test-unit test-integration test-e2e test-e2e-existing test-compose bench bench-issuer bench-bank clean
+.PHONY: help install up down logs images status reset certs issuer proto proto-check lint format test test-unit test-integration test-e2e test-e2e-existing test-compose bench bench-issuer bench-bank clean
 
 help: ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -22,27 +22,35 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP) ## create .venv/ with pinned dependencies and the ztbank console script
 
-# native when no Docker engine answers (always the case on our machines), compose when one does;
-# MODE=native|compose overrides the choice.
-STACK_MODE = $${MODE:-$$(docker info >/dev/null 2>&1 && echo compose || echo native)}
+# compose when a Docker engine AND a compose tool (v2 plugin or v1 docker-compose) answer, else
+# native; MODE=native|compose overrides (MODE=compose where it cannot run stops, saying why).
+# The compose stack is compose.yaml, or compose.offline.yaml when no container registry answers
+# (OFFLINE=auto|yes|no). services/stack/compose.py does the work for both compose tools.
+COMPOSE := $(BIN)/python -m services.stack.compose --offline $${OFFLINE:-auto}
+STACK_MODE = $$($(BIN)/python -m services.stack.compose mode --requested "$${MODE:-}")
+# status and logs: of the compose project when it has containers, else of the native stack
+RUNNING_MODE = $$($(BIN)/python -m services.stack.compose mode --running --requested "$${MODE:-}")
 
 up: install ## start the stack in the background (native processes, or compose when Docker runs)
-	@mode=$(STACK_MODE); echo "stack mode: $$mode"; \
-	if [ "$$mode" = compose ]; then docker compose up --detach --build --wait; \
-	else $(BIN)/ztbank up; fi
+	@mode=$(STACK_MODE) || exit 2; \
+	if [ "$$mode" = compose ]; then $(COMPOSE) up; else $(BIN)/ztbank up; fi
 
-down: install ## stop the stack; state is kept (compose: VOLUMES=1 also removes the volumes)
-	@mode=$(STACK_MODE); \
-	if [ "$$mode" = compose ]; then docker compose down $${VOLUMES:+--volumes}; \
-	else $(BIN)/ztbank down; fi
+down: install ## stop the stack (native and compose); state is kept (VOLUMES=1: compose volumes too)
+	@$(BIN)/ztbank down
+	@mode=$$($(BIN)/python -m services.stack.compose mode 2>/dev/null); \
+	if [ "$$mode" = compose ]; then $(COMPOSE) down $${VOLUMES:+--volumes}; fi
 
-logs: ## follow the stack's logs
-	@mode=$(STACK_MODE); \
-	if [ "$$mode" = compose ]; then docker compose logs --follow; \
+logs: install ## follow the stack's logs
+	@mode=$(RUNNING_MODE) || exit 2; \
+	if [ "$$mode" = compose ]; then $(COMPOSE) logs; \
 	else tail -n 20 -F var/log/*.log; fi
 
+images: install ## build every image ztbank owns (OFFLINE=1: local Debian base + host wheelhouse)
+	@$(COMPOSE) images
+
 status: install ## trust domain, issuer and each service's SVID serial, expiry and health (JSON)
-	$(BIN)/ztbank status --json
+	@mode=$(RUNNING_MODE) || exit 2; \
+	if [ "$$mode" = compose ]; then $(COMPOSE) status; else $(BIN)/ztbank status --json; fi
 
 reset: install ## stop everything and wipe var/ (balances, history, entries); certs/ is kept
 	$(BIN)/ztbank reset
@@ -85,8 +93,8 @@ test-e2e: install ## end-to-end tests on a private native stack (always torn dow
 test-e2e-existing: install ## e2e suites in "existing stack" mode, against a native stack started first
 	$(BIN)/python -m tests.e2e.run_existing $(PYTEST_ARGS)
 
-test-compose: ## e2e suites inside the compose network on a fresh compose stack (needs Docker)
-	scripts/test_compose.sh $(PYTEST_ARGS)
+test-compose: install ## e2e suites inside the compose network on a fresh compose stack (needs Docker)
+	$(COMPOSE) test $(PYTEST_ARGS)
 
 bench: bench-issuer bench-bank ## all benchmarks
 

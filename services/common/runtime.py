@@ -159,6 +159,7 @@ def create_runtime(name: str, settings: ServiceSettings) -> ServiceRuntime:
         telemetry=setup_telemetry(
             name,
             metrics_port=address.metrics_port,
+            metrics_host=address.host,
             spans_path=settings.home / "telemetry" / f"{name}-spans.jsonl",
             svid_seconds_left=lambda: source.current().seconds_left(),
             revocation=revocation,

@@ -1,7 +1,8 @@
 """OpenTelemetry for every service: traces, metrics and W3C context propagation.
 
 With ``OTEL_EXPORTER_OTLP_ENDPOINT`` set, spans and metrics go to that collector over OTLP/HTTP.
-Otherwise metrics are served as Prometheus text on ``127.0.0.1:<metrics port>/metrics`` and spans
+Otherwise metrics are served as Prometheus text on ``<metrics host>:<metrics port>/metrics`` (the
+host the service itself listens on: loopback natively, its compose name in a container) and spans
 are appended as JSON lines to a local sink file.
 
 Identity health is observable: ``svid.expiry`` / ``svid.valid`` for the served SVID and, with a
@@ -99,6 +100,7 @@ def setup_telemetry(
     *,
     metrics_port: int | None,
     spans_path: Path,
+    metrics_host: str = "127.0.0.1",
     svid_seconds_left: Callable[[], float] | None = None,
     revocation: RevocationStatus | None = None,
     metric_readers: Sequence[MetricReader] = (),
@@ -122,7 +124,7 @@ def setup_telemetry(
             from prometheus_client import start_http_server
 
             readers.append(PrometheusMetricReader())
-            start_http_server(metrics_port, addr="127.0.0.1")
+            start_http_server(metrics_port, addr=metrics_host)
     meter_provider = MeterProvider(metric_readers=readers, resource=resource)
     tracer = tracer_provider.get_tracer("ztbank")
     meter = meter_provider.get_meter("ztbank")

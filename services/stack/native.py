@@ -11,9 +11,11 @@ from __future__ import annotations
 import os
 import shutil
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from http import HTTPStatus
 from pathlib import Path
 
 from pydantic import AliasChoices, Field
@@ -45,6 +47,9 @@ class StackSettings(ZtbankSettings):
     policy: Path = Path("infra/policy.json")
     risk_rules: Path = Path("infra/risk/rules.json")
     svid_ttl: str | None = Field(default=None, validation_alias=AliasChoices("ZTBANK_SVID_TTL"))
+    # Where the ops identity (health probes) comes from; empty: its own socket of the native
+    # stack. The compose stack's status runs in a container of the ops uid on the shared socket.
+    ops_endpoint_socket: str = ""
 
 
 @dataclass(frozen=True)
@@ -177,10 +182,9 @@ class NativeStack:
         )
 
     def _ops_svid(self) -> SvidMaterial | None:
+        socket_uri = self.settings.ops_endpoint_socket or self._workload_socket(OPS.name)
         try:
-            return fetch_svid(
-                self._workload_socket(OPS.name), self.settings.trust_domain, timeout=5
-            )
+            return fetch_svid(socket_uri, self.settings.trust_domain, timeout=5)
         except CommonError:
             return None
 
@@ -197,6 +201,14 @@ class NativeStack:
             material,
             https=name == GATEWAY.name,
         )
+
+    def _issuer_serves_crls(self) -> bool:
+        try:
+            url = crls_url(self.settings.issuer_url)  # http(s) only: ZtbankSettings checks it
+            with urllib.request.urlopen(url, timeout=2) as reply:  # noqa: S310
+                return bool(reply.status == HTTPStatus.OK)
+        except OSError:
+            return False
 
     def probes(self) -> dict[str, ServiceProbe]:
         """Each service's health and served SVID, probed over mTLS as the ops identity."""
@@ -223,7 +235,8 @@ class NativeStack:
             trust_domain=self.settings.trust_domain,
             root_ca=str(self.settings.certs_dir / "root-ca.pem"),
             issuer_socket=self.settings.default_workload_endpoint,
-            issuer_running=self.issuer.running(),
+            # Our process natively; in a container (compose), an issuer that serves its CRLs.
+            issuer_running=self.issuer.running() or self._issuer_serves_crls(),
             services=self.probes(),
             issuer_crl_url=crls_url(self.settings.issuer_url),
             issuer_ocsp_url=ocsp_url(self.settings.issuer_url),

@@ -152,7 +152,11 @@ class HttpsReply:
     headers: dict[str, str]  # names in lower case
     body: Any  # parsed JSON, else text
     server_certificate: x509.Certificate  # what the gateway served on this connection
-    local_port: int  # our end of the connection, as the gateway's audit records it
+    # Both ends of the connection as we saw them, as the gateway's audit records them (loopback
+    # natively, the containers' addresses on the compose network).
+    local_addr: str
+    local_port: int
+    peer_addr: str
     tls_version: str | None
     cipher: str | None
 
@@ -276,7 +280,8 @@ class E2EStack:
                 raise GatewayRefusedError("handshake", error, None) from error
             tls = connection.sock
             assert isinstance(tls, ssl.SSLSocket)
-            local_port = int(tls.getsockname()[1])
+            local_addr, local_port = tls.getsockname()[:2]
+            peer_addr = tls.getpeername()[0]
             der = tls.getpeercert(binary_form=True)
             assert der is not None, "the gateway sent no certificate"
             bundle = x509.load_pem_x509_certificates(creds.bundle_pem)
@@ -306,7 +311,9 @@ class E2EStack:
             headers={k.lower(): v for k, v in response.getheaders()},
             body=parsed,
             server_certificate=x509.load_der_x509_certificate(der),
-            local_port=local_port,
+            local_addr=str(local_addr),
+            local_port=int(local_port),
+            peer_addr=str(peer_addr),
             tls_version=version,
             cipher=cipher[0] if cipher else None,
         )

@@ -1,0 +1,624 @@
+"""The compose stack, driven the same way whichever compose tool is installed.
+
+``docker compose`` (the v2 plugin) when it answers, else Debian's ``docker-compose`` (v1, which
+has no ``--wait``): health is waited for here, from ``docker inspect``, for both.  The full stack
+is ``compose.yaml``; where no container registry answers, ``compose.offline.yaml`` (every image
+built on this machine: a debootstrap base, a host-made wheelhouse).  Every failure ends in one
+line naming what failed and where its log is, with nothing left running.
+
+    python -m services.stack.compose mode|images|up|down|status|logs|test   (the Makefile's)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Literal
+
+from services.common.errors import CommonError
+
+ROOT = Path(__file__).resolve().parents[2]
+FULL_FILE = "compose.yaml"
+OFFLINE_FILE = "compose.offline.yaml"
+BASE_IMAGE = "ztbank-base:bookworm"
+UP_TIMEOUT = 240.0
+PROJECT_LABEL = "com.docker.compose.project"
+# The images ztbank owns: Dockerfile target -> the .env variable naming its tag.
+IMAGE_TARGETS = {
+    "runtime": "ZTBANK_IMAGE",
+    "load": "ZTBANK_LOAD_IMAGE",
+    "test": "ZTBANK_TEST_IMAGE",
+}
+
+Mode = Literal["native", "compose"]
+
+
+class ComposeError(CommonError):
+    """The compose stack could not do what was asked; the message is the one line to show."""
+
+
+class ComposeUsageError(ComposeError):
+    """What was asked cannot be done on this machine (exit 2)."""
+
+
+@dataclass(frozen=True)
+class Completed:
+    returncode: int
+    stdout: str
+
+
+Runner = Callable[[Sequence[str], Mapping[str, str], Path | None], Completed]
+
+
+def run_command(argv: Sequence[str], env: Mapping[str, str], log: Path | None) -> Completed:
+    """Run ``argv``; its output goes to ``log`` when given (builds, ``up``), else is returned."""
+    try:
+        if log is None:
+            done = subprocess.run(
+                argv, env=dict(env), cwd=ROOT, capture_output=True, text=True, check=False
+            )
+            return Completed(done.returncode, done.stdout)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("w") as sink:
+            returncode = subprocess.run(
+                argv, env=dict(env), cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT, check=False
+            ).returncode
+        return Completed(returncode, "")
+    except FileNotFoundError:
+        return Completed(127, "")
+
+
+def shown(path: Path) -> Path:
+    """A path as the user should type it: relative to the repository when inside it."""
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """``.env`` as compose reads it (KEY=VALUE lines, # comments)."""
+    values = {}
+    for line in path.read_text().splitlines():
+        key, sep, value = line.strip().partition("=")
+        if sep and not key.startswith("#"):
+            values[key] = value
+    return values
+
+
+@dataclass
+class Docker:
+    """What this machine offers: an engine, a compose tool, a registry."""
+
+    run: Runner = run_command
+    stream: Callable[[Sequence[str], Mapping[str, str]], int] = field(
+        default=lambda argv, env: (
+            subprocess.run(argv, env=dict(env), cwd=ROOT, check=False).returncode
+        )
+    )
+    env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+
+    def ok(self, *argv: str) -> bool:
+        return self.run(argv, self.env, None).returncode == 0
+
+    def engine_answers(self) -> bool:
+        return self.ok("docker", "info")
+
+    def compose_tool(self) -> list[str] | None:
+        if self.ok("docker", "compose", "version"):
+            return ["docker", "compose"]
+        if self.ok("docker-compose", "version"):
+            return ["docker-compose"]
+        return None
+
+    def registry_answers(self, probe_image: str) -> bool:
+        """Pulling the smallest image the full stack needs anyway; fails at once here (no
+        route to any registry)."""
+        return self.ok("docker", "pull", "--quiet", probe_image)
+
+
+def choose_mode(requested: str, docker: Docker) -> tuple[Mode, str]:
+    """native or compose, and the one line that says why."""
+    if requested not in ("", "native", "compose"):
+        raise ComposeUsageError(f"MODE={requested}: use MODE=native or MODE=compose")
+    if requested == "native":
+        return "native", "native stack (MODE=native)"
+    if not docker.engine_answers():
+        why = "no Docker engine answers (docker info failed)"
+    elif docker.compose_tool() is None:
+        why = "a Docker engine answers but neither `docker compose` nor `docker-compose` works"
+    else:
+        return "compose", "compose stack (a Docker engine and a compose tool answer)"
+    if requested == "compose":
+        raise ComposeUsageError(f"MODE=compose, but {why}")
+    return "native", f"native stack: {why}"
+
+
+@dataclass(frozen=True)
+class ContainerState:
+    service: str
+    status: str  # created, running, exited, ...
+    health: str  # healthy, unhealthy, starting, or "" without a health check
+    exit_code: int
+    one_shot: bool
+
+    @property
+    def ready(self) -> bool:
+        if self.one_shot:
+            return self.status == "exited" and self.exit_code == 0
+        return self.status == "running" and self.health in ("healthy", "")
+
+    @property
+    def failed(self) -> bool:
+        if self.one_shot:
+            return self.status == "exited" and self.exit_code != 0
+        return self.health == "unhealthy" or self.status in ("exited", "dead")
+
+    def describe(self) -> str:
+        if self.one_shot and self.status == "exited":
+            return f"exited with code {self.exit_code}"
+        return f"{self.status}{f' ({self.health})' if self.health else ''}"
+
+
+def container_state(inspected: Mapping[str, object]) -> ContainerState:
+    config = inspected.get("Config")
+    state = inspected.get("State")
+    host = inspected.get("HostConfig")
+    assert isinstance(config, dict)
+    assert isinstance(state, dict)
+    assert isinstance(host, dict)
+    labels = config.get("Labels") or {}
+    health = state.get("Health") or {}
+    restart = (host.get("RestartPolicy") or {}).get("Name", "")
+    return ContainerState(
+        service=str(labels.get("com.docker.compose.service", inspected.get("Name", "?"))),
+        status=str(state.get("Status", "")),
+        health=str(health.get("Status", "")),
+        exit_code=int(state.get("ExitCode", 0)),
+        one_shot=restart in ("", "no"),
+    )
+
+
+@dataclass
+class ComposeStack:
+    docker: Docker
+    tool: list[str]
+    offline: bool
+    project: str
+    overrides: dict[str, str] = field(default_factory=dict)
+    log_dir: Path = ROOT / "var" / "log" / "compose"
+    say: Callable[[str], None] = print
+
+    @property
+    def file(self) -> str:
+        return OFFLINE_FILE if self.offline else FULL_FILE
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**self.docker.env, "COMPOSE_PROJECT_NAME": self.project, **self.overrides}
+
+    def settings(self) -> dict[str, str]:
+        """.env as compose sees it: the shell's environment wins."""
+        env = self.env
+        return {k: env.get(k, v) for k, v in read_env_file(ROOT / ".env").items()}
+
+    def compose_argv(self, *args: str, jobs: bool = False) -> list[str]:
+        """``jobs``: with the profiles of the on-demand jobs (locust, e2e), for ``run`` and for
+        ``down``; never for ``up``, which would start them."""
+        profiles = ["--profile", "test", "--profile", "load"] if jobs else []
+        return [*self.tool, "-f", self.file, *profiles, *args]
+
+    def compose(self, *args: str, log: Path | None = None, jobs: bool = False) -> Completed:
+        return self.docker.run(self.compose_argv(*args, jobs=jobs), self.env, log)
+
+    # -- images -------------------------------------------------------------------------------
+
+    def images(self) -> None:
+        """Every image ztbank owns. Offline: the base from debootstrap (kept once made), the
+        wheelhouse from constraints.txt on the host, pip without an index inside."""
+        settings = self.settings()
+        build_args: list[str] = []
+        if self.offline:
+            self._step("base image", ["scripts/base_image.sh", BASE_IMAGE], "base-image")
+            self._step(
+                "wheelhouse",
+                ["env", f"PYTHON={sys.executable}", "scripts/wheelhouse.sh"],
+                "wheelhouse",
+            )
+            build_args = ["--build-arg", f"PYTHON_IMAGE={BASE_IMAGE}", "--build-arg", "OFFLINE=1"]
+        else:
+            build_args = ["--build-arg", f"PYTHON_IMAGE={settings['PYTHON_IMAGE']}"]
+        for target, variable in IMAGE_TARGETS.items():
+            image = settings[variable]
+            argv = ["docker", "build", *build_args, "--target", target, "-t", image, "."]
+            self._step(f"image {image}", argv, f"build-{target}", size_of=image)
+        if self.offline:
+            image = settings["ZTBANK_PROMETHEUS_IMAGE"]
+            argv = ["docker", "build", "--build-arg", f"DEBIAN_IMAGE={BASE_IMAGE}"]
+            argv += ["-t", image, "infra/prometheus"]
+            self._step(f"image {image}", argv, "build-prometheus", size_of=image)
+
+    def _step(self, what: str, argv: list[str], log_name: str, size_of: str = "") -> None:
+        log = self.log_dir / f"{log_name}.log"
+        started = time.monotonic()
+        if self.docker.run(argv, self.env, log).returncode != 0:
+            raise ComposeError(f"{what} failed; its log: {shown(log)}")
+        size = ""
+        if size_of:
+            inspected = self.docker.run(
+                ["docker", "image", "inspect", "--format", "{{.Size}}", size_of], self.env, None
+            )
+            if inspected.returncode == 0 and inspected.stdout.strip().isdigit():
+                size = f", {int(inspected.stdout) / 1e6:.0f} MB"
+        self.say(f"{what}: {time.monotonic() - started:.1f} s{size}")
+
+    # -- up / down ----------------------------------------------------------------------------
+
+    def up(self, timeout: float = UP_TIMEOUT) -> list[ContainerState]:
+        """Start the stack and wait until every service is healthy and every job is done. On
+        failure the logs are kept under var/log/compose/ and the containers are removed."""
+        log = self.log_dir / "up.log"
+        started = time.monotonic()
+        done = self.compose("up", "--detach", "--no-build", "--remove-orphans", log=log)
+        try:
+            if done.returncode != 0:
+                states = self.states()
+                bad = [s for s in states if s.failed or not s.ready]
+                what = f": {bad[0].service} is {bad[0].describe()}" if bad else ""
+                logs = shown(self.keep_logs())
+                raise ComposeError(f"`up` failed{what}; logs: {logs}/ and {shown(log)}")
+            states = self.wait_ready(started + timeout)
+        except BaseException:
+            self.down(volumes=False, quiet=True)
+            raise
+        self.say(
+            f"{self.project}: {len(states)} containers ready in {time.monotonic() - started:.1f} s"
+        )
+        return states
+
+    def states(self) -> list[ContainerState]:
+        ids = self.compose("ps", "--all", "-q").stdout.split()
+        if not ids:
+            ids = self.compose("ps", "-q").stdout.split()
+        if not ids:
+            return []
+        inspected = self.docker.run(["docker", "inspect", *ids], self.env, None)
+        if inspected.returncode != 0:
+            return []
+        return sorted(
+            (container_state(item) for item in json.loads(inspected.stdout or "[]")),
+            key=lambda s: s.service,
+        )
+
+    def wait_ready(self, deadline: float) -> list[ContainerState]:
+        while True:
+            states = [s for s in self.states() if s.service not in ("e2e", "locust")]
+            failed = [s for s in states if s.failed]
+            if states and not failed and all(s.ready for s in states):
+                return states
+            if failed or time.monotonic() >= deadline:
+                laggards = failed or [s for s in states if not s.ready]
+                logs = shown(self.keep_logs())
+                if not laggards:
+                    raise ComposeError(f"no container of {self.project} started; logs: {logs}/")
+                culprit = laggards[0]
+                raise ComposeError(
+                    f"the compose stack is not healthy: {culprit.service} is {culprit.describe()};"
+                    f" its log: {logs}/{culprit.service}.log"
+                )
+            time.sleep(1.0)
+
+    def keep_logs(self) -> Path:
+        """Each service's log to var/log/compose/<project>/<service>.log (before a teardown)."""
+        directory = self.log_dir / self.project
+        for state in self.states():
+            self.compose(
+                "logs", "--no-color", "--timestamps", state.service,
+                log=directory / f"{state.service}.log",
+            )  # fmt: skip
+        return directory
+
+    def down(self, *, volumes: bool, quiet: bool = False) -> None:
+        """Remove every container of the project (whichever file started it) and, with
+        ``volumes``, every volume labelled with the project."""
+        log = self.log_dir / "down.log"
+        done = self.compose("down", "--remove-orphans", log=log, jobs=True)
+        if volumes and done.returncode == 0:
+            listed = self.docker.run(
+                [
+                    "docker",
+                    "volume",
+                    "ls",
+                    "-q",
+                    "--filter",
+                    f"label={PROJECT_LABEL}={self.project}",
+                ],
+                self.env,
+                None,
+            )
+            names = listed.stdout.split()
+            if listed.returncode != 0 or (
+                names
+                and self.docker.run(["docker", "volume", "rm", *names], self.env, log).returncode
+            ):
+                done = Completed(1, "")
+        if done.returncode != 0 and not quiet:
+            raise ComposeError(f"`down` failed; its log: {shown(log)}")
+
+    def leftovers(self) -> list[str]:
+        """Containers and volumes of the project that still exist."""
+        label = f"label={PROJECT_LABEL}={self.project}"
+        containers = self.docker.run(
+            ["docker", "ps", "--all", "--filter", label, "--format", "{{.Names}}"], self.env, None
+        ).stdout.split()
+        volumes = self.docker.run(
+            ["docker", "volume", "ls", "-q", "--filter", label], self.env, None
+        ).stdout.split()
+        return [*(f"container {c}" for c in containers), *(f"volume {v}" for v in volumes)]
+
+    def file_in_use(self) -> str | None:
+        """The compose file the project's containers were created from, if any exist."""
+        listed = self.docker.run(
+            [
+                "docker", "ps", "--all", "--filter", f"label={PROJECT_LABEL}={self.project}",
+                "--format", '{{.Label "com.docker.compose.project.config_files"}}',
+            ],
+            self.env,
+            None,
+        )  # fmt: skip
+        for line in listed.stdout.splitlines():
+            name = Path(line.split(",")[0].strip()).name
+            if name in (FULL_FILE, OFFLINE_FILE):
+                return name
+        return None
+
+    def memory(self) -> str:
+        """Resident memory of the running containers (docker stats), one line."""
+        ids = self.docker.run(
+            ["docker", "ps", "-q", "--filter", f"label={PROJECT_LABEL}={self.project}"],
+            self.env,
+            None,
+        ).stdout.split()
+        if not ids:
+            return "no container running"
+        stats = self.docker.run(
+            ["docker", "stats", "--no-stream", "--format", "{{.Name}} {{.MemUsage}}", *ids],
+            self.env,
+            None,
+        )
+        parts = []
+        total = 0.0
+        for line in stats.stdout.splitlines():
+            name, _, usage = line.partition(" ")
+            mib = _mebibytes(usage.split("/")[0].strip())
+            total += mib
+            service = name.removeprefix(self.project).lstrip("_-")
+            parts.append(f"{service} {mib:.0f}")
+        return f"{total:.0f} MiB in all ({', '.join(parts)})"
+
+
+def _mebibytes(text: str) -> float:
+    units = {"KiB": 1 / 1024, "MiB": 1.0, "GiB": 1024.0, "B": 1 / 1024 / 1024}
+    for unit, factor in units.items():
+        if text.endswith(unit):
+            try:
+                return float(text.removesuffix(unit)) * factor
+            except ValueError:
+                return 0.0
+    return 0.0
+
+
+# -- the e2e suites inside the compose network (make test-compose) ------------------------------
+
+E2E_PROJECT = "ztbank-e2e"
+E2E_SETTINGS = {
+    "ZTBANK_SVID_TTL": "20s",  # the rotation suite fits its deadline
+    # Empty host ports: Docker picks free ones ("127.0.0.1::8443"), no clash with a demo stack.
+    **{
+        port: ""
+        for port in (
+            "VAULT_PORT", "CONSUL_PORT", "GATEWAY_PORT", "JAEGER_UI_PORT", "PROMETHEUS_PORT",
+            "GRAFANA_PORT",
+        )
+    },
+}  # fmt: skip
+
+
+@contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (CI cancelling the job) tears down like Ctrl-C does."""
+
+    def interrupt(_signum: int, _frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_e2e_suites(stack: ComposeStack, pytest_args: Sequence[str]) -> int:
+    """Images, a fresh stack, the suites in the ``e2e`` container, always a teardown with the
+    volumes; the suites' exit code (1 when the stack never got healthy); each phase timed."""
+    phases: list[str] = []
+    status = 1
+
+    @contextmanager
+    def phase(name: str) -> Iterator[None]:
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            phases.append(f"{name} {time.monotonic() - started:.1f} s")
+
+    with terminate_as_interrupt():
+        try:
+            with phase("images"):
+                stack.images()
+            with phase("up"):
+                stack.up()
+            stack.say(f"{stack.project} memory: {stack.memory()}")
+            with phase("e2e"):
+                # --no-deps: the stack is up; v1 would start its finished jobs once more.
+                argv = stack.compose_argv(
+                    "run", "--rm", "--no-deps", "-T", "e2e", "tests/e2e", "-p", "no:cacheprovider",
+                    "-rs", *pytest_args, jobs=True,
+                )  # fmt: skip
+                status = stack.docker.stream(argv, stack.env)
+            with phase("container checks"):
+                # On the host: uids of the processes, attestation of other containers.
+                host_env = {**stack.env, "ZTBANK_COMPOSE_PROJECT": stack.project}
+                argv = [sys.executable, "-m", "pytest", "tests/compose", "-p", "no:cacheprovider"]
+                status = max(status, stack.docker.stream([*argv, "-q", "-rs"], host_env))
+        except ComposeError as error:
+            stack.say(f"test-compose: {error}")
+        except KeyboardInterrupt:
+            stack.say("test-compose: interrupted")
+            status = 130
+        finally:
+            stack.say(f"test-compose: tearing down {stack.project} (containers and volumes)")
+            with phase("down"):
+                stack.down(volumes=True, quiet=True)
+            if left := stack.leftovers():
+                stack.say(f"test-compose: left behind after down: {', '.join(left)}")
+                status = status or 1
+            stack.say(f"test-compose: {', '.join(phases)}; exit {status}")
+    return status
+
+
+# -- command line ---------------------------------------------------------------------------
+
+
+def open_stack(docker: Docker, offline: str, project: str | None = None) -> ComposeStack:
+    if not docker.engine_answers():
+        raise ComposeUsageError("no Docker engine answers (docker info failed): start dockerd")
+    tool = docker.compose_tool()
+    if tool is None:
+        raise ComposeUsageError(
+            "neither `docker compose` nor `docker-compose` works: apt-get install docker-compose"
+        )
+    settings = {**read_env_file(ROOT / ".env"), **docker.env}
+    stack = ComposeStack(
+        docker, tool, offline=False, project=project or settings["COMPOSE_PROJECT_NAME"]
+    )
+    if offline == "auto":
+        stack.offline = not docker.registry_answers(settings["BUSYBOX_IMAGE"])
+        if stack.offline:
+            stack.say(f"no container registry answers: the offline variant ({OFFLINE_FILE})")
+    else:
+        stack.offline = offline == "yes"
+    return stack
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.stack.compose", description=__doc__)
+    parser.add_argument(
+        "--offline",
+        type=lambda v: {"1": "yes", "true": "yes", "0": "no", "false": "no"}.get(v.lower(), v),
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="compose.offline.yaml and local images (yes, 1), compose.yaml (no, 0), or by"
+        " whether a registry answers (auto)",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    mode = commands.add_parser("mode", help="print native or compose; why on stderr")
+    mode.add_argument("--requested", default="")
+    mode.add_argument(
+        "--running",
+        action="store_true",
+        help="compose only if the project has containers (status, logs of what runs)",
+    )
+    commands.add_parser("images", help="build every image ztbank owns")
+    commands.add_parser("up", help="images, then the stack, healthy")
+    down = commands.add_parser("down", help="remove the containers (--volumes: and volumes)")
+    down.add_argument("--volumes", action="store_true")
+    commands.add_parser("status", help="each container's state and health")
+    commands.add_parser("logs", help="follow the logs")
+    test = commands.add_parser("test", help="the e2e suites inside the compose network")
+    test.add_argument("pytest_args", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    docker = Docker()
+    try:
+        if args.command == "mode":
+            chosen, why = choose_mode(args.requested, docker)
+            if chosen == "compose" and args.running and not args.requested:
+                stack = open_stack(docker, "no")
+                if stack.file_in_use() is None:
+                    chosen, why = "native", f"native stack: no container of {stack.project} exists"
+            print(why, file=sys.stderr)
+            print(chosen)
+            return 0
+        if args.command == "down":
+            stack = open_stack(docker, "no")
+            stack.offline = stack.file_in_use() == OFFLINE_FILE
+            stack.down(volumes=args.volumes)
+            left = [t for t in stack.leftovers() if args.volumes or t.startswith("container")]
+            if left:
+                raise ComposeError(f"still there after down: {', '.join(left)}")
+            print(f"{stack.project}: down{' (volumes removed)' if args.volumes else ''}")
+            return 0
+        if args.command in ("status", "logs"):
+            stack = open_stack(docker, "no")
+            stack.offline = stack.file_in_use() == OFFLINE_FILE
+            if args.command == "logs":
+                return docker.stream(stack.compose_argv("logs", "--follow"), stack.env)
+            return print_status(stack)
+        if args.command == "test":
+            stack = open_stack(docker, args.offline, project=E2E_PROJECT)
+            stack.overrides.update(E2E_SETTINGS)
+            return run_e2e_suites(stack, args.pytest_args)
+        stack = open_stack(docker, args.offline)
+        stack.images()
+        if args.command == "up":
+            stack.up()
+            print_status(stack)
+        return 0
+    except ComposeUsageError as error:
+        print(f"ztbank compose: {error}", file=sys.stderr)
+        return 2
+    except ComposeError as error:
+        print(f"ztbank compose: {error}", file=sys.stderr)
+        return 1
+
+
+def print_status(stack: ComposeStack) -> int:
+    """Each container's state, then ``ztbank status`` in a container of the ops uid on the
+    compose network: every service probed over mTLS as the ops identity, attested by its uid."""
+    states = [s for s in stack.states() if s.service not in ("e2e", "locust")]
+    if not states:
+        print(f"{stack.project}: no container (make up MODE=compose starts the stack)")
+        return 1
+    print(f"{stack.project} ({stack.file}):")
+    for state in states:
+        print(f"  {state.service:<16} {state.describe()}")
+    if not all(s.ready for s in states):
+        return 1
+    settings = stack.settings()
+    probe_env = {
+        "ZTBANK_TRUST_DOMAIN": settings["ZTBANK_TRUST_DOMAIN"],
+        "ZTBANK_ISSUER_HTTP": "issuer:8180",
+        "ZTBANK_REGISTRY": "/app/infra/consul/services.json",
+        "ZTBANK_OPS_ENDPOINT_SOCKET": "unix:///spiffe-workload-api/workload.sock",
+        # nothing of the stack's own state; the throwaway container's own /tmp
+        "ZTBANK_HOME": "/tmp/ztbank-status",  # noqa: S108
+    }
+    argv = [
+        "docker", "run", "--rm", "--network", f"{stack.project}_default",
+        "--user", f"{settings['OPS_UID']}:{settings['ISSUER_UID']}",
+        "-v", f"{stack.project}_workload-api:/spiffe-workload-api:ro",
+        *(arg for key, value in probe_env.items() for arg in ("-e", f"{key}={value}")),
+        settings["ZTBANK_IMAGE"], "status",
+    ]  # fmt: skip
+    return stack.docker.stream(argv, stack.env)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""services/stack/compose.py against a scripted ``docker``: the choices and the failure paths.
+
+The happy path runs for real in ``make test-compose`` (CI starts dockerd); here are what a real
+engine cannot be made to do on demand: no engine, no compose tool, a job that fails, a service
+that never gets healthy, an interrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from services.stack import compose
+from services.stack.compose import (
+    OFFLINE_FILE,
+    Completed,
+    ComposeError,
+    ComposeStack,
+    ComposeUsageError,
+    Docker,
+    choose_mode,
+    container_state,
+    run_e2e_suites,
+)
+
+Answer = Callable[[Sequence[str]], Completed]
+
+
+def inspected(service: str, status: str, health: str = "", code: int = 0) -> dict[str, object]:
+    one_shot = service in ("entries", "ca-init", "e2e")
+    return {
+        "Name": f"/ztbank_{service}_1",
+        "Config": {"Labels": {"com.docker.compose.service": service}},
+        "State": {"Status": status, "ExitCode": code}
+        | ({"Health": {"Status": health}} if health else {}),
+        "HostConfig": {"RestartPolicy": {"Name": "no" if one_shot else "unless-stopped"}},
+    }
+
+
+HEALTHY = [
+    inspected("ca-init", "exited"),
+    inspected("issuer", "running", "healthy"),
+    inspected("entries", "exited"),
+    inspected("gateway", "running", "healthy"),
+]
+
+
+@dataclass
+class FakeDocker:
+    """Answers by the first rule whose words all appear in the call; records every call."""
+
+    rules: list[tuple[tuple[str, ...], Answer]] = field(default_factory=list)
+    calls: list[list[str]] = field(default_factory=list)
+    streamed: list[list[str]] = field(default_factory=list)
+    stream_rc: int = 0
+
+    def on(self, *words: str, rc: int = 0, out: str = "") -> FakeDocker:
+        self.rules.append((words, lambda _argv: Completed(rc, out)))
+        return self
+
+    def run(self, argv: Sequence[str], _env: Mapping[str, str], log: Path | None) -> Completed:
+        self.calls.append(list(argv))
+        if log is not None:
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.write_text("fake log\n")
+        for words, answer in self.rules:
+            if all(word in argv for word in words):
+                return answer(argv)
+        return Completed(0, "")
+
+    def stream(self, argv: Sequence[str], _env: Mapping[str, str]) -> int:
+        self.streamed.append(list(argv))
+        return self.stream_rc
+
+    def docker(self) -> Docker:
+        return Docker(run=self.run, stream=self.stream, env={"PATH": "/usr/bin"})
+
+    def called(self, *words: str) -> list[int]:
+        return [i for i, argv in enumerate(self.calls) if all(w in argv for w in words)]
+
+
+def stack_with(
+    fake: FakeDocker, tmp_path: Path, containers: list[dict[str, object]]
+) -> ComposeStack:
+    fake.on("docker-compose", "ps", out="c1 c2\n").on("inspect", out=json.dumps(containers))
+    return ComposeStack(
+        fake.docker(),
+        ["docker-compose"],
+        offline=True,
+        project="ztbank-test",
+        log_dir=tmp_path / "logs",
+        say=lambda _line: None,
+    )
+
+
+# -- which stack -----------------------------------------------------------------------------
+
+
+def test_no_engine_means_native_and_says_why() -> None:
+    fake = FakeDocker().on("info", rc=1)
+    mode, why = choose_mode("", fake.docker())
+    assert mode == "native"
+    assert why == "native stack: no Docker engine answers (docker info failed)"
+
+
+def test_an_engine_without_a_compose_tool_means_native() -> None:
+    fake = FakeDocker().on("compose", "version", rc=1).on("docker-compose", "version", rc=127)
+    mode, why = choose_mode("", fake.docker())
+    assert mode == "native"
+    assert "neither `docker compose` nor `docker-compose` works" in why
+
+
+def test_compose_v1_alone_is_enough_and_v2_is_preferred() -> None:
+    only_v1 = FakeDocker().on("compose", "version", rc=1)
+    assert choose_mode("", only_v1.docker())[0] == "compose"
+    assert only_v1.docker().compose_tool() == ["docker-compose"]
+    assert FakeDocker().docker().compose_tool() == ["docker", "compose"]
+
+
+def test_mode_compose_where_it_cannot_run_is_a_usage_error() -> None:
+    with pytest.raises(ComposeUsageError, match="MODE=compose, but no Docker engine answers"):
+        choose_mode("compose", FakeDocker().on("info", rc=1).docker())
+    with pytest.raises(ComposeUsageError, match="MODE=swarm"):
+        choose_mode("swarm", FakeDocker().docker())
+    assert choose_mode("native", FakeDocker().docker())[0] == "native"
+
+
+def test_the_command_line_answers_a_missing_engine_with_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake = FakeDocker().on("info", rc=1)
+    monkeypatch.setattr(compose, "Docker", fake.docker)
+    assert compose.main(["up"]) == 2
+    err = capsys.readouterr().err
+    assert err == "ztbank compose: no Docker engine answers (docker info failed): start dockerd\n"
+    assert compose.main(["mode", "--requested", "compose"]) == 2
+    out, err = capsys.readouterr()
+    assert (out, err.count("\n")) == ("", 1)
+    assert compose.main(["mode"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "native\n"
+    assert err == "native stack: no Docker engine answers (docker info failed)\n"
+
+
+def test_offline_is_chosen_when_no_registry_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeDocker().on("pull", rc=1)
+    stack = compose.open_stack(fake.docker(), "auto")
+    assert stack.offline
+    assert stack.file == OFFLINE_FILE
+    assert stack.compose_argv("up")[:3] == ["docker", "compose", "-f"]
+    assert compose.open_stack(FakeDocker().docker(), "auto").file == "compose.yaml"
+
+
+# -- health ----------------------------------------------------------------------------------
+
+
+def test_container_states_from_docker_inspect() -> None:
+    running = container_state(inspected("gateway", "running", "healthy"))
+    assert (running.service, running.ready, running.failed) == ("gateway", True, False)
+    starting = container_state(inspected("gateway", "running", "starting"))
+    assert (starting.ready, starting.failed) == (False, False)
+    job_failed = container_state(inspected("entries", "exited", code=2))
+    assert (job_failed.ready, job_failed.failed) == (False, True)
+    assert job_failed.describe() == "exited with code 2"
+    assert container_state(inspected("gateway", "running", "unhealthy")).failed
+
+
+def test_up_waits_for_health_without_compose_wait(tmp_path: Path) -> None:
+    fake = FakeDocker()
+    stack = stack_with(fake, tmp_path, HEALTHY)
+    states = stack.up(timeout=5)
+    assert {s.service for s in states} == {"ca-init", "issuer", "entries", "gateway"}
+    (up,) = fake.called("up")
+    assert "--wait" not in fake.calls[up]  # compose v1 has no --wait
+    assert "--profile" not in fake.calls[up]  # the on-demand jobs are not started
+    assert not fake.called("down")
+
+
+def test_a_failed_job_stops_up_naming_it_and_its_log_and_nothing_is_left(tmp_path: Path) -> None:
+    fake = FakeDocker()
+    stack = stack_with(fake, tmp_path, [*HEALTHY[:2], inspected("entries", "exited", code=2)])
+    with pytest.raises(ComposeError) as raised:
+        stack.up(timeout=5)
+    message = str(raised.value)
+    assert "entries is exited with code 2" in message
+    log = Path(message.rsplit("its log: ", 1)[1])
+    assert log.name == "entries.log"
+    assert log.is_file()  # kept before the containers went
+    assert fake.called("down", "--remove-orphans")
+
+
+def test_a_service_that_never_gets_healthy_times_out(tmp_path: Path) -> None:
+    fake = FakeDocker()
+    stack = stack_with(fake, tmp_path, [*HEALTHY[:3], inspected("gateway", "running", "starting")])
+    with pytest.raises(ComposeError, match=r"gateway is running \(starting\)"):
+        stack.up(timeout=0)
+    assert fake.called("down")
+
+
+def test_down_with_volumes_removes_every_volume_of_the_project(tmp_path: Path) -> None:
+    fake = FakeDocker().on("volume", "ls", out="ztbank-test_ca\nztbank-test_issuer-data\n")
+    stack = stack_with(fake, tmp_path, HEALTHY)
+    stack.down(volumes=True)
+    (listed,) = fake.called("volume", "ls")
+    assert "label=com.docker.compose.project=ztbank-test" in fake.calls[listed]
+    (removed,) = fake.called("volume", "rm")
+    assert fake.calls[removed][-2:] == ["ztbank-test_ca", "ztbank-test_issuer-data"]
+
+
+# -- make test-compose -----------------------------------------------------------------------
+
+
+def e2e_stack(fake: FakeDocker, tmp_path: Path) -> ComposeStack:
+    fake.on("volume", "ls", out="ztbank-test_ca\n")
+    stack = stack_with(fake, tmp_path, HEALTHY)
+    stack.images = lambda: None  # type: ignore[method-assign]
+    return stack
+
+
+def test_suites_run_in_the_network_then_everything_is_torn_down(tmp_path: Path) -> None:
+    fake = FakeDocker(stream_rc=3)
+    assert run_e2e_suites(e2e_stack(fake, tmp_path), ["-k", "revocation"]) == 3
+    suites, host_checks = fake.streamed
+    assert suites[suites.index("run") :][:5] == ["run", "--rm", "--no-deps", "-T", "e2e"]
+    assert suites[-2:] == ["-k", "revocation"]
+    assert "tests/compose" in host_checks
+    up, down = fake.called("up")[0], fake.called("down")[-1]
+    assert up < down
+    assert fake.called("volume", "rm")  # the volumes go too
+
+
+def test_anything_left_after_down_fails_the_run(tmp_path: Path) -> None:
+    fake = FakeDocker().on("docker", "ps", "--all", out="ztbank-test_gateway_1\n")
+    lines: list[str] = []
+    stack = e2e_stack(fake, tmp_path)
+    stack.say = lines.append
+    assert run_e2e_suites(stack, []) == 1
+    left = "test-compose: left behind after down: container ztbank-test_gateway_1, volume"
+    assert any(line.startswith(left) for line in lines), lines
+
+
+def test_a_stack_that_never_gets_healthy_fails_the_run_and_is_torn_down(tmp_path: Path) -> None:
+    fake = FakeDocker().on("up", rc=1)
+    assert run_e2e_suites(e2e_stack(fake, tmp_path), []) == 1
+    assert not fake.streamed
+    assert fake.called("down")
+
+
+def test_an_interrupt_tears_down_and_exits_130(tmp_path: Path) -> None:
+    fake = FakeDocker()
+    stack = e2e_stack(fake, tmp_path)
+
+    def interrupted(_argv: Sequence[str], _env: Mapping[str, str]) -> int:
+        raise KeyboardInterrupt
+
+    stack.docker.stream = interrupted
+    assert run_e2e_suites(stack, []) == 130
+    assert fake.called("down")
+
+
+def test_a_failed_build_names_the_image_and_its_log(tmp_path: Path) -> None:
+    fake = FakeDocker().on("build", "--target", "runtime", rc=1)
+    stack = stack_with(fake, tmp_path, HEALTHY)
+    with pytest.raises(ComposeError) as raised:
+        stack.images()
+    assert (
+        str(raised.value)
+        == f"image ztbank:0.1.0 failed; its log: {tmp_path}/logs/build-runtime.log"
+    )
+    (build,) = fake.called("build")
+    assert {"PYTHON_IMAGE=ztbank-base:bookworm", "OFFLINE=1"} <= set(fake.calls[build])
+    assert fake.called("scripts/base_image.sh") < fake.called("build")  # the base comes first
