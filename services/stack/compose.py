@@ -607,6 +607,8 @@ def print_status(stack: ComposeStack) -> int:
         "ZTBANK_ISSUER_HTTP": "issuer:8180",
         "ZTBANK_REGISTRY": "/app/infra/consul/services.json",
         "ZTBANK_OPS_ENDPOINT_SOCKET": "unix:///spiffe-workload-api/workload.sock",
+        # where the offline stack's root is (the `ca` volume); Vault keeps it in the full one
+        "ZTBANK_CERTS_DIR": "/var/lib/ztbank/certs",
         # nothing of the stack's own state; the throwaway container's own /tmp
         "ZTBANK_HOME": "/tmp/ztbank-status",  # noqa: S108
     }

@@ -234,7 +234,8 @@ class NativeStack:
         return StackStatus(
             trust_domain=self.settings.trust_domain,
             root_ca=str(self.settings.certs_dir / "root-ca.pem"),
-            issuer_socket=self.settings.default_workload_endpoint,
+            issuer_socket=self.settings.ops_endpoint_socket
+            or self.settings.default_workload_endpoint,
             # Our process natively; in a container (compose), an issuer that serves its CRLs.
             issuer_running=self.issuer.running() or self._issuer_serves_crls(),
             services=self.probes(),
