@@ -1,8 +1,11 @@
 """Append-only JSON-lines audit of every authorization decision.
 
-Each record is one ``write(2)`` on an ``O_APPEND`` descriptor, so concurrent writers never
-interleave and a crash of the process loses nothing already written; ``fsync`` (on by default)
-also survives a crash of the machine.
+One writer thread per log appends whole lines on an ``O_APPEND`` descriptor and, with ``fsync``
+(on by default), syncs them before anyone is told they are written: ``record`` returns, and the
+future of ``submit`` completes, only once the record is on disk. Records that arrive while a
+sync runs are written and synced together by the next one (group commit), so the cost of a sync
+is shared by every request waiting for it, and no allowed request's record can be lost in a crash
+after its caller went on.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,24 +40,66 @@ class AuditRecord:
     trace_id: str | None
 
 
+class AuditClosedError(RuntimeError):
+    """A record was submitted to a closed audit log: it is not written."""
+
+
 class AuditLog:
     def __init__(self, path: Path, *, fsync: bool = True) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, AUDIT_MODE)
         self._fsync = fsync
-        self._lock = threading.Lock()
+        self._wake = threading.Condition()
+        self._pending: list[tuple[bytes, Future[None]]] = []
+        self._closed = False
+        self._writer = threading.Thread(target=self._write_loop, name="audit-writer", daemon=True)
+        self._writer.start()
 
-    def record(self, record: AuditRecord) -> None:
+    def submit(self, record: AuditRecord) -> Future[None]:
+        """Queue ``record``; the future completes once it is written (and synced)."""
         line = {"time": datetime.now(UTC).isoformat(timespec="milliseconds")}
         line.update({k: v for k, v in asdict(record).items()})
         data = (json.dumps(line, separators=(",", ":")) + "\n").encode()
-        with self._lock:
-            os.write(self._fd, data)
-            if self._fsync:
-                os.fsync(self._fd)
+        written: Future[None] = Future()
+        with self._wake:
+            if self._closed:
+                raise AuditClosedError(f"audit log {self.path} is closed")
+            self._pending.append((data, written))
+            self._wake.notify()
+        return written
+
+    def record(self, record: AuditRecord) -> None:
+        """Write ``record``; returns once it is on disk, raises if it could not be written."""
+        self.submit(record).result()
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._pending and not self._closed:
+                    self._wake.wait()
+                batch, self._pending = self._pending, []
+                if not batch:
+                    return
+            try:
+                data = memoryview(b"".join(line for line, _ in batch))
+                while data:
+                    data = data[os.write(self._fd, data) :]
+                if self._fsync:
+                    os.fsync(self._fd)
+            except OSError as error:
+                for _, written in batch:
+                    written.set_exception(error)
+            else:
+                for _, written in batch:
+                    written.set_result(None)
 
     def close(self) -> None:
+        """Write what was submitted, then close; later submissions are refused."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._writer.join()
         os.close(self._fd)
 
 

@@ -3,6 +3,9 @@ and a count in the ``authz_decisions`` metric."""
 
 from __future__ import annotations
 
+from concurrent.futures import Future
+from typing import Any
+
 from services.common.audit import AuditLog, AuditRecord
 from services.common.peer import PeerIdentity
 from services.common.telemetry import Telemetry, current_trace_id
@@ -10,7 +13,12 @@ from services.common.telemetry import Telemetry, current_trace_id
 Endpoint = tuple[str, int | None]  # (host, port); port None when unknown
 
 
-def record_decision(
+def record_decision(audit: AuditLog, telemetry: Telemetry, **decision: Any) -> None:
+    """``submit_decision``, returning once the record is on disk (threaded servers)."""
+    submit_decision(audit, telemetry, **decision).result()
+
+
+def submit_decision(
     audit: AuditLog,
     telemetry: Telemetry,
     *,
@@ -23,8 +31,11 @@ def record_decision(
     dest: Endpoint,
     tls_version: str | None = None,
     cipher: str | None = None,
-) -> None:
-    audit.record(
+) -> Future[None]:
+    """Count the decision and queue its audit record; the future completes once it is on disk
+    (the event loop awaits it instead of blocking on the sync)."""
+    telemetry.authz_decisions.add(1, {"service": service, "decision": decision})
+    return audit.submit(
         AuditRecord(
             caller_spiffe_id=str(peer.spiffe_id) if peer else None,
             cert_serial=peer.serial if peer else None,
@@ -42,4 +53,3 @@ def record_decision(
             trace_id=current_trace_id(),
         )
     )
-    telemetry.authz_decisions.add(1, {"service": service, "decision": decision})

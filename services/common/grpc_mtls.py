@@ -23,6 +23,7 @@ with its service name, which only that service's registration entry carries.
 from __future__ import annotations
 
 import contextvars
+import functools
 import logging
 import queue
 import threading
@@ -91,11 +92,18 @@ def _leaf_der(auth: Mapping[str, Any]) -> list[bytes] | None:
     pems = auth.get("x509_pem_cert")
     if not pems:
         return None
+    der = _pem_to_der(pems[0])
+    return [der] if der is not None else None
+
+
+@functools.lru_cache(maxsize=1024)
+def _pem_to_der(pem: bytes) -> bytes | None:
+    """The same peer presents the same PEM on every call of a connection: convert it once."""
     try:
-        certificate = x509.load_pem_x509_certificate(pems[0])
+        certificate = x509.load_pem_x509_certificate(pem)
     except ValueError:
         return None
-    return [certificate.public_bytes(serialization.Encoding.DER)]
+    return certificate.public_bytes(serialization.Encoding.DER)
 
 
 class _StreamRevokedError(Exception):

@@ -22,6 +22,7 @@ import ssl
 import threading
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +32,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.utils import get_local_addr, get_remote_addr
 
 from services.common.audit import AuditLog
-from services.common.decisions import record_decision
+from services.common.decisions import submit_decision
 from services.common.errors import CommonError
 from services.common.peer import PeerIdentity, reset_current_peer, set_current_peer
 from services.common.policy import Policy
@@ -78,7 +79,29 @@ class HttpsGuard:
         decision: str,
         reason: str,
     ) -> None:
-        record_decision(
+        """Audit a decision, blocking until it is on disk (rare events: handshakes, closes)."""
+        self.submit(facts, peer, method, decision, reason).result()
+
+    async def record_async(
+        self,
+        facts: ConnectionFacts,
+        peer: PeerIdentity | None,
+        method: str,
+        decision: str,
+        reason: str,
+    ) -> None:
+        """Audit a request's decision; the event loop serves others while it is synced."""
+        await asyncio.wrap_future(self.submit(facts, peer, method, decision, reason))
+
+    def submit(
+        self,
+        facts: ConnectionFacts,
+        peer: PeerIdentity | None,
+        method: str,
+        decision: str,
+        reason: str,
+    ) -> Future[None]:
+        return submit_decision(
             self.audit,
             self.telemetry,
             service=self.service,
@@ -136,7 +159,9 @@ class _ConnectionApp:
         ):
             decision = self._guard.policy.decide(self._guard.service, method, self._peer.spiffe_id)
             outcome = "allow" if decision.allowed else "deny"
-            self._guard.record(self._facts, self._peer, method, outcome, decision.reason)
+            await self._guard.record_async(
+                self._facts, self._peer, method, outcome, decision.reason
+            )
             if not decision.allowed:
                 await _send_problem(send, 403, "Forbidden", decision.reason)
                 return

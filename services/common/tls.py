@@ -12,8 +12,13 @@ from __future__ import annotations
 import ssl
 import tempfile
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+
+from cryptography import x509
 
 from services.common.files import (
     PRIVATE_MODE,
@@ -23,6 +28,7 @@ from services.common.files import (
 )
 from services.common.identity.pem import fingerprint_sha256, load_der_certificates, serial_hex
 from services.common.identity.source import SvidMaterial, SvidSource
+from services.common.identity.spiffe_id import SpiffeId
 from services.common.identity.x509svid import verify_der_chain
 from services.common.peer import PeerIdentity
 from services.common.revocation import RevocationChecker, RevocationError
@@ -111,9 +117,29 @@ class ReloadingContext:
         self.context = self._build(material)
 
 
+@dataclass(frozen=True)
+class _VerifiedChain:
+    """What a successful X509-SVID verification established about one exact chain."""
+
+    spiffe_id: SpiffeId
+    leaf: x509.Certificate
+    serial: str
+    fingerprint_sha256: str
+    valid_from: datetime  # the latest notBefore of the chain
+    valid_until: datetime  # the earliest notAfter of the chain
+
+
 class PeerVerifier:
     """Checks a peer's certificate against the X509-SVID rules, the current bundle and the
-    issuer's CRLs (``revocation``, always present: production has no "no revocation" mode)."""
+    issuer's CRLs (``revocation``, always present: production has no "no revocation" mode).
+
+    A chain that passed the X509-SVID rules is remembered by its exact DER bytes together with
+    the bundle object it was verified against, and only while every certificate in it is within
+    its validity: a new certificate, a new bundle (rotation of a CA) or the passing of time
+    means a full verification. Revocation is never remembered: every call asks the CRLs.
+    """
+
+    CACHE_SIZE = 1024
 
     def __init__(
         self,
@@ -121,26 +147,58 @@ class PeerVerifier:
         trust_domain: str,
         *,
         revocation: RevocationChecker,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._material = bundle
         self.trust_domain = trust_domain
         self.revocation = revocation
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._verified: OrderedDict[
+            tuple[bytes, ...], tuple[tuple[x509.Certificate, ...], _VerifiedChain]
+        ] = OrderedDict()
+
+    def _verified_chain(self, chain_der: list[bytes]) -> _VerifiedChain:
+        bundle = self._material().bundle
+        key = tuple(chain_der)
+        now = self._clock()
+        with self._lock:
+            remembered = self._verified.get(key)
+            if remembered is not None:
+                self._verified.move_to_end(key)
+        if remembered is not None:
+            verified_against, verified = remembered
+            if verified_against is bundle and verified.valid_from <= now < verified.valid_until:
+                return verified
+        spiffe_id = verify_der_chain(chain_der, bundle, trust_domain=self.trust_domain, now=now)
+        chain = [load_der_certificates(der)[0] for der in chain_der]
+        leaf = chain[0]
+        verified = _VerifiedChain(
+            spiffe_id=spiffe_id,
+            leaf=leaf,
+            serial=serial_hex(leaf),
+            fingerprint_sha256=fingerprint_sha256(leaf),
+            valid_from=max(c.not_valid_before_utc for c in chain),
+            valid_until=min(c.not_valid_after_utc for c in chain),
+        )
+        with self._lock:
+            self._verified[key] = (bundle, verified)
+            while len(self._verified) > self.CACHE_SIZE:
+                self._verified.popitem(last=False)
+        return verified
 
     def verify(self, chain_der: list[bytes], address: str) -> PeerIdentity:
         """Raise ``SvidVerificationError`` unless the chain is a valid SVID of our domain, and
         a ``RevocationError`` (with ``peer`` set) if it is revoked or its status is unknown."""
-        spiffe_id = verify_der_chain(
-            chain_der, self._material().bundle, trust_domain=self.trust_domain
-        )
-        leaf = load_der_certificates(chain_der[0])[0]
+        verified = self._verified_chain(chain_der)
         peer = PeerIdentity(
-            spiffe_id=spiffe_id,
-            serial=serial_hex(leaf),
-            fingerprint_sha256=fingerprint_sha256(leaf),
+            spiffe_id=verified.spiffe_id,
+            serial=verified.serial,
+            fingerprint_sha256=verified.fingerprint_sha256,
             address=address,
         )
         try:
-            self.revocation.check(leaf)
+            self.revocation.check(verified.leaf)
         except RevocationError as error:
             error.peer = peer
             raise

@@ -4,6 +4,8 @@ asked (the engine checks again), and every answer checked against the question."
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import date
 
 from services.common.money import InvalidAmountError, UnsupportedCurrencyError, parse_amount
@@ -19,6 +21,7 @@ from services.gateway.errors import (
     ConflictError,
     EngineError,
     InvalidRequestError,
+    NotFoundError,
     PermissionDeniedError,
 )
 
@@ -40,6 +43,16 @@ def check_idempotency_key(key: str | None) -> str:
     return key
 
 
+@contextmanager
+def _not_yours(account_id: str) -> Iterator[None]:
+    """The engine's "not found" and "not the owner" become one 403: a customer learns nothing
+    about other customers' account IDs."""
+    try:
+        yield
+    except (NotFoundError, PermissionDeniedError):
+        raise PermissionDeniedError(f"account {account_id!r} is not one of your accounts") from None
+
+
 class Banking:
     def __init__(self, engine: TransferEngine) -> None:
         self._engine = engine
@@ -58,8 +71,9 @@ class Banking:
         raise PermissionDeniedError(f"account {account_id!r} is not one of your accounts")
 
     def account(self, customer: str, account_id: str) -> Account:
-        self._own_account(customer, account_id)
-        account = self._engine.get_account(customer, account_id)
+        # One engine call: the engine checks ownership itself; its two refusals read alike here.
+        with _not_yours(account_id):
+            account = self._engine.get_account(customer, account_id)
         if account.customer != customer or account.id != account_id:
             raise EngineError("the transfer-engine answered with another account")
         return account
@@ -67,8 +81,8 @@ class Banking:
     def transactions(
         self, customer: str, account_id: str, from_date: date | None
     ) -> list[Transaction]:
-        self._own_account(customer, account_id)
-        transactions = self._engine.list_transactions(customer, account_id, from_date)
+        with _not_yours(account_id):
+            transactions = self._engine.list_transactions(customer, account_id, from_date)
         if any(transaction.account_id != account_id for transaction in transactions):
             raise EngineError("the transfer-engine listed transactions of another account")
         return transactions

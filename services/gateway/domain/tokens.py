@@ -13,7 +13,9 @@ import base64
 import hashlib
 import json
 import re
+import threading
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -73,6 +75,8 @@ def _timestamp(claims: dict[str, Any], name: str) -> int:
 
 
 class CustomerTokens:
+    CACHE_SIZE = 4096
+
     def __init__(
         self,
         *,
@@ -93,6 +97,8 @@ class CustomerTokens:
         self._ttl_seconds = int(ttl.total_seconds())
         self._directory = directory
         self._clock = clock
+        self._lock = threading.Lock()
+        self._verified: OrderedDict[str, tuple[str, int, int]] = OrderedDict()
 
     def issue(self, customer: str) -> IssuedToken:
         """A token for ``customer``; raises UnknownCustomerError for anyone the bank lacks."""
@@ -113,7 +119,32 @@ class CustomerTokens:
         return IssuedToken(access_token=token, expires_in=self._ttl_seconds)
 
     def verify(self, token: str) -> str:
-        """The customer a valid token names; InvalidTokenError (with the reason) otherwise."""
+        """The customer a valid token names; InvalidTokenError (with the reason) otherwise.
+
+        A token whose signature and claims checked out is remembered by its exact text (the
+        signing key is this instance's own), so a customer's next requests pay only for the
+        time checks, which run on every call."""
+        with self._lock:
+            remembered = self._verified.get(token)
+            if remembered is not None:
+                self._verified.move_to_end(token)
+        if remembered is None:
+            remembered = self._verify_signed(token)
+            with self._lock:
+                self._verified[token] = remembered
+                while len(self._verified) > self.CACHE_SIZE:
+                    self._verified.popitem(last=False)
+        subject, issued_at, expires = remembered
+        now = self._clock().timestamp()
+        leeway = LEEWAY.total_seconds()
+        if now >= expires + leeway:
+            raise InvalidTokenError("token has expired")
+        if issued_at > now + leeway:
+            raise InvalidTokenError("token is not valid yet")
+        return subject
+
+    def _verify_signed(self, token: str) -> tuple[str, int, int]:
+        """(subject, iat, exp) of a token with our signature and well-formed claims."""
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as error:
@@ -129,7 +160,7 @@ class CustomerTokens:
                 algorithms=[ALGORITHM],
                 audience=AUDIENCE,
                 issuer=self._issuer,
-                # Time claims are judged below against the injected clock, not PyJWT's.
+                # Time claims are judged in verify() against the injected clock, not PyJWT's.
                 options={
                     "require": _REQUIRED_CLAIMS,
                     "verify_exp": False,
@@ -140,15 +171,9 @@ class CustomerTokens:
         except jwt.PyJWTError as error:
             raise InvalidTokenError(f"invalid token: {error}") from None
         issued_at, expires = _timestamp(claims, "iat"), _timestamp(claims, "exp")
-        now = self._clock().timestamp()
-        leeway = LEEWAY.total_seconds()
-        if now >= expires + leeway:
-            raise InvalidTokenError("token has expired")
-        if issued_at > now + leeway:
-            raise InvalidTokenError("token is not valid yet")
         if expires - issued_at > MAX_TTL.total_seconds():
             raise InvalidTokenError("token lifetime exceeds the gateway's maximum")
         subject = claims["sub"]
         if not isinstance(subject, str) or not _CUSTOMER.fullmatch(subject):
             raise InvalidTokenError("token subject is not a customer")
-        return subject
+        return subject, issued_at, expires

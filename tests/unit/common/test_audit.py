@@ -14,7 +14,13 @@ from typing import Any
 
 import pytest
 
-from services.common.audit import AUDIT_MODE, AuditLog, AuditRecord, split_address
+from services.common.audit import (
+    AUDIT_MODE,
+    AuditClosedError,
+    AuditLog,
+    AuditRecord,
+    split_address,
+)
 
 RECORD = AuditRecord(
     caller_spiffe_id="spiffe://ztbank.example/env/prod/zone/az1/team/channels/svc/gateway",
@@ -159,3 +165,64 @@ def test_split_address(address: str, expected: tuple[str, int | None]) -> None:
 
 def test_split_address_of_a_grpc_ipv6_peer() -> None:
     assert split_address("ipv6:%5B::1%5D:5000") == ("::1", 5000)
+
+
+def test_a_record_is_synced_before_its_caller_goes_on_and_syncs_are_shared(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Group commit: each caller returns only after an fsync that covered its line; callers
+    that arrive during a sync share the next one."""
+    path = tmp_path / "svc.jsonl"
+    synced_lines: list[int] = []
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        real_fsync(fd)
+        synced_lines.append(len(path.read_text().splitlines()))
+        threading.Event().wait(0.02)  # a disk that takes its time
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    log = AuditLog(path, fsync=True)
+    returned_after: list[int] = []
+    lock = threading.Lock()
+
+    def caller(number: int) -> None:
+        log.record(replace(RECORD, source_port=number))
+        with lock:
+            returned_after.append(len(synced_lines))
+
+    threads = [threading.Thread(target=caller, args=(n,)) for n in range(40)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    log.close()
+    ports = sorted(line["source_port"] for line in read_lines(path))
+    assert ports == list(range(40))  # each record once
+    assert all(after >= 1 for after in returned_after)  # nobody went on before a sync
+    assert synced_lines[-1] == 40
+    assert len(synced_lines) < 40  # syncs were shared
+
+
+def test_a_record_that_cannot_be_written_fails_its_caller(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = AuditLog(tmp_path / "svc.jsonl", fsync=True)
+
+    def full_disk(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        log.record(RECORD)
+    monkeypatch.undo()
+    log.close()
+
+
+def test_a_closed_log_refuses_records(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "svc.jsonl", fsync=False)
+    log.record(RECORD)
+    log.close()
+    with pytest.raises(AuditClosedError):
+        log.record(RECORD)
+    assert len(read_lines(tmp_path / "svc.jsonl")) == 1

@@ -173,3 +173,30 @@ def test_engine_directory_knows_customers_by_their_accounts() -> None:
     engine.failure = EngineUnavailableError("down")
     with pytest.raises(EngineUnavailableError):
         directory.is_customer("alice")
+
+
+def test_a_token_is_checked_in_full_once_and_its_times_on_every_use(
+    tokens: CustomerTokens, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    decoded: list[str] = []
+    real_decode = jwt.decode
+
+    def counted(token: str, *args: object, **kwargs: object) -> object:
+        decoded.append(token)
+        return real_decode(token, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(jwt, "decode", counted)
+    token = tokens.issue("alice").access_token
+    assert [tokens.verify(token) for _ in range(3)] == ["alice"] * 3
+    assert decoded == [token]
+
+    header, payload, signature = token.split(".")
+    forged = (
+        f"{header}.{payload}.{signature[:-2]}{'A' if signature[-2] != 'A' else 'B'}{signature[-1]}"
+    )
+    with pytest.raises(InvalidTokenError, match="invalid token"):
+        tokens.verify(forged)  # a remembered token vouches for no other text
+
+    clock.advance(600 + LEEWAY.total_seconds())
+    with pytest.raises(InvalidTokenError, match="expired"):
+        tokens.verify(token)
