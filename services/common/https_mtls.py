@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import uvicorn
@@ -49,6 +49,8 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 Asgi = Callable[[Scope, Receive, Send], Awaitable[None]]
 TRANSFER_METHOD = "POST /v1/transfers"
 HANDSHAKE_TIMEOUT = 10.0
+DEFAULT_MAX_IN_FLIGHT = 64
+OVERLOADED_REASON = "shed: the server is at its limit of requests in flight"
 CONNECTION_METHOD = "TLS connection"
 REVOKED_CONNECTION_REASON = "certificate revoked: connection closed"
 
@@ -63,6 +65,17 @@ class ConnectionFacts:
     cipher: str | None
 
 
+class InFlight:
+    """Requests being served by one server (event loop thread only). Beyond ``limit`` a request
+    is shed at once with 503, rather than queued behind the others for seconds."""
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError("the in-flight limit must be at least 1")
+        self.limit = limit
+        self.count = 0
+
+
 @dataclass(frozen=True)
 class HttpsGuard:
     service: str
@@ -70,6 +83,7 @@ class HttpsGuard:
     policy: Policy
     audit: AuditLog
     telemetry: Telemetry
+    in_flight: InFlight = field(default_factory=lambda: InFlight(DEFAULT_MAX_IN_FLIGHT))
 
     def record(
         self,
@@ -116,20 +130,19 @@ class HttpsGuard:
         )
 
 
-async def _send_problem(send: Send, status: int, title: str, detail: str) -> None:
+async def _send_problem(
+    send: Send, status: int, title: str, detail: str, retry_after_seconds: int | None = None
+) -> None:
     body = json.dumps(
         problem(status, title=title, detail=detail).model_dump(exclude_none=True)
     ).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", PROBLEM_MEDIA_TYPE.encode()),
-                (b"content-length", str(len(body)).encode()),
-            ],
-        }
-    )
+    headers = [
+        (b"content-type", PROBLEM_MEDIA_TYPE.encode()),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    if retry_after_seconds is not None:
+        headers.append((b"retry-after", str(retry_after_seconds).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -158,23 +171,40 @@ class _ConnectionApp:
             attributes={"http.request.method": scope["method"], "url.path": scope["path"]},
         ):
             decision = self._guard.policy.decide(self._guard.service, method, self._peer.spiffe_id)
-            outcome = "allow" if decision.allowed else "deny"
-            await self._guard.record_async(
-                self._facts, self._peer, method, outcome, decision.reason
-            )
+            in_flight = self._guard.in_flight
             if not decision.allowed:
+                await self._guard.record_async(
+                    self._facts, self._peer, method, "deny", decision.reason
+                )
                 await _send_problem(send, 403, "Forbidden", decision.reason)
                 return
-            token = set_current_peer(self._peer)
-            started = time.perf_counter()
+            if in_flight.count >= in_flight.limit:
+                # Answered at once and audited: the caller may retry; nothing was started.
+                await self._guard.record_async(
+                    self._facts, self._peer, method, "deny", OVERLOADED_REASON
+                )
+                await _send_problem(send, 503, "Service Unavailable", OVERLOADED_REASON, 1)
+                return
+            in_flight.count += 1
             try:
-                await self._app(scope, receive, send)
+                await self._guard.record_async(
+                    self._facts, self._peer, method, "allow", decision.reason
+                )
+                await self._serve(scope, receive, send, method)
             finally:
-                reset_current_peer(token)
-                if method == TRANSFER_METHOD:
-                    self._guard.telemetry.transfer_duration.record(
-                        time.perf_counter() - started, {"service": self._guard.service}
-                    )
+                in_flight.count -= 1
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, method: str) -> None:
+        token = set_current_peer(self._peer)
+        started = time.perf_counter()
+        try:
+            await self._app(scope, receive, send)
+        finally:
+            reset_current_peer(token)
+            if method == TRANSFER_METHOD:
+                self._guard.telemetry.transfer_duration.record(
+                    time.perf_counter() - started, {"service": self._guard.service}
+                )
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import uvicorn
 
-from services.common.https_mtls import HttpsGuard, mtls_server_config
+from services.common.https_mtls import HttpsGuard, InFlight, mtls_server_config
 from services.common.runtime import ServiceRuntime, create_runtime
 from services.common.tls import ReloadingContext, SvidFiles
 from services.common.workloads import GATEWAY, TRANSFER_ENGINE
@@ -30,6 +30,7 @@ def create_server(settings: GatewaySettings) -> tuple[uvicorn.Server, ServiceRun
         policy=runtime.policy,
         audit=runtime.audit,
         telemetry=runtime.telemetry,
+        in_flight=InFlight(settings.max_in_flight),
     )
 
     config = mtls_server_config(

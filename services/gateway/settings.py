@@ -5,9 +5,10 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 
-from pydantic import field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from services.common.durations import format_duration, parse_duration
+from services.common.https_mtls import DEFAULT_MAX_IN_FLIGHT
 from services.common.identity.spiffe_id import SpiffeId
 from services.common.runtime import ServiceSettings
 from services.common.workloads import GATEWAY, TELLER
@@ -26,6 +27,9 @@ class GatewaySettings(ServiceSettings):
     token_ttl: timedelta = timedelta(minutes=10)
     # ZTBANK_ENGINE_TIMEOUT: deadline of each call to the transfer-engine.
     engine_timeout: timedelta = timedelta(seconds=5)
+    # ZTBANK_MAX_IN_FLIGHT: requests served at once; more are answered 503 at once (shed)
+    # instead of waiting behind the others.
+    max_in_flight: int = Field(default=DEFAULT_MAX_IN_FLIGHT, ge=1)
 
     @field_validator("token_ttl", "engine_timeout", mode="before")
     @classmethod

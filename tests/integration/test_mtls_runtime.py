@@ -13,6 +13,7 @@ import contextlib
 import http.client
 import socket
 import ssl
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -30,9 +31,11 @@ from services.cli.teller import TellerClient
 from services.common import grpc_mtls
 from services.common.audit import AuditLog
 from services.common.grpc_mtls import MtlsChannel
+from services.common.https_mtls import OVERLOADED_REASON
 from services.common.identity.pem import fingerprint_sha256, serial_hex
 from services.common.identity.source import SvidMaterial
 from services.common.policy import Policy
+from services.common.problem import PROBLEM_MEDIA_TYPE
 from services.common.registry import RegistryError, ServiceAddress, write_registry
 from services.common.revocation import RevocationWatcher
 from services.common.telemetry import Telemetry, setup_telemetry
@@ -45,6 +48,8 @@ from tests.support.mtls_servers import (
     ENGINE_ID,
     GATEWAY_ID,
     RISK_ID,
+    SLOW_PATH,
+    SLOW_SECONDS,
     TD,
     TELLER_ID,
     TIMEOUT,
@@ -52,6 +57,7 @@ from tests.support.mtls_servers import (
     FakeSource,
     GrpcHandler,
     GrpcTestServer,
+    Reply,
     WhoAmI,
     audit_log,
     audit_records,
@@ -646,3 +652,54 @@ def test_https_websocket_upgrade_is_subject_to_policy(
     assert https_server.app.seen == []  # the application never saw the denied caller
     [record] = audit_records(https_server.audit)
     assert (record["decision"], record["caller_spiffe_id"]) == ("deny", ENGINE_ID)
+
+
+def test_https_beyond_the_in_flight_limit_is_shed_at_once_with_503(
+    authority: Authority,
+    policy: Policy,
+    audit: AuditLog,
+    telemetry: Telemetry,
+    revocation: RevocationWatcher,
+    tmp_path: Path,
+) -> None:
+    """Overload is answered, not queued: with one request in flight (the limit), the next gets
+    503 problem+json with Retry-After well before the first is done; both are audited."""
+    source = FakeSource(authority.svid(GATEWAY_ID))
+    context = client_context(authority.svid(TELLER_ID))
+    with running_https_server(
+        source,
+        policy=policy,
+        audit=audit,
+        telemetry=telemetry,
+        revocation=revocation,
+        tls_dir=tmp_path / "tls",
+        max_in_flight=1,
+    ) as running:
+        slow: list[Reply] = []
+        holder = threading.Thread(
+            target=lambda: slow.append(https_get(running.port, context, SLOW_PATH))
+        )
+        holder.start()
+        deadline = time.monotonic() + TIMEOUT
+        while ("http", SLOW_PATH) not in running.app.seen:
+            assert time.monotonic() < deadline, "the slow request never reached the app"
+            time.sleep(0.01)
+        started = time.monotonic()
+        connection = http.client.HTTPSConnection(
+            "127.0.0.1", running.port, context=context, timeout=TIMEOUT
+        )
+        connection.request("GET", "/v1/accounts")
+        response = connection.getresponse()
+        shed = Reply(response.status, response.getheader("content-type", ""), response.read())
+        retry_after = response.getheader("retry-after")
+        connection.close()
+        answered_in = time.monotonic() - started
+        holder.join(TIMEOUT)
+        assert slow[0].status == 200
+        assert (shed.status, shed.content_type, retry_after) == (503, PROBLEM_MEDIA_TYPE, "1")
+        assert shed.json()["detail"] == OVERLOADED_REASON
+        assert answered_in < SLOW_SECONDS / 2
+        assert https_get(running.port, context).status == 200  # the limit is free again
+    decisions = [(r["method"], r["decision"], r["reason"]) for r in audit_records(audit)]
+    assert ("GET /v1/accounts", "deny", OVERLOADED_REASON) in decisions
+    assert ("GET " + SLOW_PATH, "allow", "allowed by policy rule for gateway") in decisions

@@ -7,6 +7,7 @@ test_revocation_enforcement.py.
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import socket
@@ -29,7 +30,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from services.common.audit import AuditLog
 from services.common.grpc_mtls import AuthorizationInterceptor, MtlsChannel, server_credentials
-from services.common.https_mtls import HttpsGuard, Receive, Scope, Send, mtls_server_config
+from services.common.https_mtls import (
+    DEFAULT_MAX_IN_FLIGHT,
+    HttpsGuard,
+    InFlight,
+    Receive,
+    Scope,
+    Send,
+    mtls_server_config,
+)
 from services.common.identity.source import Listener, SvidMaterial, SvidSource
 from services.common.identity.spiffe_id import SpiffeId
 from services.common.peer import current_peer
@@ -234,6 +243,10 @@ def rpc_error(call: Callable[[], object]) -> grpc.RpcError:
 # -- HTTPS -----------------------------------------------------------------------------------
 
 
+SLOW_PATH = "/v1/slow"
+SLOW_SECONDS = 1.5
+
+
 class WhoAmI:
     """The application: reports the verified peer it was handed, and notes every scope."""
 
@@ -246,6 +259,8 @@ class WhoAmI:
             await receive()  # websocket.connect
             await send({"type": "websocket.close", "code": 1008})
             return
+        if scope["path"] == SLOW_PATH:
+            await asyncio.sleep(SLOW_SECONDS)  # a request that keeps its place for a while
         peer = current_peer()
         body = json.dumps(
             {"spiffe_id": str(peer.spiffe_id), "serial": peer.serial, "path": scope["path"]}
@@ -276,6 +291,7 @@ def running_https_server(
     telemetry: Telemetry,
     revocation: RevocationWatcher,
     tls_dir: Path,
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
 ) -> Iterator[RunningHttps]:
     """The gateway's uvicorn server serving ``WhoAmI``; shut down afterwards."""
     tls = ReloadingContext(source, SvidFiles(tls_dir), server=True)
@@ -285,6 +301,7 @@ def running_https_server(
         policy=policy,
         audit=audit,
         telemetry=telemetry,
+        in_flight=InFlight(max_in_flight),
     )
     app = WhoAmI()
     # The same configuration as services/gateway/server.py.
