@@ -101,8 +101,10 @@ bench: bench-issuer bench-bank ## all benchmarks
 bench-issuer: install ## issuer: SVIDs issued per second, Workload API latency p50/p99
 	$(BIN)/python -m loadtest.bench_issuer
 
-bench-bank: install ## bank: transfer latency p50/p99 at fixed rates, maximum throughput
-	$(BIN)/python -m loadtest.bench_bank
+# BENCH_ARGS: e.g. "--seconds 5", "--repeat 3 --json var/bench.json", "--revocation"; see --help.
+BENCH_ARGS ?=
+bench-bank: install ## bank vs a bare mTLS pipeline: p50/p99, max req/s, CPU ms/request (BENCH_ARGS=...)
+	$(BIN)/python -m loadtest.bench_bank $(BENCH_ARGS)
 
 # Load tests against the running stack; `make up` runs first (it is idempotent).
 PROFILE ?= mixed
