@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help install up down logs images status reset certs issuer proto proto-check lint format test test-unit test-integration test-e2e test-e2e-existing test-compose bench bench-issuer bench-bank clean
+.PHONY: help install up down logs images status reset certs issuer proto proto-check lint format test test-unit test-integration test-e2e test-e2e-existing test-compose bench bench-issuer bench-authz bench-bank clean
 
 help: ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -96,10 +96,13 @@ test-e2e-existing: install ## e2e suites in "existing stack" mode, against a nat
 test-compose: install ## e2e suites inside the compose network on a fresh compose stack (needs Docker)
 	$(COMPOSE) test $(PYTEST_ARGS)
 
-bench: bench-issuer bench-bank ## all benchmarks
+bench: bench-issuer bench-authz bench-bank ## all benchmarks
 
 bench-issuer: install ## issuer: SVIDs issued per second, Workload API latency p50/p99
 	$(BIN)/python -m loadtest.bench_issuer
+
+bench-authz: install ## one authorization decision for a known peer, in process: p50/p99 (target 50 us)
+	$(BIN)/python -m loadtest.bench_authz
 
 # BENCH_ARGS: e.g. "--seconds 5", "--repeat 3 --json var/bench.json", "--revocation"; see --help.
 BENCH_ARGS ?=
