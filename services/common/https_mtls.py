@@ -96,17 +96,6 @@ class HttpsGuard:
         """Audit a decision, blocking until it is on disk (rare events: handshakes, closes)."""
         self.submit(facts, peer, method, decision, reason).result()
 
-    async def record_async(
-        self,
-        facts: ConnectionFacts,
-        peer: PeerIdentity | None,
-        method: str,
-        decision: str,
-        reason: str,
-    ) -> None:
-        """Audit a request's decision; the event loop serves others while it is synced."""
-        await asyncio.wrap_future(self.submit(facts, peer, method, decision, reason))
-
     def submit(
         self,
         facts: ConnectionFacts,
@@ -115,6 +104,8 @@ class HttpsGuard:
         decision: str,
         reason: str,
     ) -> Future[None]:
+        """Count the decision and queue its record; awaited with ``asyncio.wrap_future`` on the
+        request path, so the event loop serves others while the record is synced."""
         return submit_decision(
             self.audit,
             self.telemetry,
@@ -173,26 +164,25 @@ class _ConnectionApp:
             decision = self._guard.policy.decide(self._guard.service, method, self._peer.spiffe_id)
             in_flight = self._guard.in_flight
             if not decision.allowed:
-                await self._guard.record_async(
-                    self._facts, self._peer, method, "deny", decision.reason
-                )
+                await self._audited(method, "deny", decision.reason)
                 await _send_problem(send, 403, "Forbidden", decision.reason)
                 return
             if in_flight.count >= in_flight.limit:
                 # Answered at once and audited: the caller may retry; nothing was started.
-                await self._guard.record_async(
-                    self._facts, self._peer, method, "deny", OVERLOADED_REASON
-                )
+                await self._audited(method, "deny", OVERLOADED_REASON)
                 await _send_problem(send, 503, "Service Unavailable", OVERLOADED_REASON, 1)
                 return
             in_flight.count += 1
             try:
-                await self._guard.record_async(
-                    self._facts, self._peer, method, "allow", decision.reason
-                )
+                await self._audited(method, "allow", decision.reason)
                 await self._serve(scope, receive, send, method)
             finally:
                 in_flight.count -= 1
+
+    async def _audited(self, method: str, decision: str, reason: str) -> None:
+        await asyncio.wrap_future(
+            self._guard.submit(self._facts, self._peer, method, decision, reason)
+        )
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send, method: str) -> None:
         token = set_current_peer(self._peer)

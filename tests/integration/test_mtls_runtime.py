@@ -31,7 +31,7 @@ from services.cli.teller import TellerClient
 from services.common import grpc_mtls
 from services.common.audit import AuditLog
 from services.common.grpc_mtls import MtlsChannel
-from services.common.https_mtls import OVERLOADED_REASON
+from services.common.https_mtls import DEFAULT_MAX_IN_FLIGHT, OVERLOADED_REASON
 from services.common.identity.pem import fingerprint_sha256, serial_hex
 from services.common.identity.source import SvidMaterial
 from services.common.policy import Policy
@@ -401,7 +401,9 @@ def https_server(
     telemetry: Telemetry,
     revocation: RevocationWatcher,
     tmp_path: Path,
+    request: pytest.FixtureRequest,
 ) -> Iterator[HttpsServer]:
+    """``indirect`` parametrization sets the server's in-flight limit."""
     source = FakeSource(authority.svid(GATEWAY_ID))
     with running_https_server(
         source,
@@ -410,6 +412,7 @@ def https_server(
         telemetry=telemetry,
         revocation=revocation,
         tls_dir=tmp_path / "tls",
+        max_in_flight=getattr(request, "param", DEFAULT_MAX_IN_FLIGHT),
     ) as running:
         yield HttpsServer(source, running.port, audit, running.app)
 
@@ -654,52 +657,39 @@ def test_https_websocket_upgrade_is_subject_to_policy(
     assert (record["decision"], record["caller_spiffe_id"]) == ("deny", ENGINE_ID)
 
 
+@pytest.mark.parametrize("https_server", [1], indirect=True)
 def test_https_beyond_the_in_flight_limit_is_shed_at_once_with_503(
-    authority: Authority,
-    policy: Policy,
-    audit: AuditLog,
-    telemetry: Telemetry,
-    revocation: RevocationWatcher,
-    tmp_path: Path,
+    authority: Authority, https_server: HttpsServer
 ) -> None:
     """Overload is answered, not queued: with one request in flight (the limit), the next gets
     503 problem+json with Retry-After well before the first is done; both are audited."""
-    source = FakeSource(authority.svid(GATEWAY_ID))
     context = client_context(authority.svid(TELLER_ID))
-    with running_https_server(
-        source,
-        policy=policy,
-        audit=audit,
-        telemetry=telemetry,
-        revocation=revocation,
-        tls_dir=tmp_path / "tls",
-        max_in_flight=1,
-    ) as running:
-        slow: list[Reply] = []
-        holder = threading.Thread(
-            target=lambda: slow.append(https_get(running.port, context, SLOW_PATH))
-        )
-        holder.start()
-        deadline = time.monotonic() + TIMEOUT
-        while ("http", SLOW_PATH) not in running.app.seen:
-            assert time.monotonic() < deadline, "the slow request never reached the app"
-            time.sleep(0.01)
-        started = time.monotonic()
-        connection = http.client.HTTPSConnection(
-            "127.0.0.1", running.port, context=context, timeout=TIMEOUT
-        )
-        connection.request("GET", "/v1/accounts")
-        response = connection.getresponse()
-        shed = Reply(response.status, response.getheader("content-type", ""), response.read())
-        retry_after = response.getheader("retry-after")
-        connection.close()
-        answered_in = time.monotonic() - started
-        holder.join(TIMEOUT)
-        assert slow[0].status == 200
-        assert (shed.status, shed.content_type, retry_after) == (503, PROBLEM_MEDIA_TYPE, "1")
-        assert shed.json()["detail"] == OVERLOADED_REASON
-        assert answered_in < SLOW_SECONDS / 2
-        assert https_get(running.port, context).status == 200  # the limit is free again
-    decisions = [(r["method"], r["decision"], r["reason"]) for r in audit_records(audit)]
+    running = https_server
+    slow: list[Reply] = []
+    holder = threading.Thread(
+        target=lambda: slow.append(https_get(running.port, context, SLOW_PATH))
+    )
+    holder.start()
+    deadline = time.monotonic() + TIMEOUT
+    while ("http", SLOW_PATH) not in running.app.seen:
+        assert time.monotonic() < deadline, "the slow request never reached the app"
+        time.sleep(0.01)
+    started = time.monotonic()
+    connection = http.client.HTTPSConnection(
+        "127.0.0.1", running.port, context=context, timeout=TIMEOUT
+    )
+    connection.request("GET", "/v1/accounts")
+    response = connection.getresponse()
+    shed = Reply(response.status, response.getheader("content-type", ""), response.read())
+    retry_after = response.getheader("retry-after")
+    connection.close()
+    answered_in = time.monotonic() - started
+    holder.join(TIMEOUT)
+    assert slow[0].status == 200
+    assert (shed.status, shed.content_type, retry_after) == (503, PROBLEM_MEDIA_TYPE, "1")
+    assert shed.json()["detail"] == OVERLOADED_REASON
+    assert answered_in < SLOW_SECONDS / 2
+    assert https_get(running.port, context).status == 200  # the limit is free again
+    decisions = [(r["method"], r["decision"], r["reason"]) for r in audit_records(running.audit)]
     assert ("GET /v1/accounts", "deny", OVERLOADED_REASON) in decisions
     assert ("GET " + SLOW_PATH, "allow", "allowed by policy rule for gateway") in decisions
