@@ -25,7 +25,7 @@ import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http import HTTPStatus
 from http.client import HTTPException
@@ -102,6 +102,12 @@ class _CaCrl:
     next_update: datetime
     fetched_at: datetime  # the last poll that returned this CRL (or an identical one)
     revoked: dict[int, _Revocation]
+    # The CA's subject, DER-encoded once: ``check`` compares it with each leaf's issuer on
+    # every call, and comparing parsed names cost more than the rest of the check.
+    ca_subject: bytes = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ca_subject", self.ca.subject.public_bytes())
 
     @property
     def order(self) -> tuple[datetime, int]:
@@ -383,8 +389,9 @@ class RevocationWatcher:
         """Raise RevokedCertificateError if ``leaf`` is revoked, RevocationUnavailableError if
         no fresh CRL of its issuing CA says it is not."""
         now = self._clock()
+        issuer = leaf.issuer.public_bytes()
         with self._lock:
-            candidates = [crl for crl in self._crls.values() if crl.ca.subject == leaf.issuer]
+            candidates = [crl for crl in self._crls.values() if crl.ca_subject == issuer]
         if len(candidates) > 1:
             candidates = [crl for crl in candidates if issued_directly_by(leaf, crl.ca)]
         serial = format(leaf.serial_number, "x")
