@@ -4,18 +4,12 @@ and a count in the ``authz_decisions`` metric."""
 from __future__ import annotations
 
 from concurrent.futures import Future
-from typing import Any
 
 from services.common.audit import AuditLog, AuditRecord
 from services.common.peer import PeerIdentity
 from services.common.telemetry import Telemetry, current_trace_id
 
 Endpoint = tuple[str, int | None]  # (host, port); port None when unknown
-
-
-def record_decision(audit: AuditLog, telemetry: Telemetry, **decision: Any) -> None:
-    """``submit_decision``, returning once the record is on disk (threaded servers)."""
-    submit_decision(audit, telemetry, **decision).result()
 
 
 def submit_decision(
@@ -33,7 +27,7 @@ def submit_decision(
     cipher: str | None = None,
 ) -> Future[None]:
     """Count the decision and queue its audit record; the future completes once it is on disk
-    (the event loop awaits it instead of blocking on the sync)."""
+    (threaded servers wait on it, the event loop awaits it)."""
     telemetry.authz_decisions.add(1, {"service": service, "decision": decision})
     return audit.submit(
         AuditRecord(

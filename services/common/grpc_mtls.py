@@ -38,7 +38,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from services.common.audit import AuditLog, split_address
-from services.common.decisions import record_decision
+from services.common.decisions import submit_decision
 from services.common.errors import CommonError
 from services.common.identity.source import SvidMaterial, SvidSource
 from services.common.peer import PeerIdentity, reset_current_peer, set_current_peer
@@ -234,8 +234,9 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):
         decision: str,
         reason: str,
     ) -> None:
-        # grpcio's auth context does not expose the negotiated version or suite.
-        record_decision(
+        # grpcio's auth context does not expose the negotiated version or suite. The handler
+        # thread waits until the record is on disk (shared with others by group commit).
+        submit_decision(
             self._audit,
             self._telemetry,
             service=self._service,
@@ -245,7 +246,7 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):
             reason=reason,
             source=split_address(context.peer()),
             dest=self._local,
-        )
+        ).result()
 
     def _authorize(self, method: str, context: grpc.ServicerContext) -> PeerIdentity:
         chain = _leaf_der(context.auth_context())

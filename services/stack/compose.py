@@ -33,6 +33,8 @@ OFFLINE_FILE = "compose.offline.yaml"
 BASE_IMAGE = "ztbank-base:bookworm"
 UP_TIMEOUT = 240.0
 PROJECT_LABEL = "com.docker.compose.project"
+# Run on demand (profiles "test" and "load"), never part of a healthy stack.
+ON_DEMAND_JOBS = ("e2e", "locust")
 # The images ztbank owns: Dockerfile target -> the .env variable naming its tag.
 IMAGE_TARGETS = {
     "runtime": "ZTBANK_IMAGE",
@@ -286,8 +288,6 @@ class ComposeStack:
     def states(self) -> list[ContainerState]:
         ids = self.compose("ps", "--all", "-q").stdout.split()
         if not ids:
-            ids = self.compose("ps", "-q").stdout.split()
-        if not ids:
             return []
         inspected = self.docker.run(["docker", "inspect", *ids], self.env, None)
         if inspected.returncode != 0:
@@ -299,7 +299,7 @@ class ComposeStack:
 
     def wait_ready(self, deadline: float) -> list[ContainerState]:
         while True:
-            states = [s for s in self.states() if s.service not in ("e2e", "locust")]
+            states = [s for s in self.states() if s.service not in ON_DEMAND_JOBS]
             failed = [s for s in states if s.failed]
             if states and not failed and all(s.ready for s in states):
                 return states
@@ -592,7 +592,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def print_status(stack: ComposeStack) -> int:
     """Each container's state, then ``ztbank status`` in a container of the ops uid on the
     compose network: every service probed over mTLS as the ops identity, attested by its uid."""
-    states = [s for s in stack.states() if s.service not in ("e2e", "locust")]
+    states = [s for s in stack.states() if s.service not in ON_DEMAND_JOBS]
     if not states:
         print(f"{stack.project}: no container (make up MODE=compose starts the stack)")
         return 1
