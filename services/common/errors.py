@@ -19,3 +19,7 @@ class SvidVerificationError(CommonError):
 
 class InvalidCertificateError(CommonError, ValueError):
     """Bytes that should hold X.509 certificates (PEM or DER) could not be parsed."""
+
+
+class ChannelClosedError(CommonError):
+    """A call was attempted on a client channel after its owner closed it (shutdown)."""

@@ -14,22 +14,24 @@ and aborts the call (grpc's ``context.abort`` only works from the handler thread
 no way to close one client's HTTP/2 connection from Python: a revoked peer's TCP connection stays
 open until the client closes it, but no call on it gets past the interceptor.
 
-grpcio client credentials are fixed per channel, so ``MtlsChannel`` builds a new channel on each
-rotation and closes the old one after a grace period, letting calls in flight finish.  grpcio
+grpcio client credentials are fixed per channel, so ``MtlsChannel`` (blocking grpcio) and
+``AioMtlsChannel`` (grpc.aio, built on the caller's event loop) make a new channel on each
+rotation and close the old one after a grace period, letting calls in flight finish.  grpcio
 matches the server certificate against a DNS name; ztbank gives each gRPC server's SVID a DNS SAN
 with its service name, which only that service's registration entry carries.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import functools
 import logging
 import queue
 import threading
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
-from contextlib import contextmanager
-from typing import Any
+from contextlib import contextmanager, suppress
+from typing import Any, Generic, TypeVar
 
 import grpc
 from cryptography import x509
@@ -39,7 +41,7 @@ from opentelemetry import trace
 
 from services.common.audit import AuditLog, split_address
 from services.common.decisions import submit_decision
-from services.common.errors import CommonError
+from services.common.errors import ChannelClosedError, CommonError
 from services.common.identity.source import SvidMaterial, SvidSource
 from services.common.peer import PeerIdentity, reset_current_peer, set_current_peer
 from services.common.policy import Policy
@@ -59,6 +61,7 @@ DISCOVERY_RECHECK_SECONDS = 5.0
 REVOKED_DETAILS = "certificate revoked"
 UNAVAILABLE_DETAILS = "revocation status unavailable"
 REVOKED_STREAM_REASON = "certificate revoked: stream ended"
+ChannelT = TypeVar("ChannelT")
 
 
 def _server_config(material: SvidMaterial) -> Any:
@@ -340,7 +343,30 @@ class _TracePropagation(grpc.UnaryUnaryClientInterceptor):
         return continuation(details._replace(metadata=metadata), request)
 
 
-class MtlsChannel:
+class _AioTracePropagation(grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(
+        self, continuation: Callable[[Any, Any], Any], details: Any, request: Any
+    ) -> Any:
+        metadata = list(details.metadata or []) + inject_context()
+        return await continuation(details._replace(metadata=metadata), request)
+
+
+def _client_credentials(material: SvidMaterial) -> grpc.ChannelCredentials:
+    return grpc.ssl_channel_credentials(
+        root_certificates=material.bundle_pem,
+        private_key=material.key_pem,
+        certificate_chain=material.chain_pem,
+    )
+
+
+def _channel_options(server_name: str) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.ssl_target_name_override", server_name),
+        ("grpc.default_authority", server_name),
+    ]
+
+
+class _FollowingChannel(Generic[ChannelT]):
     """A client channel to a gRPC service, rebuilt when our SVID rotates or the service moves.
 
     ``resolve`` answers the service's current address (host:port) from the registry: the file
@@ -348,6 +374,9 @@ class MtlsChannel:
     ``recheck_seconds``; a new address gets a new channel, and calls in flight finish on the old
     one.  When the registry cannot answer, the channel stays where it is: discovery decides
     where to call, mTLS and the peer's SPIFFE ID decide whether to trust it.
+
+    The channel is built on the first ``channel()`` after a change, in the caller's thread:
+    a grpc.aio channel belongs to the event loop that uses it.
     """
 
     def __init__(
@@ -363,7 +392,8 @@ class MtlsChannel:
         self._lock = threading.Lock()
         self._material = source.current()
         self._target = resolve()
-        self._channel = self._build(self._material, self._target)
+        self._channel: ChannelT | None = None
+        self._current = False
         self._closed = False
         self._stop = threading.Event()
         source.subscribe(self._rotate)
@@ -380,21 +410,12 @@ class MtlsChannel:
         with self._lock:
             return self._target
 
-    def _build(self, material: SvidMaterial, target: str) -> grpc.Channel:
-        credentials = grpc.ssl_channel_credentials(
-            root_certificates=material.bundle_pem,
-            private_key=material.key_pem,
-            certificate_chain=material.chain_pem,
-        )
-        channel = grpc.secure_channel(
-            target,
-            credentials,
-            options=[
-                ("grpc.ssl_target_name_override", self._server_name),
-                ("grpc.default_authority", self._server_name),
-            ],
-        )
-        return grpc.intercept_channel(channel, _TracePropagation())
+    def _build(self, material: SvidMaterial, target: str) -> ChannelT:
+        raise NotImplementedError
+
+    def _retire(self, stale: ChannelT) -> None:
+        """Close ``stale`` once calls in flight on it had ``CHANNEL_GRACE_SECONDS``."""
+        raise NotImplementedError
 
     def _rotate(self, material: SvidMaterial) -> None:
         self._replace(material=material)
@@ -412,22 +433,90 @@ class MtlsChannel:
 
     def _replace(self, *, material: SvidMaterial | None = None, target: str | None = None) -> None:
         with self._lock:
-            if self._closed:
-                return
             self._material = material or self._material
             self._target = target or self._target
-            # grpc.secure_channel connects lazily: building under the lock is cheap.
-            stale, self._channel = self._channel, self._build(self._material, self._target)
+            self._current = False
+
+    def channel(self) -> ChannelT:
+        with self._lock:
+            if self._closed:
+                raise ChannelClosedError(f"the channel to {self._server_name} is closed")
+            stale = None
+            if not self._current or self._channel is None:
+                # Channels connect lazily: building one under the lock is cheap.
+                stale, self._channel = self._channel, self._build(self._material, self._target)
+                self._current = True
+            channel = self._channel
+        if stale is not None:
+            self._retire(stale)
+        return channel
+
+    def _close(self) -> ChannelT | None:
+        self._stop.set()
+        with self._lock:
+            self._closed = True
+            channel, self._channel = self._channel, None
+        return channel
+
+
+class MtlsChannel(_FollowingChannel[grpc.Channel]):
+    """A grpcio (blocking) channel that follows rotation and discovery."""
+
+    def _replace(self, *, material: SvidMaterial | None = None, target: str | None = None) -> None:
+        super()._replace(material=material, target=target)
+        # Built at once, so the stale channel is closed after the grace even if no call comes.
+        with suppress(ChannelClosedError):
+            self.channel()
+
+    def _build(self, material: SvidMaterial, target: str) -> grpc.Channel:
+        channel = grpc.secure_channel(
+            target, _client_credentials(material), options=_channel_options(self._server_name)
+        )
+        return grpc.intercept_channel(channel, _TracePropagation())
+
+    def _retire(self, stale: grpc.Channel) -> None:
         timer = threading.Timer(CHANNEL_GRACE_SECONDS, stale.close)
         timer.daemon = True
         timer.start()
 
-    def channel(self) -> grpc.Channel:
-        with self._lock:
-            return self._channel
-
     def close(self) -> None:
-        self._stop.set()
-        with self._lock:
-            self._closed = True
-            self._channel.close()
+        channel = self._close()
+        if channel is not None:
+            channel.close()
+
+
+class AioMtlsChannel(_FollowingChannel[grpc.aio.Channel]):
+    """A grpc.aio channel that follows rotation and discovery; ``channel()`` is called on the
+    event loop that makes the calls, and ``aclose()`` there too."""
+
+    def __init__(
+        self,
+        source: SvidSource,
+        resolve: Callable[[], str],
+        server_name: str,
+        *,
+        recheck_seconds: float = DISCOVERY_RECHECK_SECONDS,
+    ) -> None:
+        super().__init__(source, resolve, server_name, recheck_seconds=recheck_seconds)
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def _build(self, material: SvidMaterial, target: str) -> grpc.aio.Channel:
+        return grpc.aio.secure_channel(
+            target,
+            _client_credentials(material),
+            options=_channel_options(self._server_name),
+            interceptors=[_AioTracePropagation()],
+        )
+
+    def _retire(self, stale: grpc.aio.Channel) -> None:
+        # close(grace) lets calls in flight finish, then cancels what is left.
+        task = asyncio.get_running_loop().create_task(stale.close(CHANNEL_GRACE_SECONDS))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def aclose(self) -> None:
+        channel = self._close()
+        if channel is not None:
+            await channel.close()
+        for task in list(self._closing):
+            task.cancel()

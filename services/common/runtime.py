@@ -22,7 +22,12 @@ from services.common.consul import (
     ConsulRegistry,
     ConsulSettings,
 )
-from services.common.grpc_mtls import AuthorizationInterceptor, MtlsChannel, server_credentials
+from services.common.grpc_mtls import (
+    AioMtlsChannel,
+    AuthorizationInterceptor,
+    MtlsChannel,
+    server_credentials,
+)
 from services.common.identity.source import SvidSource
 from services.common.policy import Policy, PolicySource
 from services.common.registry import FileRegistry, ServiceAddress, ServiceRegistry
@@ -86,6 +91,10 @@ class ServiceRuntime:
         """An mTLS channel to a gRPC service, checked against its DNS SAN (its service name),
         that follows the service when the registry moves it."""
         return MtlsChannel(self.source, lambda: self.registry.lookup(service).target, service)
+
+    def aio_channel_to(self, service: str) -> AioMtlsChannel:
+        """``channel_to`` for grpc.aio callers (built on their event loop)."""
+        return AioMtlsChannel(self.source, lambda: self.registry.lookup(service).target, service)
 
     def close(self) -> None:
         if self.consul_registration is not None:

@@ -2,15 +2,13 @@
 
 import sys
 
-import uvicorn
-
 from services.common.entrypoint import run_service
 from services.common.runtime import ServiceRuntime
-from services.gateway.server import create_server
+from services.gateway.server import Gateway, create_server
 from services.gateway.settings import GatewaySettings
 
 
-def serve_https(server: uvicorn.Server, runtime: ServiceRuntime) -> None:
+def serve_https(server: Gateway, runtime: ServiceRuntime) -> None:
     try:
         server.run()
     finally:

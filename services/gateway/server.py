@@ -3,8 +3,12 @@ every request, and an mTLS channel to the transfer-engine that follows certifica
 
 from __future__ import annotations
 
+import asyncio
+from dataclasses import dataclass
+
 import uvicorn
 
+from services.common.grpc_mtls import AioMtlsChannel
 from services.common.https_mtls import HttpsGuard, InFlight, mtls_server_config
 from services.common.runtime import ServiceRuntime, create_runtime
 from services.common.tls import ReloadingContext, SvidFiles
@@ -15,9 +19,25 @@ from services.gateway.app import create_app
 from services.gateway.settings import GatewaySettings
 
 
-def create_server(settings: GatewaySettings) -> tuple[uvicorn.Server, ServiceRuntime]:
+@dataclass
+class Gateway:
+    """The HTTPS server and the engine channel it calls through, on one event loop."""
+
+    http: uvicorn.Server
+    engine: AioMtlsChannel
+
+    def run(self) -> None:
+        """Serve until SIGTERM/SIGINT (uvicorn's handlers), then close the engine channel."""
+        with asyncio.Runner(loop_factory=self.http.config.get_loop_factory()) as runner:
+            try:
+                runner.run(self.http.serve())
+            finally:
+                runner.run(self.engine.aclose())
+
+
+def create_server(settings: GatewaySettings) -> tuple[Gateway, ServiceRuntime]:
     runtime = create_runtime(GATEWAY.name, settings)
-    engine = runtime.channel_to(TRANSFER_ENGINE.name)
+    engine = runtime.aio_channel_to(TRANSFER_ENGINE.name)
     app = create_app(
         settings,
         GrpcTransferEngine(engine.channel, timeout=settings.engine_timeout),
@@ -40,4 +60,4 @@ def create_server(settings: GatewaySettings) -> tuple[uvicorn.Server, ServiceRun
         host=runtime.address.host,
         port=runtime.address.port,
     )
-    return uvicorn.Server(config), runtime
+    return Gateway(uvicorn.Server(config), engine), runtime

@@ -9,6 +9,7 @@ test_revocation_enforcement.py revokes).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.client
 import socket
@@ -30,7 +31,8 @@ from services.cli.errors import CliError
 from services.cli.teller import TellerClient
 from services.common import grpc_mtls
 from services.common.audit import AuditLog
-from services.common.grpc_mtls import MtlsChannel
+from services.common.errors import ChannelClosedError
+from services.common.grpc_mtls import AioMtlsChannel, MtlsChannel
 from services.common.https_mtls import DEFAULT_MAX_IN_FLIGHT, OVERLOADED_REASON
 from services.common.identity.pem import fingerprint_sha256, serial_hex
 from services.common.identity.source import SvidMaterial
@@ -333,6 +335,44 @@ def test_grpc_mtls_channel_closes_the_stale_channel_after_the_grace(
         assert time.monotonic() < deadline, "the stale channel was never closed"
         time.sleep(0.05)
     assert call_echo(channel.channel())
+
+
+def test_aio_mtls_channel_calls_follows_rotation_and_closes(
+    authority: Authority,
+    grpc_server: GrpcServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The gateway's grpc.aio channel: calls carry the caller's SVID, a rotation gives the next
+    call a new channel with the new SVID, the stale one is closed after the grace, and
+    ``aclose`` refuses further calls."""
+    monkeypatch.setattr(grpc_mtls, "CHANNEL_GRACE_SECONDS", 0.1)
+    first, second = authority.svid(ENGINE_ID), authority.svid(ENGINE_ID)
+    source = FakeSource(first)
+    channel = AioMtlsChannel(source, lambda: grpc_server.target, "risk")
+
+    async def echo(target: grpc.aio.Channel) -> bytes:
+        method = target.unary_unary(ECHO)
+        reply: bytes = await method(b"ping", timeout=TIMEOUT)
+        return reply
+
+    async def scenario() -> None:
+        stale = channel.channel()
+        assert channel.channel() is stale  # no change, no new channel
+        assert await echo(stale) == f"ping from {ENGINE_ID}".encode()
+        source.publish(second)
+        fresh = channel.channel()
+        assert fresh is not stale
+        assert await echo(fresh) == f"ping from {ENGINE_ID}".encode()
+        await asyncio.sleep(0.5)
+        with pytest.raises(grpc.aio.UsageError):  # "Channel is closed."
+            await echo(stale)
+        await channel.aclose()
+        with pytest.raises(ChannelClosedError):
+            channel.channel()
+
+    asyncio.run(scenario())
+    serials = [record["cert_serial"] for record in audit_records(grpc_server.audit)]
+    assert serials == [first.serial, second.serial]
 
 
 def test_grpc_mtls_channel_follows_its_service_to_a_new_address(

@@ -10,8 +10,8 @@ class EngineCustomerDirectory:
     def __init__(self, engine: TransferEngine) -> None:
         self._engine = engine
 
-    def is_customer(self, customer: str) -> bool:
+    async def is_customer(self, customer: str) -> bool:
         try:
-            return bool(self._engine.list_accounts(customer))
+            return bool(await self._engine.list_accounts(customer))
         except NotFoundError:
             return False

@@ -1,4 +1,4 @@
-"""The transfer-engine over grpcio: domain calls -> ``ledger.proto`` messages, and gRPC statuses
+"""The transfer-engine over grpc.aio: domain calls -> ``ledger.proto`` messages, and gRPC statuses
 -> gateway errors.  Everything the engine answers is checked before the domain sees it."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from google.protobuf.message import Message
 
 from services._proto import ledger_pb2
 from services._proto.ledger_pb2_grpc import TransferEngineStub
+from services.common.errors import ChannelClosedError
 from services.common.money import UnsupportedCurrencyError, currency_exponent
 from services.gateway.domain.ledger import (
     Account,
@@ -46,8 +47,13 @@ _REQUEST_ERRORS: dict[grpc.StatusCode, type[GatewayError]] = {
 
 
 def _translate(method: str, error: grpc.RpcError) -> GatewayError:
-    # Every error grpcio raises for a unary call is also a grpc.Call; a bare RpcError has no code.
-    code, details = (error.code(), error.details()) if isinstance(error, grpc.Call) else (None, "")
+    # grpc.aio raises AioRpcError (blocking grpcio an RpcError that is also a Call); a bare
+    # RpcError has no code.
+    code, details = (
+        (error.code(), error.details())
+        if isinstance(error, grpc.aio.AioRpcError | grpc.Call)
+        else (None, "")
+    )
     if code in _UNAVAILABLE:
         return EngineUnavailableError(f"the transfer-engine is unavailable ({code})")
     request_error = _REQUEST_ERRORS.get(code) if code is not None else None
@@ -120,30 +126,41 @@ def _transfer(message: ledger_pb2.Transfer) -> Transfer:
 
 
 class GrpcTransferEngine:
-    """``TransferEngine`` over a grpcio channel that ``channel()`` hands out afresh per call."""
+    """``TransferEngine`` over a grpc.aio channel that ``channel()`` hands out afresh per call
+    (it is replaced when our SVID rotates or the engine moves)."""
 
-    def __init__(self, channel: Callable[[], grpc.Channel], *, timeout: timedelta) -> None:
+    def __init__(self, channel: Callable[[], grpc.aio.Channel], *, timeout: timedelta) -> None:
         self._channel = channel
         self._timeout = timeout.total_seconds()
+        self._stub: tuple[grpc.aio.Channel, Any] | None = None
 
-    def _call(self, method: str, request: Message) -> Any:
-        # A new stub per call (stubs are cheap): the channel is replaced when our SVID rotates.
-        # The generated stub has no annotations, hence the ignore.
-        stub = TransferEngineStub(self._channel())  # type: ignore[no-untyped-call]
+    def _stub_for(self, channel: grpc.aio.Channel) -> Any:
+        # One stub per channel: building one binds every method of the service.
+        if self._stub is None or self._stub[0] is not channel:
+            # The generated stub has no annotations, hence the ignore.
+            self._stub = (channel, TransferEngineStub(channel))  # type: ignore[no-untyped-call]
+        return self._stub[1]
+
+    async def _call(self, method: str, request: Message) -> Any:
         try:
-            return getattr(stub, method)(request, timeout=self._timeout)
+            stub = self._stub_for(self._channel())
+        except ChannelClosedError as error:
+            raise EngineUnavailableError(str(error)) from None
+        try:
+            return await getattr(stub, method)(request, timeout=self._timeout)
         except grpc.RpcError as error:
             raise _translate(method, error) from None
 
-    def list_accounts(self, customer: str) -> list[Account]:
-        response = self._call("ListAccounts", ledger_pb2.ListAccountsRequest(customer=customer))
+    async def list_accounts(self, customer: str) -> list[Account]:
+        request = ledger_pb2.ListAccountsRequest(customer=customer)
+        response = await self._call("ListAccounts", request)
         return [_account(account) for account in response.accounts]
 
-    def get_account(self, customer: str, account_id: str) -> Account:
+    async def get_account(self, customer: str, account_id: str) -> Account:
         request = ledger_pb2.GetAccountRequest(customer=customer, account_id=account_id)
-        return _account(self._call("GetAccount", request))
+        return _account(await self._call("GetAccount", request))
 
-    def list_transactions(
+    async def list_transactions(
         self, customer: str, account_id: str, from_date: date | None
     ) -> list[Transaction]:
         request = ledger_pb2.ListTransactionsRequest(
@@ -151,10 +168,10 @@ class GrpcTransferEngine:
             account_id=account_id,
             from_date=from_date.isoformat() if from_date else "",
         )
-        response = self._call("ListTransactions", request)
+        response = await self._call("ListTransactions", request)
         return [_transaction(transaction) for transaction in response.transactions]
 
-    def create_transfer(
+    async def create_transfer(
         self, customer: str, idempotency_key: str, order: TransferOrder
     ) -> Transfer:
         request = ledger_pb2.CreateTransferRequest(
@@ -165,8 +182,8 @@ class GrpcTransferEngine:
             amount_minor=order.amount_minor,
             currency=order.currency,
         )
-        return _transfer(self._call("CreateTransfer", request))
+        return _transfer(await self._call("CreateTransfer", request))
 
-    def get_transfer(self, customer: str, transfer_id: str) -> Transfer:
+    async def get_transfer(self, customer: str, transfer_id: str) -> Transfer:
         request = ledger_pb2.GetTransferRequest(customer=customer, transfer_id=transfer_id)
-        return _transfer(self._call("GetTransfer", request))
+        return _transfer(await self._call("GetTransfer", request))

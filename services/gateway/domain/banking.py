@@ -57,45 +57,45 @@ class Banking:
     def __init__(self, engine: TransferEngine) -> None:
         self._engine = engine
 
-    def accounts(self, customer: str) -> list[Account]:
-        accounts = self._engine.list_accounts(customer)
+    async def accounts(self, customer: str) -> list[Account]:
+        accounts = await self._engine.list_accounts(customer)
         if any(account.customer != customer for account in accounts):
             raise EngineError("the transfer-engine listed an account of another customer")
         return accounts
 
-    def _own_account(self, customer: str, account_id: str) -> Account:
-        for account in self.accounts(customer):
+    async def _own_account(self, customer: str, account_id: str) -> Account:
+        for account in await self.accounts(customer):
             if account.id == account_id:
                 return account
         # 403 whether or not the account exists: a customer learns nothing about others' IDs.
         raise PermissionDeniedError(f"account {account_id!r} is not one of your accounts")
 
-    def account(self, customer: str, account_id: str) -> Account:
+    async def account(self, customer: str, account_id: str) -> Account:
         # One engine call: the engine checks ownership itself; its two refusals read alike here.
         with _not_yours(account_id):
-            account = self._engine.get_account(customer, account_id)
+            account = await self._engine.get_account(customer, account_id)
         if account.customer != customer or account.id != account_id:
             raise EngineError("the transfer-engine answered with another account")
         return account
 
-    def transactions(
+    async def transactions(
         self, customer: str, account_id: str, from_date: date | None
     ) -> list[Transaction]:
         with _not_yours(account_id):
-            transactions = self._engine.list_transactions(customer, account_id, from_date)
+            transactions = await self._engine.list_transactions(customer, account_id, from_date)
         if any(transaction.account_id != account_id for transaction in transactions):
             raise EngineError("the transfer-engine listed transactions of another account")
         return transactions
 
-    def transfer(self, customer: str, transfer_id: str) -> Transfer:
-        transfer = self._engine.get_transfer(customer, transfer_id)
+    async def transfer(self, customer: str, transfer_id: str) -> Transfer:
+        transfer = await self._engine.get_transfer(customer, transfer_id)
         if transfer.id != transfer_id:
             raise EngineError("the transfer-engine answered with another transfer")
         if transfer.customer != customer:
             raise PermissionDeniedError(f"transfer {transfer_id!r} is not one of your transfers")
         return transfer
 
-    def create_transfer(
+    async def create_transfer(
         self,
         customer: str,
         idempotency_key: str | None,
@@ -113,13 +113,13 @@ class Banking:
             raise InvalidRequestError(str(error)) from None
         if from_account == to_account:
             raise InvalidRequestError("from_account and to_account must differ")
-        source = self._own_account(customer, from_account)
+        source = await self._own_account(customer, from_account)
         if source.currency != currency:
             raise InvalidRequestError(
                 f"account {from_account!r} holds {source.currency}, not {currency}"
             )
         order = TransferOrder(from_account, to_account, amount_minor, currency)
-        transfer = self._engine.create_transfer(customer, key, order)
+        transfer = await self._engine.create_transfer(customer, key, order)
         if not transfer.carries_out(customer, order):
             # Engines compare the body of a replayed key too; this is the second line.
             if transfer.replayed:

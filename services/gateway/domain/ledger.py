@@ -89,20 +89,20 @@ class TransferEngine(Protocol):
 
     Implementations raise ``GatewayError`` subclasses: ``NotFoundError``,
     ``PermissionDeniedError``, ``InvalidRequestError``, ``ConflictError``,
-    ``EngineUnavailableError`` or ``EngineError``.  Calls block; the HTTP layer runs them in
-    worker threads.
+    ``EngineUnavailableError`` or ``EngineError``.  Calls are coroutines of the event loop that
+    serves the HTTP requests.
     """
 
-    def list_accounts(self, customer: str) -> list[Account]: ...
+    async def list_accounts(self, customer: str) -> list[Account]: ...
 
-    def get_account(self, customer: str, account_id: str) -> Account: ...
+    async def get_account(self, customer: str, account_id: str) -> Account: ...
 
-    def list_transactions(
+    async def list_transactions(
         self, customer: str, account_id: str, from_date: date | None
     ) -> list[Transaction]: ...
 
-    def create_transfer(
+    async def create_transfer(
         self, customer: str, idempotency_key: str, order: TransferOrder
     ) -> Transfer: ...
 
-    def get_transfer(self, customer: str, transfer_id: str) -> Transfer: ...
+    async def get_transfer(self, customer: str, transfer_id: str) -> Transfer: ...

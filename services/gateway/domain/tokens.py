@@ -47,7 +47,7 @@ def utc_now() -> datetime:
 
 
 class CustomerDirectory(Protocol):
-    def is_customer(self, customer: str) -> bool: ...
+    async def is_customer(self, customer: str) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -100,9 +100,9 @@ class CustomerTokens:
         self._lock = threading.Lock()
         self._verified: OrderedDict[str, tuple[str, int, int]] = OrderedDict()
 
-    def issue(self, customer: str) -> IssuedToken:
+    async def issue(self, customer: str) -> IssuedToken:
         """A token for ``customer``; raises UnknownCustomerError for anyone the bank lacks."""
-        if not _CUSTOMER.fullmatch(customer) or not self._directory.is_customer(customer):
+        if not _CUSTOMER.fullmatch(customer) or not await self._directory.is_customer(customer):
             raise UnknownCustomerError(f"no customer {customer!r}")
         issued_at = int(self._clock().timestamp())
         claims = {

@@ -1,9 +1,8 @@
 """The gateway's REST API.  Handlers only translate: HTTP in -> domain call -> JSON out.
 
-Handlers that reach the transfer-engine are plain ``def``: its client blocks, so FastAPI runs
-them in worker threads (which inherit the request's context, and with it ``current_peer()``).
-No ``from __future__ import annotations`` here: FastAPI must evaluate the annotations that name
-the dependencies local to ``create_router``.
+Handlers are coroutines: the transfer-engine client is grpc.aio on the server's event loop, so
+no request waits for a worker thread.  No ``from __future__ import annotations`` here: FastAPI
+must evaluate the annotations that name the dependencies local to ``create_router``.
 """
 
 import re
@@ -139,26 +138,29 @@ def create_router(*, banking: Banking, tokens: CustomerTokens, teller_id: Spiffe
             **_ENGINE,
         },
     )
-    def issue_token(body: TokenRequest, response: Response) -> TokenResponse:
-        issued = tokens.issue(body.customer)
+    async def issue_token(body: TokenRequest, response: Response) -> TokenResponse:
+        issued = await tokens.issue(body.customer)
         # RFC 6749 section 5.1: responses carrying tokens must not be cached.
         response.headers["Cache-Control"] = "no-store"
         return TokenResponse(access_token=issued.access_token, expires_in=issued.expires_in)
 
     @router.get("/v1/accounts", tags=["accounts"], responses=_CUSTOMER_READ)
-    def list_accounts(customer: Annotated[str, Depends(authenticated_customer)]) -> AccountList:
-        return AccountList(accounts=[AccountOut.of(a) for a in banking.accounts(customer)])
+    async def list_accounts(
+        customer: Annotated[str, Depends(authenticated_customer)],
+    ) -> AccountList:
+        accounts = await banking.accounts(customer)
+        return AccountList(accounts=[AccountOut.of(account) for account in accounts])
 
     @router.get("/v1/accounts/{account_id}", tags=["accounts"], responses=_CUSTOMER_READ)
-    def get_account(
+    async def get_account(
         customer: Annotated[str, Depends(authenticated_customer)], account_id: AccountId
     ) -> AccountOut:
-        return AccountOut.of(banking.account(customer, account_id))
+        return AccountOut.of(await banking.account(customer, account_id))
 
     @router.get(
         "/v1/accounts/{account_id}/transactions", tags=["accounts"], responses=_CUSTOMER_READ
     )
-    def list_transactions(
+    async def list_transactions(
         customer: Annotated[str, Depends(authenticated_customer)],
         account_id: AccountId,
         from_date: Annotated[
@@ -166,7 +168,7 @@ def create_router(*, banking: Banking, tokens: CustomerTokens, teller_id: Spiffe
             Query(alias="from", description="only transactions on or after this UTC day"),
         ] = None,
     ) -> TransactionList:
-        transactions = banking.transactions(customer, account_id, from_date)
+        transactions = await banking.transactions(customer, account_id, from_date)
         return TransactionList(transactions=[TransactionOut.of(t) for t in transactions])
 
     @router.post(
@@ -212,7 +214,7 @@ def create_router(*, banking: Banking, tokens: CustomerTokens, teller_id: Spiffe
             ]
         },
     )
-    def create_transfer(
+    async def create_transfer(
         customer: Annotated[str, Depends(authenticated_customer)],
         body: TransferRequest,
         request: Request,
@@ -220,7 +222,7 @@ def create_router(*, banking: Banking, tokens: CustomerTokens, teller_id: Spiffe
         # Read by hand: a declared header parameter would answer a missing key with 422, and
         # the API promises 400.  It is documented through openapi_extra above.
         idempotency_key = request.headers.get(IDEMPOTENCY_HEADER)
-        transfer = banking.create_transfer(
+        transfer = await banking.create_transfer(
             customer,
             idempotency_key,
             from_account=body.from_account,
@@ -232,9 +234,9 @@ def create_router(*, banking: Banking, tokens: CustomerTokens, teller_id: Spiffe
         return _transfer_response(transfer, location)
 
     @router.get("/v1/transfers/{transfer_id}", tags=["transfers"], responses=_CUSTOMER_READ)
-    def get_transfer(
+    async def get_transfer(
         customer: Annotated[str, Depends(authenticated_customer)], transfer_id: TransferId
     ) -> TransferOut:
-        return TransferOut.of(banking.transfer(customer, transfer_id))
+        return TransferOut.of(await banking.transfer(customer, transfer_id))
 
     return router

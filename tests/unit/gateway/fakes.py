@@ -81,15 +81,15 @@ class FakeTransferEngine:
             raise PermissionDeniedError(f"account {account_id} belongs to someone else")
         return account
 
-    def list_accounts(self, customer: str) -> list[Account]:
+    async def list_accounts(self, customer: str) -> list[Account]:
         self._enter("list_accounts")
         return [a for a in self.accounts.values() if a.customer == customer]
 
-    def get_account(self, customer: str, account_id: str) -> Account:
+    async def get_account(self, customer: str, account_id: str) -> Account:
         self._enter("get_account")
         return self._owned(customer, account_id)
 
-    def list_transactions(
+    async def list_transactions(
         self, customer: str, account_id: str, from_date: date | None
     ) -> list[Transaction]:
         self._enter("list_transactions")
@@ -101,7 +101,7 @@ class FakeTransferEngine:
             and (from_date is None or datetime.fromisoformat(t.created_at).date() >= from_date)
         ]
 
-    def create_transfer(
+    async def create_transfer(
         self, customer: str, idempotency_key: str, order: TransferOrder
     ) -> Transfer:
         self._enter("create_transfer")
@@ -173,7 +173,7 @@ class FakeTransferEngine:
                 )
             )
 
-    def get_transfer(self, customer: str, transfer_id: str) -> Transfer:
+    async def get_transfer(self, customer: str, transfer_id: str) -> Transfer:
         self._enter("get_transfer")
         transfer = self.transfers.get(transfer_id)
         if transfer is None:

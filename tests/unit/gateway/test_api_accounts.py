@@ -2,6 +2,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from services.common.problem import PROBLEM_MEDIA_TYPE
+from services.gateway.domain.ledger import Account
 from services.gateway.errors import EngineUnavailableError
 from tests.unit.gateway.conftest import bearer
 from tests.unit.gateway.fakes import (
@@ -170,7 +171,10 @@ def test_an_engine_that_leaks_another_customers_account_is_502(
     engine: FakeTransferEngine,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(engine, "list_accounts", lambda customer: list(engine.accounts.values()))
+    async def leaky(customer: str) -> list[Account]:
+        return list(engine.accounts.values())
+
+    monkeypatch.setattr(engine, "list_accounts", leaky)
 
     response = client.get("/v1/accounts", headers=alice)
 

@@ -87,7 +87,7 @@ def test_unexpected_errors_are_500_problems_without_details(
     engine: FakeTransferEngine,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    def broken(customer: str) -> Any:
+    async def broken(customer: str) -> Any:
         raise RuntimeError("secret internal state")
 
     monkeypatch.setattr(engine, "list_accounts", broken)

@@ -5,6 +5,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from services.common.problem import PROBLEM_MEDIA_TYPE
+from services.gateway.domain.ledger import Transfer
 from services.gateway.errors import (
     ConflictError,
     EngineError,
@@ -153,7 +154,11 @@ def test_an_engine_answer_for_another_order_is_refused(
     status: int,
 ) -> None:
     stored = engine.transfers[send(client, alice, order("12.34")).json()["id"]]
-    monkeypatch.setattr(engine, "create_transfer", lambda *_: replace(stored, replayed=replayed))
+
+    async def answer_stored(*_: object) -> Transfer:
+        return replace(stored, replayed=replayed)
+
+    monkeypatch.setattr(engine, "create_transfer", answer_stored)
 
     response = send(client, alice, order("99.99"))
 

@@ -1,5 +1,7 @@
-"""The grpcio adapter against a fake channel: real stubs and real (de)serialization, no sockets."""
+"""The grpc.aio adapter against a fake channel: real stubs and real (de)serialization, real
+``AioRpcError``s, no sockets."""
 
+import asyncio
 from collections.abc import Callable
 from datetime import date, timedelta
 from typing import Any, cast
@@ -31,39 +33,6 @@ from services.gateway.errors import (
 Handler = Callable[[Any], Message]
 
 
-class FakeRpcError(grpc.RpcError, grpc.Call):
-    """What grpcio raises for a failed unary call: an RpcError that is also a Call."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(details)
-        self._code = code
-        self._details = details
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
-
-    def initial_metadata(self) -> Any:
-        return ()
-
-    def trailing_metadata(self) -> Any:
-        return ()
-
-    def is_active(self) -> bool:
-        return False
-
-    def time_remaining(self) -> float:
-        return 0.0
-
-    def cancel(self) -> bool:
-        return False
-
-    def add_callback(self, callback: Any) -> bool:
-        return False
-
-
 class FakeChannel:
     def __init__(self) -> None:
         self.handlers: dict[str, Handler] = {}
@@ -79,9 +48,14 @@ class FakeChannel:
         name = method.rsplit("/", 1)[1]
 
         def call(request: Any, timeout: float | None = None, **__: Any) -> Any:
+            # As grpc.aio: the request is serialized at once, the answer (or error) awaited.
             request_serializer(request)  # fails on a wrongly typed request, as grpcio would
             self.requests.append((name, request, timeout))
-            return response_deserializer(self.handlers[name](request).SerializeToString())
+
+            async def answer() -> Any:
+                return response_deserializer(self.handlers[name](request).SerializeToString())
+
+            return answer()
 
         return call
 
@@ -93,12 +67,12 @@ def channel() -> FakeChannel:
 
 @pytest.fixture
 def engine(channel: FakeChannel) -> GrpcTransferEngine:
-    return GrpcTransferEngine(lambda: cast(grpc.Channel, channel), timeout=timedelta(seconds=3))
+    return GrpcTransferEngine(lambda: cast(grpc.aio.Channel, channel), timeout=timedelta(seconds=3))
 
 
 def fail(code: grpc.StatusCode, details: str = "") -> Handler:
     def handler(request: Any) -> Message:
-        raise FakeRpcError(code, details)
+        raise grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
 
     return handler
 
@@ -134,22 +108,24 @@ def test_list_accounts(channel: FakeChannel, engine: GrpcTransferEngine) -> None
         ]
     )
 
-    assert engine.list_accounts("alice") == [Account("acc-a", "alice", "Current", "CNY", -5)]
+    assert asyncio.run(engine.list_accounts("alice")) == [
+        Account("acc-a", "alice", "Current", "CNY", -5)
+    ]
     assert channel.requests[0][1] == ledger_pb2.ListAccountsRequest(customer="alice")
 
 
 def test_every_call_has_the_deadline_and_a_fresh_channel(channel: FakeChannel) -> None:
     handed_out: list[FakeChannel] = []
 
-    def current() -> grpc.Channel:
+    def current() -> grpc.aio.Channel:
         handed_out.append(channel)
-        return cast(grpc.Channel, channel)
+        return cast(grpc.aio.Channel, channel)
 
     engine = GrpcTransferEngine(current, timeout=timedelta(milliseconds=2500))
     channel.handlers["ListAccounts"] = lambda _: ledger_pb2.ListAccountsResponse()
 
-    engine.list_accounts("alice")
-    engine.list_accounts("bob")
+    asyncio.run(engine.list_accounts("alice"))
+    asyncio.run(engine.list_accounts("bob"))
 
     assert len(handed_out) == 2
     assert [timeout for _, _, timeout in channel.requests] == [2.5, 2.5]
@@ -160,7 +136,7 @@ def test_get_account(channel: FakeChannel, engine: GrpcTransferEngine) -> None:
         id=request.account_id, customer=request.customer, currency="CNY", balance_minor=1
     )
 
-    assert engine.get_account("bob", "acc-b") == Account("acc-b", "bob", "", "CNY", 1)
+    assert asyncio.run(engine.get_account("bob", "acc-b")) == Account("acc-b", "bob", "", "CNY", 1)
 
 
 @pytest.mark.parametrize(("day", "sent"), [(date(2026, 1, 2), "2026-01-02"), (None, "")])
@@ -181,7 +157,7 @@ def test_list_transactions(
         ]
     )
 
-    transactions = engine.list_transactions("alice", "acc-a", day)
+    transactions = asyncio.run(engine.list_transactions("alice", "acc-a", day))
 
     assert transactions == [Transaction("tr-1", "acc-a", -1234, "CNY", "acc-b", 100, "t")]
     assert channel.requests[0][1].from_date == sent
@@ -190,7 +166,9 @@ def test_list_transactions(
 def test_create_transfer(channel: FakeChannel, engine: GrpcTransferEngine) -> None:
     channel.handlers["CreateTransfer"] = lambda request: transfer_message()
 
-    transfer = engine.create_transfer("alice", "k", TransferOrder("acc-a", "acc-b", 1234, "CNY"))
+    transfer = asyncio.run(
+        engine.create_transfer("alice", "k", TransferOrder("acc-a", "acc-b", 1234, "CNY"))
+    )
 
     assert channel.requests[0][1] == ledger_pb2.CreateTransferRequest(
         customer="alice",
@@ -209,7 +187,7 @@ def test_create_transfer(channel: FakeChannel, engine: GrpcTransferEngine) -> No
 def test_transfer_without_risk(channel: FakeChannel, engine: GrpcTransferEngine) -> None:
     channel.handlers["GetTransfer"] = lambda _: transfer_message(status="rejected", risk=None)
 
-    transfer = engine.get_transfer("alice", "tr-1")
+    transfer = asyncio.run(engine.get_transfer("alice", "tr-1"))
 
     assert transfer.status is TransferStatus.REJECTED
     assert transfer.risk is None
@@ -230,7 +208,7 @@ def test_answers_the_gateway_cannot_trust_are_engine_errors(
     channel.handlers["GetTransfer"] = lambda _: message
 
     with pytest.raises(EngineError):
-        engine.get_transfer("alice", "tr-1")
+        asyncio.run(engine.get_transfer("alice", "tr-1"))
 
 
 @pytest.mark.parametrize(
@@ -258,7 +236,7 @@ def test_statuses_map_to_gateway_errors(
     channel.handlers["GetTransfer"] = fail(code, "db at /var/lib/ledger.db is locked")
 
     with pytest.raises(error) as caught:
-        engine.get_transfer("alice", "tr-1")
+        asyncio.run(engine.get_transfer("alice", "tr-1"))
 
     assert type(caught.value) is error
     # The engine's words reach the customer only for problems with their own request.
@@ -280,4 +258,4 @@ def test_a_bare_rpc_error_is_an_engine_error(
     channel.handlers["ListAccounts"] = bare
 
     with pytest.raises(EngineError):
-        engine.list_accounts("alice")
+        asyncio.run(engine.list_accounts("alice"))
