@@ -351,7 +351,7 @@ def test_aio_mtls_channel_calls_follows_rotation_and_closes(
     channel = AioMtlsChannel(source, lambda: grpc_server.target, "risk")
 
     async def echo(target: grpc.aio.Channel) -> bytes:
-        method = target.unary_unary(ECHO)
+        method: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = target.unary_unary(ECHO)
         reply: bytes = await method(b"ping", timeout=TIMEOUT)
         return reply
 
