@@ -1,5 +1,6 @@
-"""A customer's view of the ledger: only their own accounts, checked here before the engine is
-asked (the engine checks again), and every answer checked against the question."""
+"""A customer's view of the ledger: only their own accounts (the engine checks ownership on every
+call; its refusals are worded here so that they reveal nothing), and every answer checked
+against the question."""
 
 from __future__ import annotations
 
@@ -63,13 +64,6 @@ class Banking:
             raise EngineError("the transfer-engine listed an account of another customer")
         return accounts
 
-    async def _own_account(self, customer: str, account_id: str) -> Account:
-        for account in await self.accounts(customer):
-            if account.id == account_id:
-                return account
-        # 403 whether or not the account exists: a customer learns nothing about others' IDs.
-        raise PermissionDeniedError(f"account {account_id!r} is not one of your accounts")
-
     async def account(self, customer: str, account_id: str) -> Account:
         # One engine call: the engine checks ownership itself; its two refusals read alike here.
         with _not_yours(account_id):
@@ -113,13 +107,15 @@ class Banking:
             raise InvalidRequestError(str(error)) from None
         if from_account == to_account:
             raise InvalidRequestError("from_account and to_account must differ")
-        source = await self._own_account(customer, from_account)
-        if source.currency != currency:
-            raise InvalidRequestError(
-                f"account {from_account!r} holds {source.currency}, not {currency}"
-            )
         order = TransferOrder(from_account, to_account, amount_minor, currency)
-        transfer = await self._engine.create_transfer(customer, key, order)
+        # One engine call: the engine refuses a source that is not the customer's (missing or
+        # someone else's alike), an unknown destination, and a currency either account lacks.
+        try:
+            transfer = await self._engine.create_transfer(customer, key, order)
+        except PermissionDeniedError:
+            raise PermissionDeniedError(
+                f"account {from_account!r} is not one of your accounts"
+            ) from None
         if not transfer.carries_out(customer, order):
             # Engines compare the body of a replayed key too; this is the second line.
             if transfer.replayed:

@@ -266,7 +266,12 @@ class Ledger:
         return transfer
 
     def _check_accounts(self, request: TransferRequest) -> None:
-        source = self.account(request.customer, request.from_account)
+        source = self._repository.account(request.from_account)
+        # A missing source reads like someone else's: a transfer probes no account IDs.
+        if source is None or source.customer != request.customer:
+            raise NotOwnerError(
+                f"account {request.from_account} does not belong to customer {request.customer}"
+            )
         destination = self._repository.account(request.to_account)
         if destination is None:
             raise NotFoundError(f"account {request.to_account} not found")

@@ -17,6 +17,7 @@ from services.gateway.domain.ledger import (
 from services.gateway.errors import (
     ConflictError,
     GatewayError,
+    InvalidRequestError,
     NotFoundError,
     PermissionDeniedError,
 )
@@ -111,9 +112,15 @@ class FakeTransferEngine:
             if not transfer.carries_out(customer, order):
                 raise ConflictError("idempotency key reused with a different request")
             return replace(transfer, replayed=True)
-        source = self._owned(customer, order.from_account)
-        if order.to_account not in self.accounts:
+        source = self.accounts.get(order.from_account)
+        if source is None or source.customer != customer:
+            raise PermissionDeniedError(f"account {order.from_account} is not {customer}'s")
+        destination = self.accounts.get(order.to_account)
+        if destination is None:
             raise NotFoundError(f"no account {order.to_account}")
+        for account in (source, destination):
+            if account.currency != order.currency:
+                raise InvalidRequestError(f"account {account.id} holds {account.currency}")
         status, risk, rejection_reason = self._decide(source, order)
         transfer = Transfer(
             id=f"tr-{len(self.transfers) + 1:04d}",

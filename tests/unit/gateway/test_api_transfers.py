@@ -191,14 +191,18 @@ def test_idempotency_key_of_128_characters_is_fine(
     assert send(client, alice, order(), key="k" * 128).status_code == 201
 
 
-def test_from_someone_elses_account_is_403_before_the_engine_is_asked(
-    client: TestClient, bob: dict[str, str], engine: FakeTransferEngine
+@pytest.mark.parametrize("source", [ALICE_CURRENT, "acc-nobody-1"])
+def test_from_someone_elses_or_a_missing_account_is_the_same_403(
+    client: TestClient, bob: dict[str, str], engine: FakeTransferEngine, source: str
 ) -> None:
-    response = send(client, bob, order())
+    before = dict(engine.accounts)
+
+    response = send(client, bob, order(from_account=source))
 
     assert response.status_code == 403
     assert response.headers["content-type"] == PROBLEM_MEDIA_TYPE
-    assert "create_transfer" not in engine.calls
+    assert response.json()["detail"] == f"account {source!r} is not one of your accounts"
+    assert engine.accounts == before
 
 
 def test_to_an_unknown_account_is_404(client: TestClient, alice: dict[str, str]) -> None:

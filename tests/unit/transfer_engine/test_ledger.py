@@ -244,7 +244,7 @@ def test_longest_key_and_largest_amount_are_accepted(ledger: Ledger) -> None:
 @pytest.mark.parametrize(
     ("change", "error", "message"),
     [
-        ({"from_account": "acc-nobody"}, NotFoundError, "account acc-nobody not found"),
+        ({"from_account": "acc-nobody"}, NotOwnerError, "acc-nobody does not belong to"),
         ({"to_account": "acc-nobody"}, NotFoundError, "account acc-nobody not found"),
         ({"from_account": BOB_CNY, "to_account": ALICE_CNY}, NotOwnerError, "does not belong"),
         ({"from_account": EQUITY}, NotOwnerError, "does not belong"),
