@@ -6,20 +6,17 @@ import sys
 from collections.abc import Callable
 from typing import TypeVar
 
-import grpc
-
 from services.common.errors import CommonError
 from services.common.logs import configure_json_logging
-from services.common.runtime import ServiceRuntime, ServiceSettings, serve_until_signalled
+from services.common.runtime import GrpcService, ServiceRuntime, ServiceSettings
 from services.common.settings import load_settings
 
 SettingsT = TypeVar("SettingsT", bound=ServiceSettings)
 ServerT = TypeVar("ServerT")
 
 
-def serve_grpc(server: grpc.Server, runtime: ServiceRuntime) -> None:
-    server.start()
-    serve_until_signalled(server, runtime)
+def serve_grpc(service: GrpcService, runtime: ServiceRuntime) -> None:
+    service.run()
 
 
 def run_service(

@@ -1,4 +1,4 @@
-"""gRPC over mutual TLS with SPIFFE identities (grpcio).
+"""gRPC over mutual TLS with SPIFFE identities (grpc.aio servers and clients).
 
 Servers rotate their certificate through ``dynamic_ssl_server_credentials`` (asked on every new
 handshake) and authorize every call in ``AuthorizationInterceptor``: the peer's certificate from
@@ -8,15 +8,15 @@ and the decision is audited before any servicer code runs.
 Revocation: ``PeerVerifier`` runs on every call, so the next call of a revoked peer is refused
 (UNAUTHENTICATED "certificate revoked") even on a connection opened before the revocation, and a
 peer whose CRL is not fresh is refused with UNAVAILABLE (fail closed).  Server streams are
-revocable too: each runs its servicer's iterator in a pump thread while the handler thread waits
-for either the next item or a revocation notice, and on a notice the handler thread itself audits
-and aborts the call (grpc's ``context.abort`` only works from the handler thread).  grpcio offers
-no way to close one client's HTTP/2 connection from Python: a revoked peer's TCP connection stays
-open until the client closes it, but no call on it gets past the interceptor.
+revocable too: the servicer's answer is produced in its own task while the call waits for it or
+for a revocation notice (sent from the watcher's thread onto the loop), and on a notice the call
+cancels the servicer, audits and aborts.  grpcio offers no way to close one client's HTTP/2
+connection from Python: a revoked peer's TCP connection stays open until the client closes it,
+but no call on it gets past the interceptor.
 
-grpcio client credentials are fixed per channel, so ``MtlsChannel`` (blocking grpcio) and
-``AioMtlsChannel`` (grpc.aio, built on the caller's event loop) make a new channel on each
-rotation and close the old one after a grace period, letting calls in flight finish.  grpcio
+grpcio client credentials are fixed per channel, so ``MtlsChannel`` (grpc.aio, built on the
+caller's event loop) makes a new channel on each rotation and closes the old one after a grace
+period, letting calls in flight finish.  grpcio
 matches the server certificate against a DNS name; ztbank gives each gRPC server's SVID a DNS SAN
 with its service name, which only that service's registration entry carries.
 """
@@ -24,14 +24,13 @@ with its service name, which only that service's registration entry carries.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import functools
+import inspect
 import logging
-import queue
 import threading
-from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
-from contextlib import contextmanager, suppress
-from typing import Any, Generic, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
 
 import grpc
 from cryptography import x509
@@ -61,7 +60,6 @@ DISCOVERY_RECHECK_SECONDS = 5.0
 REVOKED_DETAILS = "certificate revoked"
 UNAVAILABLE_DETAILS = "revocation status unavailable"
 REVOKED_STREAM_REASON = "certificate revoked: stream ended"
-ChannelT = TypeVar("ChannelT")
 
 
 def _server_config(material: SvidMaterial) -> Any:
@@ -109,72 +107,16 @@ def _pem_to_der(pem: bytes) -> bytes | None:
     return certificate.public_bytes(serialization.Encoding.DER)
 
 
-class _StreamRevokedError(Exception):
-    """Raised in the handler thread when the stream's peer has been revoked."""
-
-
-_ITEM, _DONE, _FAILED, _REVOKED = "item", "done", "failed", "revoked"
-
-
-class _RevocableStream:
-    """One open server stream whose servicer iterator runs in a pump thread.
-
-    The handler thread (grpc's) waits on a queue for the next item, the end of the iterator, its
-    exception, or a revocation notice, whichever comes first; so a stream idle inside its
-    servicer still ends promptly when its peer is revoked.  The pump hands over one item at a
-    time (it waits until grpc has taken the previous one), keeping grpc's flow control.
-    """
+class _OpenStream:
+    """One open server stream of a peer; ``revoke`` may be called from any thread."""
 
     def __init__(self, serial: str) -> None:
         self.serial = serial
-        self._events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        self._taken = threading.Semaphore(0)
-        self._stopped = threading.Event()
+        self._loop = asyncio.get_running_loop()
+        self.revoked = asyncio.Event()
 
     def revoke(self) -> None:
-        self._events.put((_REVOKED, None))
-
-    def run(self, produce: Callable[[], Iterable[Any]]) -> Generator[Any, None, None]:
-        """Items of ``produce()``; raise ``_StreamRevokedError`` once revoked.  The pump runs
-        in a copy of the caller's context (peer identity, trace span)."""
-        context = contextvars.copy_context()
-        pump = threading.Thread(
-            target=context.run, args=(self._pump, produce), name="grpc-stream-pump", daemon=True
-        )
-        pump.start()
-        try:
-            while True:
-                kind, value = self._events.get()
-                if kind == _ITEM:
-                    yield value
-                    self._taken.release()
-                elif kind == _DONE:
-                    return
-                elif kind == _FAILED:
-                    raise value
-                else:
-                    raise _StreamRevokedError
-        finally:
-            self._stopped.set()
-            self._taken.release()
-
-    def _pump(self, produce: Callable[[], Iterable[Any]]) -> None:
-        iterator: Iterator[Any] | None = None
-        try:
-            iterator = iter(produce())
-            for item in iterator:
-                self._events.put((_ITEM, item))
-                self._taken.acquire()
-                if self._stopped.is_set():
-                    return
-        except Exception as error:  # context.abort() in the servicer included: re-raised there
-            self._events.put((_FAILED, error))
-            return
-        finally:
-            close = getattr(iterator, "close", None)
-            if close is not None:
-                close()
-        self._events.put((_DONE, None))
+        self._loop.call_soon_threadsafe(self.revoked.set)
 
 
 class _LiveStreams:
@@ -183,15 +125,16 @@ class _LiveStreams:
     def __init__(self, revocation: RevocationChecker) -> None:
         self._revocation = revocation
         self._lock = threading.Lock()
-        self._streams: set[_RevocableStream] = set()
+        self._streams: set[_OpenStream] = set()
         revocation.subscribe(self.revoke)
 
     def __len__(self) -> int:
         with self._lock:
             return len(self._streams)
 
-    def open(self, serial: str) -> _RevocableStream:
-        stream = _RevocableStream(serial)
+    def open(self, serial: str) -> _OpenStream:
+        """Called on the server's event loop."""
+        stream = _OpenStream(serial)
         with self._lock:
             self._streams.add(stream)
         # A notice sent between the call's check and this registration is not lost.
@@ -199,7 +142,7 @@ class _LiveStreams:
             stream.revoke()
         return stream
 
-    def close(self, stream: _RevocableStream) -> None:
+    def close(self, stream: _OpenStream) -> None:
         with self._lock:
             self._streams.discard(stream)
 
@@ -210,7 +153,28 @@ class _LiveStreams:
             stream.revoke()
 
 
-class AuthorizationInterceptor(grpc.ServerInterceptor):
+async def _produce(result: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    """Runs a streaming servicer's answer: an async or plain iterator is written item by item
+    (one write at a time keeps grpc's flow control); a coroutine writes for itself."""
+    if hasattr(result, "__aiter__"):
+        try:
+            async for item in result:
+                await context.write(item)
+        finally:
+            # Cancelled during a write, the generator would wait for the GC to run its cleanup.
+            close = getattr(result, "aclose", None)
+            if close is not None:
+                await close()
+    elif inspect.isawaitable(result):
+        await result
+    elif result is not None:
+        for item in result:
+            await context.write(item)
+
+
+class AuthorizationInterceptor(grpc.aio.ServerInterceptor):
+    """grpc.aio: verify, decide, audit (awaited until on disk), then the servicer."""
+
     def __init__(
         self,
         *,
@@ -229,60 +193,67 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):
         self._local = split_address(local_address)
         self.streams = _LiveStreams(verifier.revocation)
 
-    def _record(
+    async def _record(
         self,
-        context: grpc.ServicerContext,
+        context: grpc.aio.ServicerContext[Any, Any],
         method: str,
         peer: PeerIdentity | None,
         decision: str,
         reason: str,
     ) -> None:
-        # grpcio's auth context does not expose the negotiated version or suite. The handler
-        # thread waits until the record is on disk (shared with others by group commit).
-        submit_decision(
-            self._audit,
-            self._telemetry,
-            service=self._service,
-            peer=peer,
-            method=method,
-            decision=decision,
-            reason=reason,
-            source=split_address(context.peer()),
-            dest=self._local,
-        ).result()
+        # grpcio's auth context does not expose the negotiated version or suite.  The call
+        # waits until the record is on disk (shared with others by group commit).
+        await asyncio.wrap_future(
+            submit_decision(
+                self._audit,
+                self._telemetry,
+                service=self._service,
+                peer=peer,
+                method=method,
+                decision=decision,
+                reason=reason,
+                source=split_address(context.peer()),
+                dest=self._local,
+            )
+        )
 
-    def _authorize(self, method: str, context: grpc.ServicerContext) -> PeerIdentity:
+    async def _authorize(
+        self, method: str, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> PeerIdentity:
         chain = _leaf_der(context.auth_context())
         if chain is None:
-            self._record(context, method, None, "deny", "no client certificate")
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "a client X509-SVID is required")
+            await self._record(context, method, None, "deny", "no client certificate")
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "a client X509-SVID is required")
         try:
             peer = self._verifier.verify(chain, context.peer())
         except RevocationError as error:
-            self._record(context, method, error.peer, "deny", str(error))
+            await self._record(context, method, error.peer, "deny", str(error))
             if isinstance(error, RevokedCertificateError):
-                context.abort(grpc.StatusCode.UNAUTHENTICATED, REVOKED_DETAILS)
-            context.abort(grpc.StatusCode.UNAVAILABLE, UNAVAILABLE_DETAILS)
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, REVOKED_DETAILS)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, UNAVAILABLE_DETAILS)
         except CommonError as error:
-            self._record(context, method, None, "deny", f"invalid X509-SVID: {error}")
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, f"invalid X509-SVID: {error}")
+            await self._record(context, method, None, "deny", f"invalid X509-SVID: {error}")
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"invalid X509-SVID: {error}")
         decision = self._policy.decide(self._service, method, peer.spiffe_id)
-        self._record(
+        await self._record(
             context, method, peer, "allow" if decision.allowed else "deny", decision.reason
         )
         if not decision.allowed:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, decision.reason)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, decision.reason)
         return peer
 
-    @contextmanager
-    def _call_scope(self, method: str, context: grpc.ServicerContext) -> Iterator[PeerIdentity]:
-        """Trace span from the caller's context, then authorization, then the identity."""
-        attached = otel_context.attach(extract_context(context.invocation_metadata()))
+    @asynccontextmanager
+    async def _call_scope(
+        self, method: str, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[PeerIdentity]:
+        """Trace span from the caller's context, then authorization, then the identity.  Each
+        call runs in its own task, so the context variables are the call's own."""
+        attached = otel_context.attach(extract_context(context.invocation_metadata() or ()))
         try:
             with self._telemetry.tracer.start_as_current_span(
                 method, kind=trace.SpanKind.SERVER, attributes={"rpc.system": "grpc"}
             ):
-                peer = self._authorize(method, context)
+                peer = await self._authorize(method, context)
                 token = set_current_peer(peer)
                 try:
                     yield peer
@@ -292,30 +263,43 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):
             otel_context.detach(attached)
 
     def _unary(self, method: str, behaviour: Callable[..., Any]) -> Callable[..., Any]:
-        def handle(request: Any, context: grpc.ServicerContext) -> Any:
-            with self._call_scope(method, context):
-                return behaviour(request, context)
+        async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            async with self._call_scope(method, context):
+                result = behaviour(request, context)
+                return await result if inspect.isawaitable(result) else result
 
         return handle
 
     def _streaming(self, method: str, behaviour: Callable[..., Any]) -> Callable[..., Any]:
-        def handle(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            with self._call_scope(method, context) as peer:
+        async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            async with self._call_scope(method, context) as peer:
                 stream = self.streams.open(peer.serial)
+                producing = asyncio.ensure_future(_produce(behaviour(request, context), context))
+                revoked = asyncio.ensure_future(stream.revoked.wait())
                 try:
-                    yield from stream.run(lambda: behaviour(request, context))
-                except _StreamRevokedError:
-                    self._record(context, method, peer, "deny", REVOKED_STREAM_REASON)
-                    context.abort(grpc.StatusCode.UNAUTHENTICATED, REVOKED_DETAILS)
+                    # A stream idle inside its servicer ends too: the notice wakes this wait.
+                    await asyncio.wait({producing, revoked}, return_when=asyncio.FIRST_COMPLETED)
+                    if producing.done():
+                        producing.result()  # the servicer's own status (abort) included
+                        return
+                    producing.cancel()
+                    await self._record(context, method, peer, "deny", REVOKED_STREAM_REASON)
+                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, REVOKED_DETAILS)
                 finally:
+                    producing.cancel()
+                    revoked.cancel()
                     self.streams.close(stream)
 
         return handle
 
-    def intercept_service(
-        self, continuation: Callable[[Any], Any], details: grpc.HandlerCallDetails
-    ) -> Any:
-        handler = continuation(details)
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(details)
         if handler is None:
             return None
         method = details.method
@@ -335,15 +319,7 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):
         return None
 
 
-class _TracePropagation(grpc.UnaryUnaryClientInterceptor):
-    def intercept_unary_unary(
-        self, continuation: Callable[[Any, Any], Any], details: Any, request: Any
-    ) -> Any:
-        metadata = list(details.metadata or []) + inject_context()
-        return continuation(details._replace(metadata=metadata), request)
-
-
-class _AioTracePropagation(grpc.aio.UnaryUnaryClientInterceptor):
+class _TracePropagation(grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(
         self, continuation: Callable[[Any, Any], Any], details: Any, request: Any
     ) -> Any:
@@ -366,8 +342,9 @@ def _channel_options(server_name: str) -> list[tuple[str, Any]]:
     ]
 
 
-class _FollowingChannel(Generic[ChannelT]):
-    """A client channel to a gRPC service, rebuilt when our SVID rotates or the service moves.
+class MtlsChannel:
+    """A grpc.aio client channel to a gRPC service, rebuilt when our SVID rotates or the
+    service moves.
 
     ``resolve`` answers the service's current address (host:port) from the registry: the file
     of the native stack, or Consul's passing instances.  It is asked again every
@@ -375,8 +352,8 @@ class _FollowingChannel(Generic[ChannelT]):
     one.  When the registry cannot answer, the channel stays where it is: discovery decides
     where to call, mTLS and the peer's SPIFFE ID decide whether to trust it.
 
-    The channel is built on the first ``channel()`` after a change, in the caller's thread:
-    a grpc.aio channel belongs to the event loop that uses it.
+    A grpc.aio channel belongs to the event loop that uses it: ``channel()`` (which builds the
+    channel on its first call after a change) and ``aclose()`` are called on that loop.
     """
 
     def __init__(
@@ -392,9 +369,10 @@ class _FollowingChannel(Generic[ChannelT]):
         self._lock = threading.Lock()
         self._material = source.current()
         self._target = resolve()
-        self._channel: ChannelT | None = None
+        self._channel: grpc.aio.Channel | None = None
         self._current = False
         self._closed = False
+        self._closing: set[asyncio.Task[None]] = set()
         self._stop = threading.Event()
         source.subscribe(self._rotate)
         watcher = threading.Thread(
@@ -409,13 +387,6 @@ class _FollowingChannel(Generic[ChannelT]):
     def target(self) -> str:
         with self._lock:
             return self._target
-
-    def _build(self, material: SvidMaterial, target: str) -> ChannelT:
-        raise NotImplementedError
-
-    def _retire(self, stale: ChannelT) -> None:
-        """Close ``stale`` once calls in flight on it had ``CHANNEL_GRACE_SECONDS``."""
-        raise NotImplementedError
 
     def _rotate(self, material: SvidMaterial) -> None:
         self._replace(material=material)
@@ -432,12 +403,13 @@ class _FollowingChannel(Generic[ChannelT]):
                 self._replace(target=target)
 
     def _replace(self, *, material: SvidMaterial | None = None, target: str | None = None) -> None:
+        # From the SVID source's or the watcher's thread: the loop builds on its next call.
         with self._lock:
             self._material = material or self._material
             self._target = target or self._target
             self._current = False
 
-    def channel(self) -> ChannelT:
+    def channel(self) -> grpc.aio.Channel:
         with self._lock:
             if self._closed:
                 raise ChannelClosedError(f"the channel to {self._server_name} is closed")
@@ -448,74 +420,25 @@ class _FollowingChannel(Generic[ChannelT]):
                 self._current = True
             channel = self._channel
         if stale is not None:
-            self._retire(stale)
+            # close(grace) lets calls in flight finish, then cancels what is left.
+            task = asyncio.get_running_loop().create_task(stale.close(CHANNEL_GRACE_SECONDS))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
         return channel
-
-    def _close(self) -> ChannelT | None:
-        self._stop.set()
-        with self._lock:
-            self._closed = True
-            channel, self._channel = self._channel, None
-        return channel
-
-
-class MtlsChannel(_FollowingChannel[grpc.Channel]):
-    """A grpcio (blocking) channel that follows rotation and discovery."""
-
-    def _replace(self, *, material: SvidMaterial | None = None, target: str | None = None) -> None:
-        super()._replace(material=material, target=target)
-        # Built at once, so the stale channel is closed after the grace even if no call comes.
-        with suppress(ChannelClosedError):
-            self.channel()
-
-    def _build(self, material: SvidMaterial, target: str) -> grpc.Channel:
-        channel = grpc.secure_channel(
-            target, _client_credentials(material), options=_channel_options(self._server_name)
-        )
-        return grpc.intercept_channel(channel, _TracePropagation())
-
-    def _retire(self, stale: grpc.Channel) -> None:
-        timer = threading.Timer(CHANNEL_GRACE_SECONDS, stale.close)
-        timer.daemon = True
-        timer.start()
-
-    def close(self) -> None:
-        channel = self._close()
-        if channel is not None:
-            channel.close()
-
-
-class AioMtlsChannel(_FollowingChannel[grpc.aio.Channel]):
-    """A grpc.aio channel that follows rotation and discovery; ``channel()`` is called on the
-    event loop that makes the calls, and ``aclose()`` there too."""
-
-    def __init__(
-        self,
-        source: SvidSource,
-        resolve: Callable[[], str],
-        server_name: str,
-        *,
-        recheck_seconds: float = DISCOVERY_RECHECK_SECONDS,
-    ) -> None:
-        super().__init__(source, resolve, server_name, recheck_seconds=recheck_seconds)
-        self._closing: set[asyncio.Task[None]] = set()
 
     def _build(self, material: SvidMaterial, target: str) -> grpc.aio.Channel:
         return grpc.aio.secure_channel(
             target,
             _client_credentials(material),
             options=_channel_options(self._server_name),
-            interceptors=[_AioTracePropagation()],
+            interceptors=[_TracePropagation()],
         )
 
-    def _retire(self, stale: grpc.aio.Channel) -> None:
-        # close(grace) lets calls in flight finish, then cancels what is left.
-        task = asyncio.get_running_loop().create_task(stale.close(CHANNEL_GRACE_SECONDS))
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
-
     async def aclose(self) -> None:
-        channel = self._close()
+        self._stop.set()
+        with self._lock:
+            self._closed = True
+            channel, self._channel = self._channel, None
         if channel is not None:
             await channel.close()
         for task in list(self._closing):

@@ -4,15 +4,15 @@ discovery."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
-import threading
-from concurrent import futures
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 from pydantic import AliasChoices, Field, model_validator
 
 from services.common.audit import AuditLog
@@ -23,7 +23,6 @@ from services.common.consul import (
     ConsulSettings,
 )
 from services.common.grpc_mtls import (
-    AioMtlsChannel,
     AuthorizationInterceptor,
     MtlsChannel,
     server_credentials,
@@ -36,7 +35,6 @@ from services.common.settings import ZtbankSettings, load_settings, socket_path_
 from services.common.telemetry import Telemetry, setup_telemetry
 from services.common.tls import PeerVerifier
 
-GRPC_WORKERS = 16
 logger = logging.getLogger(__name__)
 
 
@@ -88,13 +86,9 @@ class ServiceRuntime:
     consul_policy: ConsulPolicySource | None = None
 
     def channel_to(self, service: str) -> MtlsChannel:
-        """An mTLS channel to a gRPC service, checked against its DNS SAN (its service name),
-        that follows the service when the registry moves it."""
+        """An mTLS grpc.aio channel to a gRPC service, checked against its DNS SAN (its service
+        name), that follows the service when the registry moves it."""
         return MtlsChannel(self.source, lambda: self.registry.lookup(service).target, service)
-
-    def aio_channel_to(self, service: str) -> AioMtlsChannel:
-        """``channel_to`` for grpc.aio callers (built on their event loop)."""
-        return AioMtlsChannel(self.source, lambda: self.registry.lookup(service).target, service)
 
     def close(self) -> None:
         if self.consul_registration is not None:
@@ -179,8 +173,9 @@ def create_runtime(name: str, settings: ServiceSettings) -> ServiceRuntime:
     )
 
 
-def create_grpc_server(runtime: ServiceRuntime) -> grpc.Server:
-    """A grpcio server on the registry address with mTLS, authorization and the health service.
+def create_grpc_server(runtime: ServiceRuntime) -> grpc.aio.Server:
+    """A grpc.aio server on the registry address with mTLS, authorization and the health
+    service; made on the running event loop (the server belongs to it).
 
     The caller adds its servicers, then ``start()``s it.
     """
@@ -192,27 +187,45 @@ def create_grpc_server(runtime: ServiceRuntime) -> grpc.Server:
         telemetry=runtime.telemetry,
         local_address=runtime.address.target,
     )
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=GRPC_WORKERS), interceptors=[interceptor]
-    )
-    health_servicer = health.HealthServicer()
-    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    server = grpc.aio.server(interceptors=[interceptor])
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
     server.add_secure_port(runtime.address.target, server_credentials(runtime.source))
     return server
 
 
-def serve_until_signalled(server: grpc.Server, runtime: ServiceRuntime) -> None:
-    """Run a started gRPC server until SIGTERM/SIGINT, then drain calls in flight and close."""
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    logger.info(
-        "%s serving on %s as %s",
-        runtime.name,
-        runtime.address.target,
-        runtime.source.current().spiffe_id,
-    )
-    stop.wait()
-    server.stop(grace=5).wait()
-    runtime.close()
+@dataclass
+class GrpcService:
+    """A gRPC service ready to serve: its runtime, how to add its servicers to the server, and
+    the client channels it calls through (closed after the server stopped)."""
+
+    runtime: ServiceRuntime
+    register: Callable[[grpc.aio.Server], None]
+    channels: tuple[MtlsChannel, ...] = ()
+
+    async def serve(self) -> None:
+        """Serve until SIGTERM/SIGINT, then drain calls in flight and close the channels."""
+        server = create_grpc_server(self.runtime)
+        self.register(server)
+        await server.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        logger.info(
+            "%s serving on %s as %s",
+            self.runtime.name,
+            self.runtime.address.target,
+            self.runtime.source.current().spiffe_id,
+        )
+        try:
+            await stop.wait()
+            await server.stop(grace=5)
+        finally:
+            for channel in self.channels:
+                await channel.aclose()
+
+    def run(self) -> None:
+        try:
+            asyncio.run(self.serve())
+        finally:
+            self.runtime.close()

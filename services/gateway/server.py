@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import uvicorn
 
-from services.common.grpc_mtls import AioMtlsChannel
+from services.common.grpc_mtls import MtlsChannel
 from services.common.https_mtls import HttpsGuard, InFlight, mtls_server_config
 from services.common.runtime import ServiceRuntime, create_runtime
 from services.common.tls import ReloadingContext, SvidFiles
@@ -24,7 +24,7 @@ class Gateway:
     """The HTTPS server and the engine channel it calls through, on one event loop."""
 
     http: uvicorn.Server
-    engine: AioMtlsChannel
+    engine: MtlsChannel
 
     def run(self) -> None:
         """Serve until SIGTERM/SIGINT (uvicorn's handlers), then close the engine channel."""
@@ -37,7 +37,7 @@ class Gateway:
 
 def create_server(settings: GatewaySettings) -> tuple[Gateway, ServiceRuntime]:
     runtime = create_runtime(GATEWAY.name, settings)
-    engine = runtime.aio_channel_to(TRANSFER_ENGINE.name)
+    engine = runtime.channel_to(TRANSFER_ENGINE.name)
     app = create_app(
         settings,
         GrpcTransferEngine(engine.channel, timeout=settings.engine_timeout),

@@ -5,14 +5,17 @@ from __future__ import annotations
 import grpc
 
 from services._proto import risk_pb2_grpc
-from services.common.runtime import ServiceRuntime, create_grpc_server, create_runtime
+from services.common.runtime import GrpcService, ServiceRuntime, create_runtime
 from services.common.workloads import RISK
 from services.risk.settings import RiskSettings
 from services.risk.transport.servicer import create_risk_service
 
 
-def create_server(settings: RiskSettings) -> tuple[grpc.Server, ServiceRuntime]:
+def create_server(settings: RiskSettings) -> tuple[GrpcService, ServiceRuntime]:
     runtime = create_runtime(RISK.name, settings)
-    server = create_grpc_server(runtime)
-    risk_pb2_grpc.add_RiskServicer_to_server(create_risk_service(settings), server)  # type: ignore[no-untyped-call]
-    return server, runtime
+    servicer = create_risk_service(settings)
+
+    def register(server: grpc.aio.Server) -> None:
+        risk_pb2_grpc.add_RiskServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+
+    return GrpcService(runtime, register), runtime

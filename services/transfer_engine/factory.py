@@ -14,7 +14,7 @@ from services.transfer_engine.transport.servicer import TransferEngineService
 
 
 def build_transfer_engine_service(
-    settings: TransferEngineSettings, risk_channel: Callable[[], grpc.Channel]
+    settings: TransferEngineSettings, risk_channel: Callable[[], grpc.aio.Channel]
 ) -> TransferEngineService:
     """Opens (and seeds, once) the ledger; ``risk_channel`` is called for every assessment."""
     ledger = Ledger(

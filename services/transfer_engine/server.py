@@ -6,16 +6,18 @@ from __future__ import annotations
 import grpc
 
 from services._proto import ledger_pb2_grpc
-from services.common.runtime import ServiceRuntime, create_grpc_server, create_runtime
+from services.common.runtime import GrpcService, ServiceRuntime, create_runtime
 from services.common.workloads import RISK, TRANSFER_ENGINE
 from services.transfer_engine.factory import build_transfer_engine_service
 from services.transfer_engine.settings import TransferEngineSettings
 
 
-def create_server(settings: TransferEngineSettings) -> tuple[grpc.Server, ServiceRuntime]:
+def create_server(settings: TransferEngineSettings) -> tuple[GrpcService, ServiceRuntime]:
     runtime = create_runtime(TRANSFER_ENGINE.name, settings)
     risk = runtime.channel_to(RISK.name)
-    server = create_grpc_server(runtime)
     servicer = build_transfer_engine_service(settings, risk.channel)
-    ledger_pb2_grpc.add_TransferEngineServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
-    return server, runtime
+
+    def register(server: grpc.aio.Server) -> None:
+        ledger_pb2_grpc.add_TransferEngineServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+
+    return GrpcService(runtime, register, channels=(risk,)), runtime

@@ -32,7 +32,7 @@ from services.cli.teller import TellerClient
 from services.common import grpc_mtls
 from services.common.audit import AuditLog
 from services.common.errors import ChannelClosedError
-from services.common.grpc_mtls import AioMtlsChannel, MtlsChannel
+from services.common.grpc_mtls import MtlsChannel
 from services.common.https_mtls import DEFAULT_MAX_IN_FLIGHT, OVERLOADED_REASON
 from services.common.identity.pem import fingerprint_sha256, serial_hex
 from services.common.identity.source import SvidMaterial
@@ -44,7 +44,6 @@ from services.common.telemetry import Telemetry, setup_telemetry
 from services.common.tls import client_context
 from services.stack.native import StackSettings
 from tests.support.crl import build_crl, crl_server, started_watcher
-from tests.support.helpers import wait_until
 from tests.support.mtls_servers import (
     ECHO,
     ENGINE_ID,
@@ -167,12 +166,12 @@ def grpc_server(
 
 
 # Makes a client of the test server with an SVID: its channel and the source it rotates from.
-ClientTo = Callable[[SvidMaterial], tuple[MtlsChannel, FakeSource]]
+ClientTo = Callable[[SvidMaterial], grpc.Channel]
 
 
 @pytest.fixture
 def client_to(grpc_server: GrpcServer) -> Iterator[ClientTo]:
-    """``MtlsChannel`` clients of the test server, closed afterwards."""
+    """Blocking grpcio clients of the test server with an SVID, closed afterwards."""
     with mtls_clients(grpc_server.target) as make:
         yield make
 
@@ -189,8 +188,8 @@ def test_grpc_allowed_caller_gets_through_and_is_audited(
     client_to: ClientTo,
 ) -> None:
     material = authority.svid(ENGINE_ID)
-    channel, _ = client_to(material)
-    assert call_echo(channel.channel()) == f"ping from {ENGINE_ID}".encode()
+    channel = client_to(material)
+    assert call_echo(channel) == f"ping from {ENGINE_ID}".encode()
 
     [record] = audit_records(grpc_server.audit)
     assert record["decision"] == "allow"
@@ -211,8 +210,8 @@ def test_grpc_caller_not_in_policy_is_denied_and_audited(
     client_to: ClientTo,
 ) -> None:
     material = authority.svid(GATEWAY_ID)
-    channel, _ = client_to(material)
-    error = rpc_error(lambda: call_echo(channel.channel()))
+    channel = client_to(material)
+    error = rpc_error(lambda: call_echo(channel))
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED
     assert GATEWAY_ID in (error.details() or "")
 
@@ -229,8 +228,8 @@ def test_grpc_health_answers_any_verified_svid(
     grpc_server: GrpcServer,
     client_to: ClientTo,
 ) -> None:
-    channel, _ = client_to(authority.svid(GATEWAY_ID))
-    assert check_health(channel.channel()) == health_pb2.HealthCheckResponse.SERVING
+    channel = client_to(authority.svid(GATEWAY_ID))
+    assert check_health(channel) == health_pb2.HealthCheckResponse.SERVING
     [record] = audit_records(grpc_server.audit)
     assert (record["decision"], record["reason"]) == ("allow", "health check")
     assert record["method"] == "/grpc.health.v1.Health/Check"
@@ -244,11 +243,9 @@ def test_grpc_client_of_a_foreign_ca_fails_the_handshake(
 ) -> None:
     # Same SPIFFE ID as an allowed caller, and it trusts our server: only its issuer is wrong.
     impostor = foreign.svid(ENGINE_ID, trusted=authority.bundle)
-    channel, _ = client_to(impostor)
-    assert rpc_error(lambda: call_echo(channel.channel())).code() == grpc.StatusCode.UNAVAILABLE
-    assert rpc_error(lambda: check_health(channel.channel())).code() == (
-        grpc.StatusCode.UNAVAILABLE
-    )
+    channel = client_to(impostor)
+    assert rpc_error(lambda: call_echo(channel)).code() == grpc.StatusCode.UNAVAILABLE
+    assert rpc_error(lambda: check_health(channel)).code() == (grpc.StatusCode.UNAVAILABLE)
     assert audit_records(grpc_server.audit) == []  # no call ever reached the interceptor
 
 
@@ -259,8 +256,8 @@ def test_grpc_certificate_of_our_ca_but_not_an_svid_of_our_domain_is_unauthentic
 ) -> None:
     # OpenSSL accepts the chain; the X509-SVID rules refuse the other trust domain.
     outsider = authority.svid(ENGINE_ID.replace(TD, "other.example"))
-    channel, _ = client_to(outsider)
-    error = rpc_error(lambda: call_echo(channel.channel()))
+    channel = client_to(outsider)
+    error = rpc_error(lambda: call_echo(channel))
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
     [record] = audit_records(grpc_server.audit)
     assert record["decision"] == "deny"
@@ -278,101 +275,58 @@ def test_grpc_server_rotation_reaches_new_connections_only(
     before = grpc_server.source.current()
     assert serial_hex(served_certificate(grpc_server.port, probe)) == before.serial
 
-    old, _ = client_to(client)
-    assert call_echo(old.channel(), b"before")  # connection established with the old SVID
+    old = client_to(client)
+    assert call_echo(old, b"before")  # connection established with the old SVID
 
     rotated = authority.svid(RISK_ID, dns=("risk",))
     grpc_server.source.publish(rotated)
     assert serial_hex(served_certificate(grpc_server.port, probe)) == rotated.serial
 
-    assert call_echo(old.channel(), b"old") == f"old from {ENGINE_ID}".encode()
-    fresh, _ = client_to(client)
-    assert call_echo(fresh.channel(), b"new") == f"new from {ENGINE_ID}".encode()
+    assert call_echo(old, b"old") == f"old from {ENGINE_ID}".encode()
+    fresh = client_to(client)
+    assert call_echo(fresh, b"new") == f"new from {ENGINE_ID}".encode()
 
 
-def test_grpc_mtls_channel_follows_client_rotation(
-    authority: Authority,
-    grpc_server: GrpcServer,
-    client_to: ClientTo,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(grpc_mtls, "CHANNEL_GRACE_SECONDS", 60.0)
-    first = authority.svid(ENGINE_ID)
-    channel, source = client_to(first)
-    assert call_echo(channel.channel())
-    stale = channel.channel()
-
-    second = authority.svid(ENGINE_ID)
-    source.publish(second)
-    assert channel.channel() is not stale
-    assert call_echo(channel.channel()) == f"ping from {ENGINE_ID}".encode()
-    assert call_echo(stale) == f"ping from {ENGINE_ID}".encode()  # in its grace period
-
-    serials = [r["cert_serial"] for r in audit_records(grpc_server.audit)]
-    assert serials == [first.serial, second.serial, first.serial]
+async def aio_echo(channel: MtlsChannel, payload: bytes = b"ping") -> bytes:
+    method: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.channel().unary_unary(ECHO)
+    reply: bytes = await method(payload, timeout=TIMEOUT)
+    return reply
 
 
-def test_grpc_mtls_channel_closes_the_stale_channel_after_the_grace(
-    authority: Authority,
-    grpc_server: GrpcServer,
-    client_to: ClientTo,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(grpc_mtls, "CHANNEL_GRACE_SECONDS", 0.1)
-    channel, source = client_to(authority.svid(ENGINE_ID))
-    stale = channel.channel()
-    source.publish(authority.svid(ENGINE_ID))
-    deadline = time.monotonic() + TIMEOUT
-    while True:
-        try:
-            call_echo(stale)
-        except ValueError:  # grpcio: "Cannot invoke RPC on closed channel!"
-            break
-        except grpc.RpcError as error:  # closed while this call was in flight
-            closed_in_flight = (error.code(), error.details())
-            assert closed_in_flight == (grpc.StatusCode.CANCELLED, "Channel closed!")
-            break
-        assert time.monotonic() < deadline, "the stale channel was never closed"
-        time.sleep(0.05)
-    assert call_echo(channel.channel())
-
-
-def test_aio_mtls_channel_calls_follows_rotation_and_closes(
+def test_grpc_mtls_channel_follows_client_rotation_and_closes_the_stale_channel(
     authority: Authority,
     grpc_server: GrpcServer,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The gateway's grpc.aio channel: calls carry the caller's SVID, a rotation gives the next
-    call a new channel with the new SVID, the stale one is closed after the grace, and
-    ``aclose`` refuses further calls."""
-    monkeypatch.setattr(grpc_mtls, "CHANNEL_GRACE_SECONDS", 0.1)
+    """The services' grpc.aio channel: calls carry the caller's SVID; after a rotation the next
+    call gets a new channel with the new SVID, a call in flight on the old one still finishes
+    (its grace period) while new calls there are refused; ``aclose`` refuses further calls."""
+    monkeypatch.setattr(grpc_mtls, "CHANNEL_GRACE_SECONDS", 5.0)
     first, second = authority.svid(ENGINE_ID), authority.svid(ENGINE_ID)
     source = FakeSource(first)
-    channel = AioMtlsChannel(source, lambda: grpc_server.target, "risk")
-
-    async def echo(target: grpc.aio.Channel) -> bytes:
-        method: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = target.unary_unary(ECHO)
-        reply: bytes = await method(b"ping", timeout=TIMEOUT)
-        return reply
+    channel = MtlsChannel(source, lambda: grpc_server.target, "risk")
+    expected = f"ping from {ENGINE_ID}".encode()
 
     async def scenario() -> None:
+        assert await aio_echo(channel) == expected
         stale = channel.channel()
         assert channel.channel() is stale  # no change, no new channel
-        assert await echo(stale) == f"ping from {ENGINE_ID}".encode()
+        on_stale: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = stale.unary_unary(ECHO)
+        in_flight = on_stale(b"ping", timeout=TIMEOUT)  # started before the rotation
         source.publish(second)
-        fresh = channel.channel()
-        assert fresh is not stale
-        assert await echo(fresh) == f"ping from {ENGINE_ID}".encode()
-        await asyncio.sleep(0.5)
-        with pytest.raises(grpc.aio.UsageError):  # "Channel is closed."
-            await echo(stale)
+        assert channel.channel() is not stale
+        assert await in_flight == expected  # finishes on the stale channel
+        with pytest.raises(grpc.aio.UsageError):  # "Channel is closed." to new calls
+            await on_stale(b"ping", timeout=TIMEOUT)
+        assert await aio_echo(channel) == expected
         await channel.aclose()
         with pytest.raises(ChannelClosedError):
             channel.channel()
 
     asyncio.run(scenario())
     serials = [record["cert_serial"] for record in audit_records(grpc_server.audit)]
-    assert serials == [first.serial, second.serial]
+    assert sorted(serials) == sorted([first.serial, first.serial, second.serial])
+    assert serials[-1] == second.serial
 
 
 def test_grpc_mtls_channel_follows_its_service_to_a_new_address(
@@ -410,20 +364,23 @@ def test_grpc_mtls_channel_follows_its_service_to_a_new_address(
         channel = MtlsChannel(
             FakeSource(authority.svid(ENGINE_ID)), resolve, "risk", recheck_seconds=0.1
         )
-        try:
-            assert call_echo(channel.channel()) == b"old"
-            registry["risk"] = f"127.0.0.1:{new.port}"
-            wait_until(
-                lambda: call_echo(channel.channel()) == b"new",
-                timeout=TIMEOUT,
-                message="the channel never followed the service to its new address",
-            )
-            registry["risk"] = RegistryError("registry unreadable")
-            time.sleep(0.3)  # three rechecks that cannot answer
-            assert channel.target == f"127.0.0.1:{new.port}"
-            assert call_echo(channel.channel()) == b"new"
-        finally:
-            channel.close()
+
+        async def scenario() -> None:
+            try:
+                assert await aio_echo(channel) == b"old"
+                registry["risk"] = f"127.0.0.1:{new.port}"
+                deadline = time.monotonic() + TIMEOUT
+                while await aio_echo(channel) != b"new":
+                    assert time.monotonic() < deadline, "the channel never followed the service"
+                    await asyncio.sleep(0.05)
+                registry["risk"] = RegistryError("registry unreadable")
+                await asyncio.sleep(0.3)  # three rechecks that cannot answer
+                assert channel.target == f"127.0.0.1:{new.port}"
+                assert await aio_echo(channel) == b"new"
+            finally:
+                await channel.aclose()
+
+        asyncio.run(scenario())
 
 
 # -- HTTPS -----------------------------------------------------------------------------------

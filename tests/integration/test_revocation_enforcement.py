@@ -9,13 +9,14 @@ closed and come back as soon as the issuer does, without a restart; the metrics 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.client
 import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -223,22 +224,26 @@ class Ticker:
     finished: threading.Event = field(default_factory=threading.Event)
     callers: list[str] = field(default_factory=list)
 
-    def __call__(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
-        self.callers.append(str(current_peer().spiffe_id))  # the pump keeps the identity
+    async def __call__(
+        self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]
+    ) -> AsyncIterator[bytes]:
+        self.callers.append(str(current_peer().spiffe_id))  # the call's own identity
         self.started.set()
         try:
             count = 0
-            while context.is_active():
+            while True:
                 yield request + b" %d" % count
                 count += 1
-                time.sleep(0.02)
+                await asyncio.sleep(0.02)
         finally:
             self.finished.set()
 
 
-def aborting(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+async def aborting(
+    request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]
+) -> AsyncIterator[bytes]:
     yield b"first"
-    context.abort(grpc.StatusCode.NOT_FOUND, "no such account")
+    await context.abort(grpc.StatusCode.NOT_FOUND, "no such account")
 
 
 @dataclass
@@ -268,7 +273,6 @@ def grpc_server(
         telemetry=telemetry,
         revocation=watcher,
         handlers=handlers,
-        max_workers=8,
     ) as running:
         yield GrpcServer(
             port=running.port, audit=audit, ticker=ticker, interceptor=running.interceptor
@@ -282,7 +286,7 @@ ClientTo = Callable[[SvidMaterial], grpc.Channel]
 @pytest.fixture
 def client_to(grpc_server: GrpcServer) -> Iterator[ClientTo]:
     with servers.mtls_clients(grpc_server.target) as make:
-        yield lambda material: make(material)[0].channel()
+        yield make
 
 
 def ticks(channel: grpc.Channel, payload: bytes = b"tick") -> Iterator[bytes]:
@@ -384,7 +388,7 @@ def test_grpc_streams_keep_their_own_status_and_end_cleanly(
     grpc_server: GrpcServer,
     client_to: ClientTo,
 ) -> None:
-    """The pump thread is invisible to servicers: abort() keeps its code, and a cancelled
+    """The revocation watch is invisible to servicers: abort() keeps its code, and a cancelled
     stream's servicer generator is closed."""
     channel = client_to(authority.svid(ENGINE_ID))
     method: grpc.UnaryStreamMultiCallable[bytes, bytes] = channel.unary_stream(ABORTING)

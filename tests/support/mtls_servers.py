@@ -15,7 +15,6 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from concurrent import futures
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +25,10 @@ import pytest
 import uvicorn
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 
 from services.common.audit import AuditLog
-from services.common.grpc_mtls import AuthorizationInterceptor, MtlsChannel, server_credentials
+from services.common.grpc_mtls import AuthorizationInterceptor, server_credentials
 from services.common.https_mtls import (
     DEFAULT_MAX_IN_FLIGHT,
     HttpsGuard,
@@ -180,10 +179,10 @@ def running_grpc_server(
     telemetry: Telemetry,
     revocation: RevocationWatcher,
     handlers: Mapping[str, GrpcHandler],
-    max_workers: int = 4,
 ) -> Iterator[RunningGrpc]:
-    """The risk service's server: the authorization interceptor, health, and ``handlers`` of
-    the ``ECHO_SERVICE``; stopped afterwards."""
+    """The risk service's server (grpc.aio, on an event loop in its own thread): the
+    authorization interceptor, health, and ``handlers`` of the ``ECHO_SERVICE``; stopped
+    afterwards."""
     port = free_port()
     interceptor = AuthorizationInterceptor(
         service="risk",
@@ -193,34 +192,54 @@ def running_grpc_server(
         telemetry=telemetry,
         local_address=f"127.0.0.1:{port}",
     )
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers), interceptors=[interceptor]
-    )
-    health_servicer = health.HealthServicer()
-    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(ECHO_SERVICE, dict(handlers)),)
-    )
-    assert server.add_secure_port(f"127.0.0.1:{port}", server_credentials(source)) == port
-    server.start()
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="grpc-test-server", daemon=True)
+    thread.start()
+
+    async def start() -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+        server = grpc.aio.server(interceptors=[interceptor])
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(ECHO_SERVICE, dict(handlers)),)
+        )
+        assert server.add_secure_port(f"127.0.0.1:{port}", server_credentials(source)) == port
+        await server.start()
+        return server, health_servicer
+
+    async def stop(server: grpc.aio.Server, health_servicer: health.aio.HealthServicer) -> None:
+        await health_servicer.enter_graceful_shutdown()  # ends open Health.Watch streams
+        await server.stop(grace=None)
+
     try:
-        yield RunningGrpc(port, interceptor)
+        server, health_servicer = asyncio.run_coroutine_threadsafe(start(), loop).result(TIMEOUT)
+        try:
+            yield RunningGrpc(port, interceptor)
+        finally:
+            asyncio.run_coroutine_threadsafe(stop(server, health_servicer), loop).result(TIMEOUT)
     finally:
-        health_servicer.enter_graceful_shutdown()  # ends open Health.Watch streams
-        server.stop(grace=None).wait(TIMEOUT)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(TIMEOUT)
+        loop.close()
 
 
 @contextmanager
-def mtls_clients(target: str) -> Iterator[Callable[[SvidMaterial], tuple[MtlsChannel, FakeSource]]]:
-    """Makes ``MtlsChannel`` clients of ``target`` (with their sources), closed afterwards."""
-    made: list[MtlsChannel] = []
+def mtls_clients(target: str) -> Iterator[Callable[[SvidMaterial], grpc.Channel]]:
+    """Makes blocking grpcio clients of ``target`` that present an SVID and expect the server's
+    DNS SAN "risk" (as services' channels do); closed afterwards."""
+    made: list[grpc.Channel] = []
 
-    def make(material: SvidMaterial) -> tuple[MtlsChannel, FakeSource]:
-        source = FakeSource(material)
-        channel = MtlsChannel(source, lambda: target, "risk")
+    def make(material: SvidMaterial) -> grpc.Channel:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=material.bundle_pem,
+            private_key=material.key_pem,
+            certificate_chain=material.chain_pem,
+        )
+        channel = grpc.secure_channel(
+            target, credentials, options=[("grpc.ssl_target_name_override", "risk")]
+        )
         made.append(channel)
-        return channel, source
+        return channel
 
     try:
         yield make

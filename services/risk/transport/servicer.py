@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 class AbortingContext(Protocol):
     """The part of ``grpc.ServicerContext`` the servicer uses."""
 
-    def abort(self, code: grpc.StatusCode, details: str) -> NoReturn: ...
+    async def abort(self, code: grpc.StatusCode, details: str) -> NoReturn: ...
 
 
 class RiskService(risk_pb2_grpc.RiskServicer):
@@ -31,10 +31,10 @@ class RiskService(risk_pb2_grpc.RiskServicer):
         self._assessor = assessor
         self._allowed_caller = allowed_caller
 
-    def Assess(  # noqa: N802 - generated interface
+    async def Assess(  # noqa: N802 - generated interface
         self, request: risk_pb2.AssessRequest, context: AbortingContext
     ) -> risk_pb2.Assessment:
-        self._authorize(context)
+        await self._authorize(context)
         try:
             transfer = TransferRequest(
                 transfer_id=request.transfer_id,
@@ -45,13 +45,13 @@ class RiskService(risk_pb2_grpc.RiskServicer):
                 currency=request.currency,
             )
         except InvalidTransferError as error:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid transfer: {error}")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid transfer: {error}")
         try:
             assessment = self._assessor.assess(transfer)
         except VelocityStoreError as error:
             # No history, no score: the transfer-engine holds the transfer (fail closed).
             logger.error("transfer %s not assessed: %s", transfer.transfer_id, error)
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"risk cannot assess now: {error}")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"risk cannot assess now: {error}")
         logger.info(
             "transfer %s: %s (score %d) %s",
             transfer.transfer_id,
@@ -65,18 +65,18 @@ class RiskService(risk_pb2_grpc.RiskServicer):
             score=assessment.score,
         )
 
-    def _authorize(self, context: AbortingContext) -> None:
+    async def _authorize(self, context: AbortingContext) -> None:
         # Defence in depth: the policy in front of this servicer already admits only the
         # transfer-engine, but a policy mistake must not open the risk oracle to anyone else.
         try:
             caller = current_peer().spiffe_id
         except NoPeerIdentityError:
             logger.error("Assess ran without a verified peer; the mTLS interceptor is missing")
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "no verified peer identity")
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "no verified peer identity")
         if caller != self._allowed_caller:
             logger.warning("refused Assess from %s", caller)
             # The refusal does not name the allowed caller: that would tell a prober whom to be.
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{caller} may not call Assess")
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{caller} may not call Assess")
 
 
 def create_risk_service(settings: RiskSettings) -> RiskService:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import grpc
 
 from services._proto import risk_pb2
+from services.common.errors import ChannelClosedError
 from services.transfer_engine.domain.model import Assessment, Decision, TransferRequest
 from services.transfer_engine.errors import RiskUnavailableError
 
@@ -17,11 +18,11 @@ _ASSESS_METHOD = "/ztbank.risk.v1.Risk/Assess"
 
 
 class GrpcRiskAssessor:
-    def __init__(self, channel: Callable[[], grpc.Channel], *, timeout_seconds: float) -> None:
+    def __init__(self, channel: Callable[[], grpc.aio.Channel], *, timeout_seconds: float) -> None:
         self._channel = channel
         self._timeout_seconds = timeout_seconds
 
-    def assess(self, request: TransferRequest, *, transfer_id: str) -> Assessment:
+    async def assess(self, request: TransferRequest, *, transfer_id: str) -> Assessment:
         message = risk_pb2.AssessRequest(
             transfer_id=transfer_id,
             customer=request.customer,
@@ -30,24 +31,22 @@ class GrpcRiskAssessor:
             amount_minor=request.amount_minor,
             currency=request.currency,
         )
-        # Looked up per call, never kept: the mTLS layer swaps channels when certificates rotate.
-        # Not risk_pb2_grpc.RiskStub: its registered methods reach into the C core while the
-        # stub is built, which kills the process (SIGSEGV, grpcio 1.85) if rotation has just
-        # closed that channel; an unregistered call raises ValueError instead.
-        assess = self._channel().unary_unary(
-            _ASSESS_METHOD,
-            request_serializer=risk_pb2.AssessRequest.SerializeToString,
-            response_deserializer=risk_pb2.Assessment.FromString,
-        )
         try:
-            reply = assess(message, timeout=self._timeout_seconds)
-        except grpc.RpcError as error:
+            # Looked up per call, never kept: the mTLS layer swaps channels when certificates
+            # rotate or risk moves.
+            assess = self._channel().unary_unary(
+                _ASSESS_METHOD,
+                request_serializer=risk_pb2.AssessRequest.SerializeToString,
+                response_deserializer=risk_pb2.Assessment.FromString,
+            )
+            reply = await assess(message, timeout=self._timeout_seconds)
+        except grpc.aio.AioRpcError as error:
             logger.warning(
                 "risk assessment of %s failed: %s %s", transfer_id, error.code(), error.details()
             )
             raise RiskUnavailableError("risk service unavailable") from error
-        except ValueError as error:
-            # A channel closed by a rotation after we fetched it.
+        except (grpc.aio.UsageError, ChannelClosedError) as error:
+            # A channel closed by a rotation after we fetched it, or by shutdown.
             logger.warning("risk assessment of %s failed: %s", transfer_id, error)
             raise RiskUnavailableError("risk service unavailable") from error
         try:

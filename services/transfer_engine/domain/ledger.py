@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 from collections.abc import Callable
@@ -48,7 +49,7 @@ def utc_now() -> datetime:
 
 
 class RiskAssessor(Protocol):
-    def assess(self, request: TransferRequest, *, transfer_id: str) -> Assessment:
+    async def assess(self, request: TransferRequest, *, transfer_id: str) -> Assessment:
         """Raises RiskUnavailableError when no usable answer arrives in time."""
         ...
 
@@ -226,12 +227,13 @@ class Ledger:
             raise NotFoundError(f"transfer {transfer_id} not found")
         return transfer
 
-    def create_transfer(self, request: TransferRequest) -> Transfer:
+    async def create_transfer(self, request: TransferRequest) -> Transfer:
         """Posts, holds for review or rejects the transfer, once per (customer, key).
 
         Raises IdempotencyConflictError when the key was used for a different request, and
         RiskUnavailableError (storing nothing, so a retry with the same key is safe) when risk
-        gives no answer.
+        gives no answer.  Checks and reads run on the caller's event loop; the write (its
+        fsync) runs in a worker thread.
         """
         _validate(request)
         earlier = self._repository.transfer_by_key(request.customer, request.idempotency_key)
@@ -240,7 +242,12 @@ class Ledger:
         self._check_accounts(request)
         transfer_id = f"tr-{uuid.uuid4().hex}"
         # Before the write transaction: the ledger's write lock must never wait on the network.
-        assessment = self._risk.assess(request, transfer_id=transfer_id)
+        assessment = await self._risk.assess(request, transfer_id=transfer_id)
+        return await asyncio.to_thread(self._record, request, transfer_id, assessment)
+
+    def _record(
+        self, request: TransferRequest, transfer_id: str, assessment: Assessment
+    ) -> Transfer:
         with self._repository.write() as ledger:
             # A duplicate may have committed while risk was deciding; its answer wins.
             earlier = ledger.transfer_by_key(request.customer, request.idempotency_key)

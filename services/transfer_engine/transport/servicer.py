@@ -3,9 +3,10 @@ translated into gRPC statuses here and nowhere else."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import NoReturn, Protocol, TypeVar
+from typing import NoReturn, Protocol
 
 import grpc
 
@@ -26,13 +27,11 @@ from services.transfer_engine.errors import (
 
 GATEWAY_ONLY = "customer claims are accepted only from the gateway"
 
-Result = TypeVar("Result")
-
 
 class AbortingContext(Protocol):
     """The part of ``grpc.ServicerContext`` the servicer uses."""
 
-    def abort(self, code: grpc.StatusCode, details: str) -> NoReturn: ...
+    async def abort(self, code: grpc.StatusCode, details: str) -> NoReturn: ...
 
 
 def _status_of(error: TransferEngineError) -> grpc.StatusCode:
@@ -105,48 +104,47 @@ class TransferEngineService(ledger_pb2_grpc.TransferEngineServicer):
         self._ledger = ledger
         self._gateway = GATEWAY.spiffe_id(trust_domain)
 
-    def _serve(self, context: AbortingContext, call: Callable[[], Result]) -> Result:
-        """Runs ``call`` for the gateway only, its domain errors becoming statuses."""
+    @asynccontextmanager
+    async def _serving(self, context: AbortingContext) -> AsyncIterator[None]:
+        """The block runs for the gateway only, its domain errors becoming statuses."""
         try:
             caller = current_peer().spiffe_id
         except NoPeerIdentityError:
             # Only a wiring bug gets here (no mTLS interceptor ran): refuse rather than trust.
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "no verified peer identity")
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "no verified peer identity")
         if caller != self._gateway:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, GATEWAY_ONLY)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, GATEWAY_ONLY)
         try:
-            return call()
+            yield
         except TransferEngineError as error:
-            context.abort(_status_of(error), str(error))
+            await context.abort(_status_of(error), str(error))
 
-    def ListAccounts(  # noqa: N802 - generated interface
+    async def ListAccounts(  # noqa: N802 - generated interface
         self, request: pb.ListAccountsRequest, context: AbortingContext
     ) -> pb.ListAccountsResponse:
-        accounts = self._serve(context, lambda: self._ledger.accounts(request.customer))
+        async with self._serving(context):
+            accounts = self._ledger.accounts(request.customer)
         return pb.ListAccountsResponse(accounts=[_account_message(a) for a in accounts])
 
-    def GetAccount(  # noqa: N802
+    async def GetAccount(  # noqa: N802
         self, request: pb.GetAccountRequest, context: AbortingContext
     ) -> pb.Account:
-        account = self._serve(
-            context, lambda: self._ledger.account(request.customer, request.account_id)
-        )
+        async with self._serving(context):
+            account = self._ledger.account(request.customer, request.account_id)
         return _account_message(account)
 
-    def ListTransactions(  # noqa: N802
+    async def ListTransactions(  # noqa: N802
         self, request: pb.ListTransactionsRequest, context: AbortingContext
     ) -> pb.ListTransactionsResponse:
-        transactions = self._serve(
-            context,
-            lambda: self._ledger.transactions(
+        async with self._serving(context):
+            transactions = self._ledger.transactions(
                 request.customer, request.account_id, request.from_date
-            ),
-        )
+            )
         return pb.ListTransactionsResponse(
             transactions=[_transaction_message(t) for t in transactions]
         )
 
-    def CreateTransfer(  # noqa: N802
+    async def CreateTransfer(  # noqa: N802
         self, request: pb.CreateTransferRequest, context: AbortingContext
     ) -> pb.Transfer:
         transfer_request = TransferRequest(
@@ -157,13 +155,13 @@ class TransferEngineService(ledger_pb2_grpc.TransferEngineServicer):
             amount_minor=request.amount_minor,
             currency=request.currency,
         )
-        transfer = self._serve(context, lambda: self._ledger.create_transfer(transfer_request))
+        async with self._serving(context):
+            transfer = await self._ledger.create_transfer(transfer_request)
         return _transfer_message(transfer)
 
-    def GetTransfer(  # noqa: N802
+    async def GetTransfer(  # noqa: N802
         self, request: pb.GetTransferRequest, context: AbortingContext
     ) -> pb.Transfer:
-        transfer = self._serve(
-            context, lambda: self._ledger.transfer(request.customer, request.transfer_id)
-        )
+        async with self._serving(context):
+            transfer = self._ledger.transfer(request.customer, request.transfer_id)
         return _transfer_message(transfer)

@@ -1,13 +1,12 @@
 """The registries that end what is already open when a peer is revoked: the gateway's live
-connections and the gRPC servers' live streams (with their pump threads), without sockets."""
+connections and the gRPC servers' live streams, without sockets."""
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ import pytest
 from cryptography import x509
 
 from services.common.audit import AuditLog
-from services.common.grpc_mtls import _LiveStreams, _RevocableStream, _StreamRevokedError
+from services.common.grpc_mtls import _LiveStreams, _produce
 from services.common.https_mtls import (
     CONNECTION_METHOD,
     REVOKED_CONNECTION_REASON,
@@ -63,87 +62,100 @@ def peer(serial: str) -> PeerIdentity:
 # -- gRPC streams ----------------------------------------------------------------------------
 
 
-def test_pump_passes_items_in_order_and_ends() -> None:
-    stream = _RevocableStream("a1")
-    assert list(stream.run(lambda: iter(range(5)))) == [0, 1, 2, 3, 4]
+class FakeStreamContext:
+    """What ``_produce`` writes to: grpc.aio's ``context.write``."""
+
+    def __init__(self) -> None:
+        self.written: list[int] = []
+        self.blocked = asyncio.Event()
+
+    async def write(self, item: int) -> None:
+        self.written.append(item)
+        if item == 2:
+            self.blocked.set()
+            await asyncio.Event().wait()  # a slow client: the write waits for flow control
 
 
-def test_pump_reraises_the_servicer_error_in_the_handler_thread() -> None:
-    def failing() -> Iterator[int]:
+def produce(result: Any, context: FakeStreamContext) -> None:
+    asyncio.run(_produce(result, context))  # type: ignore[arg-type]
+
+
+def test_produce_writes_items_of_async_and_plain_iterators_in_order() -> None:
+    async def numbers() -> AsyncIterator[int]:
+        for number in (0, 1):
+            yield number
+
+    context = FakeStreamContext()
+    produce(numbers(), context)
+    produce(iter([5, 6]), context)
+    assert context.written == [0, 1, 5, 6]
+
+
+def test_produce_awaits_a_servicer_that_writes_for_itself() -> None:
+    context = FakeStreamContext()
+
+    async def writer() -> None:
+        await context.write(7)
+
+    produce(writer(), context)
+    assert context.written == [7]
+
+
+def test_produce_reraises_the_servicer_error() -> None:
+    async def failing() -> AsyncIterator[int]:
         yield 1
         raise LookupError("boom")
 
-    items: list[int] = []
+    context = FakeStreamContext()
     with pytest.raises(LookupError, match="boom"):
-        items.extend(_RevocableStream("a1").run(failing))
-    assert items == [1]
+        produce(failing(), context)
+    assert context.written == [1]
 
 
-def test_pump_runs_the_servicer_in_the_callers_context() -> None:
-    variable: contextvars.ContextVar[str] = contextvars.ContextVar("who", default="nobody")
-    variable.set("teller")
-    seen: list[str] = []
+def test_a_cancelled_stream_closes_its_servicer_even_during_a_write() -> None:
+    closed: list[bool] = []
 
-    def servicer() -> Iterator[int]:
-        seen.append(variable.get())
-        yield 1
-
-    assert list(_RevocableStream("a1").run(servicer)) == [1]
-    assert seen == ["teller"]
-
-
-def test_revocation_interrupts_a_servicer_blocked_between_items() -> None:
-    release = threading.Event()
-    closed = threading.Event()
-
-    def blocked() -> Iterator[int]:
-        try:
-            yield 1
-            release.wait(10)  # an idle stream: no item to check at
-            yield 2
-        finally:
-            closed.set()
-
-    stream = _RevocableStream("a1")
-    items = stream.run(blocked)
-    assert next(items) == 1
-    threading.Timer(0.05, stream.revoke).start()
-    with pytest.raises(_StreamRevokedError):
-        next(items)
-    release.set()  # the servicer wakes up: its generator is closed, the pump ends
-    assert closed.wait(5)
-
-
-def test_the_consumer_going_away_stops_the_pump() -> None:
-    closed = threading.Event()
-
-    def endless() -> Iterator[int]:
+    async def endless() -> AsyncIterator[int]:
         try:
             count = 0
             while True:
                 yield count
                 count += 1
         finally:
-            closed.set()
+            closed.append(True)
 
-    items = _RevocableStream("a1").run(endless)
-    assert [next(items) for _ in range(3)] == [0, 1, 2]
-    items.close()  # what grpc's handler does when the call ends
-    assert closed.wait(5)
+    async def scenario(context: FakeStreamContext) -> None:
+        task = asyncio.ensure_future(_produce(endless(), context))  # type: ignore[arg-type]
+        await asyncio.wait_for(context.blocked.wait(), 5)
+        task.cancel()  # the call ended while the third write waited
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    context = FakeStreamContext()
+    asyncio.run(scenario(context))
+    assert context.written == [0, 1, 2]
+    assert closed == [True]
 
 
 def test_live_streams_end_the_revoked_peers_streams_only() -> None:
     revocations = Revocations()
     streams = _LiveStreams(revocations)
-    revoked, kept = streams.open("a1"), streams.open("b2")
-    assert len(streams) == 2
-    revocations.revoke("a1")
-    with pytest.raises(_StreamRevokedError):
-        next(revoked.run(lambda: iter(())))  # the notice is queued before the end
-    assert next(kept.run(lambda: iter([7]))) == 7
-    streams.close(revoked)
-    streams.close(kept)
-    assert len(streams) == 0
+
+    async def scenario() -> None:
+        revoked, kept = streams.open("a1"), streams.open("b2")
+        assert len(streams) == 2
+        # The notice comes from the revocation watcher's thread.
+        notifier = threading.Thread(target=revocations.revoke, args=("a1",))
+        notifier.start()
+        await asyncio.wait_for(revoked.revoked.wait(), 5)
+        notifier.join()
+        await asyncio.sleep(0.05)
+        assert not kept.revoked.is_set()
+        streams.close(revoked)
+        streams.close(kept)
+        assert len(streams) == 0
+
+    asyncio.run(scenario())
 
 
 def test_a_stream_opened_after_the_notice_is_revoked_at_once() -> None:
@@ -151,9 +163,12 @@ def test_a_stream_opened_after_the_notice_is_revoked_at_once() -> None:
     revocations = Revocations()
     streams = _LiveStreams(revocations)
     revocations.revoke("a1")
-    stream = streams.open("a1")
-    with pytest.raises(_StreamRevokedError):
-        next(stream.run(lambda: iter([1])))
+
+    async def scenario() -> None:
+        stream = streams.open("a1")
+        await asyncio.wait_for(stream.revoked.wait(), 5)
+
+    asyncio.run(scenario())
 
 
 # -- HTTPS connections -----------------------------------------------------------------------

@@ -1,3 +1,4 @@
+import asyncio
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +29,7 @@ class AbortedError(Exception):
 
 
 class FakeContext:
-    def abort(self, code: grpc.StatusCode, details: str) -> NoReturn:
+    async def abort(self, code: grpc.StatusCode, details: str) -> NoReturn:
         raise AbortedError(code, details)
 
 
@@ -55,6 +56,10 @@ def from_transfer_engine() -> Iterator[None]:
     reset_current_peer(token)
 
 
+def assess(service: RiskService, assess_request: risk_pb2.AssessRequest) -> risk_pb2.Assessment:
+    return asyncio.run(service.Assess(assess_request, FakeContext()))
+
+
 def request(**fields: object) -> risk_pb2.AssessRequest:
     values: dict[str, object] = {
         "transfer_id": "t-1",
@@ -70,11 +75,11 @@ def request(**fields: object) -> risk_pb2.AssessRequest:
 
 @pytest.mark.usefixtures("from_transfer_engine")
 def test_transfer_engine_gets_an_assessment(service: RiskService) -> None:
-    answer = service.Assess(request(), FakeContext())
+    answer = assess(service, request())
     assert answer == risk_pb2.Assessment(
         decision="review", reasons=["amount_above_review_threshold"], score=40
     )
-    denied = service.Assess(request(customer="cust-fraud", amount_minor=1), FakeContext())
+    denied = assess(service, request(customer="cust-fraud", amount_minor=1))
     assert (denied.decision, list(denied.reasons), denied.score) == (
         "deny",
         ["blocklisted_customer"],
@@ -84,7 +89,7 @@ def test_transfer_engine_gets_an_assessment(service: RiskService) -> None:
 
 @pytest.mark.usefixtures("from_transfer_engine")
 def test_velocity_is_counted_across_calls(service: RiskService) -> None:
-    decisions = [service.Assess(request(amount_minor=1), FakeContext()) for _ in range(6)]
+    decisions = [assess(service, request(amount_minor=1)) for _ in range(6)]
     assert [d.decision for d in decisions] == ["allow"] * 5 + ["review"]
     assert list(decisions[-1].reasons) == ["velocity_exceeded"]
 
@@ -102,7 +107,7 @@ def test_only_the_transfer_engine_may_ask(service: RiskService, caller: SpiffeId
     token = as_peer(caller)
     try:
         with pytest.raises(AbortedError) as caught:
-            service.Assess(request(), FakeContext())
+            assess(service, request())
     finally:
         reset_current_peer(token)
     assert caught.value.code is grpc.StatusCode.PERMISSION_DENIED
@@ -113,7 +118,7 @@ def test_a_call_without_a_verified_peer_fails_closed(service: RiskService) -> No
     token = as_peer(None)
     try:
         with pytest.raises(AbortedError) as caught:
-            service.Assess(request(), FakeContext())
+            assess(service, request())
     finally:
         reset_current_peer(token)
     assert caught.value.code is grpc.StatusCode.UNAUTHENTICATED
@@ -123,7 +128,7 @@ def test_the_caller_is_checked_before_the_input(service: RiskService) -> None:
     token = as_peer(GATEWAY.spiffe_id(TD))
     try:
         with pytest.raises(AbortedError) as caught:
-            service.Assess(request(amount_minor=0), FakeContext())
+            assess(service, request(amount_minor=0))
     finally:
         reset_current_peer(token)
     assert caught.value.code is grpc.StatusCode.PERMISSION_DENIED
@@ -144,7 +149,7 @@ def test_malformed_requests_are_invalid_arguments(
     service: RiskService, fields: dict[str, object], details: str
 ) -> None:
     with pytest.raises(AbortedError) as caught:
-        service.Assess(request(**fields), FakeContext())
+        assess(service, request(**fields))
     assert caught.value.code is grpc.StatusCode.INVALID_ARGUMENT
     assert caught.value.details == details
 
@@ -153,8 +158,8 @@ def test_malformed_requests_are_invalid_arguments(
 def test_refused_requests_do_not_count_towards_velocity(service: RiskService) -> None:
     for _ in range(10):
         with pytest.raises(AbortedError):
-            service.Assess(request(to_account=""), FakeContext())
-    assert service.Assess(request(amount_minor=1), FakeContext()).decision == "allow"
+            assess(service, request(to_account=""))
+    assert assess(service, request(amount_minor=1)).decision == "allow"
 
 
 def test_the_service_does_not_start_without_rules(tmp_path: Path) -> None:
@@ -173,7 +178,7 @@ def test_without_its_velocity_history_risk_answers_unavailable(tmp_path: Path) -
     )
     history.close()  # as if the file went away under the service
     with pytest.raises(AbortedError) as caught:
-        service.Assess(request(), FakeContext())
+        assess(service, request())
     assert caught.value.code is grpc.StatusCode.UNAVAILABLE
     assert caught.value.details.startswith("risk cannot assess now: velocity history:")
 

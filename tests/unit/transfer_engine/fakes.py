@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import threading
 from collections.abc import Iterator
@@ -42,16 +43,18 @@ class FakeRisk:
     def __init__(self) -> None:
         self.answer = Assessment(Decision.ALLOW, (), 0)
         self.unavailable = False
-        self.before_answer: threading.Barrier | None = None
+        # When set, every assessment waits there until all its parties arrive (failing after 5 s).
+        self.before_answer: asyncio.Barrier | None = None
         self.calls: list[tuple[TransferRequest, str]] = []
 
     def answer_with(self, decision: Decision, *reasons: str, score: int = 50) -> None:
         self.answer = Assessment(decision, reasons, score)
 
-    def assess(self, request: TransferRequest, *, transfer_id: str) -> Assessment:
+    async def assess(self, request: TransferRequest, *, transfer_id: str) -> Assessment:
         self.calls.append((request, transfer_id))
         if self.before_answer is not None:
-            self.before_answer.wait()
+            async with asyncio.timeout(5):
+                await self.before_answer.wait()
         if self.unavailable:
             raise RiskUnavailableError("risk service unavailable")
         return self.answer
@@ -193,5 +196,5 @@ class Aborted(Exception):  # noqa: N818 - named after grpc's ServicerContext.abo
 
 
 class FakeServicerContext:
-    def abort(self, code: grpc.StatusCode, details: str) -> NoReturn:
+    async def abort(self, code: grpc.StatusCode, details: str) -> NoReturn:
         raise Aborted(code, details)

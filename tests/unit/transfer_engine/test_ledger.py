@@ -1,5 +1,4 @@
-import threading
-from concurrent.futures import ThreadPoolExecutor
+import asyncio
 from dataclasses import replace
 from datetime import timedelta
 
@@ -12,6 +11,7 @@ from services.transfer_engine.domain.model import (
     Decision,
     RejectionReason,
     Transfer,
+    TransferRequest,
     TransferStatus,
 )
 from services.transfer_engine.errors import (
@@ -35,6 +35,10 @@ from tests.unit.transfer_engine.support import (
 )
 
 DAY = timedelta(days=1)
+
+
+def create(ledger: Ledger, request: TransferRequest) -> Transfer:
+    return asyncio.run(ledger.create_transfer(request))
 
 
 # -- seed -----------------------------------------------------------------------------------
@@ -68,7 +72,7 @@ def test_seed_is_idempotent(ledger: Ledger, repository: LedgerRepository) -> Non
 def test_allowed_transfer_moves_money_with_two_postings_summing_to_zero(
     ledger: Ledger, repository: LedgerRepository, risk: FakeRisk
 ) -> None:
-    transfer = ledger.create_transfer(transfer_request())
+    transfer = create(ledger, transfer_request())
     assert transfer.status is TransferStatus.POSTED
     assert not transfer.replayed
     assert transfer.assessment == risk.answer
@@ -85,12 +89,13 @@ def test_allowed_transfer_moves_money_with_two_postings_summing_to_zero(
 
 
 def test_money_may_go_to_another_customers_account_but_not_from_it(ledger: Ledger) -> None:
-    assert ledger.create_transfer(transfer_request()).status is TransferStatus.POSTED
+    assert create(ledger, transfer_request()).status is TransferStatus.POSTED
     with pytest.raises(
         NotOwnerError, match="account acc-bob-cny does not belong to customer alice"
     ):
-        ledger.create_transfer(
-            transfer_request(idempotency_key="key-2", from_account=BOB_CNY, to_account=ALICE_CNY)
+        create(
+            ledger,
+            transfer_request(idempotency_key="key-2", from_account=BOB_CNY, to_account=ALICE_CNY),
         )
 
 
@@ -100,9 +105,9 @@ def test_money_may_go_to_another_customers_account_but_not_from_it(ledger: Ledge
 def test_replay_returns_the_first_answer_and_posts_nothing(
     ledger: Ledger, repository: LedgerRepository, risk: FakeRisk
 ) -> None:
-    first = ledger.create_transfer(transfer_request())
+    first = create(ledger, transfer_request())
     after_first = balances(repository)
-    replay = ledger.create_transfer(transfer_request())
+    replay = create(ledger, transfer_request())
     assert replay == replace(first, replayed=True)
     assert balances(repository) == after_first
     assert posting_count(repository) == 8
@@ -110,9 +115,9 @@ def test_replay_returns_the_first_answer_and_posts_nothing(
 
 
 def test_replay_works_while_risk_is_down(ledger: Ledger, risk: FakeRisk) -> None:
-    first = ledger.create_transfer(transfer_request())
+    first = create(ledger, transfer_request())
     risk.unavailable = True
-    assert ledger.create_transfer(transfer_request()).id == first.id
+    assert create(ledger, transfer_request()).id == first.id
 
 
 @pytest.mark.parametrize(
@@ -126,17 +131,17 @@ def test_replay_works_while_risk_is_down(ledger: Ledger, risk: FakeRisk) -> None
 def test_reusing_a_key_for_another_request_is_refused(
     ledger: Ledger, repository: LedgerRepository, change: dict[str, object]
 ) -> None:
-    ledger.create_transfer(transfer_request())
+    create(ledger, transfer_request())
     before = balances(repository)
     with pytest.raises(IdempotencyConflictError, match="was already used for another request"):
-        ledger.create_transfer(transfer_request(**change))
+        create(ledger, transfer_request(**change))
     assert balances(repository) == before
 
 
 def test_keys_are_per_customer(ledger: Ledger) -> None:
-    alices = ledger.create_transfer(transfer_request())
-    bobs = ledger.create_transfer(
-        transfer_request(customer="bob", from_account=BOB_CNY, to_account=ALICE_CNY)
+    alices = create(ledger, transfer_request())
+    bobs = create(
+        ledger, transfer_request(customer="bob", from_account=BOB_CNY, to_account=ALICE_CNY)
     )
     assert bobs.id != alices.id
     assert not bobs.replayed
@@ -149,19 +154,19 @@ def test_insufficient_funds_is_stored_as_rejected_and_replayed_as_such(
     ledger: Ledger, repository: LedgerRepository
 ) -> None:
     too_much = transfer_request(from_account=ALICE_SAVINGS, amount_minor=250_001)
-    rejected = ledger.create_transfer(too_much)
+    rejected = create(ledger, too_much)
     assert rejected.status is TransferStatus.REJECTED
     assert rejected.rejection_reason is RejectionReason.INSUFFICIENT_FUNDS
     assert balances(repository) == SEEDED
     assert postings_of(repository, rejected) == {}
     # Money arriving later does not change the stored answer to that request.
-    ledger.create_transfer(transfer_request(idempotency_key="top-up", to_account=ALICE_SAVINGS))
-    assert ledger.create_transfer(too_much) == replace(rejected, replayed=True)
+    create(ledger, transfer_request(idempotency_key="top-up", to_account=ALICE_SAVINGS))
+    assert create(ledger, too_much) == replace(rejected, replayed=True)
 
 
 def test_the_whole_balance_may_be_sent(ledger: Ledger, repository: LedgerRepository) -> None:
     everything = transfer_request(from_account=ALICE_SAVINGS, amount_minor=250_000)
-    assert ledger.create_transfer(everything).status is TransferStatus.POSTED
+    assert create(ledger, everything).status is TransferStatus.POSTED
     assert balances(repository)[ALICE_SAVINGS] == 0
 
 
@@ -169,7 +174,7 @@ def test_review_holds_the_transfer_without_postings(
     ledger: Ledger, repository: LedgerRepository, risk: FakeRisk
 ) -> None:
     risk.answer_with(Decision.REVIEW, "amount_above_review_threshold", score=60)
-    held = ledger.create_transfer(transfer_request())
+    held = create(ledger, transfer_request())
     assert held.status is TransferStatus.REVIEW
     assert held.rejection_reason is None
     assert held.assessment == risk.answer
@@ -182,7 +187,7 @@ def test_deny_rejects_with_the_risk_reasons_and_no_postings(
     ledger: Ledger, repository: LedgerRepository, risk: FakeRisk
 ) -> None:
     risk.answer_with(Decision.DENY, "blocklisted_account", "velocity", score=95)
-    denied = ledger.create_transfer(transfer_request())
+    denied = create(ledger, transfer_request())
     assert denied.status is TransferStatus.REJECTED
     assert denied.rejection_reason is RejectionReason.RISK_DENIED
     assert denied.assessment is not None
@@ -196,11 +201,11 @@ def test_risk_unavailable_stores_nothing_so_a_retry_can_succeed(
 ) -> None:
     risk.unavailable = True
     with pytest.raises(RiskUnavailableError, match="risk service unavailable"):
-        ledger.create_transfer(transfer_request())
+        create(ledger, transfer_request())
     assert repository.transfer_by_key("alice", "key-1") is None
     assert balances(repository) == SEEDED
     risk.unavailable = False
-    retried = ledger.create_transfer(transfer_request())
+    retried = create(ledger, transfer_request())
     assert (retried.status, retried.replayed) == (TransferStatus.POSTED, False)
 
 
@@ -230,13 +235,13 @@ def test_invalid_requests_are_refused_before_risk_is_asked(
     ledger: Ledger, risk: FakeRisk, change: dict[str, object], message: str
 ) -> None:
     with pytest.raises(InvalidRequestError, match=message):
-        ledger.create_transfer(transfer_request(**change))
+        create(ledger, transfer_request(**change))
     assert risk.calls == []
 
 
 def test_longest_key_and_largest_amount_are_accepted(ledger: Ledger) -> None:
-    transfer = ledger.create_transfer(
-        transfer_request(idempotency_key="k" * 128, amount_minor=MAX_AMOUNT_MINOR)
+    transfer = create(
+        ledger, transfer_request(idempotency_key="k" * 128, amount_minor=MAX_AMOUNT_MINOR)
     )
     assert transfer.rejection_reason is RejectionReason.INSUFFICIENT_FUNDS
 
@@ -258,7 +263,7 @@ def test_accounts_must_exist_and_the_source_must_be_the_customers(
     message: str,
 ) -> None:
     with pytest.raises(error, match=message):
-        ledger.create_transfer(transfer_request(**change))
+        create(ledger, transfer_request(**change))
     assert risk.calls == []
 
 
@@ -281,7 +286,7 @@ def test_account_reads_are_limited_to_the_owner(ledger: Ledger) -> None:
 
 
 def test_someone_elses_transfer_reads_like_a_missing_one(ledger: Ledger) -> None:
-    transfer = ledger.create_transfer(transfer_request())
+    transfer = create(ledger, transfer_request())
     assert ledger.transfer("alice", transfer.id) == transfer
     with pytest.raises(NotFoundError) as of_someone_else:
         ledger.transfer("bob", transfer.id)
@@ -292,9 +297,9 @@ def test_someone_elses_transfer_reads_like_a_missing_one(ledger: Ledger) -> None
 
 def test_transactions_newest_first_and_filtered_by_day(ledger: Ledger, clock: FakeClock) -> None:
     clock.advance(2 * DAY)  # 2024-05-03
-    first = ledger.create_transfer(transfer_request(amount_minor=100))
+    first = create(ledger, transfer_request(amount_minor=100))
     clock.advance(2 * DAY)  # 2024-05-05
-    second = ledger.create_transfer(transfer_request(idempotency_key="key-2", amount_minor=200))
+    second = create(ledger, transfer_request(idempotency_key="key-2", amount_minor=200))
 
     everything = ledger.transactions("alice", ALICE_CNY, "")
     assert [(t.transfer_id, t.amount_minor, t.balance_after_minor) for t in everything] == [
@@ -324,13 +329,18 @@ def test_invalid_from_date_is_refused(ledger: Ledger, text: str) -> None:
 
 
 def test_concurrent_transfers_never_overdraw(ledger: Ledger, repository: LedgerRepository) -> None:
-    def send(number: int) -> Transfer:
-        return ledger.create_transfer(
-            transfer_request(idempotency_key=f"key-{number}", amount_minor=100_000)
+    # All on one event loop, as the server runs them; their writes run in worker threads at once.
+    async def send_all() -> list[Transfer]:
+        return await asyncio.gather(
+            *(
+                ledger.create_transfer(
+                    transfer_request(idempotency_key=f"key-{number}", amount_minor=100_000)
+                )
+                for number in range(20)
+            )
         )
 
-    with ThreadPoolExecutor(max_workers=20) as pool:
-        transfers = list(pool.map(send, range(20)))
+    transfers = asyncio.run(send_all())
 
     statuses = [t.status for t in transfers]
     assert statuses.count(TransferStatus.POSTED) == 10
@@ -349,11 +359,14 @@ def test_concurrent_duplicates_post_once(
 ) -> None:
     racers = 8
     # Every racer has passed the replay check and is waiting on risk before any of them writes.
-    risk.before_answer = threading.Barrier(racers, timeout=5)
-    with ThreadPoolExecutor(max_workers=racers) as pool:
-        answers = list(
-            pool.map(lambda _: ledger.create_transfer(transfer_request()), range(racers))
+    risk.before_answer = asyncio.Barrier(racers)
+
+    async def race() -> list[Transfer]:
+        return await asyncio.gather(
+            *(ledger.create_transfer(transfer_request()) for _ in range(racers))
         )
+
+    answers = asyncio.run(race())
 
     assert len(risk.calls) == racers
     assert len({a.id for a in answers}) == 1

@@ -1,3 +1,5 @@
+import asyncio
+import logging
 import threading
 from collections.abc import Iterator
 from concurrent import futures
@@ -6,6 +8,7 @@ import grpc
 import pytest
 
 from services._proto import risk_pb2, risk_pb2_grpc
+from services.common.errors import ChannelClosedError
 from services.transfer_engine.adapters.risk_client import GrpcRiskAssessor
 from services.transfer_engine.domain.model import Assessment, Decision
 from services.transfer_engine.errors import RiskUnavailableError
@@ -36,17 +39,18 @@ class ScriptedRisk(risk_pb2_grpc.RiskServicer):
 
 
 class RiskServer:
+    """A real risk server (blocking grpcio, in its own threads) for the grpc.aio client."""
+
     def __init__(self, decision: str = "allow") -> None:
         self.risk = ScriptedRisk(decision)
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         risk_pb2_grpc.add_RiskServicer_to_server(self.risk, self._server)  # type: ignore[no-untyped-call]
         port = self._server.add_insecure_port("127.0.0.1:0")
         self._server.start()
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        self.target = f"127.0.0.1:{port}"
 
     def stop(self) -> None:
         self.risk.release.set()
-        self.channel.close()
         self._server.stop(grace=None)
 
 
@@ -57,14 +61,21 @@ def server() -> Iterator[RiskServer]:
     server.stop()
 
 
-def assessor_for(server: RiskServer) -> GrpcRiskAssessor:
-    return GrpcRiskAssessor(lambda: server.channel, timeout_seconds=TIMEOUT_SECONDS)
+def assess(server: RiskServer, transfer_id: str = "tr-1") -> Assessment:
+    """One assessment over a fresh grpc.aio channel, on an event loop of its own."""
+
+    async def run() -> Assessment:
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            assessor = GrpcRiskAssessor(lambda: channel, timeout_seconds=TIMEOUT_SECONDS)
+            return await assessor.assess(transfer_request(), transfer_id=transfer_id)
+
+    return asyncio.run(run())
 
 
 @pytest.mark.parametrize("decision", list(Decision))
 def test_answers_become_assessments(server: RiskServer, decision: Decision) -> None:
     server.risk.decision = decision.value
-    assessment = assessor_for(server).assess(transfer_request(), transfer_id="tr-1")
+    assessment = assess(server)
     assert assessment == Assessment(decision, ("velocity",), 42)
     [sent] = server.risk.requests
     assert sent == risk_pb2.AssessRequest(
@@ -79,40 +90,76 @@ def test_answers_become_assessments(server: RiskServer, decision: Decision) -> N
 
 def test_the_current_channel_is_used_for_every_assessment(server: RiskServer) -> None:
     replacement = RiskServer("deny")
-    current = [server.channel]
-    assessor = GrpcRiskAssessor(lambda: current[0], timeout_seconds=TIMEOUT_SECONDS)
+
+    async def run() -> tuple[Decision, Decision]:
+        async with (
+            grpc.aio.insecure_channel(server.target) as first,
+            grpc.aio.insecure_channel(replacement.target) as second,
+        ):
+            current = [first]
+            assessor = GrpcRiskAssessor(lambda: current[0], timeout_seconds=TIMEOUT_SECONDS)
+            before = await assessor.assess(transfer_request(), transfer_id="tr-1")
+            current[0] = second  # what a certificate rotation does
+            after = await assessor.assess(transfer_request(), transfer_id="tr-2")
+            return before.decision, after.decision
+
     try:
-        assert assessor.assess(transfer_request(), transfer_id="tr-1").decision is Decision.ALLOW
-        current[0] = replacement.channel  # what a certificate rotation does
-        assert assessor.assess(transfer_request(), transfer_id="tr-2").decision is Decision.DENY
+        assert asyncio.run(run()) == (Decision.ALLOW, Decision.DENY)
     finally:
         replacement.stop()
+    assert [r.transfer_id for r in server.risk.requests] == ["tr-1"]
+    assert [r.transfer_id for r in replacement.risk.requests] == ["tr-2"]
 
 
 @pytest.mark.parametrize(
     "code",
     [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.PERMISSION_DENIED],
 )
-def test_errors_fail_closed(server: RiskServer, code: grpc.StatusCode) -> None:
+def test_errors_fail_closed(
+    server: RiskServer, code: grpc.StatusCode, caplog: pytest.LogCaptureFixture
+) -> None:
     server.risk.abort_with = code
-    with pytest.raises(RiskUnavailableError, match=r"^risk service unavailable$"):
-        assessor_for(server).assess(transfer_request(), transfer_id="tr-1")
+    with (
+        caplog.at_level(logging.WARNING),
+        pytest.raises(RiskUnavailableError, match=r"^risk service unavailable$"),
+    ):
+        assess(server)
+    # The operator learns why: the status and its details are logged, not sent on.
+    assert f"risk assessment of tr-1 failed: {code} scripted failure" in caplog.messages
 
 
 def test_a_slow_answer_fails_closed(server: RiskServer) -> None:
     server.risk.stall = True
-    with pytest.raises(RiskUnavailableError):
-        assessor_for(server).assess(transfer_request(), transfer_id="tr-1")
+    with pytest.raises(RiskUnavailableError) as caught:
+        assess(server)
     assert server.risk.stalled.is_set()
+    assert isinstance(caught.value.__cause__, grpc.aio.AioRpcError)
+    assert caught.value.__cause__.code() is grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 def test_an_unknown_decision_fails_closed(server: RiskServer) -> None:
     server.risk.decision = "maybe"
     with pytest.raises(RiskUnavailableError):
-        assessor_for(server).assess(transfer_request(), transfer_id="tr-1")
+        assess(server)
 
 
 def test_a_channel_closed_by_rotation_fails_closed(server: RiskServer) -> None:
-    server.channel.close()
-    with pytest.raises(RiskUnavailableError):
-        assessor_for(server).assess(transfer_request(), transfer_id="tr-1")
+    async def run() -> Assessment:
+        channel = grpc.aio.insecure_channel(server.target)
+        await channel.close()  # retired by a rotation after the assessor fetched it
+        assessor = GrpcRiskAssessor(lambda: channel, timeout_seconds=TIMEOUT_SECONDS)
+        return await assessor.assess(transfer_request(), transfer_id="tr-1")
+
+    with pytest.raises(RiskUnavailableError) as caught:
+        asyncio.run(run())
+    assert isinstance(caught.value.__cause__, grpc.aio.UsageError)
+    assert server.risk.requests == []
+
+
+def test_a_channel_closed_by_shutdown_fails_closed() -> None:
+    def closed() -> grpc.aio.Channel:
+        raise ChannelClosedError("the channel to risk is closed")  # AioMtlsChannel after aclose
+
+    assessor = GrpcRiskAssessor(closed, timeout_seconds=TIMEOUT_SECONDS)
+    with pytest.raises(RiskUnavailableError, match=r"^risk service unavailable$"):
+        asyncio.run(assessor.assess(transfer_request(), transfer_id="tr-1"))

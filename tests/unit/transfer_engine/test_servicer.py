@@ -1,5 +1,7 @@
-from collections.abc import Callable, Iterator
+import asyncio
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import grpc
 import pytest
@@ -61,7 +63,7 @@ def create_request(**fields: object) -> pb.CreateTransferRequest:
     return pb.CreateTransferRequest(**(body | fields))  # type: ignore[arg-type]
 
 
-Call = Callable[[TransferEngineService, FakeServicerContext], Message]
+Call = Callable[[TransferEngineService, FakeServicerContext], Coroutine[Any, Any, Message]]
 
 EVERY_METHOD: dict[str, Call] = {
     "ListAccounts": lambda s, c: s.ListAccounts(pb.ListAccountsRequest(customer="alice"), c),
@@ -80,12 +82,12 @@ EVERY_METHOD: dict[str, Call] = {
 
 def refusal(service: TransferEngineService, call: Call) -> Aborted:
     with pytest.raises(Aborted) as aborted:
-        call(service, FakeServicerContext())
+        asyncio.run(call(service, FakeServicerContext()))
     return aborted.value
 
 
 def create(service: TransferEngineService, **fields: object) -> pb.Transfer:
-    return service.CreateTransfer(create_request(**fields), FakeServicerContext())
+    return asyncio.run(service.CreateTransfer(create_request(**fields), FakeServicerContext()))
 
 
 # -- who may call ---------------------------------------------------------------------------
@@ -122,7 +124,7 @@ def test_a_request_without_a_verified_peer_is_refused(
 
 @pytest.mark.parametrize("method", EVERY_METHOD)
 def test_the_gateway_is_served(service: TransferEngineService, method: str) -> None:
-    assert EVERY_METHOD[method](service, FakeServicerContext()).ByteSize() > 0
+    assert asyncio.run(EVERY_METHOD[method](service, FakeServicerContext())).ByteSize() > 0
 
 
 @pytest.mark.parametrize(
@@ -149,17 +151,19 @@ def test_an_empty_customer_is_invalid(service: TransferEngineService, call: Call
 
 def test_accounts_and_transactions(service: TransferEngineService) -> None:
     context = FakeServicerContext()
-    listed = service.ListAccounts(pb.ListAccountsRequest(customer="alice"), context)
+    listed = asyncio.run(service.ListAccounts(pb.ListAccountsRequest(customer="alice"), context))
     assert [(a.id, a.name, a.balance_minor, a.currency, a.customer) for a in listed.accounts] == [
         ("acc-alice-cny", "Alice current", 1_000_000, "CNY", "alice"),
         ("acc-alice-savings", "Alice savings", 250_000, "CNY", "alice"),
     ]
     transfer = create(service)
-    history = service.ListTransactions(
-        pb.ListTransactionsRequest(
-            customer="bob", account_id="acc-bob-cny", from_date="2024-05-01"
-        ),
-        context,
+    history = asyncio.run(
+        service.ListTransactions(
+            pb.ListTransactionsRequest(
+                customer="bob", account_id="acc-bob-cny", from_date="2024-05-01"
+            ),
+            context,
+        )
     )
     assert [
         (t.transfer_id, t.amount_minor, t.counterparty_account, t.balance_after_minor)
@@ -186,8 +190,11 @@ def test_posted_transfer_and_its_replay(service: TransferEngineService) -> None:
     assert transfer.idempotency_key == "key-1"
     replay = create(service)
     assert (replay.id, replay.status, replay.replayed) == (transfer.id, "posted", True)
-    fetched = service.GetTransfer(
-        pb.GetTransferRequest(customer="alice", transfer_id=transfer.id), FakeServicerContext()
+    fetched = asyncio.run(
+        service.GetTransfer(
+            pb.GetTransferRequest(customer="alice", transfer_id=transfer.id),
+            FakeServicerContext(),
+        )
     )
     assert fetched == transfer
 
@@ -207,9 +214,11 @@ def test_rejections_are_answers_not_errors(service: TransferEngineService, risk:
 
 
 def test_opening_transfers_carry_no_risk_assessment(service: TransferEngineService) -> None:
-    opening = service.GetTransfer(
-        pb.GetTransferRequest(customer="bob", transfer_id="tr-opening-acc-bob-cny"),
-        FakeServicerContext(),
+    opening = asyncio.run(
+        service.GetTransfer(
+            pb.GetTransferRequest(customer="bob", transfer_id="tr-opening-acc-bob-cny"),
+            FakeServicerContext(),
+        )
     )
     assert (opening.from_account, opening.amount_minor) == ("acc-bank-equity", 500_000)
     assert not opening.HasField("risk")

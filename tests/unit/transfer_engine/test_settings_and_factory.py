@@ -1,3 +1,4 @@
+import asyncio
 import stat
 from pathlib import Path
 
@@ -39,7 +40,7 @@ def test_invalid_risk_timeout(monkeypatch: pytest.MonkeyPatch, value: str) -> No
 def test_factory_opens_and_seeds_the_ledger_without_calling_risk(tmp_path: Path) -> None:
     settings = load_settings(TransferEngineSettings, home=tmp_path)
 
-    def no_channel_yet() -> grpc.Channel:
+    def no_channel_yet() -> grpc.aio.Channel:
         raise AssertionError("risk is asked only when a transfer is made")
 
     service = build_transfer_engine_service(settings, no_channel_yet)
@@ -47,9 +48,10 @@ def test_factory_opens_and_seeds_the_ledger_without_calling_risk(tmp_path: Path)
     gateway = PeerIdentity(GATEWAY.spiffe_id(settings.trust_domain), "0a", "ff" * 32, "")
     token = set_current_peer(gateway)
     try:
-        accounts = service.ListAccounts(
-            pb.ListAccountsRequest(customer="bob"), FakeServicerContext()
-        ).accounts
+        reply = asyncio.run(
+            service.ListAccounts(pb.ListAccountsRequest(customer="bob"), FakeServicerContext())
+        )
+        accounts = reply.accounts
     finally:
         reset_current_peer(token)
     assert [(a.id, a.balance_minor) for a in accounts] == [("acc-bob-cny", 500_000)]

@@ -1,3 +1,4 @@
+import asyncio
 import sqlite3
 import stat
 from collections.abc import Iterator
@@ -9,7 +10,7 @@ import pytest
 from services.transfer_engine.adapters import sqlite_ledger
 from services.transfer_engine.adapters.sqlite_ledger import SqliteLedgerRepository
 from services.transfer_engine.domain.ledger import Ledger
-from services.transfer_engine.domain.model import TransferStatus
+from services.transfer_engine.domain.model import Transfer, TransferStatus
 from services.transfer_engine.errors import LedgerBusyError
 from tests.unit.transfer_engine.fakes import FakeClock, FakeRisk
 from tests.unit.transfer_engine.support import SEEDED, balances, transfer_request
@@ -25,6 +26,10 @@ def raw(ledger_path: Path, ledger: Ledger) -> Iterator[sqlite3.Connection]:
     """A second connection to the seeded file, as an operator (or a crash) would see it."""
     with closing(sqlite3.connect(ledger_path, isolation_level=None)) as db:
         yield db
+
+
+def create(ledger: Ledger) -> Transfer:
+    return asyncio.run(ledger.create_transfer(transfer_request()))
 
 
 def count(db: sqlite3.Connection, table: str) -> int:
@@ -69,13 +74,13 @@ def test_crash_between_the_two_postings_leaves_nothing(
         " BEGIN SELECT RAISE(ABORT, 'injected crash'); END"
     )
     with pytest.raises(sqlite3.IntegrityError, match="injected crash"):
-        ledger.create_transfer(transfer_request())
+        create(ledger)
 
     assert balances(repository) == SEEDED
     assert count(raw, "postings") == 6
     assert repository.transfer_by_key("alice", "key-1") is None
     raw.execute("DROP TRIGGER crash_on_second_posting")
-    assert ledger.create_transfer(transfer_request()).status is TransferStatus.POSTED
+    assert create(ledger).status is TransferStatus.POSTED
 
 
 def test_a_writer_that_stays_locked_out_gets_busy(
@@ -84,7 +89,7 @@ def test_a_writer_that_stays_locked_out_gets_busy(
     monkeypatch.setattr(sqlite_ledger, "BUSY_TIMEOUT_SECONDS", 0.05)
     raw.execute("BEGIN IMMEDIATE")
     with pytest.raises(LedgerBusyError, match="the ledger is busy"):
-        ledger.create_transfer(transfer_request())
+        create(ledger)
     assert ledger.account("alice", "acc-alice-cny").balance_minor == 1_000_000  # WAL: reads go on
     raw.execute("ROLLBACK")
-    assert ledger.create_transfer(transfer_request()).status is TransferStatus.POSTED
+    assert create(ledger).status is TransferStatus.POSTED
