@@ -28,7 +28,7 @@ def submit_decision(
 ) -> Future[None]:
     """Count the decision and queue its audit record; the future completes once it is on disk
     (threaded servers wait on it, the event loop awaits it)."""
-    telemetry.authz_decisions.add(1, {"service": service, "decision": decision})
+    telemetry.authz_decisions.add(service, decision)
     return audit.submit(
         AuditRecord(
             caller_spiffe_id=str(peer.spiffe_id) if peer else None,
