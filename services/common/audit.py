@@ -47,6 +47,14 @@ class AuditClosedError(RuntimeError):
     """A record was submitted to a closed audit log: it is not written."""
 
 
+def _uncancellable() -> Future[None]:
+    # Running futures refuse cancel(): a waiter that gives up (asyncio.wrap_future passes its
+    # cancellation on) must not cancel what other waiters of the same sync wait for.
+    done: Future[None] = Future()
+    done.set_running_or_notify_cancel()
+    return done
+
+
 class AuditLog:
     def __init__(self, path: Path, *, fsync: bool = True) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -54,24 +62,26 @@ class AuditLog:
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, AUDIT_MODE)
         self._fsync = fsync
         self._wake = threading.Condition()
-        self._pending: list[tuple[bytes, Future[None]]] = []
+        # The records of the next group commit, and the one future they all complete with.
+        self._pending: list[bytes] = []
+        self._pending_written = _uncancellable()
         self._closed = False
         self._writer = threading.Thread(target=self._write_loop, name="audit-writer", daemon=True)
         self._writer.start()
 
     def submit(self, record: AuditRecord) -> Future[None]:
-        """Queue ``record``; the future completes once it is written (and synced)."""
+        """Queue ``record``; the future completes once it is written (and synced).  Records of
+        one group commit share their future: one completion per sync, not one per record."""
         # The fields are flat values: no asdict(), whose deep copy cost most of a decision.
         line = {"time": datetime.now(UTC).isoformat(timespec="milliseconds")}
         line.update({name: getattr(record, name) for name in _FIELD_NAMES})
         data = (json.dumps(line, separators=(",", ":")) + "\n").encode()
-        written: Future[None] = Future()
         with self._wake:
             if self._closed:
                 raise AuditClosedError(f"audit log {self.path} is closed")
-            self._pending.append((data, written))
+            self._pending.append(data)
             self._wake.notify()
-        return written
+            return self._pending_written
 
     def record(self, record: AuditRecord) -> None:
         """Write ``record``; returns once it is on disk, raises if it could not be written."""
@@ -82,21 +92,20 @@ class AuditLog:
             with self._wake:
                 while not self._pending and not self._closed:
                     self._wake.wait()
-                batch, self._pending = self._pending, []
+                batch, written = self._pending, self._pending_written
                 if not batch:
                     return
+                self._pending, self._pending_written = [], _uncancellable()
             try:
-                data = memoryview(b"".join(line for line, _ in batch))
+                data = memoryview(b"".join(batch))
                 while data:
                     data = data[os.write(self._fd, data) :]
                 if self._fsync:
                     os.fsync(self._fd)
             except OSError as error:
-                for _, written in batch:
-                    written.set_exception(error)
+                written.set_exception(error)
             else:
-                for _, written in batch:
-                    written.set_result(None)
+                written.set_result(None)
 
     def close(self) -> None:
         """Write what was submitted, then close; later submissions are refused."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import stat
@@ -226,3 +227,38 @@ def test_a_closed_log_refuses_records(tmp_path: Path) -> None:
     with pytest.raises(AuditClosedError):
         log.record(RECORD)
     assert len(read_lines(tmp_path / "svc.jsonl")) == 1
+
+
+def test_a_waiter_that_gives_up_cancels_nobody_elses_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request cancelled while it awaits its record (client gone, deadline) passes the
+    cancellation on to the audit future (asyncio.wrap_future does): the record is still
+    written, the other waiters of that sync still hear of it, and the writer goes on."""
+    syncing = threading.Event()
+    release = threading.Event()
+    real_fsync = os.fsync
+
+    def held_fsync(fd: int) -> None:
+        syncing.set()
+        release.wait(5)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", held_fsync)
+    path = tmp_path / "svc.jsonl"
+    log = AuditLog(path, fsync=True)
+    log.submit(replace(RECORD, source_port=1))
+    assert syncing.wait(5)  # the writer now holds the first sync
+
+    async def give_up_on_one() -> None:
+        impatient = asyncio.wrap_future(log.submit(replace(RECORD, source_port=2)))
+        patient = asyncio.wrap_future(log.submit(replace(RECORD, source_port=3)))
+        impatient.cancel()
+        await asyncio.sleep(0)  # the cancellation reaches the concurrent future
+        release.set()
+        await asyncio.wait_for(patient, 5)
+
+    asyncio.run(give_up_on_one())
+    log.record(replace(RECORD, source_port=4))  # the writer is still alive
+    log.close()
+    assert [line["source_port"] for line in read_lines(path)] == [1, 2, 3, 4]
