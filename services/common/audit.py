@@ -13,9 +13,11 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
+from json.encoder import encode_basestring_ascii
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -47,6 +49,31 @@ class AuditClosedError(RuntimeError):
     """A record was submitted to a closed audit log: it is not written."""
 
 
+_FIELD_PREFIXES = tuple((f',"{name}":', name) for name in _FIELD_NAMES)
+
+
+def _json_value(value: object) -> str:
+    if value is None:
+        return "null"
+    if type(value) is str:
+        return encode_basestring_ascii(value)
+    if type(value) is int:
+        return str(value)
+    return json.dumps(value)
+
+
+def _line(at: float, record: AuditRecord) -> bytes:
+    """The record as one JSON line, what ``json.dumps`` would write (same escaping), built by
+    hand: the writer formats every record, and a dict through ``json.dumps`` cost 2.5 times as
+    much."""
+    parts = ['{"time":"', datetime.fromtimestamp(at, UTC).isoformat(timespec="milliseconds"), '"']
+    for prefix, name in _FIELD_PREFIXES:
+        parts.append(prefix)
+        parts.append(_json_value(getattr(record, name)))
+    parts.append("}\n")
+    return "".join(parts).encode()
+
+
 def _uncancellable() -> Future[None]:
     # Running futures refuse cancel(): a waiter that gives up (asyncio.wrap_future passes its
     # cancellation on) must not cancel what other waiters of the same sync wait for.
@@ -63,7 +90,7 @@ class AuditLog:
         self._fsync = fsync
         self._wake = threading.Condition()
         # The records of the next group commit, and the one future they all complete with.
-        self._pending: list[bytes] = []
+        self._pending: list[tuple[float, AuditRecord]] = []
         self._pending_written = _uncancellable()
         self._closed = False
         self._writer = threading.Thread(target=self._write_loop, name="audit-writer", daemon=True)
@@ -72,14 +99,11 @@ class AuditLog:
     def submit(self, record: AuditRecord) -> Future[None]:
         """Queue ``record``; the future completes once it is written (and synced).  Records of
         one group commit share their future: one completion per sync, not one per record."""
-        # The fields are flat values: no asdict(), whose deep copy cost most of a decision.
-        line = {"time": datetime.now(UTC).isoformat(timespec="milliseconds")}
-        line.update({name: getattr(record, name) for name in _FIELD_NAMES})
-        data = (json.dumps(line, separators=(",", ":")) + "\n").encode()
+        # Stamped now, formatted by the writer: the caller's share of a decision stays small.
         with self._wake:
             if self._closed:
                 raise AuditClosedError(f"audit log {self.path} is closed")
-            self._pending.append(data)
+            self._pending.append((time.time(), record))
             self._wake.notify()
             return self._pending_written
 
@@ -97,7 +121,7 @@ class AuditLog:
                     return
                 self._pending, self._pending_written = [], _uncancellable()
             try:
-                data = memoryview(b"".join(batch))
+                data = memoryview(b"".join(_line(at, record) for at, record in batch))
                 while data:
                     data = data[os.write(self._fd, data) :]
                 if self._fsync:

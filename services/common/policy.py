@@ -22,6 +22,7 @@ import fnmatch
 import json
 import logging
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ logger = logging.getLogger(__name__)
 
 RELOAD_CHECK_SECONDS = 0.5
 HEALTH_METHODS = ("/grpc.health.v1.Health/*", "GET /healthz")
+_HEALTH = re.compile("|".join(fnmatch.translate(pattern) for pattern in HEALTH_METHODS))
+DECISION_CACHE_SIZE = 4096
 
 
 class PolicyError(CommonError):
@@ -120,6 +123,9 @@ class Policy:
         self._stamp: object = None
         self._rules: tuple[Rule, ...] = ()
         self._broken: str | None = None
+        # Decisions by (service, method, caller) for the rules loaded now: replaced, never
+        # cleared, on reload, so a decision made under the old rules never lands in it.
+        self._decided: dict[tuple[str, str, str], Decision] = {}
         self._reload()
         if self._broken is not None:
             raise PolicyError(self._broken)
@@ -131,6 +137,7 @@ class Policy:
                 return
             self._rules = parse_policy(self._source.read(), self._trust_domain)
             self._stamp, self._broken = stamp, None
+            self._decided = {}
             logger.info(
                 "policy loaded from %s: %d rules", self._source.describe(), len(self._rules)
             )
@@ -141,6 +148,7 @@ class Policy:
                 )
             self._broken = f"policy unavailable: {error}"
             self._stamp = None
+            self._decided = {}
 
     @property
     def source(self) -> PolicySource:
@@ -156,15 +164,25 @@ class Policy:
 
     def decide(self, service: str, method: str, caller: SpiffeId) -> Decision:
         self._fresh()
-        if any(fnmatch.fnmatchcase(method, pattern) for pattern in HEALTH_METHODS):
+        decided = self._decided
+        key = (service, method, str(caller))
+        decision = decided.get(key)
+        if decision is None:
+            decision = self._decide(*key)
+            if len(decided) >= DECISION_CACHE_SIZE:  # gateway methods carry resource IDs
+                decided.clear()
+            decided[key] = decision
+        return decision
+
+    def _decide(self, service: str, method: str, caller: str) -> Decision:
+        if _HEALTH.fullmatch(method):
             # Health answers any verified SVID of the trust domain (the peer is already checked).
             return Decision(True, "health check")
         if self._broken is not None:
             return Decision(False, self._broken)
-        caller_text = str(caller)
         for rule in self._rules:
-            if rule.service != service or caller_text not in rule.callers:
+            if rule.service != service or caller not in rule.callers:
                 continue
             if any(fnmatch.fnmatchcase(method, pattern) for pattern in rule.methods):
                 return Decision(True, f"allowed by policy rule for {service}")
-        return Decision(False, f"no policy rule allows {caller_text} to call {service} {method}")
+        return Decision(False, f"no policy rule allows {caller} to call {service} {method}")

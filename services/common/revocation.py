@@ -19,6 +19,7 @@ already open: the gateway's live HTTPS connections, the gRPC servers' open strea
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import threading
@@ -148,6 +149,12 @@ def _signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> boo
         return crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
     except (TypeError, ValueError, UnsupportedAlgorithm):
         return False
+
+
+@functools.lru_cache(maxsize=1024)
+def _issuer_der(leaf: x509.Certificate) -> bytes:
+    """A peer presents the same leaf on every call: encode its issuer once."""
+    return leaf.issuer.public_bytes()
 
 
 class RevocationWatcher:
@@ -389,7 +396,7 @@ class RevocationWatcher:
         """Raise RevokedCertificateError if ``leaf`` is revoked, RevocationUnavailableError if
         no fresh CRL of its issuing CA says it is not."""
         now = self._clock()
-        issuer = leaf.issuer.public_bytes()
+        issuer = _issuer_der(leaf)
         with self._lock:
             candidates = [crl for crl in self._crls.values() if crl.ca_subject == issuer]
         if len(candidates) > 1:

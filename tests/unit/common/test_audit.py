@@ -262,3 +262,22 @@ def test_a_waiter_that_gives_up_cancels_nobody_elses_record(
     log.record(replace(RECORD, source_port=4))  # the writer is still alive
     log.close()
     assert [line["source_port"] for line in read_lines(path)] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(
+    "reason",
+    [
+        'quote " backslash \\ newline \n tab \t',
+        "nul \x00 and del \x7f",
+        "non-ASCII é 中 \U0001f512",
+    ],
+)
+def test_awkward_text_is_escaped_as_json_dumps_would(audit: AuditLog, reason: str) -> None:
+    record = replace(RECORD, reason=reason, source_port=None)
+    audit.record(record)
+    raw = audit.path.read_bytes()
+    assert raw.count(b"\n") == 1  # still one line
+    [line] = read_lines(audit.path)
+    assert (line["reason"], line["source_port"]) == (reason, None)
+    expected = json.dumps({k: v for k, v in line.items()}, separators=(",", ":"))
+    assert raw.decode("ascii") == expected + "\n"
