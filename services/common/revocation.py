@@ -152,9 +152,9 @@ def _signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> boo
 
 
 @functools.lru_cache(maxsize=1024)
-def _issuer_der(leaf: x509.Certificate) -> bytes:
-    """A peer presents the same leaf on every call: encode its issuer once."""
-    return leaf.issuer.public_bytes()
+def _issuer_and_serial(leaf: x509.Certificate) -> tuple[bytes, int]:
+    """A peer presents the same leaf on every call: decode these once."""
+    return leaf.issuer.public_bytes(), leaf.serial_number
 
 
 class RevocationWatcher:
@@ -396,23 +396,22 @@ class RevocationWatcher:
         """Raise RevokedCertificateError if ``leaf`` is revoked, RevocationUnavailableError if
         no fresh CRL of its issuing CA says it is not."""
         now = self._clock()
-        issuer = _issuer_der(leaf)
+        issuer, serial_number = _issuer_and_serial(leaf)
         with self._lock:
             candidates = [crl for crl in self._crls.values() if crl.ca_subject == issuer]
         if len(candidates) > 1:
             candidates = [crl for crl in candidates if issued_directly_by(leaf, crl.ca)]
-        serial = format(leaf.serial_number, "x")
         if not candidates:
             raise RevocationUnavailableError(
                 f"revocation status unavailable: no CRL of the issuing CA "
-                f"{leaf.issuer.rfc4514_string()} for serial {serial}"
+                f"{leaf.issuer.rfc4514_string()} for serial {serial_number:x}"
             )
         crl = candidates[0]
-        revocation = crl.revoked.get(leaf.serial_number)
+        revocation = crl.revoked.get(serial_number)
         if revocation is not None:
             reason = f", reason {revocation.reason}" if revocation.reason else ""
             raise RevokedCertificateError(
-                f"certificate revoked: serial {serial} revoked at "
+                f"certificate revoked: serial {serial_number:x} revoked at "
                 f"{revocation.date.isoformat()} by {_ca_name(crl.ca)}{reason}"
             )
         stale = crl.stale_reason(now)
