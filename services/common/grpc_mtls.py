@@ -49,7 +49,7 @@ from services.common.revocation import (
     RevocationError,
     RevokedCertificateError,
 )
-from services.common.telemetry import Telemetry, extract_context, inject_context
+from services.common.telemetry import Telemetry, extract_context
 from services.common.tls import PeerVerifier
 
 logger = logging.getLogger(__name__)
@@ -319,14 +319,6 @@ class AuthorizationInterceptor(grpc.aio.ServerInterceptor):
         return None
 
 
-class _TracePropagation(grpc.aio.UnaryUnaryClientInterceptor):
-    async def intercept_unary_unary(
-        self, continuation: Callable[[Any, Any], Any], details: Any, request: Any
-    ) -> Any:
-        metadata = list(details.metadata or []) + inject_context()
-        return await continuation(details._replace(metadata=metadata), request)
-
-
 def _client_credentials(material: SvidMaterial) -> grpc.ChannelCredentials:
     return grpc.ssl_channel_credentials(
         root_certificates=material.bundle_pem,
@@ -353,7 +345,9 @@ class MtlsChannel:
     where to call, mTLS and the peer's SPIFFE ID decide whether to trust it.
 
     A grpc.aio channel belongs to the event loop that uses it: ``channel()`` (which builds the
-    channel on its first call after a change) and ``aclose()`` are called on that loop.
+    channel on its first call after a change) and ``aclose()`` are called on that loop.  Callers
+    pass ``telemetry.inject_context()`` as each call's metadata (a grpc.aio client interceptor
+    for it cost 7% of the gateway's time).
     """
 
     def __init__(
@@ -431,7 +425,6 @@ class MtlsChannel:
             target,
             _client_credentials(material),
             options=_channel_options(self._server_name),
-            interceptors=[_TracePropagation()],
         )
 
     async def aclose(self) -> None:

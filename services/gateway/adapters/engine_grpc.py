@@ -15,6 +15,7 @@ from services._proto import ledger_pb2
 from services._proto.ledger_pb2_grpc import TransferEngineStub
 from services.common.errors import ChannelClosedError
 from services.common.money import UnsupportedCurrencyError, currency_exponent
+from services.common.telemetry import inject_context
 from services.gateway.domain.ledger import (
     Account,
     RiskAssessment,
@@ -147,7 +148,8 @@ class GrpcTransferEngine:
         except ChannelClosedError as error:
             raise EngineUnavailableError(str(error)) from None
         try:
-            return await getattr(stub, method)(request, timeout=self._timeout)
+            call = getattr(stub, method)
+            return await call(request, timeout=self._timeout, metadata=inject_context())
         except grpc.RpcError as error:
             raise _translate(method, error) from None
 

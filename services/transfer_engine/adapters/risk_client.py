@@ -9,6 +9,7 @@ import grpc
 
 from services._proto import risk_pb2
 from services.common.errors import ChannelClosedError
+from services.common.telemetry import inject_context
 from services.transfer_engine.domain.model import Assessment, Decision, TransferRequest
 from services.transfer_engine.errors import RiskUnavailableError
 
@@ -39,7 +40,7 @@ class GrpcRiskAssessor:
                 request_serializer=risk_pb2.AssessRequest.SerializeToString,
                 response_deserializer=risk_pb2.Assessment.FromString,
             )
-            reply = await assess(message, timeout=self._timeout_seconds)
+            reply = await assess(message, timeout=self._timeout_seconds, metadata=inject_context())
         except grpc.aio.AioRpcError as error:
             logger.warning(
                 "risk assessment of %s failed: %s %s", transfer_id, error.code(), error.details()
