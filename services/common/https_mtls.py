@@ -48,6 +48,8 @@ Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 Asgi = Callable[[Scope, Receive, Send], Awaitable[None]]
 TRANSFER_METHOD = "POST /v1/transfers"
+# RFC 9110 9.2.1: requests that change nothing on the server.
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 HANDSHAKE_TIMEOUT = 10.0
 DEFAULT_MAX_IN_FLIGHT = 64
 OVERLOADED_REASON = "shed: the server is at its limit of requests in flight"
@@ -137,6 +139,16 @@ async def _send_problem(
     await send({"type": "http.response.body", "body": body})
 
 
+def _after(written: asyncio.Future[None], send: Send) -> Send:
+    """``send`` that first waits for ``written`` (an audit record's sync)."""
+
+    async def send_when_written(message: MutableMapping[str, Any]) -> None:
+        await written
+        await send(message)
+
+    return send_when_written
+
+
 class _ConnectionApp:
     """The application as seen by one verified connection."""
 
@@ -174,8 +186,17 @@ class _ConnectionApp:
                 return
             in_flight.count += 1
             try:
-                await self._audited(method, "allow", decision.reason)
-                await self._serve(scope, receive, send, method)
+                written = asyncio.wrap_future(
+                    self._guard.submit(self._facts, self._peer, method, "allow", decision.reason)
+                )
+                if scope["method"] in SAFE_METHODS:
+                    # A safe request changes nothing: it runs while its record is synced, and
+                    # nothing of its answer leaves before the record is on disk.
+                    await self._serve(scope, receive, _after(written, send), method)
+                    await written
+                else:
+                    await written
+                    await self._serve(scope, receive, send, method)
             finally:
                 in_flight.count -= 1
 

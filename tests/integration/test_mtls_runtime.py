@@ -29,8 +29,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.cli.errors import CliError
 from services.cli.teller import TellerClient
+from services.common import audit as audit_module
 from services.common import grpc_mtls
-from services.common.audit import AuditLog
+from services.common.audit import AuditLog, AuditRecord
 from services.common.errors import ChannelClosedError
 from services.common.grpc_mtls import MtlsChannel
 from services.common.https_mtls import DEFAULT_MAX_IN_FLIGHT, OVERLOADED_REASON
@@ -43,7 +44,7 @@ from services.common.revocation import RevocationWatcher
 from services.common.telemetry import Telemetry, setup_telemetry
 from services.common.tls import client_context
 from services.stack.native import StackSettings
-from tests.support.crl import build_crl, crl_server, started_watcher
+from tests.support.crl import build_crl, crl_server, started_watcher, wait_for
 from tests.support.mtls_servers import (
     ECHO,
     ENGINE_ID,
@@ -479,6 +480,56 @@ def test_https_allowed_caller_reaches_the_app_with_its_identity(
     assert record["tls_version"] == "TLSv1.3"
     assert record["cipher"] in TLS13_SUITES
     assert len(record["trace_id"]) == 32
+
+
+@pytest.mark.parametrize(("method", "runs_before_the_sync"), [("GET", True), ("POST", False)])
+def test_https_answers_leave_only_after_their_audit_record_is_written(
+    authority: Authority,
+    https_server: HttpsServer,
+    monkeypatch: pytest.MonkeyPatch,
+    method: str,
+    runs_before_the_sync: bool,
+) -> None:
+    """While an allowed request's record is held in the audit writer, no answer leaves; a safe
+    request's handler runs meanwhile, any other waits for the record first."""
+    hold, held, release = threading.Event(), threading.Event(), threading.Event()
+    real_line = audit_module._line
+
+    def held_line(at: float, record: AuditRecord) -> bytes:
+        if hold.is_set():
+            held.set()
+            release.wait(TIMEOUT)
+        return real_line(at, record)
+
+    monkeypatch.setattr(audit_module, "_line", held_line)
+    connection = http.client.HTTPSConnection(
+        "127.0.0.1", https_server.port, context=client_context(authority.svid(TELLER_ID))
+    )
+    connection.request("GET", "/v1/warm")  # the handshake and a first request, not held
+    assert connection.getresponse().read()
+    answers: list[int] = []
+
+    def ask() -> None:
+        connection.request(method, "/v1/held")
+        response = connection.getresponse()
+        response.read()
+        answers.append(response.status)
+
+    hold.set()
+    asker = threading.Thread(target=ask)
+    asker.start()
+    try:
+        assert held.wait(TIMEOUT)
+        ran = wait_for(lambda: ("http", "/v1/held") in https_server.app.seen, 0.5)
+        assert ran is runs_before_the_sync
+        assert answers == []  # nothing left while the record was not written
+    finally:
+        release.set()
+        asker.join(TIMEOUT)
+        connection.close()
+    assert answers == [200]
+    assert ("http", "/v1/held") in https_server.app.seen
+    assert audit_records(https_server.audit)[-1]["method"] == f"{method} /v1/held"
 
 
 def test_https_caller_not_in_policy_gets_403_problem(
