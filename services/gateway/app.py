@@ -19,7 +19,7 @@ from services.gateway.domain.tokens import Clock, CustomerTokens, utc_now
 from services.gateway.settings import GatewaySettings
 from services.gateway.transport.limits import BodyLimit
 from services.gateway.transport.problems import install_problem_handlers
-from services.gateway.transport.routes import create_router
+from services.gateway.transport.routes import BEARER_SCHEME, create_router
 from services.gateway.transport.schemas import RejectedTransferProblem, ValidationProblem
 
 TITLE = "ztbank gateway"
@@ -30,12 +30,14 @@ MAX_BODY_BYTES = 16 * 1024
 
 class _GatewayApi(FastAPI):
     def openapi(self) -> dict[str, Any]:
-        # Problem responses are referenced by hand (FastAPI files models under application/json
-        # only), so their schemas are added to the generated document here.
+        # Problem responses and the bearer scheme are referenced by hand (FastAPI files models
+        # under application/json only), so their schemas are added to the generated document.
         if self.openapi_schema is None:
             document = super().openapi()  # cached in self.openapi_schema
-            schemas = document.setdefault("components", {}).setdefault("schemas", {})
+            components = document.setdefault("components", {})
+            schemas = components.setdefault("schemas", {})
             schemas.update(openapi_components(Problem, ValidationProblem, RejectedTransferProblem))
+            components.setdefault("securitySchemes", {}).update(BEARER_SCHEME)
         return super().openapi()
 
 
