@@ -414,6 +414,8 @@ def mtls_server_config(
         port=port,
         http=mtls_protocol(guard, tls_context),
         ws="none",  # WebSocket upgrades would bypass the per-request guard
+        # No proxy in front: X-Forwarded-* from a local client must not rewrite who asked.
+        proxy_headers=False,
         lifespan="off",
         log_config=None,
         access_log=False,

@@ -532,6 +532,22 @@ def test_https_answers_leave_only_after_their_audit_record_is_written(
     assert audit_records(https_server.audit)[-1]["method"] == f"{method} /v1/held"
 
 
+def test_https_forwarded_headers_do_not_change_who_asked(
+    authority: Authority, https_server: HttpsServer
+) -> None:
+    """No proxy stands in front of the gateway: a local client's X-Forwarded-For is ignored."""
+    connection = http.client.HTTPSConnection(
+        "127.0.0.1", https_server.port, context=client_context(authority.svid(TELLER_ID))
+    )
+    try:
+        connection.request("GET", "/v1/accounts", headers={"X-Forwarded-For": "203.0.113.9"})
+        assert connection.getresponse().status == 200
+    finally:
+        connection.close()
+    [client] = https_server.app.clients
+    assert client[0] == "127.0.0.1"
+
+
 def test_https_caller_not_in_policy_gets_403_problem(
     authority: Authority, https_server: HttpsServer
 ) -> None:

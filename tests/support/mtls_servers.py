@@ -267,13 +267,16 @@ SLOW_SECONDS = 1.5
 
 
 class WhoAmI:
-    """The application: reports the verified peer it was handed, and notes every scope."""
+    """The application: reports the verified peer it was handed, and notes every scope and the
+    client address it was given."""
 
     def __init__(self) -> None:
         self.seen: list[tuple[str, str]] = []
+        self.clients: list[Any] = []
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.seen.append((scope["type"], scope["path"]))
+        self.clients.append(scope.get("client"))
         if scope["type"] == "websocket":
             await receive()  # websocket.connect
             await send({"type": "websocket.close", "code": 1008})
