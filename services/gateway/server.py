@@ -4,6 +4,7 @@ every request, and an mTLS channel to the transfer-engine that follows certifica
 from __future__ import annotations
 
 import asyncio
+import signal
 from dataclasses import dataclass
 
 import uvicorn
@@ -27,7 +28,14 @@ class Gateway:
     engine: MtlsChannel
 
     def run(self) -> None:
-        """Serve until SIGTERM/SIGINT (uvicorn's handlers), then close the engine channel."""
+        """Serve until SIGTERM/SIGINT (uvicorn's handlers), then close the engine channel.
+
+        uvicorn raises the signal that stopped it again once it has shut down, for the handler
+        it found; with Python's default one that would kill the process before the channel,
+        the runtime (audit, telemetry flush) are closed, so the signals are ignored outside
+        uvicorn's serving time."""
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, signal.SIG_IGN)
         with asyncio.Runner(loop_factory=self.http.config.get_loop_factory()) as runner:
             try:
                 runner.run(self.http.serve())

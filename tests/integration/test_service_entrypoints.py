@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import signal
+import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from tests.support.helpers import clean_environment, one_line
+from services.stack.sandbox import free_port
+from tests.support.helpers import clean_environment, one_line, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -33,3 +37,54 @@ def test_invalid_settings_stop_the_service_with_one_line_and_exit_2(module: str,
     assert done.returncode == 2, done.stderr
     line = one_line(done.stderr)
     assert line.startswith(f"{name}: invalid setting ZTBANK_TRUST_DOMAIN: "), line
+
+
+# The gateway's serving loop with a stand-in app and engine channel (no identity needed).
+_GATEWAY_UNTIL_SIGTERM = """
+import pathlib, sys, uvicorn
+from services.gateway.server import Gateway
+
+closed = pathlib.Path(sys.argv[2])
+
+class EngineChannel:
+    async def aclose(self) -> None:
+        closed.write_text("closed")
+
+async def app(scope, receive, send):
+    await send({"type": "http.response.start", "status": 204, "headers": []})
+    await send({"type": "http.response.body", "body": b""})
+
+config = uvicorn.Config(app, host="127.0.0.1", port=int(sys.argv[1]), lifespan="off")
+Gateway(uvicorn.Server(config), EngineChannel()).run()
+print("cleaned up after serving", flush=True)
+"""
+
+
+def test_the_gateway_closes_its_engine_channel_and_exits_0_on_sigterm(tmp_path: Path) -> None:
+    """uvicorn raises SIGTERM again after its shutdown; the gateway's cleanup must still run."""
+    port = free_port()
+    closed = tmp_path / "closed"
+    process = subprocess.Popen(
+        [sys.executable, "-c", _GATEWAY_UNTIL_SIGTERM, str(port), str(closed)],
+        env=clean_environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(lambda: _accepts(port), timeout=30, message="the gateway never listened")
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 0, stderr
+    assert closed.read_text() == "closed"
+    assert "cleaned up after serving" in stdout
+
+
+def _accepts(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
