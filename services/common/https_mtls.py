@@ -186,9 +186,7 @@ class _ConnectionApp:
                 return
             in_flight.count += 1
             try:
-                written = asyncio.wrap_future(
-                    self._guard.submit(self._facts, self._peer, method, "allow", decision.reason)
-                )
+                written = self._audited(method, "allow", decision.reason)
                 if scope["method"] in SAFE_METHODS:
                     # A safe request changes nothing: it runs while its record is synced, and
                     # nothing of its answer leaves before the record is on disk.
@@ -200,8 +198,9 @@ class _ConnectionApp:
             finally:
                 in_flight.count -= 1
 
-    async def _audited(self, method: str, decision: str, reason: str) -> None:
-        await asyncio.wrap_future(
+    def _audited(self, method: str, decision: str, reason: str) -> asyncio.Future[None]:
+        """The decision's record, queued; the future completes once it is on disk."""
+        return asyncio.wrap_future(
             self._guard.submit(self._facts, self._peer, method, decision, reason)
         )
 

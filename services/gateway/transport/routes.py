@@ -6,8 +6,9 @@ must evaluate the annotations that name the dependencies local to ``create_route
 """
 
 import re
+from collections.abc import Callable
 from datetime import date
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
@@ -37,6 +38,7 @@ from services.gateway.transport.schemas import (
 )
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
+Endpoint = TypeVar("Endpoint", bound=Callable[..., Any])
 # OpenAPI: the customer token, as fastapi.security.HTTPBearer would document it.
 BEARER_SCHEME: dict[str, Any] = {
     "HTTPBearer": {
@@ -112,6 +114,10 @@ def _transfer_response(transfer: Transfer, instance: str) -> Response:
 def create_router(*, banking: Banking, tokens: CustomerTokens, teller_id: SpiffeId) -> APIRouter:
     router = APIRouter()
 
+    def customer_read(path: str, tag: str) -> Callable[[Endpoint], Endpoint]:
+        """GET of a customer's own data: bearer token documented, the usual refusals."""
+        return router.get(path, tags=[tag], responses=_CUSTOMER_READ, openapi_extra=SECURED)
+
     async def authenticated_customer(request: Request) -> str:
         # The header is read here rather than through fastapi.security.HTTPBearer: a nested
         # dependency cost a third of the dependency solving on every request.  The scheme is
@@ -150,30 +156,20 @@ def create_router(*, banking: Banking, tokens: CustomerTokens, teller_id: Spiffe
         response.headers["Cache-Control"] = "no-store"
         return TokenResponse(access_token=issued.access_token, expires_in=issued.expires_in)
 
-    @router.get("/v1/accounts", tags=["accounts"], responses=_CUSTOMER_READ, openapi_extra=SECURED)
+    @customer_read("/v1/accounts", "accounts")
     async def list_accounts(
         customer: Annotated[str, Depends(authenticated_customer)],
     ) -> AccountList:
         accounts = await banking.accounts(customer)
         return AccountList(accounts=[AccountOut.of(account) for account in accounts])
 
-    @router.get(
-        "/v1/accounts/{account_id}",
-        tags=["accounts"],
-        responses=_CUSTOMER_READ,
-        openapi_extra=SECURED,
-    )
+    @customer_read("/v1/accounts/{account_id}", "accounts")
     async def get_account(
         customer: Annotated[str, Depends(authenticated_customer)], account_id: AccountId
     ) -> AccountOut:
         return AccountOut.of(await banking.account(customer, account_id))
 
-    @router.get(
-        "/v1/accounts/{account_id}/transactions",
-        tags=["accounts"],
-        responses=_CUSTOMER_READ,
-        openapi_extra=SECURED,
-    )
+    @customer_read("/v1/accounts/{account_id}/transactions", "accounts")
     async def list_transactions(
         customer: Annotated[str, Depends(authenticated_customer)],
         account_id: AccountId,
@@ -248,12 +244,7 @@ def create_router(*, banking: Banking, tokens: CustomerTokens, teller_id: Spiffe
         location = request.url_for("get_transfer", transfer_id=transfer.id).path
         return _transfer_response(transfer, location)
 
-    @router.get(
-        "/v1/transfers/{transfer_id}",
-        tags=["transfers"],
-        responses=_CUSTOMER_READ,
-        openapi_extra=SECURED,
-    )
+    @customer_read("/v1/transfers/{transfer_id}", "transfers")
     async def get_transfer(
         customer: Annotated[str, Depends(authenticated_customer)], transfer_id: TransferId
     ) -> TransferOut:
