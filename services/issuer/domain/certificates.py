@@ -201,7 +201,7 @@ def build_x509_svid(
             ),
             critical=False,
         )
-        .add_extension(x509.SubjectAlternativeName(names), critical=True)
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
