@@ -40,6 +40,14 @@ class AuditRecord:
     decision: str  # allow | deny
     reason: str
     trace_id: str | None
+    # The encrypted-traffic audit fields of JR/T 0194-2020 (README: "Audit records").
+    event: str = "authz"  # tls_handshake | authz
+    cipher_code: str | None = None  # IANA code of ``cipher``, e.g. 0x1301
+    sni: str | None = None  # server name the client asked for
+    alpn: str | None = None  # application protocol agreed in the handshake
+    session_id: str | None = None  # the TLS connection's ID, the same in all its records
+    cert_subject: str | None = None  # client certificate subject DN (RFC 4514)
+    handshake: str = "success"  # success | fail
 
 
 _FIELD_NAMES = tuple(field.name for field in fields(AuditRecord))

@@ -4,12 +4,36 @@ and a count in the ``authz_decisions`` metric."""
 from __future__ import annotations
 
 from concurrent.futures import Future
+from dataclasses import dataclass
 
 from services.common.audit import AuditLog, AuditRecord
 from services.common.peer import PeerIdentity
 from services.common.telemetry import Telemetry, current_trace_id
 
 Endpoint = tuple[str, int | None]  # (host, port); port None when unknown
+
+TLS_HANDSHAKE_EVENT = "tls_handshake"
+AUTHZ_EVENT = "authz"
+
+
+@dataclass(frozen=True)
+class TlsFacts:
+    """What one TLS connection showed of itself; None where the transport cannot tell (grpcio
+    exposes no cipher, ALPN or connection ID; a refused handshake leaves no SNI or ALPN)."""
+
+    version: str | None = None
+    cipher: str | None = None
+    cipher_code: str | None = None
+    sni: str | None = None
+    alpn: str | None = None
+    session_id: str | None = None
+    # The client certificate's subject, when the connection's peer was not verified (a
+    # verified peer carries its own).
+    subject: str | None = None
+    handshake: str = "success"
+
+
+NO_TLS_FACTS = TlsFacts()
 
 
 def submit_decision(
@@ -23,8 +47,8 @@ def submit_decision(
     reason: str,
     source: Endpoint,
     dest: Endpoint,
-    tls_version: str | None = None,
-    cipher: str | None = None,
+    tls: TlsFacts = NO_TLS_FACTS,
+    event: str = AUTHZ_EVENT,
 ) -> Future[None]:
     """Count the decision and queue its audit record; the future completes once it is on disk
     (threaded servers wait on it, the event loop awaits it)."""
@@ -38,12 +62,19 @@ def submit_decision(
             source_port=source[1],
             dest_addr=dest[0],
             dest_port=dest[1],
-            tls_version=tls_version,
-            cipher=cipher,
+            tls_version=tls.version,
+            cipher=tls.cipher,
             service=service,
             method=method,
             decision=decision,
             reason=reason,
             trace_id=current_trace_id(),
+            event=event,
+            cipher_code=tls.cipher_code,
+            sni=tls.sni,
+            alpn=tls.alpn,
+            session_id=tls.session_id,
+            cert_subject=peer.subject if peer and peer.subject else tls.subject,
+            handshake=tls.handshake,
         )
     )

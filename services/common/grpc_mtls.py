@@ -39,7 +39,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from services.common.audit import AuditLog, split_address
-from services.common.decisions import submit_decision
+from services.common.decisions import TlsFacts, submit_decision
 from services.common.errors import ChannelClosedError, CommonError
 from services.common.identity.source import SvidMaterial, SvidSource
 from services.common.peer import PeerIdentity, reset_current_peer, set_current_peer
@@ -85,6 +85,32 @@ def server_credentials(source: SvidSource) -> grpc.ServerCredentials:
 
     return grpc.dynamic_ssl_server_credentials(
         _server_config(initial), fetch, require_client_authentication=True
+    )
+
+
+def _first(auth: Mapping[str, Any], key: str) -> bytes | None:
+    values = auth.get(key)
+    return values[0] if values else None
+
+
+@functools.lru_cache(maxsize=1024)
+def _tls_facts(version: bytes | None, sni: bytes | None, subject: bytes | None) -> TlsFacts:
+    # One object per connection's facts, not one per call.
+    return TlsFacts(
+        version=version.decode() if version else None,
+        sni=sni.decode() if sni else None,
+        subject=subject.decode() if subject else None,
+    )
+
+
+def _grpc_tls_facts(auth: Mapping[str, Any]) -> TlsFacts:
+    """What grpcio's auth context tells of the connection: the TLS version, the SNI and the
+    subject, but no cipher suite, ALPN or connection ID.  A handshake the C core refuses never
+    reaches Python: gRPC servers audit calls, not refused handshakes."""
+    return _tls_facts(
+        _first(auth, "ssl_tls_version"),
+        _first(auth, "ssl_requested_server_name"),
+        _first(auth, "x509_subject"),
     )
 
 
@@ -200,9 +226,10 @@ class AuthorizationInterceptor(grpc.aio.ServerInterceptor):
         peer: PeerIdentity | None,
         decision: str,
         reason: str,
+        *,
+        tls: TlsFacts,
     ) -> None:
-        # grpcio's auth context does not expose the negotiated version or suite.  The call
-        # waits until the record is on disk (shared with others by group commit).
+        # The call waits until the record is on disk (shared with others by group commit).
         await asyncio.wrap_future(
             submit_decision(
                 self._audit,
@@ -214,29 +241,33 @@ class AuthorizationInterceptor(grpc.aio.ServerInterceptor):
                 reason=reason,
                 source=split_address(context.peer()),
                 dest=self._local,
+                tls=tls,
             )
         )
 
     async def _authorize(
         self, method: str, context: grpc.aio.ServicerContext[Any, Any]
     ) -> PeerIdentity:
-        chain = _leaf_der(context.auth_context())
+        auth = context.auth_context()
+        tls = _grpc_tls_facts(auth)
+        chain = _leaf_der(auth)
         if chain is None:
-            await self._record(context, method, None, "deny", "no client certificate")
+            await self._record(context, method, None, "deny", "no client certificate", tls=tls)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "a client X509-SVID is required")
         try:
             peer = self._verifier.verify(chain, context.peer())
         except RevocationError as error:
-            await self._record(context, method, error.peer, "deny", str(error))
+            await self._record(context, method, error.peer, "deny", str(error), tls=tls)
             if isinstance(error, RevokedCertificateError):
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, REVOKED_DETAILS)
             await context.abort(grpc.StatusCode.UNAVAILABLE, UNAVAILABLE_DETAILS)
         except CommonError as error:
-            await self._record(context, method, None, "deny", f"invalid X509-SVID: {error}")
+            reason = f"invalid X509-SVID: {error}"
+            await self._record(context, method, None, "deny", reason, tls=tls)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"invalid X509-SVID: {error}")
         decision = self._policy.decide(self._service, method, peer.spiffe_id)
         await self._record(
-            context, method, peer, "allow" if decision.allowed else "deny", decision.reason
+            context, method, peer, "allow" if decision.allowed else "deny", decision.reason, tls=tls
         )
         if not decision.allowed:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, decision.reason)
@@ -283,7 +314,10 @@ class AuthorizationInterceptor(grpc.aio.ServerInterceptor):
                         producing.result()  # the servicer's own status (abort) included
                         return
                     producing.cancel()
-                    await self._record(context, method, peer, "deny", REVOKED_STREAM_REASON)
+                    tls = _grpc_tls_facts(context.auth_context())
+                    await self._record(
+                        context, method, peer, "deny", REVOKED_STREAM_REASON, tls=tls
+                    )
                     await context.abort(grpc.StatusCode.UNAUTHENTICATED, REVOKED_DETAILS)
                 finally:
                     producing.cancel()

@@ -18,28 +18,30 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
 import ssl
 import threading
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import uvicorn
+from cryptography import x509
 from opentelemetry import trace
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.utils import get_local_addr, get_remote_addr
 
 from services.common.audit import AuditLog
-from services.common.decisions import submit_decision
+from services.common.decisions import AUTHZ_EVENT, TLS_HANDSHAKE_EVENT, TlsFacts, submit_decision
 from services.common.errors import CommonError
 from services.common.peer import PeerIdentity, reset_current_peer, set_current_peer
 from services.common.policy import Policy
 from services.common.problem import PROBLEM_MEDIA_TYPE, problem
 from services.common.revocation import RevocationError
-from services.common.telemetry import Telemetry, extract_context
-from services.common.tls import PeerVerifier
+from services.common.telemetry import Telemetry, extract_context, record_handshake
+from services.common.tls import PeerVerifier, iana_cipher_code, requested_server_name
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +56,8 @@ HANDSHAKE_TIMEOUT = 10.0
 DEFAULT_MAX_IN_FLIGHT = 64
 OVERLOADED_REASON = "shed: the server is at its limit of requests in flight"
 CONNECTION_METHOD = "TLS connection"
+HANDSHAKE_METHOD = "TLS handshake"
+HANDSHAKE_FAILED = "fail"
 REVOKED_CONNECTION_REASON = "certificate revoked: connection closed"
 
 
@@ -63,8 +67,7 @@ class ConnectionFacts:
 
     client: tuple[str, int] | None
     server: tuple[str, int | None] | None
-    tls_version: str | None
-    cipher: str | None
+    tls: TlsFacts
 
 
 class InFlight:
@@ -94,9 +97,11 @@ class HttpsGuard:
         method: str,
         decision: str,
         reason: str,
+        *,
+        event: str = AUTHZ_EVENT,
     ) -> None:
         """Audit a decision, blocking until it is on disk (rare events: handshakes, closes)."""
-        self.submit(facts, peer, method, decision, reason).result()
+        self.submit(facts, peer, method, decision, reason, event=event).result()
 
     def submit(
         self,
@@ -105,6 +110,8 @@ class HttpsGuard:
         method: str,
         decision: str,
         reason: str,
+        *,
+        event: str = AUTHZ_EVENT,
     ) -> Future[None]:
         """Count the decision and queue its record; awaited with ``asyncio.wrap_future`` on the
         request path, so the event loop serves others while the record is synced."""
@@ -118,8 +125,8 @@ class HttpsGuard:
             reason=reason,
             source=facts.client or ("", None),
             dest=facts.server or ("", None),
-            tls_version=facts.tls_version,
-            cipher=facts.cipher,
+            tls=facts.tls,
+            event=event,
         )
 
 
@@ -280,9 +287,39 @@ class LiveConnections:
 
 
 def _reason(error: BaseException) -> str:
+    if isinstance(error, ssl.SSLCertVerificationError) and error.verify_message:
+        # The rule that failed ("certificate has expired", "... is not yet valid", "unable to
+        # get local issuer certificate"), not only OpenSSL's CERTIFICATE_VERIFY_FAILED.
+        return f"{error.reason}: {error.verify_message}"
     if isinstance(error, ssl.SSLError):
         return error.reason or error.__class__.__name__
     return str(error) or error.__class__.__name__
+
+
+def _subject_of(der: bytes | None) -> str | None:
+    """The subject DN of a certificate the SVID rules refused (it may not even parse)."""
+    if not der:
+        return None
+    try:
+        return x509.load_der_x509_certificate(der).subject.rfc4514_string()
+    except ValueError:
+        return None
+
+
+def _established(ssl_object: ssl.SSLObject | None, session_id: str, der: bytes | None) -> TlsFacts:
+    if ssl_object is None:
+        return TlsFacts(session_id=session_id)
+    cipher = ssl_object.cipher()
+    name = cipher[0] if cipher else None
+    return TlsFacts(
+        version=ssl_object.version(),
+        cipher=name,
+        cipher_code=iana_cipher_code(name),
+        sni=requested_server_name(ssl_object),
+        alpn=ssl_object.selected_alpn_protocol(),
+        session_id=session_id,
+        subject=_subject_of(der),
+    )
 
 
 def mtls_protocol(
@@ -310,6 +347,7 @@ def mtls_protocol(
             self._handshake: asyncio.Task[None] | None = None
             # Bytes the TLS layer decrypts before this task has verified the peer.
             self._early: list[bytes] = []
+            self._session_id = ""
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             # Nothing may reach the HTTP parser before the TLS layer sits in between.
@@ -332,11 +370,13 @@ def mtls_protocol(
                 self._handshake.cancel()
 
         async def _secure(self, tcp: asyncio.Transport) -> None:
+            # TLS 1.3 without tickets has no session ID: the audit's session identifier is the
+            # connection's own, the same in each of its records.
+            self._session_id = secrets.token_hex(8)
             plain_facts = ConnectionFacts(
                 client=get_remote_addr(tcp),
                 server=get_local_addr(tcp),
-                tls_version=None,
-                cipher=None,
+                tls=TlsFacts(session_id=self._session_id, handshake=HANDSHAKE_FAILED),
             )
             started = time.perf_counter()
             try:
@@ -348,18 +388,18 @@ def mtls_protocol(
                     ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
                 )
             except (OSError, TimeoutError) as error:
+                record_handshake(guard.telemetry, guard.service, "server", started, ok=False)
                 guard.record(
                     plain_facts,
                     None,
-                    "TLS handshake",
+                    HANDSHAKE_METHOD,
                     "deny",
                     f"TLS handshake failed: {_reason(error)}",
+                    event=TLS_HANDSHAKE_EVENT,
                 )
                 tcp.abort()
                 return
-            guard.telemetry.handshake_duration.record(
-                time.perf_counter() - started, {"service": guard.service}
-            )
+            record_handshake(guard.telemetry, guard.service, "server", started, ok=True)
             if tls is None:  # the peer went away as the handshake completed
                 return
             if self._verified(tls):
@@ -371,27 +411,29 @@ def mtls_protocol(
         def _verified(self, transport: asyncio.Transport) -> bool:
             super().connection_made(transport)
             ssl_object = transport.get_extra_info("ssl_object")
-            cipher = ssl_object.cipher() if ssl_object is not None else None
-            facts = ConnectionFacts(
-                client=self.client,
-                server=self.server,
-                tls_version=ssl_object.version() if ssl_object is not None else None,
-                cipher=cipher[0] if cipher else None,
-            )
             der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+            tls = _established(ssl_object, self._session_id, der)
             address = f"{self.client[0]}:{self.client[1]}" if self.client else ""
             try:
                 if not der:
                     raise CommonError("no client certificate")
                 peer = guard.verifier.verify([der], address)
-            except RevocationError as error:
-                guard.record(facts, error.peer, "TLS handshake", "deny", str(error))
+            except (RevocationError, CommonError) as error:
+                # The handshake completed, but the connection is refused as it would have been
+                # by a SPIFFE-aware TLS stack: audited as a failed handshake.
+                refused = ConnectionFacts(
+                    self.client, self.server, replace(tls, handshake=HANDSHAKE_FAILED)
+                )
+                if isinstance(error, RevocationError):
+                    seen, reason = error.peer, str(error)
+                else:
+                    seen, reason = None, f"invalid X509-SVID: {error}"
+                guard.record(
+                    refused, seen, HANDSHAKE_METHOD, "deny", reason, event=TLS_HANDSHAKE_EVENT
+                )
                 transport.abort()
                 return False
-            except CommonError as error:
-                guard.record(facts, None, "TLS handshake", "deny", f"invalid X509-SVID: {error}")
-                transport.abort()
-                return False
+            facts = ConnectionFacts(self.client, self.server, replace(tls, subject=None))
             self.app = _ConnectionApp(self.app, guard, peer, facts)
             return connections.add(self, transport, peer, facts)
 

@@ -24,6 +24,7 @@ class PeerIdentity:
     serial: str  # lowercase hex
     fingerprint_sha256: str  # lowercase hex
     address: str  # "host:port" of the peer, for audit
+    subject: str | None = None  # the certificate's subject DN (RFC 4514), for audit
 
 
 _CURRENT: ContextVar[PeerIdentity | None] = ContextVar("ztbank_peer", default=None)

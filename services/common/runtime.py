@@ -164,7 +164,7 @@ def create_runtime(name: str, settings: ServiceSettings) -> ServiceRuntime:
             metrics_port=address.metrics_port,
             metrics_host=address.host,
             spans_path=settings.home / "telemetry" / f"{name}-spans.jsonl",
-            svid_seconds_left=lambda: source.current().seconds_left(),
+            svid=source.current,
             revocation=revocation,
         ),
         registry=registry,

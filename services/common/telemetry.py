@@ -5,10 +5,11 @@ Otherwise metrics are served as Prometheus text on ``<metrics host>:<metrics por
 host the service itself listens on: loopback natively, its compose name in a container) and spans
 are appended as JSON lines to a local sink file.
 
-Identity health is observable: ``svid.expiry`` / ``svid.valid`` for the served SVID and, with a
-revocation watcher, ``revocation.fresh`` (1 while every held CRL is fresh, 0 when new connections
-are being refused: the alert), ``revocation.age`` (seconds since the stalest CRL was fetched) and
-``revocation.revoked`` (serials currently listed as revoked).
+Identity health is observable: ``svid.expiry`` / ``svid.valid`` / ``svid.lifetime`` for the
+held SVID (labelled with its SPIFFE ID and serial), ``tls.handshake.duration`` by role and
+status and, with a revocation watcher, ``revocation.fresh`` (1 while every held CRL is fresh, 0
+when new connections are being refused: the alert), ``revocation.age`` (seconds since the
+stalest CRL was fetched) and ``revocation.revoked`` (serials currently listed as revoked).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +35,8 @@ from opentelemetry.sdk.trace.export import (
     SpanExporter,
     SpanExportResult,
 )
+
+from services.common.identity.source import SvidMaterial
 
 OTLP_ENV = "OTEL_EXPORTER_OTLP_ENDPOINT"
 EXEMPLAR_FILTER_ENV = "OTEL_METRICS_EXEMPLAR_FILTER"
@@ -123,7 +127,7 @@ def setup_telemetry(
     metrics_port: int | None,
     spans_path: Path,
     metrics_host: str = "127.0.0.1",
-    svid_seconds_left: Callable[[], float] | None = None,
+    svid: Callable[[], SvidMaterial] | None = None,
     revocation: RevocationStatus | None = None,
     metric_readers: Sequence[MetricReader] = (),
 ) -> Telemetry:
@@ -156,26 +160,8 @@ def setup_telemetry(
     tracer = tracer_provider.get_tracer("ztbank")
     meter = meter_provider.get_meter("ztbank")
 
-    if svid_seconds_left is not None:
-        seconds_left = svid_seconds_left
-
-        def observe_expiry(_: CallbackOptions) -> Iterable[Observation]:
-            yield Observation(seconds_left())
-
-        def observe_valid(_: CallbackOptions) -> Iterable[Observation]:
-            yield Observation(1 if seconds_left() > 0 else 0)
-
-        meter.create_observable_gauge(
-            "svid.expiry",
-            [observe_expiry],
-            unit="s",
-            description="seconds until the served SVID expires",
-        )
-        meter.create_observable_gauge(
-            "svid.valid",
-            [observe_valid],
-            description="1 while the served SVID is within its validity",
-        )
+    if svid is not None:
+        _svid_gauges(meter, svid)
 
     if revocation is not None:
         _revocation_gauges(meter, revocation)
@@ -194,13 +180,64 @@ def setup_telemetry(
         tracer=tracer,
         meter=meter,
         handshake_duration=meter.create_histogram(
-            "tls.handshake.duration", unit="s", description="server-side TLS handshake time"
+            "tls.handshake.duration",
+            unit="s",
+            description="TLS handshake time by role (client, server) and status (success, fail)",
         ),
         authz_decisions=decisions,
         transfer_duration=meter.create_histogram(
             "transfer.duration", unit="s", description="time to create a transfer"
         ),
         _shutdown=shutdown,
+    )
+
+
+def _svid_gauges(meter: Meter, current: Callable[[], SvidMaterial]) -> None:
+    """The held SVID (a service serves and calls with the same one), labelled with its ID
+    and serial so that a rotation shows as a new series."""
+
+    def labels(material: SvidMaterial) -> dict[str, str]:
+        return {"spiffe_id": str(material.spiffe_id), "serial": material.serial}
+
+    def observe_expiry(_: CallbackOptions) -> Iterable[Observation]:
+        material = current()
+        yield Observation(material.seconds_left(), labels(material))
+
+    def observe_valid(_: CallbackOptions) -> Iterable[Observation]:
+        material = current()
+        yield Observation(1 if material.seconds_left() > 0 else 0, labels(material))
+
+    def observe_lifetime(_: CallbackOptions) -> Iterable[Observation]:
+        material = current()
+        yield Observation(material.lifetime.total_seconds(), labels(material))
+
+    meter.create_observable_gauge(
+        "svid.expiry",
+        [observe_expiry],
+        unit="s",
+        description="seconds until the held SVID expires",
+    )
+    meter.create_observable_gauge(
+        "svid.valid",
+        [observe_valid],
+        description="1 while the held SVID is within its validity",
+    )
+    meter.create_observable_gauge(
+        "svid.lifetime",
+        [observe_lifetime],
+        unit="s",
+        description="the held SVID's whole validity period (notAfter - notBefore)",
+    )
+
+
+def record_handshake(
+    telemetry: Telemetry, service: str, role: str, started: float, *, ok: bool
+) -> None:
+    """One TLS handshake of ``role`` (client, server) that began at ``started``
+    (``time.perf_counter()``) and just ended."""
+    telemetry.handshake_duration.record(
+        time.perf_counter() - started,
+        {"service": service, "role": role, "status": "success" if ok else "fail"},
     )
 
 

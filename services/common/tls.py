@@ -9,6 +9,7 @@ connection (and every gRPC call), so a resumed TLS 1.2 session is re-checked too
 
 from __future__ import annotations
 
+import functools
 import ssl
 import tempfile
 import threading
@@ -34,6 +35,33 @@ from services.common.peer import PeerIdentity
 from services.common.revocation import RevocationChecker, RevocationError
 
 TLS12_AEAD_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+# The HTTPS endpoints speak HTTP/1.1 only; ALPN tells a client so in the handshake.
+HTTP_ALPN = ["http/1.1"]
+
+
+@functools.cache
+def _iana_cipher_codes() -> dict[str, str]:
+    # OpenSSL reports suites by its own names; auditors and the IANA registry use the two-byte
+    # code, which OpenSSL keeps in the low 16 bits of the suite id.
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.set_ciphers("ALL:@SECLEVEL=0")
+    return {suite["name"]: f"0x{suite['id'] & 0xFFFF:04X}" for suite in context.get_ciphers()}
+
+
+def iana_cipher_code(openssl_name: str | None) -> str | None:
+    """``TLS_AES_128_GCM_SHA256`` -> ``0x1301``; None for a suite OpenSSL does not know."""
+    return _iana_cipher_codes().get(openssl_name) if openssl_name else None
+
+
+def _remember_sni(ssl_object: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext) -> None:
+    # The server name is only seen during the handshake: kept on the connection for the audit.
+    ssl_object.ztbank_sni = server_name  # type: ignore[attr-defined]
+
+
+def requested_server_name(ssl_object: ssl.SSLObject) -> str | None:
+    """The SNI the client sent on this server-side connection (None if it sent none)."""
+    name: str | None = getattr(ssl_object, "ztbank_sni", None)
+    return name
 
 
 def _harden(context: ssl.SSLContext) -> ssl.SSLContext:
@@ -104,6 +132,8 @@ class ReloadingContext:
         if self._server:
             # TLS 1.3 tickets would let a client resume without a certificate exchange.
             context.num_tickets = 0
+            context.sni_callback = _remember_sni
+            context.set_alpn_protocols(HTTP_ALPN)
         else:
             # Peers are identified by SPIFFE ID (PeerVerifier), not by host name.
             context.check_hostname = False
@@ -125,6 +155,7 @@ class _VerifiedChain:
     leaf: x509.Certificate
     serial: str
     fingerprint_sha256: str
+    subject: str
     valid_from: datetime  # the latest notBefore of the chain
     valid_until: datetime  # the earliest notAfter of the chain
 
@@ -178,6 +209,7 @@ class PeerVerifier:
             leaf=leaf,
             serial=serial_hex(leaf),
             fingerprint_sha256=fingerprint_sha256(leaf),
+            subject=leaf.subject.rfc4514_string(),
             valid_from=max(c.not_valid_before_utc for c in chain),
             valid_until=min(c.not_valid_after_utc for c in chain),
         )
@@ -196,6 +228,7 @@ class PeerVerifier:
             serial=verified.serial,
             fingerprint_sha256=verified.fingerprint_sha256,
             address=address,
+            subject=verified.subject,
         )
         try:
             self.revocation.check(verified.leaf)

@@ -19,6 +19,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ import grpc
 import pytest
 from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricReader
 
 from services.cli.errors import CliError
 from services.cli.teller import TellerClient
@@ -37,6 +39,7 @@ from services.common.grpc_mtls import MtlsChannel
 from services.common.https_mtls import DEFAULT_MAX_IN_FLIGHT, OVERLOADED_REASON
 from services.common.identity.pem import fingerprint_sha256, serial_hex
 from services.common.identity.source import SvidMaterial
+from services.common.identity.spiffe_id import SpiffeId
 from services.common.policy import Policy
 from services.common.problem import PROBLEM_MEDIA_TYPE
 from services.common.registry import RegistryError, ServiceAddress, write_registry
@@ -74,6 +77,7 @@ from tests.support.mtls_servers import (
     running_https_server,
     server_policy,
 )
+from tests.support.pki import create_leaf
 
 pytestmark = pytest.mark.integration
 
@@ -120,8 +124,18 @@ def audit(tmp_path: Path) -> Iterator[AuditLog]:
 
 
 @pytest.fixture
-def telemetry(tmp_path: Path) -> Iterator[Telemetry]:
-    instance = setup_telemetry("mtls-test", metrics_port=None, spans_path=tmp_path / "spans.jsonl")
+def metrics() -> InMemoryMetricReader:
+    return InMemoryMetricReader()
+
+
+@pytest.fixture
+def telemetry(tmp_path: Path, metrics: InMemoryMetricReader) -> Iterator[Telemetry]:
+    instance = setup_telemetry(
+        "mtls-test",
+        metrics_port=None,
+        spans_path=tmp_path / "spans.jsonl",
+        metric_readers=[metrics],
+    )
     yield instance
     instance.shutdown()
 
@@ -203,6 +217,11 @@ def test_grpc_allowed_caller_gets_through_and_is_audited(
     assert isinstance(record["source_port"], int)
     assert (record["dest_addr"], record["dest_port"]) == ("127.0.0.1", grpc_server.port)
     assert len(record["trace_id"]) == 32
+    # What grpcio's auth context tells of the connection (it hides the suite and ALPN).
+    assert (record["event"], record["handshake"]) == ("authz", "success")
+    assert (record["tls_version"], record["sni"]) == ("TLSv1.3", "risk")
+    assert record["cert_subject"] == material.leaf.subject.rfc4514_string()
+    assert (record["cipher"], record["cipher_code"], record["alpn"]) == (None, None, None)
 
 
 def test_grpc_caller_not_in_policy_is_denied_and_audited(
@@ -677,6 +696,7 @@ def test_https_tls12_non_aead_cipher_is_refused(
     _, record = audit_records(https_server.audit)
     assert record["tls_version"] == "TLSv1.2"
     assert record["cipher"] == "ECDHE-ECDSA-AES128-GCM-SHA256"
+    assert record["cipher_code"] == "0xC02B"  # IANA TLS Cipher Suites registry
 
 
 def test_https_served_certificate_rotates_without_restart(
@@ -761,3 +781,111 @@ def test_https_beyond_the_in_flight_limit_is_shed_at_once_with_503(
     decisions = [(r["method"], r["decision"], r["reason"]) for r in audit_records(running.audit)]
     assert ("GET /v1/accounts", "deny", OVERLOADED_REASON) in decisions
     assert ("GET " + SLOW_PATH, "allow", "allowed by policy rule for gateway") in decisions
+
+
+# -- encrypted-traffic audit fields (JR/T 0194-2020) and handshake metrics --------------------
+
+# IANA TLS Cipher Suites registry, independent of OpenSSL's names.
+IANA_TLS13 = {
+    "TLS_AES_128_GCM_SHA256": "0x1301",
+    "TLS_AES_256_GCM_SHA384": "0x1302",
+    "TLS_CHACHA20_POLY1305_SHA256": "0x1303",
+}
+
+
+def get_twice_on_one_connection(port: int, context: ssl.SSLContext, server_name: str) -> str:
+    """Two GETs on one TLS connection that sends ``server_name`` as SNI; the suite used."""
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as raw,
+        context.wrap_socket(raw, server_hostname=server_name) as tls,
+    ):
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+        connection.sock = tls
+        for _ in range(2):
+            connection.request("GET", "/v1/accounts")
+            response = connection.getresponse()
+            response.read()
+            assert response.status == 200
+        suite = tls.cipher()
+        assert suite is not None
+        return suite[0]
+
+
+def test_https_records_carry_the_encrypted_traffic_audit_fields(
+    authority: Authority, https_server: HttpsServer
+) -> None:
+    material = authority.svid(TELLER_ID)
+    context = client_context(material, alpn=["h2", "http/1.1"])
+    suite = get_twice_on_one_connection(https_server.port, context, "gateway.ztbank.example")
+    get_twice_on_one_connection(https_server.port, context, "gateway.ztbank.example")
+
+    first, second, third, _ = audit_records(https_server.audit)
+    assert (first["event"], first["handshake"], first["decision"]) == ("authz", "success", "allow")
+    assert first["sni"] == "gateway.ztbank.example"
+    assert first["alpn"] == "http/1.1"  # the gateway speaks HTTP/1.1 only
+    assert (first["cipher"], first["cipher_code"]) == (suite, IANA_TLS13[suite])
+    assert first["cert_subject"] == material.leaf.subject.rfc4514_string()
+    # One identifier per TLS connection: the same for both requests, new for the next one.
+    assert len(first["session_id"]) == 16
+    assert second["session_id"] == first["session_id"]
+    assert third["session_id"] != first["session_id"]
+
+
+def expired_or_future_svid(authority: Authority, *, hours: int) -> SvidMaterial:
+    """A teller SVID of our CA whose whole validity lies ``hours`` away from now."""
+    start = datetime.now(UTC) + timedelta(hours=hours)
+    leaf = create_leaf(
+        authority.signing_ca,
+        uri_sans=[TELLER_ID],
+        not_before=start,
+        not_after=start + timedelta(minutes=5),
+    )
+    return SvidMaterial(
+        spiffe_id=SpiffeId.parse(TELLER_ID),
+        chain=(leaf.certificate, authority.signing_ca.certificate),
+        key=leaf.key,
+        bundle=authority.bundle,
+    )
+
+
+@pytest.mark.parametrize(
+    ("hours", "rule"), [(-2, "certificate has expired"), (2, "certificate is not yet valid")]
+)
+def test_https_refused_handshake_names_the_rule_that_failed(
+    authority: Authority, https_server: HttpsServer, hours: int, rule: str
+) -> None:
+    refusal(https_server.port, client_context(expired_or_future_svid(authority, hours=hours)))
+    [record] = records_soon(https_server.audit, 1)
+    assert (record["event"], record["handshake"], record["decision"]) == (
+        "tls_handshake",
+        "fail",
+        "deny",
+    )
+    assert record["reason"] == f"TLS handshake failed: CERTIFICATE_VERIFY_FAILED: {rule}"
+    assert len(record["session_id"]) == 16
+
+
+def handshakes(metrics: InMemoryMetricReader) -> dict[tuple[str, str], int]:
+    """Counts of ``tls.handshake.duration`` by (role, status)."""
+    data = metrics.get_metrics_data()
+    counted: dict[tuple[str, str], int] = {}
+    for resource in data.resource_metrics if data else ():
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                if metric.name != "tls.handshake.duration":
+                    continue
+                for point in metric.data.data_points:
+                    assert isinstance(point, HistogramDataPoint)
+                    attributes = dict(point.attributes or {})
+                    key = (str(attributes["role"]), str(attributes["status"]))
+                    counted[key] = counted.get(key, 0) + point.count
+    return counted
+
+
+def test_https_handshakes_are_measured_by_role_and_status(
+    authority: Authority, https_server: HttpsServer, metrics: InMemoryMetricReader
+) -> None:
+    assert https_get(https_server.port, client_context(authority.svid(TELLER_ID))).status == 200
+    refusal(https_server.port, client_context(expired_or_future_svid(authority, hours=-2)))
+    records_soon(https_server.audit, 2)
+    assert handshakes(metrics) == {("server", "success"): 1, ("server", "fail"): 1}

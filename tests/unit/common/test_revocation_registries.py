@@ -14,6 +14,7 @@ import pytest
 from cryptography import x509
 
 from services.common.audit import AuditLog
+from services.common.decisions import TlsFacts
 from services.common.grpc_mtls import _LiveStreams, _produce
 from services.common.https_mtls import (
     CONNECTION_METHOD,
@@ -220,7 +221,11 @@ def _no_material() -> Any:
     raise AssertionError("not used")
 
 
-FACTS = ConnectionFacts(("127.0.0.1", 5000), ("127.0.0.1", 8443), "TLSv1.3", "TLS_AES_256_GCM")
+FACTS = ConnectionFacts(
+    ("127.0.0.1", 5000),
+    ("127.0.0.1", 8443),
+    TlsFacts(version="TLSv1.3", cipher="TLS_AES_256_GCM_SHA384", session_id="5e55"),
+)
 
 
 def records(audit: AuditLog) -> list[dict[str, Any]]:
