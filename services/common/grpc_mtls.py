@@ -28,6 +28,7 @@ import functools
 import inspect
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -353,6 +354,33 @@ class AuthorizationInterceptor(grpc.aio.ServerInterceptor):
         return None
 
 
+# How a channel reports its connection: when it began (``time.perf_counter()``) and whether it
+# ended READY.
+ConnectReport = Callable[[float, bool], None]
+_CONNECT_OUTCOMES = frozenset(
+    {grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE}
+)
+
+
+async def _report_first_connect(
+    channel: grpc.aio.Channel, started: float, report: ConnectReport
+) -> None:
+    """Time ``channel``'s first connection, from its creation to READY or TRANSIENT_FAILURE.
+
+    grpcio exposes no handshake timing to Python: this is the TLS handshake plus the TCP
+    connect and the HTTP/2 preface.  A channel is made for the first call and after each
+    rotation or move, so every new SVID's first handshake is timed; grpcio's own reconnects
+    within one channel are not (its state changes can pass faster than Python observes them).
+    """
+    state = channel.get_state(try_to_connect=True)
+    while state not in _CONNECT_OUTCOMES:
+        if state is grpc.ChannelConnectivity.SHUTDOWN:
+            return
+        await channel.wait_for_state_change(state)
+        state = channel.get_state()
+    report(started, state is grpc.ChannelConnectivity.READY)
+
+
 def _client_credentials(material: SvidMaterial) -> grpc.ChannelCredentials:
     return grpc.ssl_channel_credentials(
         root_certificates=material.bundle_pem,
@@ -391,8 +419,11 @@ class MtlsChannel:
         server_name: str,
         *,
         recheck_seconds: float = DISCOVERY_RECHECK_SECONDS,
+        on_connect: ConnectReport | None = None,
     ) -> None:
         self._resolve = resolve
+        self._on_connect = on_connect
+        self._tracking: set[asyncio.Task[None]] = set()
         self._server_name = server_name
         self._lock = threading.Lock()
         self._material = source.current()
@@ -441,12 +472,19 @@ class MtlsChannel:
         with self._lock:
             if self._closed:
                 raise ChannelClosedError(f"the channel to {self._server_name} is closed")
-            stale = None
+            stale = built = None
             if not self._current or self._channel is None:
                 # Channels connect lazily: building one under the lock is cheap.
                 stale, self._channel = self._channel, self._build(self._material, self._target)
                 self._current = True
+                built = self._channel
             channel = self._channel
+        if built is not None and self._on_connect is not None:
+            tracking = asyncio.get_running_loop().create_task(
+                _report_first_connect(built, time.perf_counter(), self._on_connect)
+            )
+            self._tracking.add(tracking)
+            tracking.add_done_callback(self._tracking.discard)
         if stale is not None:
             # close(grace) lets calls in flight finish, then cancels what is left.
             task = asyncio.get_running_loop().create_task(stale.close(CHANNEL_GRACE_SECONDS))
@@ -468,5 +506,5 @@ class MtlsChannel:
             channel, self._channel = self._channel, None
         if channel is not None:
             await channel.close()
-        for task in list(self._closing):
+        for task in [*self._closing, *self._tracking]:
             task.cancel()

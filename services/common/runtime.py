@@ -32,7 +32,7 @@ from services.common.policy import Policy, PolicySource
 from services.common.registry import FileRegistry, ServiceAddress, ServiceRegistry
 from services.common.revocation import DEFAULT_INTERVAL, RevocationWatcher
 from services.common.settings import ZtbankSettings, load_settings, socket_path_from_endpoint
-from services.common.telemetry import Telemetry, setup_telemetry
+from services.common.telemetry import Telemetry, record_handshake, setup_telemetry
 from services.common.tls import PeerVerifier
 
 logger = logging.getLogger(__name__)
@@ -88,7 +88,14 @@ class ServiceRuntime:
     def channel_to(self, service: str) -> MtlsChannel:
         """An mTLS grpc.aio channel to a gRPC service, checked against its DNS SAN (its service
         name), that follows the service when the registry moves it."""
-        return MtlsChannel(self.source, lambda: self.registry.lookup(service).target, service)
+        return MtlsChannel(
+            self.source,
+            lambda: self.registry.lookup(service).target,
+            service,
+            on_connect=lambda started, ok: record_handshake(
+                self.telemetry, self.name, "client", started, ok=ok
+            ),
+        )
 
     def close(self) -> None:
         if self.consul_registration is not None:

@@ -7,6 +7,7 @@ in 60 s is held for review); this module stays at 3 per account.  The restart te
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import socket
 import uuid
@@ -21,6 +22,7 @@ from services.common.identity.pem import fingerprint_sha256
 from services.common.workloads import GATEWAY, RISK, TELLER, TRANSFER_ENGINE
 from tests.e2e.conftest import FILE_TIMEOUT, E2EStack, HttpsReply, balances
 from tests.support.helpers import wait_until
+from tests.support.iana import TLS_SUITE_CODES
 
 pytestmark = pytest.mark.e2e
 
@@ -30,6 +32,14 @@ TRANSFERS = "/v1/transfers"
 CREATE_TRANSFER = "/ztbank.ledger.v1.TransferEngine/CreateTransfer"
 ASSESS = "/ztbank.risk.v1.Risk/Assess"
 HEX = re.compile(r"[0-9a-f]+")
+
+
+def is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def order(source: str, target: str, amount: str, currency: str = "CNY") -> dict[str, str]:
@@ -144,7 +154,16 @@ def test_transfer_end_to_end(stack: E2EStack) -> None:
         "method": "POST /v1/transfers",
         "decision": "allow",
         "reason": "allowed by policy rule for gateway",
+        # The encrypted-traffic fields (JR/T 0194-2020).
+        "event": "authz",
+        "handshake": "success",
+        "cipher_code": TLS_SUITE_CODES[reply.cipher],
+        "sni": None if is_ip_literal(gateway.host) else gateway.host,  # no SNI for an IP
+        "alpn": "http/1.1",
+        "session_id": record["session_id"],
+        "cert_subject": teller_svid.leaf.subject.rfc4514_string(),
     }
+    assert re.fullmatch(r"[0-9a-f]{16}", record["session_id"]), record
     trace_id = record["trace_id"]
     assert re.fullmatch(r"[0-9a-f]{32}", trace_id), record
 

@@ -48,6 +48,7 @@ from services.common.telemetry import Telemetry, setup_telemetry
 from services.common.tls import client_context
 from services.stack.native import StackSettings
 from tests.support.crl import build_crl, crl_server, started_watcher, wait_for
+from tests.support.iana import TLS_SUITE_CODES
 from tests.support.mtls_servers import (
     ECHO,
     ENGINE_ID,
@@ -696,7 +697,7 @@ def test_https_tls12_non_aead_cipher_is_refused(
     _, record = audit_records(https_server.audit)
     assert record["tls_version"] == "TLSv1.2"
     assert record["cipher"] == "ECDHE-ECDSA-AES128-GCM-SHA256"
-    assert record["cipher_code"] == "0xC02B"  # IANA TLS Cipher Suites registry
+    assert record["cipher_code"] == TLS_SUITE_CODES["ECDHE-ECDSA-AES128-GCM-SHA256"]
 
 
 def test_https_served_certificate_rotates_without_restart(
@@ -785,13 +786,6 @@ def test_https_beyond_the_in_flight_limit_is_shed_at_once_with_503(
 
 # -- encrypted-traffic audit fields (JR/T 0194-2020) and handshake metrics --------------------
 
-# IANA TLS Cipher Suites registry, independent of OpenSSL's names.
-IANA_TLS13 = {
-    "TLS_AES_128_GCM_SHA256": "0x1301",
-    "TLS_AES_256_GCM_SHA384": "0x1302",
-    "TLS_CHACHA20_POLY1305_SHA256": "0x1303",
-}
-
 
 def get_twice_on_one_connection(port: int, context: ssl.SSLContext, server_name: str) -> str:
     """Two GETs on one TLS connection that sends ``server_name`` as SNI; the suite used."""
@@ -823,7 +817,7 @@ def test_https_records_carry_the_encrypted_traffic_audit_fields(
     assert (first["event"], first["handshake"], first["decision"]) == ("authz", "success", "allow")
     assert first["sni"] == "gateway.ztbank.example"
     assert first["alpn"] == "http/1.1"  # the gateway speaks HTTP/1.1 only
-    assert (first["cipher"], first["cipher_code"]) == (suite, IANA_TLS13[suite])
+    assert (first["cipher"], first["cipher_code"]) == (suite, TLS_SUITE_CODES[suite])
     assert first["cert_subject"] == material.leaf.subject.rfc4514_string()
     # One identifier per TLS connection: the same for both requests, new for the next one.
     assert len(first["session_id"]) == 16
@@ -889,3 +883,33 @@ def test_https_handshakes_are_measured_by_role_and_status(
     refusal(https_server.port, client_context(expired_or_future_svid(authority, hours=-2)))
     records_soon(https_server.audit, 2)
     assert handshakes(metrics) == {("server", "success"): 1, ("server", "fail"): 1}
+
+
+def test_grpc_client_connections_are_timed_by_outcome(
+    authority: Authority, grpc_server: GrpcServer
+) -> None:
+    """grpcio hides its handshakes: the channel times its first connection (TCP, TLS, HTTP/2
+    preface) from its connectivity states, READY as a success, a refused one as a failure."""
+    reports: list[bool] = []
+    started_before = time.perf_counter()
+
+    def report(started: float, ok: bool) -> None:
+        assert started >= started_before
+        reports.append(ok)
+
+    source = FakeSource(authority.svid(ENGINE_ID))
+    good = MtlsChannel(source, lambda: grpc_server.target, "risk", on_connect=report)
+    # A server whose certificate is not for "risk": every handshake of this channel fails.
+    wrong_name = MtlsChannel(source, lambda: grpc_server.target, "ledger", on_connect=report)
+
+    async def scenario() -> None:
+        assert await aio_echo(good) == f"ping from {ENGINE_ID}".encode()
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await aio_echo(wrong_name)
+        assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+        await asyncio.sleep(0.1)  # the watcher sees the last state change
+        await good.aclose()
+        await wrong_name.aclose()
+
+    asyncio.run(scenario())
+    assert sorted(reports) == [False, True]
