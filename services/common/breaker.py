@@ -69,6 +69,10 @@ FAILURE_CODES = frozenset(
         grpc.StatusCode.UNKNOWN,
     }
 )
+# Set by a callee on an UNAVAILABLE about one of its own dependencies (the engine when risk is
+# unavailable, value "risk"): the callee itself answered, so its callers' breakers count an
+# answer, and a risk outage does not also cut the gateway's reads from the engine.
+DEPENDENCY_UNAVAILABLE_KEY = "ztbank-dependency-unavailable"
 BUCKET_SECONDS = 1.0
 # While no certificate of the peer has been seen, the watcher retries this often.
 FIRST_PROBE_RETRY_SECONDS = 0.25
@@ -361,22 +365,14 @@ class PeerWatch:
         self.problem = f"no verified handshake with {expected} yet"
         self._context: tuple[str, ssl.SSLContext] | None = None
         self._wake = threading.Event()
-        self._stopped = False
-        self._thread = threading.Thread(
-            target=self._run, name=f"peer-watch-{expected}", daemon=True
-        )
-        self._thread.start()
+        # A daemon: it watches as long as the process lives, and no call waits for it.
+        threading.Thread(target=self._run, name=f"peer-watch-{expected}", daemon=True).start()
 
     def wake(self) -> None:
         self._wake.set()
 
-    def close(self) -> None:
-        self._stopped = True
-        self._wake.set()
-        self._thread.join(timeout=PROBE_TIMEOUT_SECONDS + 1)
-
     def _run(self) -> None:
-        while not self._stopped:
+        while True:
             self.look()
             self._wake.wait(self._next_look())
             self._wake.clear()
@@ -538,7 +534,19 @@ def is_failure(error: BaseException | None) -> bool | None:
         code = error.code()
         if code == grpc.StatusCode.CANCELLED:
             return None
+        if unavailable_dependency(error) is not None:
+            return False
         return code in FAILURE_CODES
+    return None
+
+
+def unavailable_dependency(error: grpc.aio.AioRpcError) -> str | None:
+    """The callee's dependency that an UNAVAILABLE is about, if the callee said so."""
+    if error.code() != grpc.StatusCode.UNAVAILABLE:
+        return None
+    for key, value in error.trailing_metadata() or ():
+        if key == DEPENDENCY_UNAVAILABLE_KEY:
+            return str(value)
     return None
 
 
@@ -787,3 +795,22 @@ def register_breaker_metrics(meter: Meter, breakers: Sequence[CircuitBreaker]) -
         [observe_transitions],
         description="circuit breaker state transitions per target",
     )
+
+
+def watched_breaker(
+    target: str,
+    expected: SpiffeId,
+    *,
+    address: Callable[[], str],
+    material: Callable[[], SvidMaterial],
+    verifier: PeerVerifier,
+    table: TrustTable,
+    config: BreakerConfig,
+    meter: Meter,
+) -> CircuitBreaker:
+    """The breaker of calls to ``target`` (expected to be ``expected``, found at ``address()``)
+    with its metrics and its peer watch, started."""
+    watch = PeerWatch(target=address, material=material, verifier=verifier, expected=expected)
+    breaker = CircuitBreaker(target, config, levels=table.current, peer=watch)
+    register_breaker_metrics(meter, [breaker])
+    return breaker

@@ -1,5 +1,6 @@
 """Builds the gateway: the FastAPI app under uvicorn with mutual TLS, SPIFFE authorization on
-every request, and an mTLS channel to the transfer-engine that follows certificate rotation."""
+every request, and an mTLS channel to the transfer-engine that follows certificate rotation,
+behind a circuit breaker."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 
 import uvicorn
 
+from services.common.breaker import watched_breaker
 from services.common.grpc_mtls import MtlsChannel
 from services.common.https_mtls import HttpsGuard, InFlight, mtls_server_config
 from services.common.runtime import ServiceRuntime, create_runtime
@@ -44,11 +46,24 @@ class Gateway:
 
 
 def create_server(settings: GatewaySettings) -> tuple[Gateway, ServiceRuntime]:
+    # Before the runtime's threads start: a malformed table stops the gateway in one line.
+    table = settings.trust_table()
     runtime = create_runtime(GATEWAY.name, settings)
     engine = runtime.channel_to(TRANSFER_ENGINE.name)
+    # The breaker's peer watch is a daemon thread: it lives as long as the process.
+    breaker = watched_breaker(
+        TRANSFER_ENGINE.name,
+        TRANSFER_ENGINE.spiffe_id(settings.trust_domain),
+        address=lambda: engine.target,
+        material=runtime.source.current,
+        verifier=runtime.verifier,
+        table=table,
+        config=settings.breaker_config(),
+        meter=runtime.telemetry.meter,
+    )
     app = create_app(
         settings,
-        GrpcTransferEngine(engine.channel, timeout=settings.engine_timeout),
+        GrpcTransferEngine(engine.channel, timeout=settings.engine_timeout, breaker=breaker),
         load_or_create_signing_key(settings.token_key_path),
     )
     tls = ReloadingContext(runtime.source, SvidFiles(settings.state_dir / "tls"), server=True)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
 
+from services.common.breaker import BreakerSettings
 from services.common.durations import format_duration, parse_duration
 from services.common.https_mtls import DEFAULT_MAX_IN_FLIGHT
 from services.common.identity.spiffe_id import SpiffeId
@@ -20,8 +21,9 @@ MIN_TOKEN_TTL = timedelta(seconds=30)
 MAX_ENGINE_TIMEOUT = timedelta(seconds=60)
 
 
-class GatewaySettings(ServiceSettings):
-    """Everything the gateway reads from its environment."""
+class GatewaySettings(ServiceSettings, BreakerSettings):
+    """Everything the gateway reads from its environment (the breaker's knobs to the
+    transfer-engine included)."""
 
     # ZTBANK_TOKEN_TTL
     token_ttl: timedelta = timedelta(minutes=10)

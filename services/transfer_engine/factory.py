@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import grpc
 
+from services.common.breaker import CircuitBreaker
 from services.transfer_engine.adapters.risk_client import GrpcRiskAssessor
 from services.transfer_engine.adapters.sqlite_ledger import SqliteLedgerRepository
 from services.transfer_engine.domain.ledger import Ledger
@@ -14,12 +15,17 @@ from services.transfer_engine.transport.servicer import TransferEngineService
 
 
 def build_transfer_engine_service(
-    settings: TransferEngineSettings, risk_channel: Callable[[], grpc.aio.Channel]
+    settings: TransferEngineSettings,
+    risk_channel: Callable[[], grpc.aio.Channel],
+    risk_breaker: CircuitBreaker,
 ) -> TransferEngineService:
-    """Opens (and seeds, once) the ledger; ``risk_channel`` is called for every assessment."""
+    """Opens (and seeds, once) the ledger; ``risk_channel`` is called for every assessment that
+    ``risk_breaker`` lets through."""
     ledger = Ledger(
         repository=SqliteLedgerRepository(settings.ledger_path),
-        risk=GrpcRiskAssessor(risk_channel, timeout_seconds=settings.risk_timeout_seconds),
+        risk=GrpcRiskAssessor(
+            risk_channel, timeout_seconds=settings.risk_timeout_seconds, breaker=risk_breaker
+        ),
     )
     ledger.ensure_seeded()
     return TransferEngineService(ledger, trust_domain=settings.trust_domain)

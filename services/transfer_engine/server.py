@@ -1,11 +1,12 @@
 """Builds the transfer-engine: the ledger servicer behind the shared mTLS gRPC server, with an
-mTLS channel to risk that follows certificate rotation."""
+mTLS channel to risk that follows certificate rotation, behind a circuit breaker."""
 
 from __future__ import annotations
 
 import grpc
 
 from services._proto import ledger_pb2_grpc
+from services.common.breaker import watched_breaker
 from services.common.runtime import GrpcService, ServiceRuntime, create_runtime
 from services.common.workloads import RISK, TRANSFER_ENGINE
 from services.transfer_engine.factory import build_transfer_engine_service
@@ -13,9 +14,22 @@ from services.transfer_engine.settings import TransferEngineSettings
 
 
 def create_server(settings: TransferEngineSettings) -> tuple[GrpcService, ServiceRuntime]:
+    # Before the runtime's threads start: a malformed table stops the service in one line.
+    table = settings.trust_table()
     runtime = create_runtime(TRANSFER_ENGINE.name, settings)
     risk = runtime.channel_to(RISK.name)
-    servicer = build_transfer_engine_service(settings, risk.channel)
+    # The breaker's peer watch is a daemon thread: it lives as long as the process.
+    breaker = watched_breaker(
+        RISK.name,
+        RISK.spiffe_id(settings.trust_domain),
+        address=lambda: risk.target,
+        material=runtime.source.current,
+        verifier=runtime.verifier,
+        table=table,
+        config=settings.breaker_config(),
+        meter=runtime.telemetry.meter,
+    )
+    servicer = build_transfer_engine_service(settings, risk.channel, breaker)
 
     def register(server: grpc.aio.Server) -> None:
         ledger_pb2_grpc.add_TransferEngineServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]

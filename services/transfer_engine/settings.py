@@ -6,11 +6,13 @@ from pathlib import Path
 
 from pydantic import Field
 
+from services.common.breaker import BreakerSettings
 from services.common.runtime import ServiceSettings
 
 
-class TransferEngineSettings(ServiceSettings):
-    """Everything the transfer-engine reads from its environment."""
+class TransferEngineSettings(ServiceSettings, BreakerSettings):
+    """Everything the transfer-engine reads from its environment (the breaker's knobs to risk
+    included)."""
 
     # Every transfer waits for risk before it posts, so this bounds the latency of a transfer.
     risk_timeout_seconds: float = Field(default=2.0, gt=0, le=30)

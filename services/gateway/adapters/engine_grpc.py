@@ -1,9 +1,11 @@
 """The transfer-engine over grpc.aio: domain calls -> ``ledger.proto`` messages, and gRPC statuses
--> gateway errors.  Everything the engine answers is checked before the domain sees it."""
+-> gateway errors.  Everything the engine answers is checked before the domain sees it.  Every
+call goes through the circuit breaker to the engine (``services.common.breaker``)."""
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from datetime import date, timedelta
 from typing import Any
@@ -13,6 +15,7 @@ from google.protobuf.message import Message
 
 from services._proto import ledger_pb2
 from services._proto.ledger_pb2_grpc import TransferEngineStub
+from services.common.breaker import BreakerOpenError, CircuitBreaker, unavailable_dependency
 from services.common.errors import ChannelClosedError
 from services.common.money import UnsupportedCurrencyError, currency_exponent
 from services.common.telemetry import inject_context
@@ -55,6 +58,10 @@ def _translate(method: str, error: grpc.RpcError) -> GatewayError:
         if isinstance(error, grpc.aio.AioRpcError | grpc.Call)
         else (None, "")
     )
+    if isinstance(error, grpc.aio.AioRpcError) and unavailable_dependency(error) is not None:
+        # The engine answered that a dependency of its own (risk) is out; its message is ours
+        # and tells the client that nothing was stored.
+        return EngineUnavailableError(f"the transfer-engine is unavailable: {details}")
     if code in _UNAVAILABLE:
         return EngineUnavailableError(f"the transfer-engine is unavailable ({code})")
     request_error = _REQUEST_ERRORS.get(code) if code is not None else None
@@ -128,11 +135,18 @@ def _transfer(message: ledger_pb2.Transfer) -> Transfer:
 
 class GrpcTransferEngine:
     """``TransferEngine`` over a grpc.aio channel that ``channel()`` hands out afresh per call
-    (it is replaced when our SVID rotates or the engine moves)."""
+    (it is replaced when our SVID rotates or the engine moves), behind ``breaker``."""
 
-    def __init__(self, channel: Callable[[], grpc.aio.Channel], *, timeout: timedelta) -> None:
+    def __init__(
+        self,
+        channel: Callable[[], grpc.aio.Channel],
+        *,
+        timeout: timedelta,
+        breaker: CircuitBreaker,
+    ) -> None:
         self._channel = channel
         self._timeout = timeout.total_seconds()
+        self._breaker = breaker
         self._stub: tuple[grpc.aio.Channel, Any] | None = None
 
     def _stub_for(self, channel: grpc.aio.Channel) -> Any:
@@ -144,12 +158,22 @@ class GrpcTransferEngine:
 
     async def _call(self, method: str, request: Message) -> Any:
         try:
-            stub = self._stub_for(self._channel())
+            ticket = self._breaker.admit()
+        except BreakerOpenError as error:
+            # Why it opened is in the transition's log line, not in the customer's answer.
+            raise EngineUnavailableError(
+                "the transfer-engine is unavailable: the gateway's circuit breaker to it is"
+                f" open; retry in {math.ceil(error.retry_after)} s"
+            ) from None
+        try:
+            # The ticket sees the call's own exception (the callee's status), then it is
+            # translated.
+            with ticket:
+                stub = self._stub_for(self._channel())
+                call = getattr(stub, method)
+                return await call(request, timeout=self._timeout, metadata=inject_context())
         except ChannelClosedError as error:
             raise EngineUnavailableError(str(error)) from None
-        try:
-            call = getattr(stub, method)
-            return await call(request, timeout=self._timeout, metadata=inject_context())
         except grpc.RpcError as error:
             raise _translate(method, error) from None
 

@@ -1,13 +1,16 @@
-"""The ``RiskAssessor`` over gRPC: asks the risk service and fails closed on any doubt."""
+"""The ``RiskAssessor`` over gRPC: asks the risk service, behind the circuit breaker to it, and
+fails closed on any doubt."""
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 
 import grpc
 
 from services._proto import risk_pb2
+from services.common.breaker import BreakerOpenError, CircuitBreaker
 from services.common.errors import ChannelClosedError
 from services.common.telemetry import inject_context
 from services.transfer_engine.domain.model import Assessment, Decision, TransferRequest
@@ -19,9 +22,16 @@ _ASSESS_METHOD = "/ztbank.risk.v1.Risk/Assess"
 
 
 class GrpcRiskAssessor:
-    def __init__(self, channel: Callable[[], grpc.aio.Channel], *, timeout_seconds: float) -> None:
+    def __init__(
+        self,
+        channel: Callable[[], grpc.aio.Channel],
+        *,
+        timeout_seconds: float,
+        breaker: CircuitBreaker,
+    ) -> None:
         self._channel = channel
         self._timeout_seconds = timeout_seconds
+        self._breaker = breaker
 
     async def assess(self, request: TransferRequest, *, transfer_id: str) -> Assessment:
         message = risk_pb2.AssessRequest(
@@ -33,14 +43,27 @@ class GrpcRiskAssessor:
             currency=request.currency,
         )
         try:
-            # Looked up per call, never kept: the mTLS layer swaps channels when certificates
-            # rotate or risk moves.
-            assess = self._channel().unary_unary(
-                _ASSESS_METHOD,
-                request_serializer=risk_pb2.AssessRequest.SerializeToString,
-                response_deserializer=risk_pb2.Assessment.FromString,
-            )
-            reply = await assess(message, timeout=self._timeout_seconds, metadata=inject_context())
+            ticket = self._breaker.admit()
+        except BreakerOpenError as error:
+            # No assessment, so the ledger writes nothing (fail closed); the transition's log
+            # line says why the breaker opened.
+            raise RiskUnavailableError(
+                "risk service unavailable: the circuit breaker to it is open;"
+                f" retry in {math.ceil(error.retry_after)} s"
+            ) from None
+        try:
+            # The ticket sees the call's own exception (risk's status) before it is translated.
+            with ticket:
+                # Looked up per call, never kept: the mTLS layer swaps channels when
+                # certificates rotate or risk moves.
+                assess = self._channel().unary_unary(
+                    _ASSESS_METHOD,
+                    request_serializer=risk_pb2.AssessRequest.SerializeToString,
+                    response_deserializer=risk_pb2.Assessment.FromString,
+                )
+                reply = await assess(
+                    message, timeout=self._timeout_seconds, metadata=inject_context()
+                )
         except grpc.aio.AioRpcError as error:
             logger.warning(
                 "risk assessment of %s failed: %s %s", transfer_id, error.code(), error.details()

@@ -3,7 +3,7 @@ translated into gRPC statuses here and nowhere else."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import NoReturn, Protocol
@@ -12,6 +12,7 @@ import grpc
 
 from services._proto import ledger_pb2 as pb
 from services._proto import ledger_pb2_grpc
+from services.common.breaker import DEPENDENCY_UNAVAILABLE_KEY
 from services.common.peer import NoPeerIdentityError, current_peer
 from services.common.workloads import GATEWAY
 from services.transfer_engine.domain.ledger import Ledger
@@ -21,6 +22,7 @@ from services.transfer_engine.errors import (
     InvalidRequestError,
     NotFoundError,
     NotOwnerError,
+    RiskUnavailableError,
     TransferEngineError,
     UnavailableError,
 )
@@ -31,7 +33,12 @@ GATEWAY_ONLY = "customer claims are accepted only from the gateway"
 class AbortingContext(Protocol):
     """The part of ``grpc.ServicerContext`` the servicer uses."""
 
-    async def abort(self, code: grpc.StatusCode, details: str) -> NoReturn: ...
+    async def abort(
+        self,
+        code: grpc.StatusCode,
+        details: str,
+        trailing_metadata: Sequence[tuple[str, str]] = (),
+    ) -> NoReturn: ...
 
 
 def _status_of(error: TransferEngineError) -> grpc.StatusCode:
@@ -116,6 +123,11 @@ class TransferEngineService(ledger_pb2_grpc.TransferEngineServicer):
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, GATEWAY_ONLY)
         try:
             yield
+        except RiskUnavailableError as error:
+            # The engine works, risk does not: the gateway's breaker counts this as an answer.
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, str(error), ((DEPENDENCY_UNAVAILABLE_KEY, "risk"),)
+            )
         except TransferEngineError as error:
             await context.abort(_status_of(error), str(error))
 

@@ -11,6 +11,7 @@ import pytest
 from google.protobuf.message import Message
 
 from services._proto import ledger_pb2
+from services.common.breaker import BreakerConfig, BreakerState
 from services.gateway.adapters.engine_grpc import GrpcTransferEngine
 from services.gateway.domain.ledger import (
     Account,
@@ -29,6 +30,7 @@ from services.gateway.errors import (
     NotFoundError,
     PermissionDeniedError,
 )
+from tests.support.breakers import closed_breaker, open_breaker
 
 Handler = Callable[[Any], Message]
 
@@ -67,7 +69,11 @@ def channel() -> FakeChannel:
 
 @pytest.fixture
 def engine(channel: FakeChannel) -> GrpcTransferEngine:
-    return GrpcTransferEngine(lambda: cast(grpc.aio.Channel, channel), timeout=timedelta(seconds=3))
+    return GrpcTransferEngine(
+        lambda: cast(grpc.aio.Channel, channel),
+        timeout=timedelta(seconds=3),
+        breaker=closed_breaker("transfer-engine"),
+    )
 
 
 def fail(code: grpc.StatusCode, details: str = "") -> Handler:
@@ -121,7 +127,9 @@ def test_every_call_has_the_deadline_and_a_fresh_channel(channel: FakeChannel) -
         handed_out.append(channel)
         return cast(grpc.aio.Channel, channel)
 
-    engine = GrpcTransferEngine(current, timeout=timedelta(milliseconds=2500))
+    engine = GrpcTransferEngine(
+        current, timeout=timedelta(milliseconds=2500), breaker=closed_breaker("transfer-engine")
+    )
     channel.handlers["ListAccounts"] = lambda _: ledger_pb2.ListAccountsResponse()
 
     asyncio.run(engine.list_accounts("alice"))
@@ -259,3 +267,69 @@ def test_a_bare_rpc_error_is_an_engine_error(
 
     with pytest.raises(EngineError):
         asyncio.run(engine.list_accounts("alice"))
+
+
+def test_an_open_breaker_answers_unavailable_without_calling_the_engine(
+    channel: FakeChannel,
+) -> None:
+    engine = GrpcTransferEngine(
+        lambda: cast(grpc.aio.Channel, channel),
+        timeout=timedelta(seconds=3),
+        breaker=open_breaker("transfer-engine"),
+    )
+    with pytest.raises(EngineUnavailableError) as refused:
+        asyncio.run(engine.list_accounts("alice"))
+    assert str(refused.value) == (
+        "the transfer-engine is unavailable: the gateway's circuit breaker to it is open;"
+        " retry in 1 s"
+    )
+    assert channel.requests == []
+
+
+def test_engine_failures_open_the_breaker_and_its_refusals_do_not(channel: FakeChannel) -> None:
+    breaker = closed_breaker("transfer-engine", BreakerConfig(min_calls=3))
+    engine = GrpcTransferEngine(
+        lambda: cast(grpc.aio.Channel, channel), timeout=timedelta(seconds=3), breaker=breaker
+    )
+    channel.handlers["GetAccount"] = fail(grpc.StatusCode.NOT_FOUND, "no such account")
+    for _ in range(3):
+        with pytest.raises(NotFoundError):
+            asyncio.run(engine.get_account("alice", "acc-x"))
+    assert breaker.state.value == "closed"  # the engine's answers are not failures
+    channel.handlers["GetAccount"] = fail(grpc.StatusCode.UNAVAILABLE)
+    for _ in range(3):
+        with pytest.raises(EngineUnavailableError, match=r"\(StatusCode.UNAVAILABLE\)"):
+            asyncio.run(engine.get_account("alice", "acc-x"))
+    assert breaker.state is BreakerState.OPEN  # 3 of 6
+    sent = len(channel.requests)
+    with pytest.raises(EngineUnavailableError, match="circuit breaker to it is open"):
+        asyncio.run(engine.get_account("alice", "acc-x"))
+    assert len(channel.requests) == sent
+
+
+def test_risk_out_at_the_engine_is_relayed_and_not_counted_against_the_engine(
+    channel: FakeChannel,
+) -> None:
+    breaker = closed_breaker("transfer-engine", BreakerConfig(min_calls=2))
+    engine = GrpcTransferEngine(
+        lambda: cast(grpc.aio.Channel, channel), timeout=timedelta(seconds=3), breaker=breaker
+    )
+
+    def risk_out(request: Any) -> Message:
+        raise grpc.aio.AioRpcError(
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.aio.Metadata(),
+            grpc.aio.Metadata(("ztbank-dependency-unavailable", "risk")),
+            "risk service unavailable: the circuit breaker to it is open; retry in 3 s",
+        )
+
+    channel.handlers["CreateTransfer"] = risk_out
+    order = TransferOrder("acc-a", "acc-b", 100, "CNY")
+    for _ in range(4):
+        with pytest.raises(EngineUnavailableError) as refused:
+            asyncio.run(engine.create_transfer("alice", "k", order))
+        assert str(refused.value) == (
+            "the transfer-engine is unavailable: risk service unavailable: the circuit breaker"
+            " to it is open; retry in 3 s"
+        )
+    assert breaker.state.value == "closed"  # reads keep flowing while risk is out

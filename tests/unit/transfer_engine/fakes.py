@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
@@ -189,12 +189,23 @@ class InMemoryLedgerRepository:
 
 
 class Aborted(Exception):  # noqa: N818 - named after grpc's ServicerContext.abort
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        details: str,
+        trailing_metadata: Sequence[tuple[str, str]] = (),
+    ) -> None:
         super().__init__(f"{code}: {details}")
         self.code = code
         self.details = details
+        self.trailing_metadata = tuple(trailing_metadata)
 
 
 class FakeServicerContext:
-    async def abort(self, code: grpc.StatusCode, details: str) -> NoReturn:
-        raise Aborted(code, details)
+    async def abort(
+        self,
+        code: grpc.StatusCode,
+        details: str,
+        trailing_metadata: Sequence[tuple[str, str]] = (),
+    ) -> NoReturn:
+        raise Aborted(code, details, trailing_metadata)

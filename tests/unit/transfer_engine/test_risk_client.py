@@ -8,10 +8,12 @@ import grpc
 import pytest
 
 from services._proto import risk_pb2, risk_pb2_grpc
+from services.common.breaker import BreakerConfig, BreakerState
 from services.common.errors import ChannelClosedError
 from services.transfer_engine.adapters.risk_client import GrpcRiskAssessor
 from services.transfer_engine.domain.model import Assessment, Decision
 from services.transfer_engine.errors import RiskUnavailableError
+from tests.support.breakers import closed_breaker, open_breaker
 from tests.unit.transfer_engine.support import transfer_request
 
 TIMEOUT_SECONDS = 0.2
@@ -66,7 +68,9 @@ def assess(server: RiskServer, transfer_id: str = "tr-1") -> Assessment:
 
     async def run() -> Assessment:
         async with grpc.aio.insecure_channel(server.target) as channel:
-            assessor = GrpcRiskAssessor(lambda: channel, timeout_seconds=TIMEOUT_SECONDS)
+            assessor = GrpcRiskAssessor(
+                lambda: channel, timeout_seconds=TIMEOUT_SECONDS, breaker=closed_breaker("risk")
+            )
             return await assessor.assess(transfer_request(), transfer_id=transfer_id)
 
     return asyncio.run(run())
@@ -97,7 +101,9 @@ def test_the_current_channel_is_used_for_every_assessment(server: RiskServer) ->
             grpc.aio.insecure_channel(replacement.target) as second,
         ):
             current = [first]
-            assessor = GrpcRiskAssessor(lambda: current[0], timeout_seconds=TIMEOUT_SECONDS)
+            assessor = GrpcRiskAssessor(
+                lambda: current[0], timeout_seconds=TIMEOUT_SECONDS, breaker=closed_breaker("risk")
+            )
             before = await assessor.assess(transfer_request(), transfer_id="tr-1")
             current[0] = second  # what a certificate rotation does
             after = await assessor.assess(transfer_request(), transfer_id="tr-2")
@@ -147,7 +153,9 @@ def test_a_channel_closed_by_rotation_fails_closed(server: RiskServer) -> None:
     async def run() -> Assessment:
         channel = grpc.aio.insecure_channel(server.target)
         await channel.close()  # retired by a rotation after the assessor fetched it
-        assessor = GrpcRiskAssessor(lambda: channel, timeout_seconds=TIMEOUT_SECONDS)
+        assessor = GrpcRiskAssessor(
+            lambda: channel, timeout_seconds=TIMEOUT_SECONDS, breaker=closed_breaker("risk")
+        )
         return await assessor.assess(transfer_request(), transfer_id="tr-1")
 
     with pytest.raises(RiskUnavailableError) as caught:
@@ -160,6 +168,43 @@ def test_a_channel_closed_by_shutdown_fails_closed() -> None:
     def closed() -> grpc.aio.Channel:
         raise ChannelClosedError("the channel to risk is closed")  # AioMtlsChannel after aclose
 
-    assessor = GrpcRiskAssessor(closed, timeout_seconds=TIMEOUT_SECONDS)
+    assessor = GrpcRiskAssessor(
+        closed, timeout_seconds=TIMEOUT_SECONDS, breaker=closed_breaker("risk")
+    )
     with pytest.raises(RiskUnavailableError, match=r"^risk service unavailable$"):
         asyncio.run(assessor.assess(transfer_request(), transfer_id="tr-1"))
+
+
+def test_an_open_breaker_fails_closed_without_asking_risk(server: RiskServer) -> None:
+    async def run() -> Assessment:
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            assessor = GrpcRiskAssessor(
+                lambda: channel, timeout_seconds=TIMEOUT_SECONDS, breaker=open_breaker("risk")
+            )
+            return await assessor.assess(transfer_request(), transfer_id="tr-1")
+
+    with pytest.raises(RiskUnavailableError) as refused:
+        asyncio.run(run())
+    assert str(refused.value) == (
+        "risk service unavailable: the circuit breaker to it is open; retry in 1 s"
+    )
+    assert server.risk.requests == []
+
+
+def test_risk_failures_open_the_breaker(server: RiskServer) -> None:
+    breaker = closed_breaker("risk", BreakerConfig(min_calls=2))
+    server.risk.abort_with = grpc.StatusCode.UNAVAILABLE
+
+    async def run() -> None:
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            assessor = GrpcRiskAssessor(
+                lambda: channel, timeout_seconds=TIMEOUT_SECONDS, breaker=breaker
+            )
+            for transfer_id in ("tr-1", "tr-2", "tr-3"):
+                with pytest.raises(RiskUnavailableError):
+                    await assessor.assess(transfer_request(), transfer_id=transfer_id)
+
+    asyncio.run(run())
+    assert breaker.state is BreakerState.OPEN
+    # The third assessment was refused by the breaker: risk saw two.
+    assert [r.transfer_id for r in server.risk.requests] == ["tr-1", "tr-2"]

@@ -305,6 +305,8 @@ def test_risk_down_is_unavailable(service: TransferEngineService, risk: FakeRisk
         grpc.StatusCode.UNAVAILABLE,
         "risk service unavailable",
     )
+    # Tagged, so that the gateway's breaker to the engine does not count risk's outage.
+    assert aborted.trailing_metadata == (("ztbank-dependency-unavailable", "risk"),)
 
 
 def _subclasses(cls: type[errors.TransferEngineError]) -> Iterator[type[Exception]]:

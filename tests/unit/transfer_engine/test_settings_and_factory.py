@@ -11,6 +11,7 @@ from services.common.settings import InvalidSettingsError, load_settings
 from services.common.workloads import GATEWAY
 from services.transfer_engine.factory import build_transfer_engine_service
 from services.transfer_engine.settings import TransferEngineSettings
+from tests.support.breakers import closed_breaker
 from tests.unit.transfer_engine.fakes import FakeServicerContext
 
 pytestmark = pytest.mark.usefixtures("settings_environment")
@@ -43,7 +44,7 @@ def test_factory_opens_and_seeds_the_ledger_without_calling_risk(tmp_path: Path)
     def no_channel_yet() -> grpc.aio.Channel:
         raise AssertionError("risk is asked only when a transfer is made")
 
-    service = build_transfer_engine_service(settings, no_channel_yet)
+    service = build_transfer_engine_service(settings, no_channel_yet, closed_breaker("risk"))
     assert stat.S_IMODE(settings.state_dir.stat().st_mode) == 0o700
     gateway = PeerIdentity(GATEWAY.spiffe_id(settings.trust_domain), "0a", "ff" * 32, "")
     token = set_current_peer(gateway)

@@ -1,0 +1,49 @@
+"""Circuit breakers for adapter tests: one that lets calls through, one that is open."""
+
+from __future__ import annotations
+
+import time
+
+from services.common.breaker import (
+    BreakerConfig,
+    CircuitBreaker,
+    PeerCertificate,
+    TrustLevels,
+)
+from services.common.identity.spiffe_id import SpiffeId
+
+DAY = 86_400.0
+PROD = TrustLevels(0.5, ((("env", "prod"), 0.95),), 1, "tests")
+
+
+class FreshPeer:
+    """A peer whose verified certificate was issued just now and lives a day."""
+
+    def __init__(self, target: str) -> None:
+        now = time.time()
+        spiffe_id = SpiffeId.for_workload(
+            "ztbank.example", env="prod", zone="az1", team="tests", service=target
+        )
+        self.certificate: PeerCertificate | None = PeerCertificate(spiffe_id, "01", now, now + DAY)
+        self.problem = ""
+
+    def wake(self) -> None:
+        pass
+
+
+def closed_breaker(target: str, config: BreakerConfig | None = None) -> CircuitBreaker:
+    """A closed breaker (its first probe call already succeeded) to a fresh prod peer."""
+    breaker = CircuitBreaker(
+        target, config or BreakerConfig(), levels=lambda: PROD, peer=FreshPeer(target)
+    )
+    with breaker.admit():
+        pass
+    return breaker
+
+
+def open_breaker(target: str) -> CircuitBreaker:
+    """A breaker whose peer was never verified: it refuses every call."""
+    peer = FreshPeer(target)
+    peer.certificate = None
+    peer.problem = f"no verified handshake with {target} yet"
+    return CircuitBreaker(target, BreakerConfig(), levels=lambda: PROD, peer=peer)
