@@ -30,11 +30,14 @@ def free_port() -> int:
 
 
 def sandbox_settings(
-    root: Path, svid_ttl: str | None = None, risk_rules: Path | None = None
+    root: Path,
+    svid_ttl: str | None = None,
+    risk_rules: Path | None = None,
+    trust_levels: Path | None = None,
 ) -> StackSettings:
     """Settings of a private stack under ``root``: its own home and certs, the repository's
-    policy and risk rules, a registry (written here) that puts every service on free ports, and
-    a free port for the issuer's revocation endpoint."""
+    policy, risk rules and trust levels (unless given), a registry (written here) that puts
+    every service on free ports, and a free port for the issuer's revocation endpoint."""
     ports = iter(free_ports(2 * len(SERVICES) + 1))
     registry = root / "registry.json"
     write_registry(
@@ -47,6 +50,7 @@ def sandbox_settings(
         registry=registry,
         policy=REPO_ROOT / "infra" / "policy.json",
         risk_rules=risk_rules or REPO_ROOT / "infra" / "risk" / "rules.json",
+        trust_levels=trust_levels or REPO_ROOT / "infra" / "trust-levels.json",
         svid_ttl=svid_ttl,
         issuer_http=f"127.0.0.1:{next(ports)}",
     )
@@ -54,12 +58,14 @@ def sandbox_settings(
 
 @contextmanager
 def sandbox_stack(
-    svid_ttl: str | None = None, risk_rules: Path | None = None
+    svid_ttl: str | None = None,
+    risk_rules: Path | None = None,
+    trust_levels: Path | None = None,
 ) -> Iterator[NativeStack]:
     """Up on entry, always down and deleted on exit.  The directory is short (unix sockets)."""
     root = Path(tempfile.mkdtemp(prefix="zts", dir="/tmp"))
     try:
-        stack = NativeStack(sandbox_settings(root, svid_ttl, risk_rules))
+        stack = NativeStack(sandbox_settings(root, svid_ttl, risk_rules, trust_levels))
         try:
             stack.up()
             yield stack
