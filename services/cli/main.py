@@ -28,7 +28,13 @@ from services.issuer.admin_client import AdminCallError, call_admin
 from services.issuer.domain.entries import Selector, parse_workload_id
 from services.issuer.domain.revocation import parse_reason, parse_serial
 from services.issuer.errors import IssuerError
-from services.stack.native import NativeStack, StackError, StackSettings, StackStatus
+from services.stack.native import (
+    NativeStack,
+    StackError,
+    StackSettings,
+    StackStatus,
+    locate_settings,
+)
 
 Handler = Callable[[argparse.Namespace], int]
 MAX_LAB_ROTATIONS = 5
@@ -55,7 +61,7 @@ def _ttl_seconds(text: str | None) -> int:
 
 def _base_settings(args: argparse.Namespace) -> ZtbankSettings:
     overrides = {k: v for k, v in (("trust_domain", getattr(args, "trust_domain", None)),) if v}
-    return load_settings(ZtbankSettings, **overrides)
+    return locate_settings(ZtbankSettings, **overrides)
 
 
 def _check_workload_id(text: str, settings: ZtbankSettings) -> None:
@@ -268,7 +274,7 @@ def cmd_revoke(args: argparse.Namespace) -> int:
 
 def _stack_settings(args: argparse.Namespace) -> StackSettings:
     overrides = {"trust_domain": args.trust_domain} if args.trust_domain else {}
-    return load_settings(StackSettings, **overrides)
+    return locate_settings(StackSettings, **overrides)
 
 
 def _status_document(status: StackStatus) -> dict[str, object]:

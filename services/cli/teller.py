@@ -27,7 +27,7 @@ from services.common.revocation import (
 from services.common.tls import client_context
 from services.common.workloads import GATEWAY, TELLER
 from services.issuer.domain.revocation import crls_url
-from services.stack.native import StackSettings
+from services.stack.native import StackSettings, stack_hint
 
 TIMEOUT = 10.0
 
@@ -97,7 +97,7 @@ class TellerClient:
                 material = fetch_svid(socket_uri, settings.trust_domain, timeout=5)
             except CommonError as error:
                 raise CliError(
-                    f"no teller identity ({error}); is the stack up? (make up)"
+                    f"no teller identity ({error}); {stack_hint(settings.home)}"
                 ) from None
         self._material = material
         self._context = client_context(self._material, ["http/1.1"])

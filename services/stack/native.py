@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from functools import partial
 from http import HTTPStatus
 from pathlib import Path
+from typing import Any, TypeVar
 
 from pydantic import AliasChoices, Field
 
@@ -25,8 +26,16 @@ from services._proto.issuer_admin_grpc import IssuerAdminStub
 from services.common.errors import CommonError
 from services.common.identity.source import SvidMaterial, fetch_svid
 from services.common.registry import FileRegistry
-from services.common.settings import ZtbankSettings
-from services.common.workloads import GATEWAY, OPS, RISK, SERVICES, TELLER, TRANSFER_ENGINE
+from services.common.settings import ZtbankSettings, load_settings
+from services.common.workloads import (
+    CONSOLE,
+    GATEWAY,
+    OPS,
+    RISK,
+    SERVICES,
+    TELLER,
+    TRANSFER_ENGINE,
+)
 from services.issuer.adapters.upstream_disk import init_root_ca
 from services.issuer.admin_client import AdminCallError, call_admin
 from services.issuer.domain.revocation import crls_url, ocsp_url
@@ -36,6 +45,9 @@ from services.stack.processes import ManagedProcess
 
 READY_TIMEOUT = 30.0
 GRPC_SERVICES = {TRANSFER_ENGINE.name, RISK.name}
+ISSUER_MODULE = "services.issuer"
+# The checkout this package was installed from (``pip install -e .``, as ``make install`` does).
+CHECKOUT = Path(__file__).resolve().parents[2]
 
 
 class StackError(CommonError):
@@ -51,6 +63,65 @@ class StackSettings(ZtbankSettings):
     # Where the ops identity (health probes) comes from; empty: its own socket of the native
     # stack. The compose stack's status runs in a container of the ops uid on the shared socket.
     ops_endpoint_socket: str = ""
+
+
+SettingsT = TypeVar("SettingsT", bound=ZtbankSettings)
+
+
+def stack_running(home: Path) -> bool:
+    """True if the issuer of a native stack whose ZTBANK_HOME is ``home`` is running."""
+    pid_dir = home / "run" / "pids"
+    return ManagedProcess("issuer", ISSUER_MODULE, pid_dir, home / "log").running()
+
+
+def _relative_defaults(cls: type[ZtbankSettings]) -> dict[str, Path]:
+    """The settings whose defaults are paths relative to a checkout (var, certs, infra/...)."""
+    return {
+        name: field.default
+        for name, field in cls.model_fields.items()
+        if isinstance(field.default, Path) and not field.default.is_absolute()
+    }
+
+
+def locate_settings(
+    cls: type[SettingsT],
+    *,
+    cwd: Path | None = None,
+    checkout: Path | None = None,
+    **overrides: Any,
+) -> SettingsT:
+    """Settings for the CLI, which may run from any directory.
+
+    ZTBANK_HOME, when set, wins.  Otherwise the relative defaults (``var``, ``certs``,
+    ``infra/...``) are taken in the current directory if a stack runs there, else in the
+    checkout ``ztbank`` was installed from if one runs there, else in the first of the two that
+    is a checkout at all, else in the current directory.  A ZTBANK_* variable for any one of
+    them still wins over its default.
+    """
+    explicit = {name.upper() for name in os.environ}
+    if "ZTBANK_HOME" in explicit:
+        return load_settings(cls, **overrides)
+    defaults = _relative_defaults(cls)
+    here = (cwd or Path.cwd()).absolute()
+    roots = list(dict.fromkeys((here, checkout or CHECKOUT)))
+    registry = _relative_defaults(StackSettings)["registry"]
+    root = next((r for r in roots if stack_running(r / defaults["home"])), None) or next(
+        (r for r in roots if (r / registry).is_file()), here
+    )
+    rooted = {
+        name: root / default
+        for name, default in defaults.items()
+        if f"ZTBANK_{name.upper()}" not in explicit
+    }
+    return load_settings(cls, **(rooted | overrides))
+
+
+def stack_hint(home: Path) -> str:
+    """What to do when no stack answers: says where the CLI looked, and how to look elsewhere."""
+    return (
+        f"is the stack up? (looked in ZTBANK_HOME={home}; start it with `make up` in the"
+        " checkout, or set ZTBANK_HOME to the home of a running stack)"
+    )
 
 
 @dataclass(frozen=True)
@@ -88,7 +159,7 @@ class NativeStack:
         self.settings = settings
         self._pid_dir = settings.run_dir / "pids"
         self._log_dir = settings.home / "log"
-        self.issuer = self._process("issuer", "services.issuer")
+        self.issuer = self._process("issuer", ISSUER_MODULE)
         self.services = {
             RISK.name: self._process(RISK.name, "services.risk"),
             TRANSFER_ENGINE.name: self._process(TRANSFER_ENGINE.name, "services.transfer_engine"),
@@ -157,7 +228,7 @@ class NativeStack:
         existing = call_admin(admin, lambda s: s.ListEntries(pb.ListEntriesRequest())).entries
         have = {(e.spiffe_id, tuple(sorted(e.selectors))) for e in existing}
         uid = os.getuid()
-        for workload in (*SERVICES, TELLER, OPS):
+        for workload in (*SERVICES, TELLER, OPS, CONSOLE):
             spiffe_id = str(workload.spiffe_id(self.settings.trust_domain))
             selectors = sorted([f"ztbank:socket:{workload.name}", f"unix:uid:{uid}"])
             if (spiffe_id, tuple(selectors)) in have:
