@@ -115,13 +115,17 @@ USERS ?= 20
 DURATION ?= 30s
 CHAOS_DURATION ?= 60s
 
-.PHONY: load load-chaos lab-revocation lab-mis-issued lab-rotation lab-outage
+.PHONY: load load-chaos lab lab-revocation lab-mis-issued lab-rotation lab-outage lab-policy \
+	lab-expiry lab-upstream
 
 load: up ## locust on the stack: PROFILE=reads|transfers|mixed USERS=20 DURATION=30s
 	$(BIN)/python -m loadtest.run --profile $(PROFILE) --users $(USERS) --duration $(DURATION)
 
 load-chaos: up ## mixed load while SVIDs rotate and one client's SVID is revoked (loadtest/README.md)
 	$(BIN)/python -m loadtest.chaos --users $(USERS) --duration $(CHAOS_DURATION)
+
+lab: install ## list the labs for trainers, one line each (ztbank lab)
+	@$(BIN)/ztbank lab
 
 lab-revocation: up ## lab: revoke a connected client and watch it being cut off (ztbank lab revocation)
 	$(BIN)/ztbank lab revocation
@@ -134,6 +138,15 @@ lab-rotation: up ## lab: every service renews its SVID under traffic (quick with
 
 lab-outage: up ## lab: stop the issuer; the bank serves, fails closed, recovers (quick with ZTBANK_SVID_TTL=20s)
 	$(BIN)/ztbank lab outage
+
+lab-policy: up ## lab: deny a route by a live policy edit; refused with 403, audited, restored (ztbank lab policy)
+	$(BIN)/ztbank lab policy
+
+lab-expiry: up ## lab: a client SVID nobody renews runs out; refused at notAfter, served with a new one
+	$(BIN)/ztbank lab expiry
+
+lab-upstream: up ## lab: the root CA's key goes offline; serving goes on, CA renewal fails, then recovers (needs ZTBANK_CA_TTL=2m)
+	$(BIN)/ztbank lab upstream
 
 clean: ## remove local state (var/) and caches; keeps certs/ and .venv/
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache

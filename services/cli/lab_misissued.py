@@ -13,9 +13,7 @@ Native stack only: the lab reads the issuer's CA state and the gateway's audit f
 
 from __future__ import annotations
 
-import http.client
 import secrets
-import socket
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
@@ -25,21 +23,18 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from services.cli.errors import CliError
-from services.cli.lab_support import Say, last_gateway_denial
+from services.cli.lab_support import Say, last_gateway_denial, present
 from services.cli.teller import TellerClient
 from services.common.files import private_key_pem
 from services.common.identity.pem import certificates_to_pem
 from services.common.registry import FileRegistry
-from services.common.tls import pem_client_context
 from services.common.workloads import GATEWAY, TELLER
 from services.issuer.adapters.authority_file import AuthorityFile
 from services.issuer.domain.certificates import CA_KEY_USAGE, SVID_KEY_USAGE
 from services.issuer.errors import IssuerError
 from services.stack.native import StackSettings
 
-TIMEOUT = 5.0
 CUSTOMER = "alice"
-ACCOUNTS = "/v1/accounts"
 INTRUDER_PATH = "/env/prod/zone/az1/team/x/svc/intruder"
 
 
@@ -136,43 +131,6 @@ def cases(trust_domain: str) -> list[Case]:
     ]
 
 
-@dataclass(frozen=True)
-class Outcome:
-    answer: str  # "HTTP 200", "refused in the handshake", "closed after the handshake"
-    local_port: int
-
-
-def present(
-    address: tuple[str, int],
-    chain: list[x509.Certificate],
-    key: ec.EllipticCurvePrivateKey,
-    bundle: list[x509.Certificate],
-    token: str,
-) -> Outcome:
-    """GET /v1/accounts on a new TLS connection, presenting ``chain``."""
-    context = pem_client_context(
-        certificates_to_pem(chain), private_key_pem(key), certificates_to_pem(bundle), ["http/1.1"]
-    )
-    raw = socket.create_connection(address, timeout=TIMEOUT)
-    local_port = int(raw.getsockname()[1])
-    try:
-        try:
-            tls = context.wrap_socket(raw)
-        except OSError:
-            return Outcome("refused in the handshake", local_port)
-        connection = http.client.HTTPConnection(*address, timeout=TIMEOUT)
-        connection.sock = tls
-        try:
-            connection.request("GET", ACCOUNTS, headers={"Authorization": f"Bearer {token}"})
-            response = connection.getresponse()
-            response.read()
-        except (OSError, http.client.HTTPException):
-            return Outcome("closed after the handshake", local_port)
-        return Outcome(f"HTTP {response.status}", local_port)
-    finally:
-        raw.close()
-
-
 def _signing_ca(settings: StackSettings) -> Signer:
     try:
         active = AuthorityFile(settings.home / "issuer" / "authority.json").load().active
@@ -196,7 +154,13 @@ def run_misissued_lab(settings: StackSettings, say: Say) -> bool:
     for number, case in enumerate(cases(settings.trust_domain), start=1):
         ca = impostor_ca(settings.trust_domain) if case.foreign else signer
         leaf, key = build_leaf(case.spec, ca)
-        outcome = present((gateway.host, gateway.port), [leaf, ca.certificate], key, bundle, token)
+        outcome = present(
+            (gateway.host, gateway.port),
+            certificates_to_pem([leaf, ca.certificate]),
+            private_key_pem(key),
+            certificates_to_pem(bundle),
+            token,
+        )
         if case.served:
             ok = outcome.answer == "HTTP 200"
             detail = outcome.answer

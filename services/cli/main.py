@@ -15,10 +15,13 @@ from typing import NoReturn
 
 from services._proto import issuer_admin_pb2 as pb
 from services.cli.errors import CliError, UsageError
+from services.cli.lab_expiry import run_expiry_lab
 from services.cli.lab_misissued import run_misissued_lab
 from services.cli.lab_outage import run_outage_lab
+from services.cli.lab_policy import run_policy_lab
 from services.cli.lab_revocation import run_revocation_lab
 from services.cli.lab_rotation import run_rotation_lab
+from services.cli.lab_upstream import run_upstream_lab
 from services.cli.teller import Reply, TellerClient, refusal
 from services.common.durations import parse_duration
 from services.common.errors import CommonError
@@ -389,6 +392,38 @@ def cmd_lab_misissued(args: argparse.Namespace) -> int:
     return 0 if run_misissued_lab(_stack_settings(args), print) else 1
 
 
+def cmd_lab_policy(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.ERROR)
+    return 0 if run_policy_lab(_stack_settings(args), print) else 1
+
+
+def cmd_lab_expiry(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.ERROR)
+    return 0 if run_expiry_lab(_stack_settings(args), print) else 1
+
+
+def cmd_lab_upstream(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.ERROR)
+    return 0 if run_upstream_lab(_stack_settings(args), print) else 1
+
+
+def lab_list(labs: argparse._SubParsersAction[_Parser]) -> Handler:
+    """``ztbank lab`` without a name: every lab registered on ``labs``, one line each."""
+
+    def cmd_lab_list(args: argparse.Namespace) -> int:
+        # The sub-command help lines are what `ztbank lab --help` shows too: a lab added with
+        # `labs.add_parser(NAME, help=...)` is listed here without another list to keep.
+        entries = [(action.dest, action.help or "") for action in labs._choices_actions]
+        width = max(len(name) for name, _ in entries)
+        print("labs against the running native stack (`make up`); run one with")
+        print("`ztbank lab NAME` or `make lab-NAME`:")
+        for name, text in entries:
+            print(f"  {name:<{width}}  {text}")
+        return 0
+
+    return cmd_lab_list
+
+
 # -- banking as the teller ----------------------------------------------------------------------
 
 
@@ -501,9 +536,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     status.set_defaults(handler=cmd_status)
 
-    lab = groups.add_parser("lab", help="training labs against the running stack").add_subparsers(
-        dest="lab", required=True, parser_class=_Parser
-    )
+    lab_parser = groups.add_parser("lab", help="training labs against the running stack (a list)")
+    lab = lab_parser.add_subparsers(dest="lab", parser_class=_Parser, metavar="NAME")
+    lab_parser.set_defaults(handler=lab_list(lab))
     revocation_lab = lab.add_parser(
         "revocation", help="revoke a connected client and watch it being cut off"
     )
@@ -524,6 +559,17 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_parser(
         "outage", help="stop the issuer: watch the bank serve, fail closed, and recover"
     ).set_defaults(handler=cmd_lab_outage)
+    lab.add_parser(
+        "policy", help="deny a route by a live policy edit: refused, audited, then restored"
+    ).set_defaults(handler=cmd_lab_policy)
+    lab.add_parser(
+        "expiry", help="a client SVID runs out: refused at expiry, served again with a new one"
+    ).set_defaults(handler=cmd_lab_expiry)
+    lab.add_parser(
+        "upstream",
+        help="the issuer's root CA goes offline: SVIDs keep serving, CA renewal fails,"
+        " then recovers",
+    ).set_defaults(handler=cmd_lab_upstream)
 
     login = groups.add_parser("login", help="print a short-lived bearer token for a customer")
     login.add_argument("customer")

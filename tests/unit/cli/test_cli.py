@@ -74,7 +74,6 @@ def run(argv: Sequence[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
         (["revoke"], "one of the arguments --serial --spiffe-id is required"),
         (["revoke", "--serial", "ab", "--spiffe-id", LEDGER], "not allowed with"),
         (["revoke", "--reason", "keyCompromise"], "required"),
-        (["lab"], "required"),
         (["lab", "frobnicate"], "invalid choice"),
         (["lab", "revocation", "--budget", "soon"], "invalid float value"),
         (["lab", "revocation", "--budget", "0"], "--budget must be a positive number"),
@@ -91,6 +90,31 @@ def test_bad_usage_is_one_line_and_exit_2(
     assert out == ""
     assert mentions in single_line(err)
     assert admin_calls == []
+
+
+def test_lab_without_a_name_lists_every_lab(
+    capsys: pytest.CaptureFixture[str], admin_calls: list[Path]
+) -> None:
+    code, out, err = run(["lab"], capsys)
+
+    assert (code, err, admin_calls) == (0, "", [])
+    assert "`ztbank lab NAME` or `make lab-NAME`" in out
+    listed = [line.split()[0] for line in out.splitlines() if line.startswith("  ")]
+    names = ["revocation", "mis-issued", "rotation", "outage", "policy", "expiry", "upstream"]
+    assert listed == names
+    assert "  policy      deny a route by a live policy edit" in out  # its --help line
+
+
+def test_a_lab_without_a_stack_says_how_to_start_one(
+    capsys: pytest.CaptureFixture[str], environment: Path
+) -> None:
+    for lab in ("policy", "expiry", "upstream"):
+        code, out, err = run(["lab", lab], capsys)
+
+        assert code == 1
+        assert out.startswith(f"lab {lab}: ")
+        assert "make up" in single_line(err)
+        assert f"ZTBANK_HOME={environment}" in err
 
 
 # -- input validation before any connection -------------------------------------------------

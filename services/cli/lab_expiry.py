@@ -1,0 +1,174 @@
+"""``ztbank lab expiry``: a client SVID that nobody renews runs out; the gateway refuses it from
+its notAfter on, and serves the client again once it holds a valid SVID.
+
+Against the running native stack (``make up``), in about 15 s whatever the stack's SVID TTL:
+
+1. mint a teller SVID of SHORT_TTL_SECONDS through the issuer's admin API, as ``ztbank svid
+   mint`` does: nothing renews it (a workload's SVID is renewed by its Workload API stream);
+2. ask the gateway on a new connection every POLL_SECONDS until after its notAfter: served
+   before, refused from then on (fail closed), at most EXPIRY_BUDGET_SECONDS late;
+3. find the refusal in the gateway's audit (the record of that connection);
+4. show what became of a keep-alive connection opened before the expiry (observed, not judged:
+   the certificate's validity is checked in the handshake);
+5. hand the client a fresh SVID: served again, on the next connection;
+6. the stack's own teller was served throughout.
+
+Nothing of the stack is changed; the minted SVIDs expire by themselves.
+"""
+
+from __future__ import annotations
+
+import http.client
+import time
+from dataclasses import dataclass
+
+from services.cli.errors import CliError
+from services.cli.lab_support import (
+    ACCOUNTS,
+    Outcome,
+    Say,
+    last_gateway_denial,
+    mint_teller_svid,
+    present,
+)
+from services.cli.teller import TellerClient
+from services.common.identity.source import SvidMaterial
+from services.common.registry import FileRegistry
+from services.common.workloads import GATEWAY
+from services.stack.native import StackSettings
+
+CUSTOMER = "alice"
+SHORT_TTL_SECONDS = 8  # the issuer mints no shorter than 5 s
+RENEWED_TTL_SECONDS = 60
+POLL_SECONDS = 0.25
+# How late after notAfter the first refusal may come: the gateway reads the clock with a
+# second's resolution, and a poll takes a moment.
+EXPIRY_BUDGET_SECONDS = 3.0
+# A refusal earlier than this before notAfter would be a premature one (clock rounding aside).
+EARLY_TOLERANCE_SECONDS = 1.0
+
+
+@dataclass
+class Timeline:
+    """What the client saw, in seconds relative to its SVID's notAfter (negative: before)."""
+
+    last_served: float | None = None
+    first_refused: float | None = None
+    refusal: Outcome | None = None
+    kept_alive_served: float | None = None  # the open connection's last answer
+    kept_alive_closed: float | None = None
+
+
+def _ask(
+    client: TellerClient, token: str, connection: http.client.HTTPSConnection | None = None
+) -> bool:
+    """GET /v1/accounts served, on ``connection`` (kept open) or a new one."""
+    try:
+        reply = client.request(
+            "GET", ACCOUNTS, headers={"Authorization": f"Bearer {token}"}, connection=connection
+        )
+    except CliError:
+        return False
+    return reply.status == 200
+
+
+def _watch(
+    settings: StackSettings, svid: SvidMaterial, client: TellerClient, token: str
+) -> Timeline:
+    gateway = FileRegistry(settings.registry).lookup(GATEWAY.name)
+    address = (gateway.host, gateway.port)
+    kept = client.connect()
+    seen = Timeline()
+    try:
+        # Used on every poll, so that the gateway's idle timeout does not close it first.
+        while (now := -svid.seconds_left()) < EXPIRY_BUDGET_SECONDS:
+            outcome = present(address, svid.chain_pem, svid.key_pem, svid.bundle_pem, token)
+            if outcome.answer == "HTTP 200":
+                seen.last_served = now
+            elif seen.first_refused is None:
+                seen.first_refused, seen.refusal = now, outcome
+            if seen.kept_alive_closed is None:
+                if _ask(client, token, kept):
+                    seen.kept_alive_served = now
+                else:
+                    seen.kept_alive_closed = now
+            if seen.first_refused is not None and now > 0 and seen.first_refused <= now - 1:
+                break  # refused for a second past the expiry: the open connection is seen too
+            time.sleep(POLL_SECONDS)
+    finally:
+        kept.close()
+    return seen
+
+
+def run_expiry_lab(settings: StackSettings, say: Say) -> bool:
+    say("lab expiry: a client SVID nobody renews runs out; refused, then served with a new one")
+    bystander = TellerClient(settings)  # no teller identity: "is the stack up? (make up)"
+    token = bystander.token(CUSTOMER)
+    svid = mint_teller_svid(settings, SHORT_TTL_SECONDS)
+    not_after = svid.not_after.isoformat(timespec="seconds")
+    say(f"  1 minted a teller SVID, serial {svid.serial[:12]}…, valid until {not_after}")
+    say(f"    ({svid.seconds_left():.0f} s from now); no Workload API stream renews it")
+
+    seen = _watch(settings, svid, TellerClient(settings, svid), token)
+    checks: list[bool] = []
+    refused = seen.first_refused
+    checks.append(
+        seen.last_served is not None
+        and refused is not None
+        and -EARLY_TOLERANCE_SECONDS <= refused <= EXPIRY_BUDGET_SECONDS
+    )
+    say(f"  2 {_timeline(seen)}")
+    if seen.refusal is not None:
+        say(f"    as the client saw it: {seen.refusal.answer}")
+
+    reason = None
+    if seen.refusal is not None:
+        reason = last_gateway_denial(settings, source_port=seen.refusal.local_port)
+    checks.append(reason is not None)
+    say(f"  3 the gateway audited {f'a deny: {reason!r}' if reason else 'NO deny for it'}")
+
+    for line in _kept_alive(seen):
+        say(line)
+
+    renewed = mint_teller_svid(settings, RENEWED_TTL_SECONDS)
+    again = _ask(TellerClient(settings, renewed), token)
+    checks.append(again)
+    say(
+        f"  5 with a new SVID ({renewed.serial[:12]}…) the client is"
+        f" {'served again' if again else 'NOT served'} on a new connection"
+    )
+    bystander_served = _ask(bystander, token)
+    checks.append(bystander_served)
+    say(f"  6 the stack's own teller {'is' if bystander_served else 'is NOT'} still served")
+
+    if all(checks):
+        say(
+            f"lab passed: refused {seen.first_refused:+.1f} s from the SVID's notAfter"
+            " (fail closed), audited, and served again with a valid SVID"
+        )
+        return True
+    say("lab failed: see the steps above")
+    return False
+
+
+def _timeline(seen: Timeline) -> str:
+    served = (
+        f"served until {seen.last_served:+.1f} s from notAfter"
+        if seen.last_served is not None
+        else "NEVER served"
+    )
+    if seen.first_refused is None:
+        return f"{served}, NOT refused by {EXPIRY_BUDGET_SECONDS:+.0f} s (fail OPEN)"
+    early = " (too EARLY)" if seen.first_refused < -EARLY_TOLERANCE_SECONDS else ""
+    return f"{served}; refused from {seen.first_refused:+.1f} s{early}"
+
+
+def _kept_alive(seen: Timeline) -> list[str]:
+    opened = "  4 a keep-alive connection opened before the expiry"
+    if seen.kept_alive_closed is not None:
+        return [f"{opened} was closed {seen.kept_alive_closed:+.1f} s from notAfter"]
+    return [
+        f"{opened} was still served {seen.kept_alive_served or 0:+.1f} s from notAfter:",
+        "    TLS checks validity in the handshake; the gateway cuts open connections on"
+        " revocation only",
+    ]

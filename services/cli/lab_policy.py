@@ -1,0 +1,242 @@
+"""``ztbank lab policy``: a route is withdrawn from the teller by editing the policy live, then
+given back.
+
+Against the running native stack (``make up``): the gateway re-reads its policy file when it
+changes, without a restart (``services.common.policy``).  The lab
+
+1. finds the file the running gateway watches (its ``ZTBANK_POLICY``) and checks that the teller
+   is served ``GET /v1/accounts``;
+2. replaces the file, atomically (temp file + rename), with a copy in which the teller keeps only
+   ``POST /v1/tokens`` of the gateway rules that allowed it that route;
+3. shows the caller's refusal (403, ``application/problem+json``) while tokens are still issued,
+   so the refusal comes from the edit, not from a broken policy;
+4. finds the deny in the gateway's audit;
+5. puts the original bytes back (always: also on failure, Ctrl-C, SIGTERM or SIGHUP) and shows
+   the route served again.
+
+The original is also kept under ``ZTBANK_HOME/run`` while the edit is in place: a run that was
+killed outright leaves it there, and the next run restores it first.  Native stack only: the
+compose stack keeps its policy in Consul KV.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from services.cli.errors import CliError
+from services.cli.lab_support import (
+    Say,
+    interrupted_by_termination,
+    last_gateway_denial,
+    mint_teller_svid,
+)
+from services.cli.teller import Reply, TellerClient
+from services.common.files import PRIVATE_MODE, write_atomic
+from services.common.workloads import GATEWAY, TELLER
+from services.stack.native import NativeStack, StackSettings
+
+CUSTOMER = "alice"
+ROUTE = "GET /v1/accounts"
+KEPT = "POST /v1/tokens"  # what the teller keeps: the control that the gateway still serves it
+CLIENT_TTL_SECONDS = 300
+# The gateway checks the file at most every 0.5 s (services.common.policy), on a request.
+RELOAD_BUDGET_SECONDS = 5.0
+POLL_SECONDS = 0.1
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+
+
+@dataclass(frozen=True)
+class Backup:
+    """The original policy, kept beside the stack's state while the lab's edit is in place."""
+
+    path: Path  # the policy file the gateway watches
+    content: bytes
+    mode: int
+
+    @staticmethod
+    def file(settings: StackSettings) -> Path:
+        return settings.run_dir / "lab-policy.original.json"
+
+    def save(self, settings: StackSettings) -> None:
+        record = {"path": str(self.path), "mode": self.mode, "content": self.content.decode()}
+        write_atomic(self.file(settings), json.dumps(record).encode(), PRIVATE_MODE)
+
+    @classmethod
+    def load(cls, settings: StackSettings) -> Backup | None:
+        try:
+            record = json.loads(cls.file(settings).read_text())
+            return cls(Path(record["path"]), record["content"].encode(), int(record["mode"]))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise CliError(
+                f"{cls.file(settings)} (a policy an earlier lab run kept) is unreadable: {error};"
+                " check the policy file and remove it"
+            ) from None
+
+    def restore(self, settings: StackSettings) -> None:
+        write_atomic(self.path, self.content, self.mode)
+        self.file(settings).unlink(missing_ok=True)
+
+
+def watched_policy(stack: NativeStack) -> Path:
+    """The policy file the running gateway reads, from the environment it was started with."""
+    env = stack.services[GATEWAY.name].environment()
+    if env is None:
+        raise CliError("the gateway is not running here; is the stack up? (make up)")
+    if env.get("CONSUL_HTTP_ADDR"):
+        raise CliError(
+            "this gateway reads its policy from Consul: the lab runs on the native stack"
+        )
+    return Path(env.get("ZTBANK_POLICY") or stack.settings.policy)
+
+
+def withdraw_route(text: str, trust_domain: str, caller: str) -> tuple[str, list[str]]:
+    """The policy ``text`` with ``caller`` taken out of every gateway rule that allows it
+    ROUTE, and given back only KEPT; also the method patterns it lost.
+
+    Callers may be written with ``{trust_domain}``, as in infra/policy.json.
+    """
+    try:
+        document: dict[str, Any] = json.loads(text)
+        rules: list[dict[str, Any]] = document["rules"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise CliError(f"the policy is not a policy document: {error}") from None
+    lost: list[str] = []
+    for rule in rules:
+        callers = rule.get("callers", [])
+        mine = [c for c in callers if c.replace("{trust_domain}", trust_domain) == caller]
+        methods = rule.get("methods", [])
+        if rule.get("service") != GATEWAY.name or not mine:
+            continue
+        if any(fnmatch.fnmatchcase(ROUTE, pattern) for pattern in methods):
+            rule["callers"] = [c for c in callers if c not in mine]
+            lost += methods
+    if not lost:
+        raise CliError(f"no gateway rule of the policy allows the teller {ROUTE}: nothing to deny")
+    document["rules"] = [r for r in rules if r.get("callers")] + [
+        {"service": GATEWAY.name, "methods": [KEPT], "callers": [caller]}
+    ]
+    return json.dumps(document, indent=2) + "\n", lost
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """A token asked for (KEPT), then the route with it, as the lab's client."""
+
+    token_status: int
+    route: Reply | None  # None: no token, the route was not asked
+
+    @property
+    def route_status(self) -> int | None:
+        return self.route.status if self.route is not None else None
+
+
+def _attempt(client: TellerClient) -> Attempt:
+    token = client.request("POST", "/v1/tokens", body={"customer": CUSTOMER})
+    if token.status != 201:
+        return Attempt(token.status, None)
+    bearer = {"Authorization": f"Bearer {token.body['access_token']}"}
+    return Attempt(token.status, client.request("GET", "/v1/accounts", headers=bearer))
+
+
+def _until(check: Callable[[], Attempt], want: int, budget: float) -> tuple[float | None, Attempt]:
+    """Seconds until the route answered ``want`` (None if not within ``budget``), and the last
+    attempt."""
+    started = time.monotonic()
+    while True:
+        attempt = check()
+        if attempt.route_status == want:
+            return time.monotonic() - started, attempt
+        if time.monotonic() >= started + budget:
+            return None, attempt
+        time.sleep(POLL_SECONDS)
+
+
+def run_policy_lab(settings: StackSettings, say: Say) -> bool:
+    say(f"lab policy: {ROUTE} is withdrawn from the teller by a live policy edit, then restored")
+    stack = NativeStack(settings)
+    TellerClient(settings)  # no teller identity: "is the stack up? (make up)"
+    policy = watched_policy(stack)
+    pids = {name: process.pid() for name, process in stack.services.items()}
+    leftover = Backup.load(settings)
+    if leftover is not None:
+        leftover.restore(settings)
+        say(f"  0 restored {leftover.path}, left edited by an earlier run that was killed")
+    # A client SVID of its own: its serial finds the lab's requests in the gateway's audit.
+    client = TellerClient(settings, mint_teller_svid(settings, CLIENT_TTL_SECONDS))
+    teller_id = str(TELLER.spiffe_id(settings.trust_domain))
+
+    before = _attempt(client)
+    if before.route_status != 200:
+        raise CliError(
+            f"{ROUTE} is not served even before the edit (token: HTTP {before.token_status},"
+            f" route: HTTP {before.route_status})"
+        )
+    say(f"  1 the gateway watches {policy}; the teller is served {ROUTE}: HTTP 200")
+
+    original = policy.read_bytes()
+    edited, lost = withdraw_route(original.decode(), settings.trust_domain, teller_id)
+    backup = Backup(policy, original, stat.S_IMODE(os.stat(policy).st_mode))
+    checks: list[bool] = []
+    with interrupted_by_termination():
+        backup.save(settings)
+        try:
+            write_atomic(policy, edited.encode(), backup.mode)
+            say(f"  2 replaced the policy (temp file + rename): the teller keeps {KEPT} of {lost}")
+            after, refused = _until(lambda: _attempt(client), 403, RELOAD_BUDGET_SECONDS)
+            checks += [after is not None, _refusal_ok(refused.route, teller_id)]
+            say(f"  3 {_refusal(refused.route, after)}")
+            kept = refused.token_status == 201
+            checks.append(kept)
+            say(f"    {KEPT} {'still answers 201' if kept else f'answers {refused.token_status}'}")
+            reason = last_gateway_denial(settings, cert_serial=client.material.serial, method=ROUTE)
+            checks.append(reason is not None and ROUTE in reason)
+            say(f"  4 the gateway audited {f'a deny: {reason!r}' if reason else 'NO deny for it'}")
+        finally:
+            backup.restore(settings)
+    restored = policy.read_bytes() == original
+    checks.append(restored)
+    say(f"  5 {'restored' if restored else 'could NOT restore'} the original policy file")
+    again, _ = _until(lambda: _attempt(client), 200, RELOAD_BUDGET_SECONDS)
+    checks.append(again is not None)
+    served = f"served again after {again:.1f} s" if again is not None else "NOT served again"
+    say(f"  6 {ROUTE} {served}")
+    same = {name: process.pid() for name, process in stack.services.items()} == pids
+    checks.append(same)
+    say(f"  7 {'no service was restarted' if same else 'a service was RESTARTED'}")
+
+    if all(checks):
+        say(f"lab passed: a live edit denied {ROUTE}; the deny was answered and audited,")
+        say("  and the restored policy serves it again, without a restart")
+        return True
+    say("lab failed: see the steps above")
+    return False
+
+
+def _refusal_ok(reply: Reply | None, teller_id: str) -> bool:
+    if reply is None or reply.status != 403:
+        return False
+    body = reply.body if isinstance(reply.body, dict) else {}
+    return (
+        reply.headers.get("content-type", "").startswith(PROBLEM_MEDIA_TYPE)
+        and body.get("status") == 403
+        and f"no policy rule allows {teller_id}" in str(body.get("detail"))
+    )
+
+
+def _refusal(reply: Reply | None, seconds: float | None) -> str:
+    if reply is None or seconds is None:
+        status = "no answer" if reply is None else f"HTTP {reply.status}"
+        return f"{ROUTE} was NOT refused within {RELOAD_BUDGET_SECONDS:g} s ({status})"
+    body = reply.body if isinstance(reply.body, dict) else {}
+    media = reply.headers.get("content-type", "?")
+    return f"{ROUTE} refused after {seconds:.1f} s: HTTP 403 {media}, detail {body.get('detail')!r}"

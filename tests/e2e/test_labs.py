@@ -1,0 +1,181 @@
+"""The labs of issue 11 (`ztbank lab policy`, `expiry`, `upstream`), each run as a trainer runs
+it, on a native stack of this module's own.
+
+That stack is not the session's: the policy lab edits the policy file the gateway watches, so
+the stack gets a copy of infra/policy.json (the session's stack, and the other suites, read the
+repository's file); and the upstream lab needs signing CAs short-lived enough that the issuer
+asks its upstream within a minute (ZTBANK_CA_TTL=2m, the shortest a 20 s SVID TTL allows).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from services.common.settings import load_settings
+from services.stack.native import NativeStack
+from services.stack.sandbox import REPO_ROOT, sandbox_settings
+from tests.e2e.conftest import SVID_TTL, E2EStack, _e2e_stack
+from tests.e2e.target import E2ETargetSettings
+from tests.support.helpers import scrub_environment
+
+pytestmark = pytest.mark.e2e
+
+CA_TTL = "2m"
+LAB_TIMEOUT_SECONDS = 150
+TELLER = "spiffe://ztbank.example/env/prod/zone/az1/team/channels/svc/teller"
+
+
+@pytest.fixture(scope="module")
+def lab_stack() -> Iterator[E2EStack]:
+    target = load_settings(E2ETargetSettings)
+    if target.stack == "existing":
+        pytest.skip("these labs change the stack (policy file, root key): sandbox stack only")
+    env = pytest.MonkeyPatch()
+    root = Path(tempfile.mkdtemp(prefix="ztl", dir="/tmp"))  # short: unix socket paths
+    try:
+        scrub_environment(env)
+        env.setenv("ZTBANK_CA_TTL", CA_TTL)  # the issuer inherits it
+        policy = root / "policy.json"
+        shutil.copyfile(REPO_ROOT / "infra" / "policy.json", policy)
+        settings = sandbox_settings(root, SVID_TTL).model_copy(update={"policy": policy})
+        native = NativeStack(settings)
+        try:
+            native.up()
+            yield _e2e_stack(target, settings, native)
+        finally:
+            native.down()
+    finally:
+        env.undo()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def pids(stack: E2EStack) -> dict[str, int | None]:
+    native = stack.controlled
+    return {"issuer": native.issuer.pid()} | {n: p.pid() for n, p in native.services.items()}
+
+
+def test_policy_lab_denies_a_route_live_and_restores_the_file(lab_stack: E2EStack) -> None:
+    policy = lab_stack.settings.policy
+    original = policy.read_bytes()
+    before = pids(lab_stack)
+
+    result = lab_stack.cli("lab", "policy", timeout=LAB_TIMEOUT_SECONDS)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert f"  1 the gateway watches {policy}" in out
+    assert "  3 GET /v1/accounts refused after" in out
+    assert "HTTP 403 application/problem+json" in out
+    assert "    POST /v1/tokens still answers 201" in out
+    assert f"  4 the gateway audited a deny: 'no policy rule allows {TELLER}" in out
+    assert "  6 GET /v1/accounts served again after" in out
+    assert out.splitlines()[-2].startswith("lab passed")
+    assert result.stderr == ""
+    assert policy.read_bytes() == original
+    assert not (lab_stack.settings.run_dir / "lab-policy.original.json").exists()
+    denies = [
+        r
+        for r in lab_stack.audit("gateway")
+        if r["decision"] == "deny" and r["method"] == "GET /v1/accounts"
+    ]
+    assert denies
+    assert denies[-1]["caller_spiffe_id"] == TELLER
+    assert pids(lab_stack) == before
+    assert lab_stack.teller().as_customer("alice", "GET", "/v1/accounts").status == 200
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_policy_lab_interrupted_mid_edit_puts_the_policy_back(
+    lab_stack: E2EStack, signum: signal.Signals
+) -> None:
+    policy = lab_stack.settings.policy
+    original = policy.read_bytes()
+    env = {
+        "ZTBANK_HOME": str(lab_stack.settings.home),
+        "ZTBANK_CERTS_DIR": str(lab_stack.settings.certs_dir),
+        "ZTBANK_ISSUER_HTTP": lab_stack.settings.issuer_http,
+        "ZTBANK_REGISTRY": str(lab_stack.settings.registry),
+    }
+    lab = subprocess.Popen(
+        [str(Path(sys.executable).with_name("ztbank")), "lab", "policy"],
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert lab.stdout is not None
+    seen = []
+    for line in lab.stdout:  # the edit is in place once step 2 is printed
+        seen.append(line)
+        if line.startswith("  2 replaced the policy"):
+            assert policy.read_bytes() != original
+            lab.send_signal(signum)
+            break
+    rest = lab.stdout.read()
+    code = lab.wait(timeout=30)
+
+    assert code == 130, "".join(seen) + rest
+    assert policy.read_bytes() == original
+    assert "lab passed" not in rest
+    assert not (lab_stack.settings.run_dir / "lab-policy.original.json").exists()
+    assert lab_stack.teller().as_customer("alice", "GET", "/v1/accounts").status == 200
+
+
+def test_expiry_lab_refuses_an_expired_svid_and_serves_a_new_one(lab_stack: E2EStack) -> None:
+    result = lab_stack.cli("lab", "expiry", timeout=LAB_TIMEOUT_SECONDS)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "no Workload API stream renews it" in out
+    assert "  2 served until -" in out
+    assert "; refused from " in out
+    assert "too EARLY" not in out
+    assert "  3 the gateway audited a deny: 'TLS handshake failed" in out
+    assert "  5 with a new SVID" in out
+    assert "the client is served again on a new connection" in out
+    assert "  6 the stack's own teller is still served" in out
+    assert out.splitlines()[-1].startswith("lab passed")
+    assert result.stderr == ""
+
+
+def test_upstream_lab_serves_through_a_root_key_outage_and_recovers(lab_stack: E2EStack) -> None:
+    key = lab_stack.settings.certs_dir / "root-ca.key"
+    before = pids(lab_stack)
+    issuer_log = lab_stack.controlled.issuer.log_file
+    logged = len(issuer_log.read_text().splitlines())
+
+    result = lab_stack.cli("lab", "upstream", timeout=LAB_TIMEOUT_SECONDS)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "  1 the issuer asks its upstream for its next signing CA at" in out
+    assert f"  2 took the root CA's key offline: {key} moved aside" in out
+    assert "'CA maintenance failed, retrying in" in out
+    assert ", 0 refused" in out
+    assert "the current signing CA still signs: an SVID minted now" in out
+    assert "  6 the issuer's retry got its next signing CA: in the trust bundle after" in out
+    assert "no process was restarted" in out
+    assert out.splitlines()[-2].startswith("lab passed")
+    assert result.stderr == ""
+    assert key.is_file()
+    assert not key.with_name("root-ca.key.lab-offline").exists()
+    assert pids(lab_stack) == before
+    # The issuer's own record agrees: failures during the outage, then a new CA.
+    messages = [
+        str(json.loads(line).get("message", ""))
+        for line in issuer_log.read_text().splitlines()[logged:]
+        if line.startswith("{")
+    ]
+    failures = [i for i, m in enumerate(messages) if "CA maintenance failed" in m]
+    assert failures
+    assert any("signing CA set changed" in m for m in messages[failures[-1] :])
+    lab_stack.wait_until_healthy(timeout=30)
