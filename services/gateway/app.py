@@ -17,15 +17,13 @@ from services.gateway.domain.banking import Banking
 from services.gateway.domain.ledger import TransferEngine
 from services.gateway.domain.tokens import Clock, CustomerTokens, utc_now
 from services.gateway.settings import GatewaySettings
-from services.gateway.transport.limits import BodyLimit
+from services.gateway.transport.limits import MAX_BODY_BYTES, BodyLimit
 from services.gateway.transport.problems import install_problem_handlers
 from services.gateway.transport.routes import BEARER_SCHEME, create_router
 from services.gateway.transport.schemas import RejectedTransferProblem, ValidationProblem
 
 TITLE = "ztbank gateway"
 VERSION = "1.0.0"
-# Requests are a few hundred bytes; anything bigger is refused (413) before it is parsed.
-MAX_BODY_BYTES = 16 * 1024
 
 
 class _GatewayApi(FastAPI):
@@ -63,6 +61,11 @@ def create_app(
             " SPIFFE identity; customers act through short-lived bearer tokens that only the"
             " teller can obtain. Errors are RFC 9457 application/problem+json."
         ),
+        # The schema is /openapi.json (the teller's to fetch, as the policy says).  No /docs or
+        # /redoc: their pages load Swagger UI and ReDoc from a CDN, which offline and
+        # air-gapped installs cannot reach.
+        docs_url=None,
+        redoc_url=None,
     )
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
     install_problem_handlers(app)

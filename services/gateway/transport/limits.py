@@ -12,6 +12,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.common.problem import problem, problem_response
 
+# Requests are a few hundred bytes; anything bigger is refused (413) before it is parsed.
+MAX_BODY_BYTES = 16 * 1024
+
 
 class BodyLimit:
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:

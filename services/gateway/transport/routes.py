@@ -21,6 +21,7 @@ from services.gateway.domain.banking import MAX_IDEMPOTENCY_KEY_LENGTH, Banking
 from services.gateway.domain.ledger import Transfer, TransferStatus
 from services.gateway.domain.tokens import CustomerTokens
 from services.gateway.errors import MissingTokenError, PermissionDeniedError
+from services.gateway.transport.limits import MAX_BODY_BYTES
 from services.gateway.transport.problems import problem_type
 from services.gateway.transport.schemas import (
     RESOURCE_ID_PATTERN,
@@ -66,23 +67,83 @@ AccountId = Annotated[str, Path(pattern=RESOURCE_ID_PATTERN)]
 TransferId = Annotated[str, Path(pattern=RESOURCE_ID_PATTERN)]
 
 Responses = dict[int | str, dict[str, Any]]
+Refusals = dict[int, tuple[str, tuple[type[Problem], ...]]]
 
-_UNAUTHENTICATED: Responses = {
-    401: openapi_problem(401, "customer token missing, invalid or expired")
+# Answered in front of every route: the policy check and the load shedding of the mTLS server
+# (services.common.https_mtls), the body limit (transport.limits).  Merged into each operation's
+# own refusals, so the schema lists every status a client can get.
+_IN_FRONT: dict[int, str] = {
+    403: "the caller's SPIFFE ID is not allowed this request (policy)",
+    413: f"the request body is larger than {MAX_BODY_BYTES} bytes",
+    503: "the gateway has too many requests in flight; retry after Retry-After seconds",
 }
-_ENGINE: Responses = {
-    502: openapi_problem(502, "the transfer-engine failed"),
-    503: openapi_problem(503, "the transfer-engine is unavailable; see Retry-After"),
+_HEADERS: dict[int, dict[str, Any]] = {
+    401: {
+        "WWW-Authenticate": {
+            "description": "the Bearer challenge (RFC 6750)",
+            "required": True,
+            "schema": {"type": "string"},
+        }
+    },
+    503: {
+        "Retry-After": {
+            "description": "seconds to wait before retrying",
+            "required": True,
+            "schema": {"type": "string", "pattern": "^[0-9]+$"},
+        }
+    },
 }
-_INVALID: Responses = {
-    422: openapi_problem(422, "the request is invalid", ValidationProblem, Problem)
+_INVALID = (ValidationProblem, Problem)
+_ENGINE_FAILED = "the transfer-engine failed"
+_ENGINE_DOWN = "the transfer-engine is unavailable; retry after Retry-After seconds"
+
+
+def _refusals(own: Refusals, *, policy: bool = True) -> Responses:
+    """``own`` plus what is answered in front of every route (``policy``: the 403 of the policy,
+    which never refuses health checks), as problem+json responses."""
+    merged = {status: (description, models) for status, (description, models) in own.items()}
+    for status, description in _IN_FRONT.items():
+        if status == 403 and not policy:
+            continue
+        if status in merged:
+            first, models = merged[status]
+            merged[status] = (f"{first}; or {description}", models)
+        else:
+            merged[status] = (description, ())
+    responses: Responses = {}
+    for status, (description, models) in sorted(merged.items()):
+        responses[status] = openapi_problem(status, description, *models)
+        if status in _HEADERS:
+            responses[status]["headers"] = _HEADERS[status]
+    return responses
+
+
+_ENGINE: Refusals = {502: (_ENGINE_FAILED, ()), 503: (_ENGINE_DOWN, ())}
+_UNAUTHENTICATED: Refusals = {401: ("customer token missing, invalid or expired", ())}
+# FastAPI's own answer to a body it cannot read as text (not UTF-8), before any validation.
+_UNREADABLE_BODY = "the body is not UTF-8 text"
+# A path whose ID holds an encoded "/" is another path: 404 from the router.
+_NO_ROUTE = "no route for this path (an ID with a '/' in it)"
+_ACCOUNT_REFUSALS: Refusals = {
+    403: ("not one of the customer's accounts", ()),
+    404: (_NO_ROUTE, ()),
+    422: ("the request is invalid", _INVALID),
 }
-_CUSTOMER_READ: Responses = {
-    **_UNAUTHENTICATED,
-    403: openapi_problem(403, "not one of the customer's accounts or transfers"),
-    404: openapi_problem(404, "no such account or transfer"),
-    **_INVALID,
-    **_ENGINE,
+_TRANSFER_REFUSALS: Refusals = {
+    403: ("not one of the customer's transfers", ()),
+    404: (f"no such transfer, or {_NO_ROUTE}", ()),
+    422: ("the request is invalid", _INVALID),
+}
+_CREATED_HEADERS: dict[str, Any] = {
+    "Location": {
+        "description": "the transfer's URL",
+        "required": True,
+        "schema": {"type": "string"},
+    },
+    REPLAYED_HEADER: {
+        "description": "true when this is the stored answer to an earlier request with this key",
+        "schema": {"type": "string", "enum": ["true"]},
+    },
 }
 
 
@@ -114,9 +175,11 @@ def _transfer_response(transfer: Transfer, instance: str) -> Response:
 def create_router(*, banking: Banking, tokens: CustomerTokens, teller_id: SpiffeId) -> APIRouter:
     router = APIRouter()
 
-    def customer_read(path: str, tag: str) -> Callable[[Endpoint], Endpoint]:
-        """GET of a customer's own data: bearer token documented, the usual refusals."""
-        return router.get(path, tags=[tag], responses=_CUSTOMER_READ, openapi_extra=SECURED)
+    def customer_read(path: str, tag: str, refusals: Refusals) -> Callable[[Endpoint], Endpoint]:
+        """GET of a customer's own data: bearer token documented, with ``refusals`` and those
+        every customer read shares."""
+        responses = _refusals({**_UNAUTHENTICATED, **refusals, **_ENGINE})
+        return router.get(path, tags=[tag], responses=responses, openapi_extra=SECURED)
 
     async def authenticated_customer(request: Request) -> str:
         # The header is read here rather than through fastapi.security.HTTPBearer: a nested
@@ -132,7 +195,7 @@ def create_router(*, banking: Banking, tokens: CustomerTokens, teller_id: Spiffe
         if caller != teller_id:
             raise PermissionDeniedError(f"only the teller may obtain customer tokens, not {caller}")
 
-    @router.get("/healthz", tags=["health"])
+    @router.get("/healthz", tags=["health"], responses=_refusals({}, policy=False))
     async def healthz() -> Health:
         return Health()
 
@@ -142,13 +205,14 @@ def create_router(*, banking: Banking, tokens: CustomerTokens, teller_id: Spiffe
         tags=["tokens"],
         summary="Issue a customer access token (teller only)",
         dependencies=[Depends(teller_only)],
-        responses={
-            403: openapi_problem(403, "the caller is not the teller"),
-            422: openapi_problem(
-                422, "invalid request or unknown customer", ValidationProblem, Problem
-            ),
-            **_ENGINE,
-        },
+        responses=_refusals(
+            {
+                400: (_UNREADABLE_BODY, ()),
+                403: ("the caller is not the teller", ()),
+                422: ("invalid request (a body not in JSON too) or unknown customer", _INVALID),
+                **_ENGINE,
+            }
+        ),
     )
     async def issue_token(body: TokenRequest, response: Response) -> TokenResponse:
         issued = await tokens.issue(body.customer)
@@ -156,20 +220,20 @@ def create_router(*, banking: Banking, tokens: CustomerTokens, teller_id: Spiffe
         response.headers["Cache-Control"] = "no-store"
         return TokenResponse(access_token=issued.access_token, expires_in=issued.expires_in)
 
-    @customer_read("/v1/accounts", "accounts")
+    @customer_read("/v1/accounts", "accounts", {})
     async def list_accounts(
         customer: Annotated[str, Depends(authenticated_customer)],
     ) -> AccountList:
         accounts = await banking.accounts(customer)
         return AccountList(accounts=[AccountOut.of(account) for account in accounts])
 
-    @customer_read("/v1/accounts/{account_id}", "accounts")
+    @customer_read("/v1/accounts/{account_id}", "accounts", _ACCOUNT_REFUSALS)
     async def get_account(
         customer: Annotated[str, Depends(authenticated_customer)], account_id: AccountId
     ) -> AccountOut:
         return AccountOut.of(await banking.account(customer, account_id))
 
-    @customer_read("/v1/accounts/{account_id}/transactions", "accounts")
+    @customer_read("/v1/accounts/{account_id}/transactions", "accounts", _ACCOUNT_REFUSALS)
     async def list_transactions(
         customer: Annotated[str, Depends(authenticated_customer)],
         account_id: AccountId,
@@ -188,20 +252,27 @@ def create_router(*, banking: Banking, tokens: CustomerTokens, teller_id: Spiffe
         summary="Move money from one of the customer's accounts",
         response_model=TransferOut,
         responses={
-            201: {"description": "posted: the money moved"},
-            202: {"model": TransferOut, "description": "held for review: nothing moved yet"},
-            400: openapi_problem(400, "Idempotency-Key header missing or invalid"),
-            **_UNAUTHENTICATED,
-            403: openapi_problem(403, "from_account is not one of the customer's accounts"),
-            409: openapi_problem(409, "Idempotency-Key already used for a different transfer"),
-            422: openapi_problem(
-                422,
-                "rejected (insufficient funds, risk) or invalid request",
-                RejectedTransferProblem,
-                ValidationProblem,
-                Problem,
+            201: {"description": "posted: the money moved", "headers": _CREATED_HEADERS},
+            202: {
+                "model": TransferOut,
+                "description": "held for review: nothing moved yet",
+                "headers": _CREATED_HEADERS,
+            },
+            **_refusals(
+                {
+                    400: (f"Idempotency-Key header missing or invalid, or {_UNREADABLE_BODY}", ()),
+                    **_UNAUTHENTICATED,
+                    403: ("from_account is not one of the customer's accounts", ()),
+                    404: ("to_account does not exist", ()),
+                    409: ("Idempotency-Key already used for a different transfer", ()),
+                    422: (
+                        "rejected (insufficient funds, risk; nothing moved) or invalid request"
+                        " (a body that is not JSON too)",
+                        (RejectedTransferProblem, *_INVALID),
+                    ),
+                    **_ENGINE,
+                }
             ),
-            **_ENGINE,
         },
         openapi_extra={
             **SECURED,
@@ -244,7 +315,7 @@ def create_router(*, banking: Banking, tokens: CustomerTokens, teller_id: Spiffe
         location = request.url_for("get_transfer", transfer_id=transfer.id).path
         return _transfer_response(transfer, location)
 
-    @customer_read("/v1/transfers/{transfer_id}", "transfers")
+    @customer_read("/v1/transfers/{transfer_id}", "transfers", _TRANSFER_REFUSALS)
     async def get_transfer(
         customer: Annotated[str, Depends(authenticated_customer)], transfer_id: TransferId
     ) -> TransferOut:

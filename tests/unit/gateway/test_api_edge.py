@@ -5,7 +5,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from services.common.problem import PROBLEM_MEDIA_TYPE
-from services.gateway.app import MAX_BODY_BYTES
+from services.gateway.transport.limits import MAX_BODY_BYTES
 from tests.unit.gateway.conftest import Caller
 from tests.unit.gateway.fakes import FakeTransferEngine
 
