@@ -132,7 +132,9 @@ class TrustLevels:
 
 def _level(value: object, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
-        raise TrustTableError(f"{where} must be a number from 0 to 1, got {value!r}")
+        raise TrustTableError(
+            f"invalid trust table: {where} must be a number from 0 to 1, got {value!r}"
+        )
     return float(value)
 
 
@@ -365,8 +367,12 @@ class PeerWatch:
         self.problem = f"no verified handshake with {expected} yet"
         self._context: tuple[str, ssl.SSLContext] | None = None
         self._wake = threading.Event()
+
+    def start(self) -> PeerWatch:
         # A daemon: it watches as long as the process lives, and no call waits for it.
-        threading.Thread(target=self._run, name=f"peer-watch-{expected}", daemon=True).start()
+        name = f"peer-watch-{self._expected}"
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+        return self
 
     def wake(self) -> None:
         self._wake.set()
@@ -810,7 +816,9 @@ def watched_breaker(
 ) -> CircuitBreaker:
     """The breaker of calls to ``target`` (expected to be ``expected``, found at ``address()``)
     with its metrics and its peer watch, started."""
-    watch = PeerWatch(target=address, material=material, verifier=verifier, expected=expected)
+    watch = PeerWatch(
+        target=address, material=material, verifier=verifier, expected=expected
+    ).start()
     breaker = CircuitBreaker(target, config, levels=table.current, peer=watch)
     register_breaker_metrics(meter, [breaker])
     return breaker
