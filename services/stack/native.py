@@ -27,15 +27,7 @@ from services.common.errors import CommonError
 from services.common.identity.source import SvidMaterial, fetch_svid
 from services.common.registry import FileRegistry
 from services.common.settings import ZtbankSettings, load_settings
-from services.common.workloads import (
-    CONSOLE,
-    GATEWAY,
-    OPS,
-    RISK,
-    SERVICES,
-    TELLER,
-    TRANSFER_ENGINE,
-)
+from services.common.workloads import GATEWAY, OPS, RISK, SERVICES, TELLER, TRANSFER_ENGINE
 from services.issuer.adapters.upstream_disk import init_root_ca
 from services.issuer.admin_client import AdminCallError, call_admin
 from services.issuer.domain.revocation import crls_url, ocsp_url
@@ -228,7 +220,7 @@ class NativeStack:
         existing = call_admin(admin, lambda s: s.ListEntries(pb.ListEntriesRequest())).entries
         have = {(e.spiffe_id, tuple(sorted(e.selectors))) for e in existing}
         uid = os.getuid()
-        for workload in (*SERVICES, TELLER, OPS, CONSOLE):
+        for workload in (*SERVICES, TELLER, OPS):
             spiffe_id = str(workload.spiffe_id(self.settings.trust_domain))
             selectors = sorted([f"ztbank:socket:{workload.name}", f"unix:uid:{uid}"])
             if (spiffe_id, tuple(selectors)) in have:
