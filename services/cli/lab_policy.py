@@ -6,8 +6,9 @@ changes, without a restart (``services.common.policy``).  The lab
 
 1. finds the file the running gateway watches (its ``ZTBANK_POLICY``) and checks that the teller
    is served ``GET /v1/accounts``;
-2. replaces the file, atomically (temp file + rename), with a copy in which the teller keeps only
-   ``POST /v1/tokens`` of the gateway rules that allowed it that route;
+2. replaces the file, atomically (temp file + rename), with a copy in which the gateway rules
+   that allowed the teller that route no longer do: their patterns that match it are withdrawn
+   from the teller, which keeps their others and ``POST /v1/tokens``;
 3. shows the caller's refusal (403, ``application/problem+json``) while tokens are still issued,
    so the refusal comes from the edit, not from a broken policy;
 4. finds the deny in the gateway's audit;
@@ -101,7 +102,8 @@ def watched_policy(stack: NativeStack) -> Path:
 
 def withdraw_route(text: str, trust_domain: str, caller: str) -> tuple[str, list[str]]:
     """The policy ``text`` with ``caller`` taken out of every gateway rule that allows it
-    ROUTE, and given back only KEPT; also the method patterns it lost.
+    ROUTE, and given back KEPT and those rules' other method patterns; also the patterns it
+    lost (those that match ROUTE).
 
     Callers may be written with ``{trust_domain}``, as in infra/policy.json.
     """
@@ -111,19 +113,21 @@ def withdraw_route(text: str, trust_domain: str, caller: str) -> tuple[str, list
     except (ValueError, KeyError, TypeError) as error:
         raise CliError(f"the policy is not a policy document: {error}") from None
     lost: list[str] = []
+    kept = [KEPT]
     for rule in rules:
         callers = rule.get("callers", [])
         mine = [c for c in callers if c.replace("{trust_domain}", trust_domain) == caller]
         methods = rule.get("methods", [])
-        if rule.get("service") != GATEWAY.name or not mine:
+        matching = [m for m in methods if fnmatch.fnmatchcase(ROUTE, m)]
+        if rule.get("service") != GATEWAY.name or not mine or not matching:
             continue
-        if any(fnmatch.fnmatchcase(ROUTE, pattern) for pattern in methods):
-            rule["callers"] = [c for c in callers if c not in mine]
-            lost += methods
+        rule["callers"] = [c for c in callers if c not in mine]
+        lost += matching
+        kept += [m for m in methods if m not in matching and m not in kept]
     if not lost:
         raise CliError(f"no gateway rule of the policy allows the teller {ROUTE}: nothing to deny")
     document["rules"] = [r for r in rules if r.get("callers")] + [
-        {"service": GATEWAY.name, "methods": [KEPT], "callers": [caller]}
+        {"service": GATEWAY.name, "methods": kept, "callers": [caller]}
     ]
     return json.dumps(document, indent=2) + "\n", lost
 
@@ -191,7 +195,7 @@ def run_policy_lab(settings: StackSettings, say: Say) -> bool:
         backup.save(settings)
         try:
             write_atomic(policy, edited.encode(), backup.mode)
-            say(f"  2 replaced the policy (temp file + rename): the teller keeps {KEPT} of {lost}")
+            say(f"  2 replaced the policy (temp file + rename): the teller loses {lost}")
             after, refused = _until(lambda: _attempt(client), 403, RELOAD_BUDGET_SECONDS)
             checks += [after is not None, _refusal_ok(refused.route, teller_id)]
             say(f"  3 {_refusal(refused.route, after)}")

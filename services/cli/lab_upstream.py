@@ -177,6 +177,10 @@ def _upstream(settings: StackSettings) -> str:
     return str(status.upstream)
 
 
+def _span(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 3600 else f"{seconds / 3600:.1f} h"
+
+
 def _pids(stack: NativeStack) -> dict[str, int | None]:
     processes = {"issuer": stack.issuer, **stack.services}
     return {name: process.pid() for name, process in processes.items()}
@@ -200,11 +204,9 @@ def run_upstream_lab(settings: StackSettings, say: Say) -> bool:
     due = next_upstream_call(state)
     wait = (due - datetime.now(UTC)).total_seconds()
     if wait > WAIT_BUDGET_SECONDS:
-        assert state.active is not None
-        lifetime = state.active.expires - state.active.issued_at
         raise CliError(
-            f"the issuer next asks its upstream at {due:%H:%M:%S} UTC (in {wait / 3600:.1f} h:"
-            f" its signing CAs live {lifetime}); this lab waits at most"
+            f"the issuer next asks its upstream at {due:%H:%M:%S} UTC, in {_span(wait)}"
+            f" (half-way through its signing CA's life); this lab waits at most"
             f" {WAIT_BUDGET_SECONDS:g} s: start the stack with short-lived CAs: {SHORT_CA_HINT}"
         )
     pids = _pids(stack)

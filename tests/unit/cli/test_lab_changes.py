@@ -1,0 +1,140 @@
+"""What the policy and upstream labs change on the stack, and how they put it back."""
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from services.cli.errors import CliError
+from services.cli.lab_policy import KEPT, ROUTE, withdraw_route
+from services.cli.lab_upstream import RootKey, next_upstream_call
+from services.common.identity.spiffe_id import SpiffeId
+from services.common.policy import Policy
+from services.issuer.domain.authority import AuthorityState, Slot
+from tests.support.pki import create_root_ca
+
+TD = "ztbank.example"
+TELLER = f"spiffe://{TD}/env/prod/zone/az1/team/channels/svc/teller"
+GATEWAY = f"spiffe://{TD}/env/prod/zone/az1/team/channels/svc/gateway"
+# infra/policy.json as the native stack shipped it when the lab was written.
+POLICY = json.dumps(
+    {
+        "rules": [
+            {"service": "gateway", "methods": ["* /v1/*"], "callers": [TELLER]},
+            {
+                "service": "transfer-engine",
+                "methods": ["/ztbank.ledger.v1.TransferEngine/*"],
+                "callers": [GATEWAY.replace(TD, "{trust_domain}")],
+            },
+        ]
+    }
+)
+
+
+def decide(policy_text: str, tmp_path: Path, service: str, method: str, caller: str) -> bool:
+    path = tmp_path / "policy.json"
+    path.write_text(policy_text)
+    return Policy(path, TD).decide(service, method, SpiffeId.parse(caller)).allowed
+
+
+def test_the_edit_denies_the_route_and_keeps_tokens_and_every_other_rule(tmp_path: Path) -> None:
+    original = POLICY
+    edited, lost = withdraw_route(original, TD, TELLER)
+
+    assert lost == ["* /v1/*"]
+    assert decide(original, tmp_path, "gateway", ROUTE, TELLER)
+    assert not decide(edited, tmp_path, "gateway", ROUTE, TELLER)
+    assert decide(edited, tmp_path, "gateway", KEPT, TELLER)
+    assert not decide(edited, tmp_path, "gateway", "POST /v1/transfers", TELLER)
+    # The rest of the bank is untouched: the gateway still calls the transfer-engine.
+    method = "/ztbank.ledger.v1.TransferEngine/ListAccounts"
+    assert decide(edited, tmp_path, "transfer-engine", method, GATEWAY)
+    untouched = [r for r in json.loads(original)["rules"] if r["service"] != "gateway"]
+    assert all(rule in json.loads(edited)["rules"] for rule in untouched)
+
+
+def test_only_the_patterns_matching_the_route_are_withdrawn_and_only_from_the_teller(
+    tmp_path: Path,
+) -> None:
+    other = f"spiffe://{TD}/env/prod/zone/az1/team/x/svc/console"
+    policy = {
+        "rules": [
+            {
+                "service": "gateway",
+                "methods": ["* /v1/*", "GET /openapi.json"],
+                "callers": [TELLER, other],
+            },
+            {"service": "gateway", "methods": ["GET /docs"], "callers": [TELLER]},
+        ]
+    }
+    edited, lost = withdraw_route(json.dumps(policy), TD, TELLER)
+
+    assert lost == ["* /v1/*"]
+    assert not decide(edited, tmp_path, "gateway", ROUTE, TELLER)
+    for method in ("GET /openapi.json", "GET /docs", KEPT):
+        assert decide(edited, tmp_path, "gateway", method, TELLER), method
+    assert decide(edited, tmp_path, "gateway", ROUTE, other)
+
+
+@pytest.mark.parametrize(
+    ("text", "mentions"),
+    [
+        ("not json", "not a policy document"),
+        ('{"rules": [{"service": "risk", "methods": ["*"], "callers": []}]}', "nothing to deny"),
+    ],
+)
+def test_a_policy_the_lab_cannot_edit_is_refused(text: str, mentions: str) -> None:
+    with pytest.raises(CliError, match=mentions):
+        withdraw_route(text, TD, TELLER)
+
+
+def slot(issued_at: datetime, lifetime: timedelta) -> Slot:
+    ca = create_root_ca(not_before=issued_at, not_after=issued_at + lifetime)
+    assert isinstance(ca.key, ec.EllipticCurvePrivateKey)
+    return Slot(
+        ca_cert=ca.certificate,
+        ca_key=ca.key,
+        upstream_chain=(),
+        roots=(),
+        jwt_key=ca.key,
+        jwt_kid="k",
+        issued_at=issued_at,
+    )
+
+
+def test_the_next_upstream_call_is_half_way_through_the_newest_ca() -> None:
+    start = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
+    active = slot(start, timedelta(minutes=2))
+    assert next_upstream_call(AuthorityState(active=active)) == start + timedelta(minutes=1)
+    # Once the next CA is prepared, the call after that is half-way through the prepared one.
+    prepared = slot(start + timedelta(minutes=1), timedelta(minutes=2))
+    state = AuthorityState(active=active, prepared=prepared)
+    assert next_upstream_call(state) == start + timedelta(minutes=2)
+    with pytest.raises(CliError, match="no signing CA yet"):
+        next_upstream_call(AuthorityState())
+
+
+def test_the_root_key_goes_aside_and_back_unchanged(tmp_path: Path) -> None:
+    key = RootKey(tmp_path / "root-ca.key")
+    key.path.write_bytes(b"secret")
+    key.path.chmod(0o600)
+
+    key.take_offline()
+    assert not key.path.exists()
+    assert key.left_offline()  # as the next run finds it after a kill: put back
+    assert key.path.read_bytes() == b"secret"
+    assert key.path.stat().st_mode & 0o777 == 0o600
+    assert not key.left_offline()
+
+
+def test_a_key_both_aside_and_in_place_is_left_to_the_operator(tmp_path: Path) -> None:
+    key = RootKey(tmp_path / "root-ca.key")
+    key.path.write_bytes(b"one")
+    key.aside.write_bytes(b"two")
+
+    with pytest.raises(CliError, match="keep the right one"):
+        key.left_offline()
+    assert key.path.read_bytes() == b"one"
+    assert key.aside.read_bytes() == b"two"
