@@ -24,11 +24,12 @@ from schemathesis import BaseSchema, GenerationMode
 from urllib3.connection import HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
+from services.common.errors import CommonError
 from services.common.identity.source import SvidMaterial
 from services.common.identity.spiffe_id import SpiffeId
 from services.common.identity.x509svid import verify_der_chain
 from services.common.tls import client_context
-from services.common.workloads import GATEWAY, OPS, TELLER
+from services.common.workloads import GATEWAY, OPS, TELLER, TRANSFER_ENGINE
 from tests.e2e.conftest import E2EStack
 
 pytestmark = pytest.mark.e2e
@@ -87,15 +88,14 @@ class _TellerIdentity:
         return self._material, self._context
 
 
-def _gateway_session(stack: E2EStack) -> requests.Session:
-    """A requests session that talks to the gateway only as the teller over mTLS.
+def _gateway_session(stack: E2EStack, expected: SpiffeId) -> requests.Session:
+    """A requests session that talks to ``expected`` (the gateway) only, as the teller over mTLS.
 
     The server is identified as ztbank's clients do it: its chain must lead to the trust bundle
     and carry the gateway's SPIFFE ID (checked after the handshake, before any request is sent),
     not by host name and not against the public CAs requests would otherwise add.
     """
     identity = _TellerIdentity(stack)
-    expected = SpiffeId.parse(stack.spiffe_id(GATEWAY.name))
 
     class GatewayConnection(HTTPSConnection):
         def connect(self) -> None:
@@ -103,12 +103,16 @@ def _gateway_session(stack: E2EStack) -> requests.Session:
             super().connect()
             assert isinstance(self.sock, ssl.SSLSocket)
             der = self.sock.getpeercert(binary_form=True)
-            served = verify_der_chain(
-                [der] if der else [], material.bundle, trust_domain=expected.trust_domain
-            )
+            try:
+                served = verify_der_chain(
+                    [der] if der else [], material.bundle, trust_domain=expected.trust_domain
+                )
+            except CommonError as error:
+                self.close()
+                raise ssl.SSLError(f"the server's certificate is not acceptable: {error}") from None
             if served != expected:
                 self.close()
-                raise ssl.SSLError(f"expected the gateway {expected}, the server is {served}")
+                raise ssl.SSLError(f"expected {expected}, the server is {served}")
 
     class GatewayPool(HTTPSConnectionPool):
         ConnectionCls = GatewayConnection
@@ -139,7 +143,7 @@ def _gateway_session(stack: E2EStack) -> requests.Session:
 
 @pytest.fixture(scope="module")
 def gateway_session(stack: E2EStack) -> Iterator[requests.Session]:
-    with _gateway_session(stack) as session:
+    with _gateway_session(stack, GATEWAY.spiffe_id(stack.trust_domain)) as session:
         yield session
 
 
@@ -185,6 +189,16 @@ def test_teller_fetches_the_schema_of_every_operation(openapi_document: dict[str
         for method in item
     ]
     assert sorted(operations) == sorted(OPERATIONS)
+
+
+def test_the_session_talks_to_the_gateway_only(stack: E2EStack, base_url: str) -> None:
+    # The same session expecting another service's SPIFFE ID: the gateway's SVID, valid as it
+    # is, does not name it, and no request is sent.
+    with (
+        _gateway_session(stack, TRANSFER_ENGINE.spiffe_id(stack.trust_domain)) as session,
+        pytest.raises(requests.exceptions.SSLError, match="the server is spiffe://"),
+    ):
+        session.get(f"{base_url}/healthz", timeout=10)
 
 
 def test_other_callers_get_no_schema(stack: E2EStack) -> None:
