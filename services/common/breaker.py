@@ -4,7 +4,7 @@ Each caller (gateway -> transfer-engine, transfer-engine -> risk) keeps one ``Ci
 per target.  Before a call it asks ``admit()``; an open breaker raises ``BreakerOpenError`` at
 once, and the adapter answers UNAVAILABLE / 503 without touching the network.
 
-The decision combines three things (docs/operations.md, "Circuit breaking", is the reference):
+The decision combines three things (docs/breaker.md is the reference):
 
 * the **score** of the peer: ``w * trust + (1 - w) * lifetime_left``, where ``trust`` comes from
   ``infra/trust-levels.json`` (longest SPIFFE ID path prefix, hot-reloaded like the policy) and
@@ -120,7 +120,6 @@ class TrustLevels:
     # (path prefix segments, trust), longest prefix first.
     prefixes: tuple[tuple[tuple[str, ...], float], ...]
     generation: int
-    origin: str  # where it came from, for logs and refusals
 
     def trust(self, spiffe_id: SpiffeId) -> float:
         segments = tuple(spiffe_id.path.strip("/").split("/"))
@@ -138,7 +137,7 @@ def _level(value: object, where: str) -> float:
     return float(value)
 
 
-def parse_trust_levels(text: str, *, generation: int, origin: str) -> TrustLevels:
+def parse_trust_levels(text: str, *, generation: int) -> TrustLevels:
     """``{"default": 0.5, "levels": {"env/prod": 0.95, ...}}``: path prefixes of SPIFFE IDs
     (whole segments, without the trust domain) to a trust from 0 to 1."""
     try:
@@ -159,9 +158,7 @@ def parse_trust_levels(text: str, *, generation: int, origin: str) -> TrustLevel
             )
         prefixes.append((segments, _level(value, f"trust of {prefix!r}")))
     prefixes.sort(key=lambda item: len(item[0]), reverse=True)
-    return TrustLevels(
-        _level(document["default"], "default trust"), tuple(prefixes), generation, origin
-    )
+    return TrustLevels(_level(document["default"], "default trust"), tuple(prefixes), generation)
 
 
 class TrustTable:
@@ -193,7 +190,7 @@ class TrustTable:
             raise TrustTableError(f"{self._source.describe()}: {error}")
 
     def _missing(self, generation: int) -> TrustLevels:
-        return TrustLevels(self._without, (), generation, f"no table at {self._source.describe()}")
+        return TrustLevels(self._without, (), generation)
 
     def _reload(self) -> str | None:
         """Applies a changed table; returns why a changed one was refused."""
@@ -216,17 +213,13 @@ class TrustTable:
         # Refused or not, this version is judged once: the next edit changes the stamp.
         self._stamp = stamp
         try:
-            levels = parse_trust_levels(
-                self._source.read(),
-                generation=self._levels.generation + 1,
-                origin=self._source.describe(),
-            )
+            levels = parse_trust_levels(self._source.read(), generation=self._levels.generation + 1)
         except (OSError, TrustTableError) as error:
             return str(error)
         self._levels = levels
         logger.info(
             "trust table loaded from %s: %d prefixes, default %.2f",
-            levels.origin,
+            self._source.describe(),
             len(levels.prefixes),
             levels.default,
         )
@@ -558,7 +551,7 @@ def unavailable_dependency(error: grpc.aio.AioRpcError) -> str | None:
 
 class CircuitBreaker:
     """The breaker of one caller to one target (see the module docstring and
-    docs/operations.md).  ``monotonic`` and ``wall`` are injectable for tests."""
+    docs/breaker.md).  ``monotonic`` and ``wall`` are injectable for tests."""
 
     def __init__(
         self,

@@ -13,7 +13,7 @@ from services.common.breaker import (
 from services.common.identity.spiffe_id import SpiffeId
 
 DAY = 86_400.0
-PROD = TrustLevels(0.5, ((("env", "prod"), 0.95),), 1, "tests")
+PROD = TrustLevels(0.5, ((("env", "prod"), 0.95),), 1)
 
 
 class FreshPeer:

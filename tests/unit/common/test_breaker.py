@@ -75,7 +75,7 @@ def certificate(
 
 def levels(trust: dict[str, float], default: float = 0.5, generation: int = 1) -> TrustLevels:
     prefixes = tuple((tuple(p.split("/")), t) for p, t in trust.items())
-    return TrustLevels(default, prefixes, generation, "test")
+    return TrustLevels(default, prefixes, generation)
 
 
 STANDARD = levels({"env/prod": 0.95, "env/staging": 0.6, "env/lab": 0.7})
@@ -421,7 +421,7 @@ def test_every_transition_is_counted_and_logged(caplog: pytest.LogCaptureFixture
 
 
 def test_longest_prefix_wins_and_unmatched_ids_get_the_default() -> None:
-    table = parse_trust_levels(TABLE, generation=1, origin="test")
+    table = parse_trust_levels(TABLE, generation=1)
     assert table.trust(PROD) == 0.7
     assert table.trust(SpiffeId.parse("spiffe://ztbank.example/env/prod/zone/az1")) == 0.95
     assert table.trust(STAGING) == 0.6
