@@ -485,9 +485,11 @@ class _Window:
 
     def add(self, now: float, failed: bool) -> None:
         bucket = int(now // BUCKET_SECONDS)
-        if self._head is None or bucket > self._head:
+        head = self._head
+        if head is None or bucket > head:
             self._advance(bucket)
-        slot = (self._head if self._head is not None else bucket) % self._size
+            head = bucket
+        slot = head % self._size
         self._calls[slot] += 1
         self.calls += 1
         self.short_calls += 1
@@ -613,6 +615,9 @@ class CircuitBreaker:
     def settle(self, epoch: int, error: BaseException | None) -> None:
         """Counts a finished call; calls admitted before the last transition count for nothing."""
         if epoch != self._epoch:
+            return
+        if error is None and self.state is BreakerState.CLOSED:
+            self._window.add(self._monotonic(), False)  # the common case, kept short
             return
         failed = is_failure(error)
         now = self._monotonic()
