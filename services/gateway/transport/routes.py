@@ -94,8 +94,6 @@ _HEADERS: dict[int, dict[str, Any]] = {
     },
 }
 _INVALID = (ValidationProblem, Problem)
-_ENGINE_FAILED = "the transfer-engine failed"
-_ENGINE_DOWN = "the transfer-engine is unavailable; retry after Retry-After seconds"
 
 
 def _refusals(own: Refusals, *, policy: bool = True) -> Responses:
@@ -118,7 +116,10 @@ def _refusals(own: Refusals, *, policy: bool = True) -> Responses:
     return responses
 
 
-_ENGINE: Refusals = {502: (_ENGINE_FAILED, ()), 503: (_ENGINE_DOWN, ())}
+_ENGINE: Refusals = {
+    502: ("the transfer-engine failed", ()),
+    503: ("the transfer-engine is unavailable; retry after Retry-After seconds", ()),
+}
 _UNAUTHENTICATED: Refusals = {401: ("customer token missing, invalid or expired", ())}
 # FastAPI's own answer to a body it cannot read as text (not UTF-8), before any validation.
 _UNREADABLE_BODY = "the body is not UTF-8 text"
