@@ -94,40 +94,76 @@ def test_policy_lab_denies_a_route_live_and_restores_the_file(lab_stack: E2EStac
     assert lab_stack.teller().as_customer("alice", "GET", "/v1/accounts").status == 200
 
 
+def interrupt_lab(stack: E2EStack, lab: str, when: str, signum: signal.Signals) -> str:
+    """Run ``ztbank lab LAB``, send it ``signum`` once it printed a line starting with
+    ``when``; its whole output once it has exited 130."""
+    settings = stack.settings
+    env = {
+        "ZTBANK_HOME": str(settings.home),
+        "ZTBANK_CERTS_DIR": str(settings.certs_dir),
+        "ZTBANK_ISSUER_HTTP": settings.issuer_http,
+        "ZTBANK_REGISTRY": str(settings.registry),
+    }
+    process = subprocess.Popen(
+        [str(Path(sys.executable).with_name("ztbank")), "lab", lab],
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if line.startswith(when):
+            process.send_signal(signum)
+            break
+    seen.append(process.stdout.read())
+    code = process.wait(timeout=30)
+    out = "".join(seen)
+    assert code == 130, out
+    assert when in out
+    assert "lab passed" not in out
+    return out
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_policy_lab_interrupted_mid_edit_puts_the_policy_back(
     lab_stack: E2EStack, signum: signal.Signals
 ) -> None:
     policy = lab_stack.settings.policy
     original = policy.read_bytes()
-    env = {
-        "ZTBANK_HOME": str(lab_stack.settings.home),
-        "ZTBANK_CERTS_DIR": str(lab_stack.settings.certs_dir),
-        "ZTBANK_ISSUER_HTTP": lab_stack.settings.issuer_http,
-        "ZTBANK_REGISTRY": str(lab_stack.settings.registry),
-    }
-    lab = subprocess.Popen(
-        [str(Path(sys.executable).with_name("ztbank")), "lab", "policy"],
-        env={**os.environ, **env},
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert lab.stdout is not None
-    seen = []
-    for line in lab.stdout:  # the edit is in place once step 2 is printed
-        seen.append(line)
-        if line.startswith("  2 replaced the policy"):
-            assert policy.read_bytes() != original
-            lab.send_signal(signum)
-            break
-    rest = lab.stdout.read()
-    code = lab.wait(timeout=30)
 
-    assert code == 130, "".join(seen) + rest
+    interrupt_lab(lab_stack, "policy", "  2 replaced the policy", signum)
+
     assert policy.read_bytes() == original
-    assert "lab passed" not in rest
     assert not (lab_stack.settings.run_dir / "lab-policy.original.json").exists()
     assert lab_stack.teller().as_customer("alice", "GET", "/v1/accounts").status == 200
+
+
+def test_upstream_lab_interrupted_puts_the_root_key_back(lab_stack: E2EStack) -> None:
+    key = lab_stack.settings.certs_dir / "root-ca.key"
+    original = key.read_bytes()
+
+    interrupt_lab(lab_stack, "upstream", "  2 took the root CA's key offline", signal.SIGTERM)
+
+    assert key.read_bytes() == original
+    assert key.stat().st_mode & 0o777 == 0o600
+    assert not key.with_name("root-ca.key.lab-offline").exists()
+
+
+def test_upstream_lab_on_a_stack_with_day_long_cas_says_how_to_run_it(stack: E2EStack) -> None:
+    """The session's stack keeps the default 24 h signing CAs: the lab touches nothing."""
+    key = stack.controlled.settings.certs_dir / "root-ca.key"
+    original = key.read_bytes()
+
+    result = stack.cli("lab", "upstream")
+
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1
+    assert "the issuer next asks its upstream at" in result.stderr
+    assert "ZTBANK_CA_TTL=2m ZTBANK_SVID_TTL=20s make up" in result.stderr
+    assert "  2 took" not in result.stdout
+    assert key.read_bytes() == original
 
 
 def test_expiry_lab_refuses_an_expired_svid_and_serves_a_new_one(lab_stack: E2EStack) -> None:
