@@ -37,7 +37,9 @@ from loadtest.run import (
     LoadError,
     LocustRun,
     gateway_url,
+    html_report_path,
     mint_teller_svid,
+    print_html_report,
     run_seconds,
     stack_environment,
     ztbank_executable,
@@ -240,6 +242,7 @@ def _run(args: argparse.Namespace) -> int:
         host=gateway_url(settings),
         csv_prefix=chaos_dir / "chaos",
         svid_dir=teller.directory,
+        html_report=html_report_path(settings.home / "load", "chaos"),
         victim_svid_dir=victim.directory,
         extra_env={
             "ZTBANK_LOAD_RECONNECT": f"{RECONNECT_SECONDS:g}",
@@ -270,6 +273,7 @@ def _run(args: argparse.Namespace) -> int:
     # The victim's refusals are failures in this table (and in locust's exit status) by design:
     # the verdict below decides.
     report(run.csv_prefix)
+    print_html_report(run)
     print()
     try:
         outcomes = Outcomes.load(outcomes_file)

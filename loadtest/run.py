@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,6 +140,8 @@ class LocustRun:
     victim_svid_dir: Path | None = None
     extra_env: Mapping[str, str] = field(default_factory=dict)
     spawn_rate: float | None = None  # None: the profile's
+    # locust's own HTML report (request rate, percentiles and users over time); None: none.
+    html_report: Path | None = None
 
     def command(self) -> list[str]:
         command = [
@@ -153,6 +156,8 @@ class LocustRun:
         command += ["--csv", str(self.csv_prefix)]
         if self.spawn_rate is not None:
             command += ["--spawn-rate", f"{self.spawn_rate:g}"]
+        if self.html_report is not None:
+            command += ["--html", str(self.html_report)]
         return [*command, *PROFILES[self.profile]]
 
     def environment(self, base: Mapping[str, str]) -> dict[str, str]:
@@ -190,6 +195,17 @@ class LocustRun:
                 raise
 
 
+def html_report_path(load_dir: Path, profile: str) -> Path:
+    """A new report per run, beside the CSVs: ``$ZTBANK_HOME/load/PROFILE-YYYYmmddTHHMMSS.html``
+    (the lab console lists them)."""
+    return load_dir / f"{profile}-{time.strftime('%Y%m%dT%H%M%S')}.html"
+
+
+def print_html_report(run: LocustRun) -> None:
+    if run.html_report is not None and run.html_report.is_file():
+        print(f"locust's HTML report: {run.html_report}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m loadtest.run",
@@ -216,6 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             host=gateway_url(settings),
             csv_prefix=load_dir / args.profile,
             svid_dir=svid.directory,
+            html_report=html_report_path(load_dir, args.profile),
         )
     except (LoadError, CommonError) as error:
         print(f"make load: {error}", file=sys.stderr)
@@ -224,6 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     status = run.run(env)
     print()
     reported = report(run.csv_prefix)
+    print_html_report(run)
     # Locust's own status covers what the CSV cannot show (it crashed, a user raised).
     return reported or status
 

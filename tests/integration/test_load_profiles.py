@@ -71,6 +71,7 @@ def test_mixed_profile_has_no_failure_and_reaches_every_endpoint(
         csv_prefix=tmp_path / "mixed",
         svid_dir=teller_svid.directory,
         spawn_rate=USERS,
+        html_report=tmp_path / "mixed.html",
     )
     status = run.run(environment)
 
@@ -85,6 +86,10 @@ def test_mixed_profile_has_no_failure_and_reaches_every_endpoint(
     # Every user obtained one customer token at start: 10 min tokens need no renewal here.
     assert endpoints[("POST", "/v1/tokens")].requests == USERS
     assert failures == []
+    # locust's own report, for people: its charts and the same endpoints.
+    html = (tmp_path / "mixed.html").read_text()
+    assert "Locust" in html
+    assert all(name in html for _, name in ENDPOINTS)
 
 
 @pytest.mark.timeout(60)
