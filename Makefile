@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help install up down logs images status reset certs issuer proto proto-check lint format test test-unit test-integration test-e2e test-e2e-existing test-compose bench bench-issuer bench-authz bench-bank clean
+.PHONY: help install up down logs images console status reset certs issuer proto proto-check lint format test test-unit test-integration test-e2e test-e2e-existing test-compose bench bench-issuer bench-authz bench-bank clean
 
 help: ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -47,6 +47,9 @@ logs: install ## follow the stack's logs
 
 images: install ## build every image ztbank owns (OFFLINE=1: local Debian base + host wheelhouse)
 	@$(COMPOSE) images
+
+console: install ## the live lab console on http://127.0.0.1:8190/ (ZTBANK_CONSOLE_PORT; `make up` first)
+	$(BIN)/ztbank console
 
 status: install ## trust domain, issuer and each service's SVID serial, expiry and health (JSON)
 	@mode=$(RUNNING_MODE) || exit 2; \

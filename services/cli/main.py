@@ -7,9 +7,9 @@ import asyncio
 import json
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import NoReturn
 
@@ -37,6 +37,7 @@ from services.stack.native import (
     StackSettings,
     StackStatus,
     locate_settings,
+    status_document,
 )
 
 Handler = Callable[[argparse.Namespace], int]
@@ -280,31 +281,6 @@ def _stack_settings(args: argparse.Namespace) -> StackSettings:
     return locate_settings(StackSettings, **overrides)
 
 
-def _status_document(status: StackStatus) -> dict[str, object]:
-    return {
-        "trust_domain": status.trust_domain,
-        "root_ca": status.root_ca,
-        "issuer": {
-            "socket": status.issuer_socket,
-            "running": status.issuer_running,
-            "crl_url": status.issuer_crl_url,
-            "ocsp_url": status.issuer_ocsp_url,
-            "authority": asdict(authority) if (authority := status.issuer_authority) else None,
-        },
-        "services": {
-            name: {
-                "spiffe_id": probe.spiffe_id,
-                ("url" if probe.url.startswith("https://") else "address"): probe.url,
-                "svid_serial": probe.svid_serial,
-                "svid_not_after": probe.svid_not_after,
-                "healthy": probe.healthy,
-                **({"error": probe.error} if probe.error else {}),
-            }
-            for name, probe in status.services.items()
-        },
-    }
-
-
 def _print_status(status: StackStatus) -> None:
     print(f"trust domain {status.trust_domain}  root CA {status.root_ca}")
     running = "running" if status.issuer_running else "stopped"
@@ -334,6 +310,29 @@ def cmd_up(args: argparse.Namespace) -> int:
         raise CliError(str(error)) from None
     _print_status(status)
     print(f"logs in {stack.settings.home / 'log'}; `make down` stops everything")
+    print(f"lab console: `make console`, then open {stack.settings.console_url}")
+    return 0
+
+
+def cmd_console(args: argparse.Namespace) -> int:
+    from services.console.server import serve_console  # FastAPI: only for this command
+    from services.console.settings import CONSOLE_HOST, ConsoleSettings
+
+    overrides = {"trust_domain": args.trust_domain} if args.trust_domain else {}
+    settings = locate_settings(ConsoleSettings, **overrides)
+    with socket.socket() as probe:
+        try:
+            probe.bind((CONSOLE_HOST, settings.console_port))
+        except OSError as error:
+            raise CliError(
+                f"cannot listen on {CONSOLE_HOST}:{settings.console_port} ({error.strerror});"
+                " is a console already running? (ZTBANK_CONSOLE_PORT picks another port)"
+            ) from None
+    print(
+        f"lab console on {settings.console_url} for the stack in {settings.home} (Ctrl-C stops it)",
+        flush=True,
+    )
+    serve_console(settings)
     return 0
 
 
@@ -353,7 +352,7 @@ def cmd_reset(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     status = NativeStack(_stack_settings(args)).status()
     if args.json:
-        print(json.dumps(_status_document(status), indent=2))
+        print(json.dumps(status_document(status), indent=2))
     else:
         _print_status(status)
     healthy = status.issuer_running and all(p.healthy for p in status.services.values())
@@ -407,13 +406,19 @@ def cmd_lab_upstream(args: argparse.Namespace) -> int:
     return 0 if run_upstream_lab(_stack_settings(args), print) else 1
 
 
-def lab_list(labs: argparse._SubParsersAction[_Parser]) -> Handler:
+class LabList:
     """``ztbank lab`` without a name: every lab registered on ``labs``, one line each."""
 
-    def cmd_lab_list(args: argparse.Namespace) -> int:
+    def __init__(self, labs: argparse._SubParsersAction[_Parser]) -> None:
+        self._labs = labs
+
+    def entries(self) -> list[tuple[str, str]]:
         # The sub-command help lines are what `ztbank lab --help` shows too: a lab added with
-        # `labs.add_parser(NAME, help=...)` is listed here without another list to keep.
-        entries = [(action.dest, action.help or "") for action in labs._choices_actions]
+        # `labs.add_parser(NAME, help=...)` is listed without another list to keep.
+        return [(action.dest, action.help or "") for action in self._labs._choices_actions]
+
+    def __call__(self, args: argparse.Namespace) -> int:
+        entries = self.entries()
         width = max(len(name) for name, _ in entries)
         print("labs against the running native stack (`make up`); run one with")
         print("`ztbank lab NAME` or `make lab-NAME`:")
@@ -421,7 +426,12 @@ def lab_list(labs: argparse._SubParsersAction[_Parser]) -> Handler:
             print(f"  {name:<{width}}  {text}")
         return 0
 
-    return cmd_lab_list
+
+def lab_descriptions() -> list[tuple[str, str]]:
+    """Every lab of ``ztbank lab`` with its one-line description (the console offers these)."""
+    handler = build_parser().parse_args(["lab"]).handler
+    assert isinstance(handler, LabList)
+    return handler.entries()
 
 
 # -- banking as the teller ----------------------------------------------------------------------
@@ -528,6 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.set_defaults(handler=cmd_revoke)
     for name, handler, text in (
         ("up", cmd_up, "start the native stack in the background and wait until healthy"),
+        ("console", cmd_console, "serve the live lab console on 127.0.0.1 (ZTBANK_CONSOLE_PORT)"),
         ("down", cmd_down, "stop every process `up` started (state is kept)"),
         ("reset", cmd_reset, "stop everything and wipe ZTBANK_HOME (balances, history, entries)"),
     ):
@@ -538,7 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     lab_parser = groups.add_parser("lab", help="training labs against the running stack (a list)")
     lab = lab_parser.add_subparsers(dest="lab", parser_class=_Parser, metavar="NAME")
-    lab_parser.set_defaults(handler=lab_list(lab))
+    lab_parser.set_defaults(handler=LabList(lab))
     revocation_lab = lab.add_parser(
         "revocation", help="revoke a connected client and watch it being cut off"
     )

@@ -47,7 +47,7 @@ class AuditRecord:
     alpn: str | None = None  # application protocol agreed in the handshake
     session_id: str | None = None  # the TLS connection's ID, the same in all its records
     cert_subject: str | None = None  # client certificate subject DN (RFC 4514)
-    handshake: str = "success"  # success | fail
+    handshake: str | None = None  # success | fail; None off TLS
 
 
 _FIELD_NAMES = tuple(field.name for field in fields(AuditRecord))

@@ -131,14 +131,14 @@ def split_pem_crls(body: bytes) -> list[bytes]:
     return _PEM_CRL.findall(body)
 
 
-def _reason(entry: x509.RevokedCertificate) -> str | None:
+def crl_reason(entry: x509.RevokedCertificate) -> str | None:
     try:
         return entry.extensions.get_extension_for_class(x509.CRLReason).value.reason.name
     except (x509.ExtensionNotFound, ValueError):
         return None
 
 
-def _signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
+def crl_signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
     try:
         usage = ca.extensions.get_extension_for_class(x509.KeyUsage).value
         if not usage.crl_sign:
@@ -350,7 +350,7 @@ class RevocationWatcher:
         candidates = [ca for ca in bundle if ca.subject == crl.issuer]
         if not candidates:
             return "its issuer is not a CA of the trust bundle"
-        signer = next((ca for ca in candidates if _signed_by(crl, ca)), None)
+        signer = next((ca for ca in candidates if crl_signed_by(crl, ca)), None)
         if signer is None:
             return "signature does not verify against the CA of that name in the bundle"
         next_update = crl.next_update_utc
@@ -374,7 +374,7 @@ class RevocationWatcher:
             next_update=next_update,
             fetched_at=now,
             revoked={
-                entry.serial_number: _Revocation(entry.revocation_date_utc, _reason(entry))
+                entry.serial_number: _Revocation(entry.revocation_date_utc, crl_reason(entry))
                 for entry in crl
             },
         )

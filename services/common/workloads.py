@@ -25,5 +25,7 @@ GATEWAY = Workload("gateway", "channels")
 TRANSFER_ENGINE = Workload("transfer-engine", "payments")
 RISK = Workload("risk", "risk")
 OPS = Workload("ops", "platform")  # `ztbank status` probes with it; the health service only
+# The lab console: no rule lets it call anything; its SVID names who started a lab.
+CONSOLE = Workload("console", "platform")
 
 SERVICES = (GATEWAY, TRANSFER_ENGINE, RISK)

@@ -13,7 +13,7 @@ import shutil
 import time
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 from http import HTTPStatus
 from pathlib import Path
@@ -27,7 +27,15 @@ from services.common.errors import CommonError
 from services.common.identity.source import SvidMaterial, fetch_svid
 from services.common.registry import FileRegistry
 from services.common.settings import ZtbankSettings, load_settings
-from services.common.workloads import GATEWAY, OPS, RISK, SERVICES, TELLER, TRANSFER_ENGINE
+from services.common.workloads import (
+    CONSOLE,
+    GATEWAY,
+    OPS,
+    RISK,
+    SERVICES,
+    TELLER,
+    TRANSFER_ENGINE,
+)
 from services.issuer.adapters.upstream_disk import init_root_ca
 from services.issuer.admin_client import AdminCallError, call_admin
 from services.issuer.domain.revocation import crls_url, ocsp_url
@@ -55,6 +63,12 @@ class StackSettings(ZtbankSettings):
     # Where the ops identity (health probes) comes from; empty: its own socket of the native
     # stack. The compose stack's status runs in a container of the ops uid on the shared socket.
     ops_endpoint_socket: str = ""
+    # The lab console (`ztbank console`) always listens on 127.0.0.1, on this port.
+    console_port: int = Field(default=8190, ge=1, le=65535)
+
+    @property
+    def console_url(self) -> str:
+        return f"http://127.0.0.1:{self.console_port}/"
 
 
 SettingsT = TypeVar("SettingsT", bound=ZtbankSettings)
@@ -142,6 +156,33 @@ class StackStatus:
     issuer_authority: IssuerAuthority | None = None  # None: the admin socket did not answer
 
 
+def status_document(status: StackStatus) -> dict[str, Any]:
+    """The JSON of ``ztbank status --json`` (and of the lab console's stack panel)."""
+    return {
+        "trust_domain": status.trust_domain,
+        "root_ca": status.root_ca,
+        "issuer": {
+            "socket": status.issuer_socket,
+            "running": status.issuer_running,
+            "crl_url": status.issuer_crl_url,
+            "ocsp_url": status.issuer_ocsp_url,
+            "authority": asdict(authority) if (authority := status.issuer_authority) else None,
+        },
+        "services": {
+            name: {
+                "spiffe_id": probe.spiffe_id,
+                ("url" if probe.url.startswith("https://") else "address"): probe.url,
+                "svid_serial": probe.svid_serial,
+                "svid_not_before": probe.svid_not_before,
+                "svid_not_after": probe.svid_not_after,
+                "healthy": probe.healthy,
+                **({"error": probe.error} if probe.error else {}),
+            }
+            for name, probe in status.services.items()
+        },
+    }
+
+
 async def _create_entry(stub: IssuerAdminStub, *, request: pb.CreateEntryRequest) -> pb.Entry:
     return await stub.CreateEntry(request)
 
@@ -220,7 +261,7 @@ class NativeStack:
         existing = call_admin(admin, lambda s: s.ListEntries(pb.ListEntriesRequest())).entries
         have = {(e.spiffe_id, tuple(sorted(e.selectors))) for e in existing}
         uid = os.getuid()
-        for workload in (*SERVICES, TELLER, OPS):
+        for workload in (*SERVICES, TELLER, OPS, CONSOLE):
             spiffe_id = str(workload.spiffe_id(self.settings.trust_domain))
             selectors = sorted([f"ztbank:socket:{workload.name}", f"unix:uid:{uid}"])
             if (spiffe_id, tuple(selectors)) in have:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.errors import CommonError
@@ -30,12 +31,13 @@ class ServiceProbe:
     svid_not_after: str | None
     healthy: bool
     error: str | None = None
+    svid_not_before: str | None = None
 
 
 def _served_certificate(
     address: ServiceAddress, material: SvidMaterial, alpn: list[str], expected: SpiffeId
-) -> tuple[str, str, bytes]:
-    """Handshake, check the server's SPIFFE ID, return (serial, not_after, raw socket reply)."""
+) -> tuple[x509.Certificate, bytes]:
+    """Handshake, check the server's SPIFFE ID, return its certificate and raw socket reply."""
     context = client_context(material, alpn)
     with (
         socket.create_connection((address.host, address.port), timeout=PROBE_TIMEOUT) as raw,
@@ -52,8 +54,7 @@ def _served_certificate(
             request = f"GET /healthz HTTP/1.1\r\nHost: {address.host}\r\nConnection: close\r\n\r\n"
             tls.sendall(request.encode())
             reply = tls.recv(4096)
-    leaf = load_der_certificates(der)[0]
-    return serial_hex(leaf), leaf.not_valid_after_utc.isoformat(), reply
+    return load_der_certificates(der)[0], reply
 
 
 def _grpc_healthy(address: ServiceAddress, material: SvidMaterial) -> bool:
@@ -74,11 +75,19 @@ def probe(
 ) -> ServiceProbe:
     url = f"https://{address.target}" if https else address.target
     try:
-        serial, not_after, reply = _served_certificate(
+        leaf, reply = _served_certificate(
             address, material, ["http/1.1"] if https else ["h2"], expected
         )
         healthy = reply.startswith(b"HTTP/1.1 200") if https else _grpc_healthy(address, material)
-        return ServiceProbe(address.name, str(expected), url, serial, not_after, healthy)
+        return ServiceProbe(
+            address.name,
+            str(expected),
+            url,
+            serial_hex(leaf),
+            leaf.not_valid_after_utc.isoformat(),
+            healthy,
+            svid_not_before=leaf.not_valid_before_utc.isoformat(),
+        )
     except (OSError, CommonError, grpc.RpcError) as error:
         return ServiceProbe(address.name, str(expected), url, None, None, False, str(error))
 

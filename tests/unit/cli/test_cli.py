@@ -258,7 +258,7 @@ def test_certs_init_for_another_trust_domain(
 
 def _issuer_status(**fields: Any) -> dict[str, Any]:
     """The "issuer" part of ``ztbank status --json`` for a stack without services."""
-    from services.stack.native import StackStatus
+    from services.stack.native import StackStatus, status_document
 
     status = StackStatus(
         trust_domain=DEFAULT_TRUST_DOMAIN,
@@ -268,7 +268,7 @@ def _issuer_status(**fields: Any) -> dict[str, Any]:
         services={},
         **fields,
     )
-    issuer: dict[str, Any] = json.loads(json.dumps(cli._status_document(status)))["issuer"]
+    issuer: dict[str, Any] = json.loads(json.dumps(status_document(status)))["issuer"]
     return issuer
 
 

@@ -14,7 +14,15 @@ from services._proto import ledger_pb2, risk_pb2
 from services.common import policy as policy_module
 from services.common.identity.spiffe_id import SpiffeId
 from services.common.policy import Decision, Policy, PolicyError
-from services.common.workloads import GATEWAY, OPS, RISK, TELLER, TRANSFER_ENGINE, Workload
+from services.common.workloads import (
+    CONSOLE,
+    GATEWAY,
+    OPS,
+    RISK,
+    TELLER,
+    TRANSFER_ENGINE,
+    Workload,
+)
 
 TD = "ztbank.example"
 REPO_POLICY = Path(__file__).resolve().parents[3] / "infra" / "policy.json"
@@ -331,7 +339,7 @@ ALLOWED = (
     | {(GATEWAY.name, "transfer-engine", method) for method in ENGINE_METHODS}
     | {(TRANSFER_ENGINE.name, "risk", ASSESS)}
 )
-CALLERS = (TELLER, GATEWAY, TRANSFER_ENGINE, RISK, OPS)
+CALLERS = (TELLER, GATEWAY, TRANSFER_ENGINE, RISK, OPS, CONSOLE)
 MATRIX = [
     (who, service, method)
     for who, (service, methods) in itertools.product(CALLERS, METHODS_BY_SERVICE.items())

@@ -1,0 +1,134 @@
+"""What the console reads from the stack's files as they grow: the services' audit records
+(the decision feed) and their server spans (latency and request rate)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# Where a tail of a long file starts: the last records are enough to fill the page.
+DEFAULT_START_BACK_BYTES = 64 * 1024
+SERVER_SPAN = "SERVER"
+
+
+class JsonLinesTail:
+    """The new complete JSON lines of a file that another process appends to.
+
+    Starts ``start_back_bytes`` before the end (then skips the partial first line); a file that
+    shrank or was replaced (``make reset``) is read again from its start.
+    """
+
+    def __init__(self, path: Path, *, start_back_bytes: int = DEFAULT_START_BACK_BYTES) -> None:
+        self.path = path
+        self._start_back = start_back_bytes
+        self._offset: int | None = None
+        self._inode: int | None = None
+        self._partial = b""
+
+    def _open_at(self, size: int, inode: int) -> bool:
+        """Where to read from; True if the first line read may be a fragment."""
+        first = self._offset is None
+        if first or inode != self._inode or size < (self._offset or 0):
+            self._offset = max(0, size - self._start_back) if first else 0
+            self._partial = b""
+        self._inode = inode
+        return first and (self._offset or 0) > 0
+
+    def read(self) -> list[dict[str, Any]]:
+        try:
+            stat = os.stat(self.path)
+            skip_fragment = self._open_at(stat.st_size, stat.st_ino)
+            with self.path.open("rb") as handle:
+                handle.seek(self._offset or 0)
+                data = handle.read()
+        except OSError:
+            return []
+        self._offset = (self._offset or 0) + len(data)
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()  # what follows the last newline: not yet a whole line
+        if skip_fragment and lines:
+            lines.pop(0)
+        records = []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # not a record (a line written by something else)
+            if isinstance(record, dict):
+                records.append(record)
+        return records
+
+
+def decision(record: dict[str, Any]) -> dict[str, Any]:
+    """The feed's view of an audit record: who, what, the verdict and why (no key material is
+    ever in a record; this keeps the page's share small)."""
+    return {
+        "time": record.get("time"),
+        "service": record.get("service"),
+        "event": record.get("event", "authz"),
+        "decision": record.get("decision"),
+        "caller": record.get("caller_spiffe_id"),
+        "method": record.get("method"),
+        "reason": record.get("reason"),
+        "serial": record.get("cert_serial"),
+    }
+
+
+@dataclass(frozen=True)
+class Served:
+    ended: float  # epoch seconds
+    milliseconds: float
+
+
+def served(span: dict[str, Any]) -> Served | None:
+    """A server span as one served request or call, None for any other span."""
+    if span.get("kind") != SERVER_SPAN:
+        return None
+    start, end = span.get("start_ns"), span.get("end_ns")
+    if not isinstance(start, int) or not isinstance(end, int) or end < start:
+        return None
+    return Served(end / 1e9, (end - start) / 1e6)
+
+
+def _percentile(ordered: list[float], fraction: float) -> float:
+    # Nearest rank: a value that was really measured.
+    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
+
+
+class LatencyWindow:
+    """The served requests of one service over the last ``seconds``, summed up per ``step``."""
+
+    def __init__(self, *, seconds: float = 300.0, step: float = 10.0) -> None:
+        self.seconds = seconds
+        self.step = step
+        self._served: deque[Served] = deque()
+
+    def add(self, requests: Iterable[Served]) -> None:
+        self._served.extend(requests)
+
+    def series(self, now: float) -> dict[str, list[float | None]]:
+        """Per step, oldest first (the last one is still filling and holds ``now``): its start
+        time, requests per second, p50 and p99 in ms (None for a step without requests)."""
+        while self._served and self._served[0].ended < now - self.seconds:
+            self._served.popleft()
+        steps = round(self.seconds / self.step)
+        first = (math.floor(now / self.step) - steps + 1) * self.step
+        buckets: list[list[float]] = [[] for _ in range(steps)]
+        for item in self._served:
+            index = math.floor((item.ended - first) / self.step)
+            if 0 <= index < steps:
+                buckets[index].append(item.milliseconds)
+        series: dict[str, list[float | None]] = {"t": [], "rate": [], "p50": [], "p99": []}
+        for index, bucket in enumerate(buckets):
+            ordered = sorted(bucket)
+            series["t"].append(first + index * self.step)
+            series["rate"].append(len(bucket) / self.step)
+            series["p50"].append(_percentile(ordered, 0.50) if ordered else None)
+            series["p99"].append(_percentile(ordered, 0.99) if ordered else None)
+        return series
