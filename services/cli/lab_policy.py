@@ -187,9 +187,14 @@ def run_policy_lab(settings: StackSettings, say: Say) -> bool:
         )
     say(f"  1 the gateway watches {policy}; the teller is served {ROUTE}: HTTP 200")
 
-    original = policy.read_bytes()
-    edited, lost = withdraw_route(original.decode(), settings.trust_domain, teller_id)
-    backup = Backup(policy, original, stat.S_IMODE(os.stat(policy).st_mode))
+    try:
+        original = policy.read_bytes()
+        mode = stat.S_IMODE(os.stat(policy).st_mode)
+        text = original.decode()  # the backup keeps the original as JSON text
+    except (OSError, UnicodeDecodeError) as error:
+        raise CliError(f"cannot read the policy {policy}: {error}") from None
+    edited, lost = withdraw_route(text, settings.trust_domain, teller_id)
+    backup = Backup(policy, original, mode)
     checks: list[bool] = []
     with interrupted_by_termination():
         backup.save(settings)
