@@ -147,8 +147,15 @@ def transitions(stack: E2EStack, service: str) -> list[dict[str, str]]:
 
 def test_a_hung_risk_trips_the_engines_breaker_and_service_comes_back(stack: E2EStack) -> None:
     bob = Customer(stack)
-    posted, _ = bob.transfer(f"e2e-{uuid.uuid4()}")
-    assert posted.status == 201, posted  # and both breakers closed on their first call
+    first = f"e2e-{uuid.uuid4()}"
+    # Each breaker's first call is its probe, once its peer watch has seen the callee.
+    posted = wait_until(
+        lambda: bob.transfer(first)[0].status == 201,
+        timeout=5,
+        message="the first transfer never posted",
+        interval=0.2,
+    )
+    assert posted
     before = bob.balance()
     risk_pid = stack.controlled.services[RISK.name].pid()
     assert risk_pid is not None
@@ -233,10 +240,16 @@ def test_lowering_the_callees_trust_live_opens_and_restoring_it_closes(
 
     # A malformed table is refused, logged once, and the lowered one stays in force.
     trust_table.write_text("{")
-    time.sleep(1.0)  # two reload checks
-    assert bob.timed("GET", f"/v1/accounts/{BOB_CNY}")[0].status == 503
-    log = stack.controlled.services[GATEWAY.name].log_file.read_text()
-    assert log.count("refused, keeping the previous one: invalid trust table: not JSON") == 1
+    gateway_log = stack.controlled.services[GATEWAY.name].log_file
+    refusal = "refused, keeping the previous one: invalid trust table: not JSON"
+
+    def refused_table() -> bool:
+        # The table is checked when the breaker is used, like the policy: ask, then look.
+        assert bob.timed("GET", f"/v1/accounts/{BOB_CNY}")[0].status == 503
+        return refusal in gateway_log.read_text()
+
+    wait_until(refused_table, timeout=5, message="the malformed table was not refused")
+    assert gateway_log.read_text().count(refusal) == 1  # once per edit, not per check
 
     trust_table.write_text(original)
     wait_until(
