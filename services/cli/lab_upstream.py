@@ -119,11 +119,17 @@ class RootKey:
         return self.path.with_name(self.path.name + OFFLINE_SUFFIX)
 
     def take_offline(self) -> None:
-        os.rename(self.path, self.aside)
+        try:
+            os.rename(self.path, self.aside)
+        except OSError as error:
+            raise CliError(f"cannot take the root key offline: {error}") from None
 
     def put_back(self) -> None:
         # rename(2) replaces nothing here: the issuer never writes the root key.
-        os.rename(self.aside, self.path)
+        try:
+            os.rename(self.aside, self.path)
+        except OSError as error:
+            raise CliError(f"cannot put the root key back from {self.aside}: {error}") from None
 
     def left_offline(self) -> bool:
         """True if an earlier run was killed with the key aside (it is then put back)."""

@@ -138,3 +138,11 @@ def test_a_key_both_aside_and_in_place_is_left_to_the_operator(tmp_path: Path) -
         key.left_offline()
     assert key.path.read_bytes() == b"one"
     assert key.aside.read_bytes() == b"two"
+
+
+def test_a_missing_root_key_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    key = RootKey(tmp_path / "root-ca.key")
+
+    with pytest.raises(CliError, match="cannot take the root key offline"):
+        key.take_offline()
+    assert not key.aside.exists()
