@@ -573,10 +573,12 @@ class CircuitBreaker:
         self._wall = wall
         self._window = _Window(config.window_seconds, config.near_expiry_window_seconds)
         self._scored: _Scored | None = None
-        # Until a certificate of the peer is seen the breaker is open; no cool-down applies to
-        # that first opening, so the first call after the first handshake is the probe.
-        self.state = BreakerState.OPEN
+        # Closed from the start: the service checks its callee once before it serves (see
+        # ``watched_breaker``), and concurrent first calls must not queue behind one probe.
+        # Until a first certificate is seen, calls are refused without opening.
+        self.state = BreakerState.CLOSED
         self.reason = peer.problem
+        self._seen = False
         self._open_until = monotonic()
         self._probing = False
         self._epoch = 0
@@ -591,6 +593,10 @@ class CircuitBreaker:
         scored = self._score(now)
         if self.state is BreakerState.CLOSED:
             if scored is None or now > scored.ok_until:
+                if scored is None and not self._seen:
+                    # Nothing to judge yet: refused, but no evidence to open on.
+                    self._peer.wake()
+                    raise BreakerOpenError(self.target, self._peer.problem, 1.0)
                 self._open(now, self._score_reason(scored))
                 raise self._refusal(now)
             return _Ticket(self, self._epoch)
@@ -668,6 +674,7 @@ class CircuitBreaker:
         ):
             return scored
         scored = self._scored = self._work_out(certificate, levels, now)
+        self._seen = True
         return scored
 
     def _work_out(self, certificate: PeerCertificate, levels: TrustLevels, now: float) -> _Scored:
@@ -814,9 +821,12 @@ def watched_breaker(
 ) -> CircuitBreaker:
     """The breaker of calls to ``target`` (expected to be ``expected``, found at ``address()``)
     with its metrics and its peer watch, started."""
-    watch = PeerWatch(
-        target=address, material=material, verifier=verifier, expected=expected
-    ).start()
+    watch = PeerWatch(target=address, material=material, verifier=verifier, expected=expected)
+    # One look before the service serves: callees start first (risk, the engine, then the
+    # gateway), so the first calls have a score.  An unreachable callee is looked at again by
+    # the thread.
+    watch.look()
+    watch.start()
     breaker = CircuitBreaker(target, config, levels=table.current, peer=watch)
     register_breaker_metrics(meter, [breaker])
     return breaker

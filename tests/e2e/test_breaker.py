@@ -148,7 +148,6 @@ def transitions(stack: E2EStack, service: str) -> list[dict[str, str]]:
 def test_a_hung_risk_trips_the_engines_breaker_and_service_comes_back(stack: E2EStack) -> None:
     bob = Customer(stack)
     first = f"e2e-{uuid.uuid4()}"
-    # Each breaker's first call is its probe, once its peer watch has seen the callee.
     posted = wait_until(
         lambda: bob.transfer(first)[0].status == 201,
         timeout=5,
@@ -165,9 +164,13 @@ def test_a_hung_risk_trips_the_engines_breaker_and_service_comes_back(stack: E2E
         answers = [bob.transfer(f"e2e-{uuid.uuid4()}") for _ in range(6)]
         for reply, _ in answers:
             assert_unavailable(reply)
-        # Three waited for risk's deadline; then the engine's breaker answers at once.
-        assert [took >= RISK_TIMEOUT for _, took in answers] == [True] * 3 + [False] * 3
-        for reply, took in answers[3:]:
+        # A few waited for risk's deadline (the window may still hold the first transfer's
+        # success: 2 or 3 of them); then the engine's breaker answers at once.
+        waited = [took >= RISK_TIMEOUT for _, took in answers]
+        failed = waited.count(True)
+        assert failed in (2, 3), waited
+        assert waited == [True] * failed + [False] * (len(answers) - failed)
+        for reply, took in answers[failed:]:
             assert took < AT_ONCE_SECONDS
             assert reply.body["detail"] == (
                 "the transfer-engine is unavailable: risk service unavailable: the circuit"
@@ -176,7 +179,9 @@ def test_a_hung_risk_trips_the_engines_breaker_and_service_comes_back(stack: E2E
         assert metric(stack, TRANSFER_ENGINE.name, "breaker_state", target=RISK.name) == 2
         opened = transitions(stack, TRANSFER_ENGINE.name)[-1]
         assert opened["to"] == "open"
-        assert opened["reason"] == "failure rate 100% of 3 calls in the last 10 s >= 50%"
+        assert re.fullmatch(
+            r"failure rate (67|100)% of 3 calls in the last (5|10) s >= 50%", opened["reason"]
+        ), opened
         # The engine answered each time: the gateway's breaker stays closed, reads still work.
         assert bob.balance() == before
         assert metric(stack, GATEWAY.name, "breaker_state", target=TRANSFER_ENGINE.name) == 0
@@ -202,10 +207,9 @@ def test_a_hung_risk_trips_the_engines_breaker_and_service_comes_back(stack: E2E
     assert metric(stack, TRANSFER_ENGINE.name, "breaker_state", target=RISK.name) == 0
     moves = [(t["from"], t["to"]) for t in transitions(stack, TRANSFER_ENGINE.name)]
     assert moves[-3:] == [("closed", "open"), ("open", "half_open"), ("half_open", "closed")]
-    assert moves.count(("open", "half_open")) == 2  # the stack's first call, then recovery
-    assert metric(stack, TRANSFER_ENGINE.name, "breaker_transitions_total", to="half_open") == 2
-    gateway_moves = [(t["from"], t["to"]) for t in transitions(stack, GATEWAY.name)]
-    assert gateway_moves == [("open", "half_open"), ("half_open", "closed")]
+    assert moves.count(("open", "half_open")) == 1  # breakers start closed: only the recovery
+    assert metric(stack, TRANSFER_ENGINE.name, "breaker_transitions_total", to="half_open") == 1
+    assert transitions(stack, GATEWAY.name) == []  # the gateway's breaker never moved
 
 
 def test_lowering_the_callees_trust_live_opens_and_restoring_it_closes(
