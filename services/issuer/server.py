@@ -8,6 +8,7 @@ import contextlib
 import logging
 import socket
 import sqlite3
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -179,23 +180,30 @@ class Issuer:
 
     async def _maintain_forever(self) -> None:
         delay = 1.0
+        retry_at = 0.0  # monotonic time of the next CA maintenance while it keeps failing
         while True:
-            generation = self.authority.generation
-            try:
-                next_due = await asyncio.to_thread(self.authority.maintain)
-            except IssuerError as error:
-                logger.error("CA maintenance failed, retrying in %.0fs: %s", delay, error)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, MAX_RETRY_DELAY)
-                continue
-            delay = 1.0
-            if self.authority.generation != generation:
-                logger.info("signing CA set changed; pushing the new bundle")
-                self._feed.publish()
-            next_due = min(next_due, self._refresh_crls())
+            wake = [datetime.now(UTC) + timedelta(seconds=MAX_RETRY_DELAY)]
+            if time.monotonic() >= retry_at:
+                generation = self.authority.generation
+                try:
+                    wake.append(await asyncio.to_thread(self.authority.maintain))
+                except IssuerError as error:
+                    logger.error("CA maintenance failed, retrying in %.0fs: %s", delay, error)
+                    retry_at = time.monotonic() + delay
+                    delay = min(delay * 2, MAX_RETRY_DELAY)
+                else:
+                    delay, retry_at = 1.0, 0.0
+                    if self.authority.generation != generation:
+                        logger.info("signing CA set changed; pushing the new bundle")
+                        self._feed.publish()
+            if retry_at:
+                wake.append(datetime.now(UTC) + timedelta(seconds=retry_at - time.monotonic()))
+            # The CRLs are signed by the current CAs, which need no upstream: they stay fresh
+            # through an upstream outage, or every service would fail closed.
+            wake.append(self._refresh_crls())
             await asyncio.to_thread(self._prune_records)
-            wait = (next_due - datetime.now(UTC)).total_seconds()
-            await asyncio.sleep(min(max(wait, 0.05), MAX_RETRY_DELAY))
+            wait = (min(wake) - datetime.now(UTC)).total_seconds()
+            await asyncio.sleep(max(wait, 0.05))
 
     def _prune_records(self) -> None:
         """At most once per PRUNE_INTERVAL; a failure is logged and tried again next time."""

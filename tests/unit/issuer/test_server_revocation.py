@@ -59,3 +59,36 @@ def test_a_failing_crl_refresh_is_logged_and_retried(
     assert due <= datetime.now(UTC) + timedelta(seconds=CRL_RETRY_DELAY)
     assert "re-signing the CRLs failed" in caplog.text
     assert "disk full" in caplog.text
+
+
+def test_crls_stay_fresh_while_the_upstream_fails(
+    short_root: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """CA maintenance needs the upstream; re-signing the CRLs does not.  An upstream outage
+    must not let the CRLs run past nextUpdate, or every service would fail closed."""
+    issuer = Issuer(issuer_settings(short_root, "127.0.0.1:1"))
+    maintained: list[datetime] = []
+    refreshed: list[datetime] = []
+
+    def upstream_down() -> datetime:
+        maintained.append(datetime.now(UTC))
+        raise IssuerError("upstream CA unavailable: disk gone")
+
+    def refresh(*, force: bool = False) -> datetime:
+        refreshed.append(datetime.now(UTC))
+        return datetime.now(UTC) + timedelta(seconds=0.05)
+
+    monkeypatch.setattr(issuer.authority, "maintain", upstream_down)
+    monkeypatch.setattr(issuer.crls, "refresh", refresh)
+
+    async def a_while() -> None:
+        loop = asyncio.create_task(issuer._maintain_forever())
+        await asyncio.sleep(1.2)
+        loop.cancel()
+
+    with caplog.at_level(logging.ERROR):
+        asyncio.run(a_while())
+    assert "CA maintenance failed" in caplog.text
+    assert 1 <= len(maintained) <= 2  # the upstream is retried after 1 s, then 2 s
+    # The CRLs were re-signed on their own schedule, not only once per maintenance retry.
+    assert len(refreshed) > len(maintained)
