@@ -107,6 +107,7 @@ class Console:
         self.audit = audit
         self.events = Broadcaster()
         self.labs = LabRunner(labs, lab_env, self.events.publish, command=lab_command)
+        self.starting = asyncio.Lock()  # held by a lab start from its check to the lab running
         self.state: dict[str, Any] | None = None
         self.decisions: deque[dict[str, Any]] = deque(maxlen=RECENT_DECISIONS)
         self.latency = {w.name: LatencyWindow() for w in SERVICES}
@@ -261,18 +262,23 @@ def create_console_app(console: Console) -> FastAPI:
             return problem_response(
                 problem(403, detail=f"starting a lab needs the header {ACTION_HEADER}: start")
             )
-        try:
-            console.labs.check(name)
-            current = await console.refresh()  # the stack as it is now, not 2 s ago
-            if not current["up"]:
-                raise StackDownError(
-                    f"the stack is down: start it with `make up`; {current['start_hint']}"
-                )
-        except ConsoleError as error:
-            await console.audit_lab_start(request, name, False, str(error))
-            raise
-        await console.audit_lab_start(request, name, True, f"lab {name} started from the console")
-        run = await console.labs.start(name)
+        # One start at a time from check to start: a double click sends two requests, and the
+        # second must find the first one's lab running (refused and audited as such), not pass
+        # the check while the first one awaits the probes.
+        async with console.starting:
+            try:
+                console.labs.check(name)
+                current = await console.refresh()  # the stack as it is now, not 2 s ago
+                if not current["up"]:
+                    raise StackDownError(
+                        f"the stack is down: start it with `make up`; {current['start_hint']}"
+                    )
+            except ConsoleError as error:
+                await console.audit_lab_start(request, name, False, str(error))
+                raise
+            reason = f"lab {name} started from the console"
+            await console.audit_lab_start(request, name, True, reason)
+            run = await console.labs.start(name)
         return JSONResponse(run.document(), status_code=202)
 
     @app.get("/api/reports")

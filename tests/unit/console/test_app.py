@@ -7,6 +7,7 @@ import json
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +28,11 @@ START = {ACTION_HEADER: "start"}
 class FakeStack:
     def __init__(self, identity: SvidMaterial) -> None:
         self.up = True
+        self.probe_seconds = 0.0  # how long a snapshot takes (a real one probes over mTLS)
         self._identity = identity
 
     def snapshot(self) -> dict[str, Any]:
+        time.sleep(self.probe_seconds)
         return {
             "taken": time.time(),
             "up": self.up,
@@ -126,6 +129,23 @@ def test_a_second_lab_while_one_runs_is_refused_and_audited(
     reply = client.post("/api/labs/rotation", headers=START)
     assert_problem(reply, 409, "lab 'revocation' is running")
     assert client.get("/api/labs").json()["running"] is True
+    assert [r["decision"] for r in audit_records(settings)] == ["allow", "deny"]
+
+
+def test_a_double_click_starts_one_lab_and_the_second_start_is_refused_and_audited(
+    client: TestClient, stack: FakeStack, settings: ConsoleSettings
+) -> None:
+    # Both requests arrive while the first one still probes the stack: the second must not pass
+    # the check and be audited as allowed before the first one's lab runs.
+    stack.probe_seconds = 0.3
+    with ThreadPoolExecutor(2) as pool:
+        replies = list(
+            pool.map(lambda _: client.post("/api/labs/revocation", headers=START), range(2))
+        )
+    assert sorted(r.status_code for r in replies) == [202, 409]
+    assert_problem(
+        next(r for r in replies if r.status_code == 409), 409, "lab 'revocation' is running"
+    )
     assert [r["decision"] for r in audit_records(settings)] == ["allow", "deny"]
 
 
