@@ -10,7 +10,7 @@ const MAX_FEED = 200;
 const ROTATE_BY = 0.5;
 
 const $ = (id) => document.getElementById(id);
-const state = { decisions: [], charts: {}, snapshot: null };
+const state = { decisions: [], charts: {}, snapshot: null, messageUntilLabEnds: false };
 
 function el(tag, attrs, ...children) {
   const node = document.createElement(tag);
@@ -169,7 +169,11 @@ function renderFeed() {
 
 function chart(id, key) {
   const target = $(id);
-  const series = [{}].concat(SERVICES.map((name) => ({ label: name, stroke: COLOURS[name], width: 2, spanGaps: false })));
+  // A latency step without requests is a gap (null), so a step with requests between two
+  // gaps has no line to draw: points make it visible.
+  const points = key === "rate" ? {} : { points: { show: true, size: 5, fill: "#fff" } };
+  const series = [{}].concat(SERVICES.map((name) =>
+    ({ label: name, stroke: COLOURS[name], width: 2, spanGaps: false, ...points })));
   const options = { width: Math.max(260, target.clientWidth || 320), height: 180, series, legend: { live: false },
     axes: [{}, { size: 50 }], scales: { x: { time: true } } };
   return new uPlot(options, [[]].concat(SERVICES.map(() => [])), target);
@@ -194,9 +198,18 @@ function renderLabButtons(labs) {
   $("lab-buttons").replaceChildren(...buttons);
 }
 
-function showMessage(text) {
+function showMessage(text, untilLabEnds) {
   $("lab-message").hidden = !text;
   $("lab-message").textContent = text || "";
+  state.messageUntilLabEnds = Boolean(text && untilLabEnds);
+}
+
+// "Title: detail", or the detail alone when it starts by saying what the title says.
+function problemText(body, status) {
+  const title = body.title || String(status), detail = body.detail || "";
+  if (!detail) return title;
+  if (!detail.toLowerCase().startsWith(title.toLowerCase())) return `${title}: ${detail}`;
+  return detail.charAt(0).toUpperCase() + detail.slice(1);
 }
 
 async function startLab(name) {
@@ -210,7 +223,8 @@ async function startLab(name) {
   }
   if (reply.status !== 202) {
     const body = await reply.json().catch(() => ({}));
-    showMessage(`${body.title || reply.status}: ${body.detail || ""}`);
+    // "A lab is running" (409) is true until that lab ends: renderLab takes it away then.
+    showMessage(problemText(body, reply.status), reply.status === 409);
   }
 }
 
@@ -222,6 +236,7 @@ function renderLab(run) {
   $("lab-verdict").className = `pill ${verdict === "passed" ? "ok" : verdict === "failed" ? "bad" : "unknown"}`;
   $("lab-output").textContent = run.lines.join("\n");
   for (const button of document.querySelectorAll("#lab-buttons button")) button.disabled = !run.verdict;
+  if (run.verdict && state.messageUntilLabEnds) showMessage("");
 }
 
 function addLabLine(item) {
