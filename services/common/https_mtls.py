@@ -25,6 +25,7 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any
 
 import uvicorn
@@ -59,6 +60,7 @@ CONNECTION_METHOD = "TLS connection"
 HANDSHAKE_METHOD = "TLS handshake"
 HANDSHAKE_FAILED = "fail"
 REVOKED_CONNECTION_REASON = "certificate revoked: connection closed"
+EXPIRED_CONNECTION_REASON = "certificate expired: connection closed"
 
 
 @dataclass(frozen=True)
@@ -224,16 +226,18 @@ class _ConnectionApp:
                 )
 
 
-@dataclass(frozen=True)
+@dataclass
 class _LiveConnection:
     loop: asyncio.AbstractEventLoop
     transport: asyncio.Transport
     peer: PeerIdentity
     facts: ConnectionFacts
+    expiry: asyncio.TimerHandle | None = None
 
 
 class LiveConnections:
-    """The verified connections of one server, closed when their peer's certificate is revoked.
+    """The verified connections of one server, closed when their peer's certificate is revoked
+    or expires (a keep-alive connection must not outlive the SVID it was opened with).
 
     Revocation notices arrive in the watcher's thread; the transports belong to the event loop,
     so the abort is handed to it.  A connection is re-checked right after it joins the registry:
@@ -254,7 +258,13 @@ class LiveConnections:
     ) -> bool:
         """Called in the event loop once ``transport``'s peer has been verified; False if the
         peer was revoked meanwhile (the connection is then already closed)."""
-        connection = _LiveConnection(asyncio.get_running_loop(), transport, peer, facts)
+        loop = asyncio.get_running_loop()
+        connection = _LiveConnection(loop, transport, peer, facts)
+        if peer.valid_until is not None:
+            left = (peer.valid_until - datetime.now(UTC)).total_seconds()
+            connection.expiry = loop.call_later(
+                max(left, 0.0), self._close, key, connection, EXPIRED_CONNECTION_REASON
+            )
         with self._lock:
             self._live[key] = connection
         if peer.serial in self._guard.verifier.revocation.revoked_serials():
@@ -264,7 +274,9 @@ class LiveConnections:
 
     def discard(self, key: object) -> None:
         with self._lock:
-            self._live.pop(key, None)
+            connection = self._live.pop(key, None)
+        if connection is not None and connection.expiry is not None:
+            connection.expiry.cancel()
 
     def close_revoked(self, serials: frozenset[str]) -> None:
         """The revocation listener: abort every connection whose peer serial is in ``serials``."""
@@ -276,13 +288,15 @@ class LiveConnections:
             except RuntimeError:  # the loop is closed: so is the connection
                 self.discard(key)
 
-    def _close(self, key: object, connection: _LiveConnection) -> None:
+    def _close(
+        self, key: object, connection: _LiveConnection, reason: str = REVOKED_CONNECTION_REASON
+    ) -> None:
         with self._lock:
             if self._live.pop(key, None) is None:
                 return  # already gone, or already closed by an earlier notice
-        self._guard.record(
-            connection.facts, connection.peer, CONNECTION_METHOD, "deny", REVOKED_CONNECTION_REASON
-        )
+        if connection.expiry is not None:
+            connection.expiry.cancel()
+        self._guard.record(connection.facts, connection.peer, CONNECTION_METHOD, "deny", reason)
         connection.transport.abort()
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from contextvars import ContextVar
 from dataclasses import dataclass
+from datetime import datetime
 
 from services.common.errors import CommonError
 from services.common.identity.spiffe_id import SpiffeId
@@ -25,6 +26,8 @@ class PeerIdentity:
     fingerprint_sha256: str  # lowercase hex
     address: str  # "host:port" of the peer, for audit
     subject: str | None = None  # the certificate's subject DN (RFC 4514), for audit
+    # The end of the chain's validity (the earliest notAfter): connections end there.
+    valid_until: datetime | None = None
 
 
 _CURRENT: ContextVar[PeerIdentity | None] = ContextVar("ztbank_peer", default=None)

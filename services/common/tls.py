@@ -229,6 +229,7 @@ class PeerVerifier:
             fingerprint_sha256=verified.fingerprint_sha256,
             address=address,
             subject=verified.subject,
+            valid_until=verified.valid_until,
         )
         try:
             self.revocation.check(verified.leaf)

@@ -176,6 +176,8 @@ def test_expiry_lab_refuses_an_expired_svid_and_serves_a_new_one(lab_stack: E2ES
     assert "; refused from " in out
     assert "too EARLY" not in out
     assert "  3 the gateway audited a deny: 'TLS handshake failed" in out
+    assert "certificate has expired" in out  # the rule that failed, not only VERIFY_FAILED
+    assert "  4 a keep-alive connection opened before the expiry was closed " in out
     assert "  5 with a new SVID" in out
     assert "the client is served again on a new connection" in out
     assert "  6 the stack's own teller is still served" in out

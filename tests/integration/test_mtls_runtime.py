@@ -913,3 +913,42 @@ def test_grpc_client_connections_are_timed_by_outcome(
 
     asyncio.run(scenario())
     assert sorted(reports) == [False, True]
+
+
+def test_https_keep_alive_connection_ends_when_the_client_svid_expires(
+    authority: Authority, https_server: HttpsServer
+) -> None:
+    """Only new handshakes check validity: an open connection is closed (and audited) when the
+    certificate it was opened with runs out."""
+    now = datetime.now(UTC)
+    leaf = create_leaf(
+        authority.signing_ca,
+        uri_sans=[TELLER_ID],
+        not_before=now - timedelta(minutes=1),
+        not_after=now + timedelta(seconds=2),
+    )
+    material = SvidMaterial(
+        spiffe_id=SpiffeId.parse(TELLER_ID),
+        chain=(leaf.certificate, authority.signing_ca.certificate),
+        key=leaf.key,
+        bundle=authority.bundle,
+    )
+    connection = http.client.HTTPSConnection(
+        "127.0.0.1", https_server.port, context=client_context(material), timeout=TIMEOUT
+    )
+    try:
+        connection.request("GET", "/v1/accounts")
+        response = connection.getresponse()
+        response.read()
+        assert response.status == 200
+        not_after = leaf.certificate.not_valid_after_utc
+        expired = records_soon(https_server.audit, 2)[-1]
+        assert datetime.now(UTC) >= not_after - timedelta(seconds=0.5)
+        assert (expired["decision"], expired["method"]) == ("deny", "TLS connection")
+        assert expired["reason"] == "certificate expired: connection closed"
+        assert expired["cert_serial"] == serial_hex(leaf.certificate)
+        with pytest.raises((ConnectionError, http.client.HTTPException, ssl.SSLError)):
+            connection.request("GET", "/v1/accounts")
+            connection.getresponse().read()
+    finally:
+        connection.close()
