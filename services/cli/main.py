@@ -321,6 +321,8 @@ def cmd_console(args: argparse.Namespace) -> int:
     overrides = {"trust_domain": args.trust_domain} if args.trust_domain else {}
     settings = locate_settings(ConsoleSettings, **overrides)
     with socket.socket() as probe:
+        # As uvicorn binds: connections of a console just stopped (TIME_WAIT) are no console.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((CONSOLE_HOST, settings.console_port))
         except OSError as error:

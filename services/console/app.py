@@ -71,6 +71,15 @@ class Broadcaster:
                 queue.get_nowait()
                 queue.put_nowait(None)  # tells that page's stream to end
 
+    def close(self) -> None:
+        """End every page's stream now (the console is shutting down): each page sees its
+        stream end and reconnects, instead of having it cut after the shutdown's grace."""
+        for queue in list(self._queues):
+            self._queues.discard(queue)
+            if queue.full():
+                queue.get_nowait()
+            queue.put_nowait(None)
+
     @contextlib.contextmanager
     def subscribe(self) -> Iterator[asyncio.Queue[str | None]]:
         queue: asyncio.Queue[str | None] = asyncio.Queue(QUEUE_SIZE)

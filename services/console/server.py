@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import uvicorn
 
@@ -11,8 +12,21 @@ from services.console.app import Console, create_console_app
 from services.console.settings import CONSOLE_HOST, ConsoleSettings
 from services.console.state import StackView
 
-# Open event streams would hold a shutdown for ever: they are cut after this.
+# A response still open at shutdown (not an event stream: those are ended) is cut after this.
 SHUTDOWN_GRACE_SECONDS = 2
+
+
+class ConsoleServer(uvicorn.Server):
+    """uvicorn, ending the pages' event streams first when it shuts down (it waits for open
+    responses to end, and an event stream never does by itself)."""
+
+    def __init__(self, config: uvicorn.Config, console: Console) -> None:
+        super().__init__(config)
+        self._console = console
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self._console.events.close()
+        await super().shutdown(sockets)
 
 
 def build_console(settings: ConsoleSettings) -> tuple[Console, AuditLog]:
@@ -37,6 +51,6 @@ def serve_console(settings: ConsoleSettings) -> None:
             log_level="warning",
             timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS,
         )
-        uvicorn.Server(config).run()
+        ConsoleServer(config, console).run()
     finally:
         audit.close()

@@ -256,26 +256,41 @@ function renderReports(reports) {
 
 // -- start -----------------------------------------------------------------------------------------
 
-async function start() {
-  for (const name of SERVICES) $("filter-service").append(el("option", {}, name));
-  $("filter-service").onchange = renderFeed;
-  $("filter-decision").onchange = renderFeed;
-  $("filter-health").onchange = renderFeed;
+// Everything the console holds, drawn afresh: at the start, and again once the event stream is
+// back after it was lost (the console restarted: what happened meanwhile is not streamed).
+async function load() {
   const initial = await (await fetch("/api/state")).json();
   renderState(initial.state);
   renderLabButtons(initial.labs);
   renderLab(initial.lab);
   renderReports(initial.reports);
-  initial.decisions.forEach(addDecision);
+  state.decisions = initial.decisions.slice(-MAX_FEED);
+  renderFeed();
   renderMetrics(initial.metrics);
+}
+
+async function start() {
+  for (const name of SERVICES) $("filter-service").append(el("option", {}, name));
+  $("filter-service").onchange = renderFeed;
+  $("filter-decision").onchange = renderFeed;
+  $("filter-health").onchange = renderFeed;
+  await load();
+  let lost = false;
   const events = new EventSource("/api/events");
+  events.onopen = () => {
+    if (lost) load().then(() => { lost = false; }, (error) => showMessage(`console: ${error}`));
+  };
   events.addEventListener("state", (e) => renderState(JSON.parse(e.data)));
   events.addEventListener("decision", (e) => addDecision(JSON.parse(e.data)));
   events.addEventListener("metrics", (e) => renderMetrics(JSON.parse(e.data)));
   events.addEventListener("lab", (e) => renderLab(JSON.parse(e.data)));
   events.addEventListener("lab_line", (e) => addLabLine(JSON.parse(e.data)));
   events.addEventListener("reports", (e) => renderReports(JSON.parse(e.data)));
-  events.onerror = () => { $("stack-state").textContent = "console reconnecting…"; $("stack-state").className = "pill unknown"; };
+  events.onerror = () => {
+    lost = true;
+    $("stack-state").textContent = "console reconnecting…";
+    $("stack-state").className = "pill unknown";
+  };
   setInterval(tick, 250);
 }
 
