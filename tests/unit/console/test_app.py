@@ -3,6 +3,7 @@ problem+json), load reports; a fake stack stands in for a running one."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 import time
@@ -17,7 +18,7 @@ from fastapi.testclient import TestClient
 from services.common.audit import AuditLog
 from services.common.identity.source import SvidMaterial
 from services.common.problem import PROBLEM_MEDIA_TYPE
-from services.console.app import ACTION_HEADER, Console, create_console_app
+from services.console.app import ACTION_HEADER, Broadcaster, Console, create_console_app, sse
 from services.console.settings import ConsoleSettings
 from tests.support.mtls_servers import TD, new_authority
 
@@ -194,3 +195,27 @@ def test_load_reports_are_listed_and_only_they_are_served(
     assert client.get(listed[0]["url"]).text == "<html>report</html>"
     assert_problem(client.get("/reports/mixed_stats.csv"), 404, "no load report")
     assert client.get("/reports/..%2Faudit%2Fconsole.jsonl").status_code == 404
+
+
+def test_closing_the_broadcaster_ends_every_open_stream() -> None:
+    # At shutdown: each page's stream ends (its EventSource reconnects to the next console)
+    # even one whose queue is full, instead of being held open until the server cuts it.
+    async def scenario() -> list[list[str | None]]:
+        events = Broadcaster()
+        with events.subscribe() as idle, events.subscribe() as full:
+            events.publish("state", {"n": 1})
+            while not full.full():
+                full.put_nowait("backlog")
+            events.close()
+            events.publish("state", {"n": 2})  # nobody listens any more
+            drained = []
+            for queue in (idle, full):
+                items = []
+                while not queue.empty():
+                    items.append(queue.get_nowait())
+                drained.append(items)
+            return drained
+
+    idle, full = asyncio.run(scenario())
+    assert idle == [sse("state", {"n": 1}), None]
+    assert full[-1] is None
