@@ -119,7 +119,7 @@ DURATION ?= 30s
 CHAOS_DURATION ?= 60s
 
 .PHONY: load load-chaos lab lab-revocation lab-mis-issued lab-rotation lab-outage lab-policy \
-	lab-expiry lab-upstream
+	lab-expiry lab-upstream lab-breaker
 
 load: up ## locust on the stack: PROFILE=reads|transfers|mixed USERS=20 DURATION=30s
 	$(BIN)/python -m loadtest.run --profile $(PROFILE) --users $(USERS) --duration $(DURATION)
@@ -150,6 +150,9 @@ lab-expiry: up ## lab: a client SVID nobody renews runs out; refused at notAfter
 
 lab-upstream: up ## lab: the root CA's key goes offline; serving goes on, CA renewal fails, then recovers (needs ZTBANK_CA_TTL=2m)
 	$(BIN)/ztbank lab upstream
+
+lab-breaker: up ## lab: a low-trust callee trips the gateway's circuit breaker; 503 at once, then it closes again
+	$(BIN)/ztbank lab breaker
 
 clean: ## remove local state (var/) and caches; keeps certs/ and .venv/
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache

@@ -24,23 +24,22 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import os
-import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from services.cli.errors import CliError
 from services.cli.lab_support import (
+    FileBackup,
     Say,
     interrupted_by_termination,
     last_gateway_denial,
     mint_teller_svid,
+    watched_file,
 )
 from services.cli.teller import Reply, TellerClient
-from services.common.files import PRIVATE_MODE, write_atomic
+from services.common.files import write_atomic
 from services.common.workloads import GATEWAY, TELLER
 from services.stack.native import NativeStack, StackSettings
 
@@ -52,52 +51,7 @@ CLIENT_TTL_SECONDS = 300
 RELOAD_BUDGET_SECONDS = 5.0
 POLL_SECONDS = 0.1
 PROBLEM_MEDIA_TYPE = "application/problem+json"
-
-
-@dataclass(frozen=True)
-class Backup:
-    """The original policy, kept beside the stack's state while the lab's edit is in place."""
-
-    path: Path  # the policy file the gateway watches
-    content: bytes
-    mode: int
-
-    @staticmethod
-    def file(settings: StackSettings) -> Path:
-        return settings.run_dir / "lab-policy.original.json"
-
-    def save(self, settings: StackSettings) -> None:
-        record = {"path": str(self.path), "mode": self.mode, "content": self.content.decode()}
-        write_atomic(self.file(settings), json.dumps(record).encode(), PRIVATE_MODE)
-
-    @classmethod
-    def load(cls, settings: StackSettings) -> Backup | None:
-        try:
-            record = json.loads(cls.file(settings).read_text())
-            return cls(Path(record["path"]), record["content"].encode(), int(record["mode"]))
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise CliError(
-                f"{cls.file(settings)} (a policy an earlier lab run kept) is unreadable: {error};"
-                " check the policy file and remove it"
-            ) from None
-
-    def restore(self, settings: StackSettings) -> None:
-        write_atomic(self.path, self.content, self.mode)
-        self.file(settings).unlink(missing_ok=True)
-
-
-def watched_policy(stack: NativeStack) -> Path:
-    """The policy file the running gateway reads, from the environment it was started with."""
-    env = stack.services[GATEWAY.name].environment()
-    if env is None:
-        raise CliError("the gateway is not running here; is the stack up? (make up)")
-    if env.get("CONSUL_HTTP_ADDR"):
-        raise CliError(
-            "this gateway reads its policy from Consul: the lab runs on the native stack"
-        )
-    return Path(env.get("ZTBANK_POLICY") or stack.settings.policy)
+BACKUP_NAME = "policy"
 
 
 def withdraw_route(text: str, trust_domain: str, caller: str) -> tuple[str, list[str]]:
@@ -169,9 +123,9 @@ def run_policy_lab(settings: StackSettings, say: Say) -> bool:
     say(f"lab policy: {ROUTE} is withdrawn from the teller by a live policy edit, then restored")
     stack = NativeStack(settings)
     TellerClient(settings)  # no teller identity: "is the stack up? (make up)"
-    policy = watched_policy(stack)
+    policy = watched_file(stack, "ZTBANK_POLICY", settings.policy, "policy")
     pids = {name: process.pid() for name, process in stack.services.items()}
-    leftover = Backup.load(settings)
+    leftover = FileBackup.load(settings, BACKUP_NAME)
     if leftover is not None:
         leftover.restore(settings)
         say(f"  0 restored {leftover.path}, left edited by an earlier run that was killed")
@@ -187,14 +141,9 @@ def run_policy_lab(settings: StackSettings, say: Say) -> bool:
         )
     say(f"  1 the gateway watches {policy}; the teller is served {ROUTE}: HTTP 200")
 
-    try:
-        original = policy.read_bytes()
-        mode = stat.S_IMODE(os.stat(policy).st_mode)
-        text = original.decode()  # the backup keeps the original as JSON text
-    except (OSError, UnicodeDecodeError) as error:
-        raise CliError(f"cannot read the policy {policy}: {error}") from None
-    edited, lost = withdraw_route(text, settings.trust_domain, teller_id)
-    backup = Backup(policy, original, mode)
+    backup = FileBackup.of(policy, BACKUP_NAME)
+    original = backup.content
+    edited, lost = withdraw_route(original.decode(), settings.trust_domain, teller_id)
     checks: list[bool] = []
     with interrupted_by_termination():
         backup.save(settings)

@@ -5,21 +5,25 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import signal
 import socket
+import stat
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 
 from services._proto import issuer_admin_pb2 as pb
 from services.cli.errors import CliError
+from services.common.files import PRIVATE_MODE, write_atomic
 from services.common.identity.source import SvidMaterial, svid_from_pem
 from services.common.tls import pem_client_context
 from services.common.workloads import GATEWAY, TELLER
 from services.issuer.admin_client import AdminCallError, call_admin
-from services.stack.native import StackSettings
+from services.stack.native import NativeStack, StackSettings
 
 Say = Callable[[str], None]  # where a lab narrates, a line at a time
 # Signals that end a lab from outside (``kill``, a closed terminal) besides Ctrl-C.
@@ -116,3 +120,64 @@ def present(
         return Outcome(f"HTTP {response.status}", local_port)
     finally:
         raw.close()
+
+
+@dataclass(frozen=True)
+class FileBackup:
+    """The original of a file a lab edits live (the policy, the trust table), kept beside the
+    stack's state while the edit is in place: a run killed outright leaves it, and the next run
+    restores it first."""
+
+    path: Path  # the file the running services watch
+    content: bytes
+    mode: int
+    name: str  # which lab's backup: ``ZTBANK_HOME/run/lab-NAME.original.json``
+
+    @staticmethod
+    def file(settings: StackSettings, name: str) -> Path:
+        return settings.run_dir / f"lab-{name}.original.json"
+
+    @classmethod
+    def of(cls, path: Path, name: str) -> FileBackup:
+        """What ``path`` holds now (its bytes must be text: the backup is JSON)."""
+        try:
+            content = path.read_bytes()
+            content.decode()
+            return cls(path, content, stat.S_IMODE(os.stat(path).st_mode), name)
+        except (OSError, UnicodeDecodeError) as error:
+            raise CliError(f"cannot read {path}: {error}") from None
+
+    def save(self, settings: StackSettings) -> None:
+        record = {"path": str(self.path), "mode": self.mode, "content": self.content.decode()}
+        write_atomic(self.file(settings, self.name), json.dumps(record).encode(), PRIVATE_MODE)
+
+    @classmethod
+    def load(cls, settings: StackSettings, name: str) -> FileBackup | None:
+        kept = cls.file(settings, name)
+        try:
+            record = json.loads(kept.read_text())
+            return cls(Path(record["path"]), record["content"].encode(), int(record["mode"]), name)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise CliError(
+                f"{kept} (a file an earlier lab run kept) is unreadable: {error};"
+                " check the file it names and remove it"
+            ) from None
+
+    def restore(self, settings: StackSettings) -> None:
+        write_atomic(self.path, self.content, self.mode)
+        self.file(settings, self.name).unlink(missing_ok=True)
+
+
+def watched_file(stack: NativeStack, variable: str, default: Path, what: str) -> Path:
+    """The file the running gateway reads for ``variable`` (its policy, its trust table), from
+    the environment it was started with."""
+    env = stack.services[GATEWAY.name].environment()
+    if env is None:
+        raise CliError("the gateway is not running here; is the stack up? (make up)")
+    if env.get("CONSUL_HTTP_ADDR"):
+        raise CliError(
+            f"this gateway reads its {what} from Consul: the lab runs on the native stack"
+        )
+    return Path(env.get(variable) or default)

@@ -15,6 +15,7 @@ from typing import NoReturn
 
 from services._proto import issuer_admin_pb2 as pb
 from services.cli.errors import CliError, UsageError
+from services.cli.lab_breaker import run_breaker_lab
 from services.cli.lab_expiry import run_expiry_lab
 from services.cli.lab_misissued import run_misissued_lab
 from services.cli.lab_outage import run_outage_lab
@@ -408,6 +409,11 @@ def cmd_lab_upstream(args: argparse.Namespace) -> int:
     return 0 if run_upstream_lab(_stack_settings(args), print) else 1
 
 
+def cmd_lab_breaker(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.ERROR)
+    return 0 if run_breaker_lab(_stack_settings(args), print) else 1
+
+
 class LabList:
     """``ztbank lab`` without a name: every lab registered on ``labs``, one line each."""
 
@@ -583,6 +589,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="the issuer's root CA goes offline: SVIDs keep serving, CA renewal fails,"
         " then recovers",
     ).set_defaults(handler=cmd_lab_upstream)
+    lab.add_parser(
+        "breaker",
+        help="make the engine's namespace low-trust: the gateway's breaker opens, answers at once,"
+        " and closes again",
+    ).set_defaults(handler=cmd_lab_breaker)
 
     login = groups.add_parser("login", help="print a short-lived bearer token for a customer")
     login.add_argument("customer")

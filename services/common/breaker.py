@@ -751,7 +751,7 @@ class CircuitBreaker:
         # One line per transition, fields as key=value: a lab or an operator greps for them.
         logger.log(
             logging.WARNING if state is BreakerState.OPEN else logging.INFO,
-            "circuit breaker transition target=%s from=%s to=%s peer=%s score=%s reason=%s",
+            TRANSITION_PREFIX + "target=%s from=%s to=%s peer=%s score=%s reason=%s",
             self.target,
             before.value,
             state.value,
@@ -763,6 +763,29 @@ class CircuitBreaker:
     def transition_counts(self) -> list[tuple[tuple[str, str], int]]:
         with self._transitions_lock:
             return list(self.transitions.items())
+
+
+TRANSITION_PREFIX = "circuit breaker transition "
+
+
+def parse_transitions(log_text: str) -> list[dict[str, str]]:
+    """The transition lines of a service's JSON log (as ``CircuitBreaker._move`` writes them), each
+    as its key=value fields with the reason decoded."""
+    found = []
+    for line in log_text.splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            message = str(json.loads(line).get("message", ""))
+        except ValueError:
+            continue  # a line still being written
+        if message.startswith(TRANSITION_PREFIX):
+            head, _, reason = message.partition(" reason=")
+            fields = dict(
+                part.split("=", 1) for part in head.removeprefix(TRANSITION_PREFIX).split()
+            )
+            found.append({**fields, "reason": json.loads(reason)})
+    return found
 
 
 def _code(error: BaseException | None) -> str:

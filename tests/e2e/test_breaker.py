@@ -16,7 +16,6 @@ Every transition shows in the services' ``breaker_*`` metrics and as one log lin
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -31,6 +30,7 @@ from pathlib import Path
 import pytest
 
 from services.cli.teller import Reply, TellerClient
+from services.common.breaker import parse_transitions
 from services.common.settings import load_settings
 from services.common.workloads import GATEWAY, RISK, TRANSFER_ENGINE
 from services.stack.sandbox import REPO_ROOT, sandbox_stack
@@ -132,17 +132,7 @@ def metric(stack: E2EStack, service: str, name: str, **labels: str) -> float:
 
 def transitions(stack: E2EStack, service: str) -> list[dict[str, str]]:
     """The breaker transition log lines of ``service``, as key=value fields."""
-    log = stack.controlled.services[service].log_file.read_text()
-    found = []
-    for line in log.splitlines():
-        if not line.startswith("{"):
-            continue
-        message = json.loads(line).get("message", "")
-        if message.startswith("circuit breaker transition "):
-            head, _, reason = message.partition(" reason=")
-            fields = dict(part.split("=", 1) for part in head.split()[3:])
-            found.append({**fields, "reason": json.loads(reason)})
-    return found
+    return parse_transitions(stack.controlled.services[service].log_file.read_text())
 
 
 def test_a_hung_risk_trips_the_engines_breaker_and_service_comes_back(stack: E2EStack) -> None:

@@ -45,9 +45,13 @@ def lab_stack() -> Iterator[E2EStack]:
     try:
         scrub_environment(env)
         env.setenv("ZTBANK_CA_TTL", CA_TTL)  # the issuer inherits it
-        policy = root / "policy.json"
+        # The labs edit these live: copies, never the repository's files.
+        policy, trust = root / "policy.json", root / "trust-levels.json"
         shutil.copyfile(REPO_ROOT / "infra" / "policy.json", policy)
-        settings = sandbox_settings(root, SVID_TTL).model_copy(update={"policy": policy})
+        shutil.copyfile(REPO_ROOT / "infra" / "trust-levels.json", trust)
+        settings = sandbox_settings(root, SVID_TTL).model_copy(
+            update={"policy": policy, "trust_levels": trust}
+        )
         native = NativeStack(settings)
         try:
             native.up()
@@ -217,3 +221,25 @@ def test_upstream_lab_serves_through_a_root_key_outage_and_recovers(lab_stack: E
     assert failures
     assert any("signing CA set changed" in m for m in messages[failures[-1] :])
     lab_stack.wait_until_healthy(timeout=30)
+
+
+def test_breaker_lab_trips_on_low_trust_and_closes_again(lab_stack: E2EStack) -> None:
+    table = lab_stack.settings.trust_levels
+    original = table.read_bytes()
+    before = pids(lab_stack)
+
+    result = lab_stack.cli("lab", "breaker", timeout=LAB_TIMEOUT_SECONDS)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "env/prod/zone/az1/team/payments -> 0.3" in out
+    assert "  3 tripped; a read is answered in " in out
+    assert "HTTP 503, \"the transfer-engine is unavailable: the gateway's circuit breaker" in out
+    assert "    a transfer: HTTP 503" in out
+    assert "    breaker_state 2" in out
+    assert "    logged: closed -> open: score 0.5" in out
+    assert "open -> half_open, half_open -> closed" in out
+    assert "  6 no service was restarted" in out
+    assert out.splitlines()[-2].startswith("lab passed")
+    assert table.read_bytes() == original
+    assert pids(lab_stack) == before

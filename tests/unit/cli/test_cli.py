@@ -100,7 +100,16 @@ def test_lab_without_a_name_lists_every_lab(
     assert (code, err, admin_calls) == (0, "", [])
     assert "`ztbank lab NAME` or `make lab-NAME`" in out
     listed = [line.split()[0] for line in out.splitlines() if line.startswith("  ")]
-    names = ["revocation", "mis-issued", "rotation", "outage", "policy", "expiry", "upstream"]
+    names = [
+        "revocation",
+        "mis-issued",
+        "rotation",
+        "outage",
+        "policy",
+        "expiry",
+        "upstream",
+        "breaker",
+    ]
     assert listed == names
     assert "  policy      deny a route by a live policy edit" in out  # its --help line
 
@@ -108,7 +117,7 @@ def test_lab_without_a_name_lists_every_lab(
 def test_a_lab_without_a_stack_says_how_to_start_one(
     capsys: pytest.CaptureFixture[str], environment: Path
 ) -> None:
-    for lab in ("policy", "expiry", "upstream"):
+    for lab in ("policy", "expiry", "upstream", "breaker"):
         code, out, err = run(["lab", lab], capsys)
 
         assert code == 1
