@@ -947,8 +947,12 @@ def test_https_keep_alive_connection_ends_when_the_client_svid_expires(
         assert (expired["decision"], expired["method"]) == ("deny", "TLS connection")
         assert expired["reason"] == "certificate expired: connection closed"
         assert expired["cert_serial"] == serial_hex(leaf.certificate)
-        with pytest.raises((ConnectionError, http.client.HTTPException, ssl.SSLError)):
+
+        def ask_again() -> None:
             connection.request("GET", "/v1/accounts")
             connection.getresponse().read()
+
+        with pytest.raises((ConnectionError, http.client.HTTPException, ssl.SSLError)):
+            ask_again()
     finally:
         connection.close()
