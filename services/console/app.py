@@ -119,7 +119,8 @@ class Console:
         self.starting = asyncio.Lock()  # held by a lab start from its check to the lab running
         self.state: dict[str, Any] | None = None
         self.decisions: deque[dict[str, Any]] = deque(maxlen=RECENT_DECISIONS)
-        self.latency = {w.name: LatencyWindow() for w in SERVICES}
+        started = time.time()  # the spans are read from their end: what came before is unknown
+        self.latency = {w.name: LatencyWindow(since=started) for w in SERVICES}
         self.metrics: dict[str, Any] = {}
         home = settings.home
         self._audits = [JsonLinesTail(home / "audit" / f"{w.name}.jsonl") for w in SERVICES]

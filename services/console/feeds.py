@@ -102,11 +102,18 @@ def _percentile(ordered: list[float], fraction: float) -> float:
 
 
 class LatencyWindow:
-    """The served requests of one service over the last ``seconds``, summed up per ``step``."""
+    """The served requests of one service over the last ``seconds``, summed up per ``step``.
 
-    def __init__(self, *, seconds: float = 300.0, step: float = 10.0) -> None:
+    Steps that ended before ``since`` (when the console began to read the spans) are left out:
+    nobody counted their requests, and a rate of 0 would say there were none.
+    """
+
+    def __init__(
+        self, *, seconds: float = 300.0, step: float = 10.0, since: float | None = None
+    ) -> None:
         self.seconds = seconds
         self.step = step
+        self.since = since
         self._served: deque[Served] = deque()
 
     def add(self, requests: Iterable[Served]) -> None:
@@ -114,7 +121,8 @@ class LatencyWindow:
 
     def series(self, now: float) -> dict[str, list[float | None]]:
         """Per step, oldest first (the last one is still filling and holds ``now``): its start
-        time, requests per second, p50 and p99 in ms (None for a step without requests)."""
+        time, requests per second, p50 and p99 in ms (None for a step without requests); from
+        the step holding ``since`` on."""
         while self._served and self._served[0].ended < now - self.seconds:
             self._served.popleft()
         steps = round(self.seconds / self.step)
@@ -126,8 +134,11 @@ class LatencyWindow:
                 buckets[index].append(item.milliseconds)
         series: dict[str, list[float | None]] = {"t": [], "rate": [], "p50": [], "p99": []}
         for index, bucket in enumerate(buckets):
+            start = first + index * self.step
+            if self.since is not None and start + self.step <= self.since:
+                continue
             ordered = sorted(bucket)
-            series["t"].append(first + index * self.step)
+            series["t"].append(start)
             series["rate"].append(len(bucket) / self.step)
             series["p50"].append(_percentile(ordered, 0.50) if ordered else None)
             series["p99"].append(_percentile(ordered, 0.99) if ordered else None)

@@ -99,3 +99,13 @@ def test_latency_window_rate_and_percentiles_per_step() -> None:
     assert series["rate"] == [10.0, 0.0, 0.1]
     assert series["p50"] == [50.0, None, 7.0]
     assert series["p99"] == [99.0, None, 7.0]
+
+
+def test_latency_window_leaves_out_steps_before_it_began_to_count() -> None:
+    # The console reads spans from the moment it starts: the steps before are not "0 requests".
+    window = LatencyWindow(seconds=30, step=10, since=995.0)
+    window.add([Served(996.0, 3.0)])
+    series = window.series(1000.0)
+    assert series["t"] == [990.0, 1000.0]
+    assert series["rate"] == [0.1, 0.0]
+    assert series["p50"] == [3.0, None]
