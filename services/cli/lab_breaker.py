@@ -32,7 +32,14 @@ from decimal import Decimal
 from typing import Any
 
 from services.cli.errors import CliError
-from services.cli.lab_support import FileBackup, Say, interrupted_by_termination, watched_file
+from services.cli.lab_support import (
+    FileBackup,
+    Say,
+    interrupted_by_termination,
+    service_pids,
+    verdict,
+    watched_file,
+)
 from services.cli.teller import Reply, TellerClient
 from services.common.breaker import parse_transitions
 from services.common.files import write_atomic
@@ -124,7 +131,7 @@ def run_breaker_lab(settings: StackSettings, say: Say) -> bool:
     table = watched_file(stack, "ZTBANK_TRUST_LEVELS", settings.trust_levels, "trust table")
     gateway = FileRegistry(settings.registry).lookup(GATEWAY.name)
     log = stack.services[GATEWAY.name].log_file
-    pids = {name: process.pid() for name, process in stack.services.items()}
+    pids = service_pids(stack)
 
     def state() -> float | None:
         return metric_sample(gateway, "breaker_state")
@@ -190,13 +197,14 @@ def run_breaker_lab(settings: StackSettings, say: Say) -> bool:
     gauge = state()
     shown = f"{gauge:g}" if gauge is not None else "absent"
     say(f"    balance {after} (was {before}); breaker_state {shown}")
-    same = {name: process.pid() for name, process in stack.services.items()} == pids
+    same = service_pids(stack) == pids
     checks.append(same)
     say(f"  6 {'no service was restarted' if same else 'a service was RESTARTED'}")
-
-    if all(checks):
-        say("lab passed: a low-trust callee tripped the breaker, which refused at once and")
-        say("  moved no money, and closed again through one probe once trust was back")
-        return True
-    say("lab failed: see the steps above")
-    return False
+    return verdict(
+        say,
+        checks,
+        [
+            "lab passed: a low-trust callee tripped the breaker, which refused at once and",
+            "  moved no money, and closed again through one probe once trust was back",
+        ],
+    )

@@ -18,18 +18,17 @@ Nothing of the stack is changed; the minted SVIDs expire by themselves.
 
 from __future__ import annotations
 
-import http.client
 import time
 from dataclasses import dataclass
 
-from services.cli.errors import CliError
 from services.cli.lab_support import (
-    ACCOUNTS,
     Outcome,
     Say,
+    accounts_served,
     last_gateway_denial,
     mint_teller_svid,
     present,
+    verdict,
 )
 from services.cli.teller import TellerClient
 from services.common.identity.source import SvidMaterial
@@ -59,19 +58,6 @@ class Timeline:
     kept_alive_closed: float | None = None
 
 
-def _ask(
-    client: TellerClient, token: str, connection: http.client.HTTPSConnection | None = None
-) -> bool:
-    """GET /v1/accounts served, on ``connection`` (kept open) or a new one."""
-    try:
-        reply = client.request(
-            "GET", ACCOUNTS, headers={"Authorization": f"Bearer {token}"}, connection=connection
-        )
-    except CliError:
-        return False
-    return reply.status == 200
-
-
 def _watch(
     settings: StackSettings, svid: SvidMaterial, client: TellerClient, token: str
 ) -> Timeline:
@@ -88,7 +74,7 @@ def _watch(
             elif seen.first_refused is None:
                 seen.first_refused, seen.refusal = now, outcome
             if seen.kept_alive_closed is None:
-                if _ask(client, token, kept):
+                if accounts_served(client, token, kept):
                     seen.kept_alive_served = now
                 else:
                     seen.kept_alive_closed = now
@@ -134,22 +120,24 @@ def run_expiry_lab(settings: StackSettings, say: Say) -> bool:
     say(_kept_alive(seen))
 
     renewed = mint_teller_svid(settings, RENEWED_TTL_SECONDS)
-    again = _ask(TellerClient(settings, renewed), token)
+    again = accounts_served(TellerClient(settings, renewed), token)
     checks.append(again)
     say(
         f"  5 with a new SVID ({renewed.serial[:12]}…) the client is"
         f" {'served again' if again else 'NOT served'} on a new connection"
     )
-    bystander_served = _ask(bystander, token)
+    bystander_served = accounts_served(bystander, token)
     checks.append(bystander_served)
     say(f"  6 the stack's own teller {'is' if bystander_served else 'is NOT'} still served")
 
-    if all(checks):
-        say(f"lab passed: refused {seen.first_refused:+.1f} s from notAfter (fail closed),")
-        say("  its open connection closed, the refusal audited, served again with a valid SVID")
-        return True
-    say("lab failed: see the steps above")
-    return False
+    return verdict(
+        say,
+        checks,
+        [
+            f"lab passed: refused {seen.first_refused or 0:+.1f} s from notAfter (fail closed),",
+            "  its open connection closed, the refusal audited, served again with a valid SVID",
+        ],
+    )
 
 
 def _timeline(seen: Timeline) -> str:

@@ -36,6 +36,8 @@ from services.cli.lab_support import (
     interrupted_by_termination,
     last_gateway_denial,
     mint_teller_svid,
+    service_pids,
+    verdict,
     watched_file,
 )
 from services.cli.teller import Reply, TellerClient
@@ -124,7 +126,7 @@ def run_policy_lab(settings: StackSettings, say: Say) -> bool:
     stack = NativeStack(settings)
     TellerClient(settings)  # no teller identity: "is the stack up? (make up)"
     policy = watched_file(stack, "ZTBANK_POLICY", settings.policy, "policy")
-    pids = {name: process.pid() for name, process in stack.services.items()}
+    pids = service_pids(stack)
     leftover = FileBackup.load(settings, BACKUP_NAME)
     if leftover is not None:
         leftover.restore(settings)
@@ -168,16 +170,17 @@ def run_policy_lab(settings: StackSettings, say: Say) -> bool:
     checks.append(again is not None)
     served = f"served again after {again:.1f} s" if again is not None else "NOT served again"
     say(f"  6 {ROUTE} {served}")
-    same = {name: process.pid() for name, process in stack.services.items()} == pids
+    same = service_pids(stack) == pids
     checks.append(same)
     say(f"  7 {'no service was restarted' if same else 'a service was RESTARTED'}")
-
-    if all(checks):
-        say(f"lab passed: a live edit denied {ROUTE}; the deny was answered and audited,")
-        say("  and the restored policy serves it again, without a restart")
-        return True
-    say("lab failed: see the steps above")
-    return False
+    return verdict(
+        say,
+        checks,
+        [
+            f"lab passed: a live edit denied {ROUTE}; the deny was answered and audited,",
+            "  and the restored policy serves it again, without a restart",
+        ],
+    )
 
 
 def _refusal_ok(reply: Reply | None, teller_id: str) -> bool:

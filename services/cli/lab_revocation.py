@@ -27,8 +27,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import ocsp
 
 from services._proto import issuer_admin_pb2 as pb
-from services.cli.errors import CliError
-from services.cli.lab_support import Say, last_gateway_denial, mint_teller_svid
+from services.cli.lab_support import (
+    ACCOUNTS,
+    Say,
+    accounts_served,
+    last_gateway_denial,
+    mint_teller_svid,
+)
 from services.cli.teller import TellerClient
 from services.common.identity.source import SvidMaterial
 from services.common.revocation import RevocationWatcher
@@ -40,7 +45,6 @@ VICTIM_TTL_SECONDS = 300
 POLL_SECONDS = 0.05
 HTTP_TIMEOUT = 5.0
 CUSTOMER = "alice"
-ACCOUNTS = "/v1/accounts"
 
 
 @dataclass(frozen=True)
@@ -50,19 +54,6 @@ class CutOff:
 
     open_connection: float | None
     new_connection: float | None
-
-
-def _served(
-    client: TellerClient, token: str, connection: http.client.HTTPSConnection | None = None
-) -> bool:
-    """GET /v1/accounts on ``connection`` (kept open), or on a new connection."""
-    try:
-        reply = client.request(
-            "GET", ACCOUNTS, headers={"Authorization": f"Bearer {token}"}, connection=connection
-        )
-    except CliError:
-        return False
-    return reply.status == 200
 
 
 def _watch_cut_off(
@@ -75,9 +66,9 @@ def _watch_cut_off(
     open_cut: float | None = None
     new_cut: float | None = None
     while (open_cut is None or new_cut is None) and time.monotonic() < revoked_at + budget:
-        if open_cut is None and not _served(victim, token, connection):
+        if open_cut is None and not accounts_served(victim, token, connection):
             open_cut = time.monotonic() - revoked_at
-        if new_cut is None and not _served(victim, token):
+        if new_cut is None and not accounts_served(victim, token):
             new_cut = time.monotonic() - revoked_at
         time.sleep(POLL_SECONDS)
     return CutOff(open_cut, new_cut)
@@ -127,7 +118,7 @@ def run_revocation_lab(settings: StackSettings, say: Say, *, budget: float) -> b
     victim = TellerClient(settings, victim_svid)
     connection = victim.connect()
     try:
-        if not _served(victim, token, connection):
+        if not accounts_served(victim, token, connection):
             say("  2 the victim is not served even before the revocation")
             say("lab failed: see the steps above")
             return False
@@ -158,7 +149,7 @@ def run_revocation_lab(settings: StackSettings, say: Say, *, budget: float) -> b
     verb = "list" if listed else "do NOT list"
     say(f"  5 the CRLs at {crls_url(settings.issuer_url)} {verb} it; OCSP answers {status}")
 
-    bystander_served = _served(bystander, token)
+    bystander_served = accounts_served(bystander, token)
     checks.append(bystander_served)
     say(f"  6 the stack's own teller {'is' if bystander_served else 'is NOT'} still served")
 

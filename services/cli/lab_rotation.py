@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from services.cli.errors import CliError
-from services.cli.lab_support import Say
+from services.cli.lab_support import Say, accounts_served
 from services.cli.teller import TellerClient
 from services.common.workloads import SERVICES
 from services.stack.native import NativeStack, StackSettings
@@ -46,15 +46,6 @@ class Served:
         self.serials.append(serial)
         self.not_afters.append(not_after)
         return len(self.serials) > 1
-
-
-def _served(teller: TellerClient, token: str) -> bool:
-    """GET /v1/accounts on a new connection: it meets the certificate served right now."""
-    try:
-        reply = teller.request("GET", "/v1/accounts", headers={"Authorization": f"Bearer {token}"})
-    except CliError:
-        return False
-    return reply.status == 200
 
 
 def _probe(stack: NativeStack) -> dict[str, tuple[str, datetime]]:
@@ -91,7 +82,7 @@ def run_rotation_lab(settings: StackSettings, say: Say, *, rotations: int) -> bo
         if time.monotonic() >= token_renewal:
             token, token_renewal = teller.token(CUSTOMER), time.monotonic() + TOKEN_RENEWAL_SECONDS
         sent += 1
-        failed += not _served(teller, token)
+        failed += not accounts_served(teller, token)
         if all(len(s.fractions) >= rotations for s in served.values()):
             break
         time.sleep(PROBE_SECONDS)

@@ -10,7 +10,7 @@ import signal
 import socket
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +18,7 @@ from types import FrameType
 
 from services._proto import issuer_admin_pb2 as pb
 from services.cli.errors import CliError
+from services.cli.teller import TellerClient
 from services.common.files import PRIVATE_MODE, write_atomic
 from services.common.identity.source import SvidMaterial, svid_from_pem
 from services.common.tls import pem_client_context
@@ -181,3 +182,32 @@ def watched_file(stack: NativeStack, variable: str, default: Path, what: str) ->
             f"this gateway reads its {what} from Consul: the lab runs on the native stack"
         )
     return Path(env.get(variable) or default)
+
+
+def accounts_served(
+    client: TellerClient, token: str, connection: http.client.HTTPSConnection | None = None
+) -> bool:
+    """GET /v1/accounts as ``token``'s customer answered 200, on ``connection`` (kept open) or
+    on a new connection (which meets the certificate served right now)."""
+    try:
+        reply = client.request(
+            "GET", ACCOUNTS, headers={"Authorization": f"Bearer {token}"}, connection=connection
+        )
+    except CliError:
+        return False
+    return reply.status == 200
+
+
+def service_pids(stack: NativeStack) -> dict[str, int | None]:
+    """Each service's pid: the same before and after a lab means nothing was restarted."""
+    return {name: process.pid() for name, process in stack.services.items()}
+
+
+def verdict(say: Say, checks: Sequence[bool], passed: Sequence[str]) -> bool:
+    """A lab's last lines: ``passed`` when every check held, else where to look."""
+    if all(checks):
+        for line in passed:
+            say(line)
+        return True
+    say("lab failed: see the steps above")
+    return False

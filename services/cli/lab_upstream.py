@@ -37,7 +37,12 @@ from cryptography.hazmat.primitives import hashes
 
 from services._proto import issuer_admin_pb2 as pb
 from services.cli.errors import CliError
-from services.cli.lab_support import Say, interrupted_by_termination, mint_teller_svid
+from services.cli.lab_support import (
+    Say,
+    interrupted_by_termination,
+    mint_teller_svid,
+    verdict,
+)
 from services.cli.teller import TellerClient
 from services.common.errors import CommonError
 from services.common.identity.source import SvidMaterial, fetch_svid
@@ -285,9 +290,11 @@ def run_upstream_lab(settings: StackSettings, say: Say) -> bool:
     say(f"  7 {'served' if served else 'NOT served'};")
     say(f"    {'no process was restarted' if same else 'a process was RESTARTED'}")
 
-    if all(checks):
-        say("lab passed: served through the upstream outage, the failed renewal was visible,")
-        say("  and the issuer renewed its CA by itself once the root was back")
-        return True
-    say("lab failed: see the steps above")
-    return False
+    return verdict(
+        say,
+        checks,
+        [
+            "lab passed: served through the upstream outage, the failed renewal was visible,",
+            "  and the issuer renewed its CA by itself once the root was back",
+        ],
+    )

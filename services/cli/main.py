@@ -22,6 +22,7 @@ from services.cli.lab_outage import run_outage_lab
 from services.cli.lab_policy import run_policy_lab
 from services.cli.lab_revocation import run_revocation_lab
 from services.cli.lab_rotation import run_rotation_lab
+from services.cli.lab_support import Say
 from services.cli.lab_upstream import run_upstream_lab
 from services.cli.teller import Reply, TellerClient, refusal
 from services.common.durations import parse_duration
@@ -384,34 +385,14 @@ def cmd_lab_rotation(args: argparse.Namespace) -> int:
     return 0 if run_rotation_lab(_stack_settings(args), print, rotations=args.rotations) else 1
 
 
-def cmd_lab_outage(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.ERROR)
-    return 0 if run_outage_lab(_stack_settings(args), print) else 1
+def narrated(run: Callable[[StackSettings, Say], bool]) -> Handler:
+    """The handler of a lab without options: it narrates on stdout; exit 0 passed, 1 failed."""
 
+    def cmd_lab(args: argparse.Namespace) -> int:
+        logging.basicConfig(level=logging.ERROR)
+        return 0 if run(_stack_settings(args), print) else 1
 
-def cmd_lab_misissued(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.ERROR)
-    return 0 if run_misissued_lab(_stack_settings(args), print) else 1
-
-
-def cmd_lab_policy(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.ERROR)
-    return 0 if run_policy_lab(_stack_settings(args), print) else 1
-
-
-def cmd_lab_expiry(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.ERROR)
-    return 0 if run_expiry_lab(_stack_settings(args), print) else 1
-
-
-def cmd_lab_upstream(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.ERROR)
-    return 0 if run_upstream_lab(_stack_settings(args), print) else 1
-
-
-def cmd_lab_breaker(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.ERROR)
-    return 0 if run_breaker_lab(_stack_settings(args), print) else 1
+    return cmd_lab
 
 
 class LabList:
@@ -567,7 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
     revocation_lab.set_defaults(handler=cmd_lab_revocation)
     lab.add_parser(
         "mis-issued", help="present certificates a correct CA never issues to the gateway"
-    ).set_defaults(handler=cmd_lab_misissued)
+    ).set_defaults(handler=narrated(run_misissued_lab))
     rotation_lab = lab.add_parser(
         "rotation", help="watch every service renew its SVID while requests keep flowing"
     )
@@ -577,23 +558,23 @@ def build_parser() -> argparse.ArgumentParser:
     rotation_lab.set_defaults(handler=cmd_lab_rotation)
     lab.add_parser(
         "outage", help="stop the issuer: watch the bank serve, fail closed, and recover"
-    ).set_defaults(handler=cmd_lab_outage)
+    ).set_defaults(handler=narrated(run_outage_lab))
     lab.add_parser(
         "policy", help="deny a route by a live policy edit: refused, audited, then restored"
-    ).set_defaults(handler=cmd_lab_policy)
+    ).set_defaults(handler=narrated(run_policy_lab))
     lab.add_parser(
         "expiry", help="a client SVID runs out: refused at expiry, served again with a new one"
-    ).set_defaults(handler=cmd_lab_expiry)
+    ).set_defaults(handler=narrated(run_expiry_lab))
     lab.add_parser(
         "upstream",
         help="the issuer's root CA goes offline: SVIDs keep serving, CA renewal fails,"
         " then recovers",
-    ).set_defaults(handler=cmd_lab_upstream)
+    ).set_defaults(handler=narrated(run_upstream_lab))
     lab.add_parser(
         "breaker",
         help="make the engine's namespace low-trust: the gateway's breaker opens, answers at once,"
         " and closes again",
-    ).set_defaults(handler=cmd_lab_breaker)
+    ).set_defaults(handler=narrated(run_breaker_lab))
 
     login = groups.add_parser("login", help="print a short-lived bearer token for a customer")
     login.add_argument("customer")
