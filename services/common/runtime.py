@@ -16,6 +16,7 @@ from grpc_health.v1 import health, health_pb2_grpc
 from pydantic import AliasChoices, Field, model_validator
 
 from services.common.audit import AuditLog
+from services.common.breaker import BreakerConfig, CircuitBreaker, TrustTable, watched_breaker
 from services.common.consul import (
     ConsulPolicySource,
     ConsulRegistration,
@@ -34,6 +35,7 @@ from services.common.revocation import DEFAULT_INTERVAL, RevocationWatcher
 from services.common.settings import ZtbankSettings, load_settings, socket_path_from_endpoint
 from services.common.telemetry import Telemetry, record_handshake, setup_telemetry
 from services.common.tls import PeerVerifier
+from services.common.workloads import Workload
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +97,22 @@ class ServiceRuntime:
             on_connect=lambda started, ok: record_handshake(
                 self.telemetry, self.name, "client", started, ok=ok
             ),
+        )
+
+    def breaker_to(
+        self, callee: Workload, channel: MtlsChannel, table: TrustTable, config: BreakerConfig
+    ) -> CircuitBreaker:
+        """The circuit breaker of this service's calls to ``callee`` over ``channel``; its peer
+        watch is a daemon thread that lives as long as the process."""
+        return watched_breaker(
+            callee.name,
+            callee.spiffe_id(self.settings.trust_domain),
+            address=lambda: channel.target,
+            material=self.source.current,
+            verifier=self.verifier,
+            table=table,
+            config=config,
+            meter=self.telemetry.meter,
         )
 
     def close(self) -> None:

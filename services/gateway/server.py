@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import uvicorn
 
-from services.common.breaker import watched_breaker
 from services.common.grpc_mtls import MtlsChannel
 from services.common.https_mtls import HttpsGuard, InFlight, mtls_server_config
 from services.common.runtime import ServiceRuntime, create_runtime
@@ -50,17 +49,7 @@ def create_server(settings: GatewaySettings) -> tuple[Gateway, ServiceRuntime]:
     table = settings.trust_table()
     runtime = create_runtime(GATEWAY.name, settings)
     engine = runtime.channel_to(TRANSFER_ENGINE.name)
-    # The breaker's peer watch is a daemon thread: it lives as long as the process.
-    breaker = watched_breaker(
-        TRANSFER_ENGINE.name,
-        TRANSFER_ENGINE.spiffe_id(settings.trust_domain),
-        address=lambda: engine.target,
-        material=runtime.source.current,
-        verifier=runtime.verifier,
-        table=table,
-        config=settings.breaker_config(),
-        meter=runtime.telemetry.meter,
-    )
+    breaker = runtime.breaker_to(TRANSFER_ENGINE, engine, table, settings.breaker_config())
     app = create_app(
         settings,
         GrpcTransferEngine(engine.channel, timeout=settings.engine_timeout, breaker=breaker),

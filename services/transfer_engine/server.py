@@ -6,7 +6,6 @@ from __future__ import annotations
 import grpc
 
 from services._proto import ledger_pb2_grpc
-from services.common.breaker import watched_breaker
 from services.common.runtime import GrpcService, ServiceRuntime, create_runtime
 from services.common.workloads import RISK, TRANSFER_ENGINE
 from services.transfer_engine.factory import build_transfer_engine_service
@@ -18,17 +17,7 @@ def create_server(settings: TransferEngineSettings) -> tuple[GrpcService, Servic
     table = settings.trust_table()
     runtime = create_runtime(TRANSFER_ENGINE.name, settings)
     risk = runtime.channel_to(RISK.name)
-    # The breaker's peer watch is a daemon thread: it lives as long as the process.
-    breaker = watched_breaker(
-        RISK.name,
-        RISK.spiffe_id(settings.trust_domain),
-        address=lambda: risk.target,
-        material=runtime.source.current,
-        verifier=runtime.verifier,
-        table=table,
-        config=settings.breaker_config(),
-        meter=runtime.telemetry.meter,
-    )
+    breaker = runtime.breaker_to(RISK, risk, table, settings.breaker_config())
     servicer = build_transfer_engine_service(settings, risk.channel, breaker)
 
     def register(server: grpc.aio.Server) -> None:
