@@ -32,13 +32,10 @@ class FreshPeer:
 
 
 def closed_breaker(target: str, config: BreakerConfig | None = None) -> CircuitBreaker:
-    """A closed breaker (its first probe call already succeeded) to a fresh prod peer."""
-    breaker = CircuitBreaker(
+    """A breaker to a fresh prod peer: closed from the start, its window empty."""
+    return CircuitBreaker(
         target, config or BreakerConfig(), levels=lambda: PROD, peer=FreshPeer(target)
     )
-    with breaker.admit():
-        pass
-    return breaker
 
 
 def open_breaker(target: str) -> CircuitBreaker:
