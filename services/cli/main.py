@@ -25,6 +25,7 @@ from services.cli.lab_rotation import run_rotation_lab
 from services.cli.lab_support import Say
 from services.cli.lab_upstream import run_upstream_lab
 from services.cli.teller import Reply, TellerClient, refusal
+from services.cli.workload_cmd import register as register_workload_commands
 from services.common.durations import parse_duration
 from services.common.errors import CommonError
 from services.common.files import PRIVATE_MODE, PUBLIC_MODE, write_atomic
@@ -589,6 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
     transfer.add_argument("--currency", default="CNY")
     transfer.add_argument("--customer", default="alice")
     transfer.set_defaults(handler=cmd_transfer)
+    register_workload_commands(groups, _Parser, _stack_settings)
     return parser
 
 

@@ -1,0 +1,199 @@
+"""``ztbank workload`` and ``ztbank env`` without a stack: what is refused before anything
+changes, the policy edits, and the printed environment (the e2e suite runs them on a stack)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import cast
+
+import pytest
+from fastapi.routing import APIRoute
+
+from services.cli import main as cli
+from services.cli.workload_cmd import (
+    GATEWAY_ROUTES,
+    Target,
+    format_environment,
+    grant,
+    parse_target,
+    scheme_name,
+    withdraw,
+    workload_id,
+)
+from services.common.identity.spiffe_id import DEFAULT_TRUST_DOMAIN
+from services.common.policy import parse_policy
+from services.common.workloads import TELLER
+from services.gateway.domain.banking import Banking
+from services.gateway.domain.tokens import CustomerTokens
+from services.gateway.transport.routes import create_router
+from tests.support.helpers import scrub_environment
+
+REPO_POLICY = Path(__file__).resolve().parents[3] / "infra" / "policy.json"
+MY_APP = workload_id(DEFAULT_TRUST_DOMAIN, "my-app", "payments", "prod")
+
+
+@pytest.fixture(autouse=True)
+def no_stack(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """An empty ZTBANK_HOME: no issuer, no gateway."""
+    scrub_environment(monkeypatch)
+    monkeypatch.setenv("ZTBANK_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("ZTBANK_CERTS_DIR", str(tmp_path / "certs"))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path / "home"
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["add", "My_App", "--team", "payments"], "name 'My_App' must be 1-63 lowercase"),
+        (["add", "my-app", "--team", "Pay/ments"], "--team 'Pay/ments' must be"),
+        (["add", "my-app", "--team", "payments", "--env", "prod-"], "--env 'prod-' must be"),
+        (["add", "gateway", "--team", "channels"], "'gateway' is one of the stack's own names"),
+        (["add", "a" * 64, "--team", "payments"], "must be 1-63"),
+        (
+            ["add", "my-app", "--team", "payments", "--may-call", "vault:/v1/*"],
+            "unknown target; use SERVICE:PATTERN with SERVICE one of gateway, transfer-engine",
+        ),
+        (
+            ["add", "my-app", "--team", "payments", "--may-call", "gateway:/v2/*"],
+            "gateway serves nothing that matches '* /v2/*'",
+        ),
+        (["add", "my-app", "--team", "p", "--may-call", "gateway"], "unknown target"),
+        (["add", "my-app", "--team", "payments", "--uid", "-1"], "--uid -1: must be a uid"),
+        (["remove", "teller"], "'teller' is one of the stack's own workloads"),
+        (["remove", "../x"], "name '../x' must be"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2_before_the_issuer_is_asked(
+    capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    code, out, err = run(capsys, "workload", *argv)
+    assert code == 2
+    assert out == ""
+    assert err.count("\n") == 1
+    assert err.startswith("ztbank: ")
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_a_name_whose_socket_path_would_not_fit_is_refused(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("ZTBANK_HOME", str(tmp_path / ("h" * 60)))
+    code, _, err = run(capsys, "workload", "add", "a" * 50, "--team", "payments")
+    assert code == 2
+    assert "would be longer than 107 bytes" in err
+
+
+def test_without_a_stack_add_list_and_env_fail_with_the_hint(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for argv in (
+        ["workload", "add", "my-app", "--team", "payments"],
+        ["workload", "list"],
+        ["env", "--workload", "my-app"],
+    ):
+        code, out, err = run(capsys, *argv)
+        assert code == 1, argv
+        assert out == ""
+        assert err.count("\n") == 1
+        assert "is the stack up?" in err
+
+
+def test_may_call_maps_to_the_policy_method_patterns() -> None:
+    assert parse_target("gateway:/v1/*") == Target("gateway", "* /v1/*")
+    assert parse_target("gateway:GET /v1/accounts*") == Target("gateway", "GET /v1/accounts*")
+    assert parse_target("transfer-engine:/ztbank.ledger.v1.TransferEngine/*") == Target(
+        "transfer-engine", "/ztbank.ledger.v1.TransferEngine/*"
+    )
+    assert parse_target("risk:/ztbank.risk.v1.Risk/Assess").service == "risk"
+
+
+def test_gateway_routes_are_the_routes_the_gateway_serves() -> None:
+    # Built with no engine or keys: only the route table is read.
+    router = create_router(
+        banking=cast(Banking, None),
+        tokens=cast(CustomerTokens, None),
+        teller_id=TELLER.spiffe_id(DEFAULT_TRUST_DOMAIN),
+    )
+    served = {
+        f"{method} {route.path}"
+        for route in router.routes
+        if isinstance(route, APIRoute) and route.path != "/healthz"
+        for method in route.methods
+    }
+    # /openapi.json is FastAPI's own route, on the app rather than the router.
+    assert served | {"GET /openapi.json"} == set(GATEWAY_ROUTES)
+
+
+def test_grant_then_withdraw_gives_back_the_policy_byte_for_byte() -> None:
+    original = REPO_POLICY.read_text()
+    granted, added = grant(original, DEFAULT_TRUST_DOMAIN, MY_APP, [Target("gateway", "* /v1/*")])
+    assert added == [Target("gateway", "* /v1/*")]
+    rules = parse_policy(granted, DEFAULT_TRUST_DOMAIN)
+    assert any(r.service == "gateway" and str(MY_APP) in r.callers for r in rules)
+    # the new rule is the only change: one rule's lines appended
+    assert granted.startswith(original.rstrip().removesuffix("]\n}").rstrip()[:-1])
+    again, added_again = grant(
+        granted, DEFAULT_TRUST_DOMAIN, MY_APP, [Target("gateway", "* /v1/*")]
+    )
+    assert (again, added_again) == (granted, [])
+    restored, removed = withdraw(granted, DEFAULT_TRUST_DOMAIN, MY_APP)
+    assert removed == [Target("gateway", "* /v1/*")]
+    assert restored == original
+
+
+def test_withdraw_keeps_the_other_callers_of_a_shared_rule() -> None:
+    teller = TELLER.spiffe_id(DEFAULT_TRUST_DOMAIN)
+    text, removed = withdraw(REPO_POLICY.read_text(), DEFAULT_TRUST_DOMAIN, teller)
+    assert {t.service for t in removed} == {"gateway"}
+    remaining = parse_policy(text, DEFAULT_TRUST_DOMAIN)
+    assert len(remaining) == 2
+    assert all(str(teller) not in r.callers for r in remaining)
+
+
+def test_scheme_names() -> None:
+    assert scheme_name(str(MY_APP)) == "my-app"
+    assert scheme_name("spiffe://ztbank.example/ns/x/sa/y") is None
+    assert scheme_name("spiffe://ztbank.example/env/prod/zone/az1/team/t/svc/a/extra") is None
+
+
+VALUES = {
+    "ZTBANK_GATEWAY_URL": "https://127.0.0.1:8443",
+    "ZTBANK_TRUST_BUNDLE": "/tmp/a dir/root-ca.pem",  # a space: quoting matters
+    "SPIFFE_ENDPOINT_SOCKET": "unix:///tmp/a dir/run/my-app/agent.sock",
+}
+
+
+def test_the_shell_format_evaluates_to_the_values() -> None:
+    script = format_environment(VALUES, "shell")
+    shown = subprocess.run(
+        ["bash", "-c", 'eval "$1"; env -0', "bash", script],
+        capture_output=True,
+        check=True,
+        text=True,
+    ).stdout
+    seen = dict(line.partition("=")[::2] for line in shown.split("\0") if line)
+    assert {name: seen[name] for name in VALUES} == VALUES
+
+
+def test_dotenv_is_verbatim_and_json_is_an_object() -> None:
+    assert format_environment(VALUES, "dotenv").splitlines() == [
+        f"{name}={value}" for name, value in VALUES.items()
+    ]
+    assert json.loads(format_environment(VALUES, "json")) == VALUES
+
+
+def test_a_bad_format_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["env", "--format", "yaml"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.count("\n") == 1
