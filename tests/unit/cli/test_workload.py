@@ -128,7 +128,7 @@ def test_gateway_routes_are_the_routes_the_gateway_serves() -> None:
         f"{method} {route.path}"
         for route in router.routes
         if isinstance(route, APIRoute) and route.path != "/healthz"
-        for method in route.methods
+        for method in route.methods or ()
     }
     # /openapi.json is FastAPI's own route, on the app rather than the router.
     assert served | {"GET /openapi.json"} == set(GATEWAY_ROUTES)
