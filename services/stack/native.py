@@ -8,8 +8,10 @@ health check over mTLS.  ``down`` stops what ``up`` started; state under ``ZTBAN
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import time
 import urllib.request
 from collections.abc import Callable
@@ -41,7 +43,7 @@ from services.issuer.admin_client import AdminCallError, call_admin
 from services.issuer.domain.revocation import crls_url, ocsp_url
 from services.issuer.harness import accepts_connections
 from services.stack.probe import ServiceProbe, probe
-from services.stack.processes import ManagedProcess
+from services.stack.processes import STOP_TIMEOUT, ManagedProcess
 
 READY_TIMEOUT = 30.0
 GRPC_SERVICES = {TRANSFER_ENGINE.name, RISK.name}
@@ -128,6 +130,25 @@ def stack_hint(home: Path) -> str:
         f"is the stack up? (looked in ZTBANK_HOME={home}; start it with `make up` in the"
         " checkout, or set ZTBANK_HOME to the home of a running stack)"
     )
+
+
+def _stop_pid(pid: int) -> None:
+    """SIGTERM, then SIGKILL after STOP_TIMEOUT, as ManagedProcess.stop does."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while time.monotonic() < deadline and _alive(pid):
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    """Not a zombie either: a stray is not our child, so init reaps it, not us."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 @dataclass(frozen=True)
@@ -356,7 +377,33 @@ class NativeStack:
         stopped = [name for name, p in reversed(self.services.items()) if p.stop()]
         if self.issuer.stop():
             stopped.append("issuer")
+        strays = self._strays()
+        for pid in strays:
+            _stop_pid(pid)
+        if strays:
+            stopped.append(f"{len(strays)} without a pid file ({', '.join(map(str, strays))})")
         return stopped
+
+    def _strays(self) -> list[int]:
+        """Processes of this stack that no pid file names (a pid file lost, an ``up`` killed
+        between start and writing it): one of our modules, started with this ZTBANK_HOME.  CI
+        needs ``down`` to leave nothing behind."""
+        modules = {p.module.encode() for p in (self.issuer, *self.services.values())}
+        home = f"ZTBANK_HOME={self.settings.home}".encode()
+        found = []
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit() or int(proc.name) == os.getpid():
+                continue
+            try:
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+                if b"-m" not in argv or not modules.intersection(argv):
+                    continue
+                if home not in (proc / "environ").read_bytes().split(b"\0"):
+                    continue
+            except OSError:  # gone meanwhile, or not ours to read
+                continue
+            found.append(int(proc.name))
+        return found
 
     def reset(self) -> list[str]:
         """Stop everything and wipe balances, history, entries and logs (certs/ stays)."""
