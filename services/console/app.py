@@ -139,13 +139,17 @@ class Console:
             await self.refresh()
             await asyncio.sleep(self.settings.console_probe_seconds)
 
+    def read_decisions(self) -> list[dict[str, Any]]:
+        """The decisions every service recorded since the last read, oldest first (the feed
+        is one timeline, not one service's records after another's)."""
+        items = [decision(record) for tail in self._audits for record in tail.read()]
+        return sorted(items, key=lambda item: str(item["time"] or ""))
+
     async def _audit_loop(self) -> None:
         while True:
-            for tail in self._audits:
-                for record in tail.read():
-                    item = decision(record)
-                    self.decisions.append(item)
-                    self.events.publish("decision", item)
+            for item in self.read_decisions():
+                self.decisions.append(item)
+                self.events.publish("decision", item)
             await asyncio.sleep(AUDIT_POLL_SECONDS)
 
     async def _spans_loop(self) -> None:

@@ -219,3 +219,31 @@ def test_closing_the_broadcaster_ends_every_open_stream() -> None:
     idle, full = asyncio.run(scenario())
     assert idle == [sse("state", {"n": 1}), None]
     assert full[-1] is None
+
+
+def test_the_feed_is_one_timeline_across_the_services_audit_files(
+    settings: ConsoleSettings, stack: FakeStack
+) -> None:
+    audit = settings.home / "audit"
+    audit.mkdir(parents=True)
+    lines = {
+        "gateway": ["2026-12-04T10:00:00.100+00:00", "2026-12-04T10:00:00.300+00:00"],
+        "risk": ["2026-12-04T10:00:00.200+00:00"],
+        "transfer-engine": ["2026-12-04T10:00:00.050+00:00"],
+    }
+    for service, times in lines.items():
+        (audit / f"{service}.jsonl").write_text(
+            "".join(json.dumps({"time": t, "service": service}) + "\n" for t in times)
+        )
+    log = AuditLog(audit / "console.jsonl", fsync=False)
+    try:
+        console = Console(settings, stack, log, {}, {})
+        feed = [(d["time"][20:23], d["service"]) for d in console.read_decisions()]
+    finally:
+        log.close()
+    assert feed == [
+        ("050", "transfer-engine"),
+        ("100", "gateway"),
+        ("200", "risk"),
+        ("300", "gateway"),
+    ]
