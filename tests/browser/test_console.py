@@ -14,6 +14,7 @@ import re
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pytest
 from selenium.webdriver.common.by import By
@@ -89,17 +90,24 @@ def wait_for_verdict(driver: WebDriver, verdict: str) -> None:
     assert ended == verdict, f"lab {ended}:\n{text(driver, 'lab-output')}"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def banking(native_stack: NativeStack) -> Iterator[None]:
-    """A teller at work while the tests run (a balance check a second, a transfer every few),
+class Banking:
+    """A teller at work in the background (a balance check a second, a transfer every few),
     so that the feed and the latency charts have something to show."""
-    stop = threading.Event()
 
-    def work() -> None:
-        teller = TellerClient(native_stack.settings)
+    def __init__(self, stack: NativeStack) -> None:
+        self._stack = stack
+        self._stop = threading.Event()
+        self._working = threading.Event()
+        self._working.set()
+        self._thread = threading.Thread(target=self._work, name="teller", daemon=True)
+
+    def _work(self) -> None:
+        teller = TellerClient(self._stack.settings)
         for turn in itertools.count():
-            if stop.wait(BANKING_INTERVAL):
+            if self._stop.wait(BANKING_INTERVAL):
                 return
+            if not self._working.is_set():
+                continue
             try:
                 teller.as_customer("alice", "GET", "/v1/accounts")
                 if turn % 5 == 0:
@@ -107,13 +115,28 @@ def banking(native_stack: NativeStack) -> Iterator[None]:
             except CliError:
                 pass  # not what these tests check; the e2e suites do
 
-    worker = threading.Thread(target=work, name="teller", daemon=True)
-    worker.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        worker.join(timeout=10)
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """No new requests meanwhile (the feed's newest rows are then a lab's)."""
+        self._working.clear()
+        try:
+            yield
+        finally:
+            self._working.set()
+
+    def __enter__(self) -> Banking:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def banking(native_stack: NativeStack) -> Iterator[Banking]:
+    with Banking(native_stack) as teller:
+        yield teller
 
 
 def test_the_cards_show_the_services_ztbank_status_shows(
@@ -185,8 +208,13 @@ def test_a_rotation_shows_new_serials_within_one_rotation_period(
 
 
 def test_the_revocation_lab_passes_from_its_button_and_the_feed_shows_the_deny(
-    page: Page, console: ConsoleProcess
+    page: Page, console: ConsoleProcess, banking: Banking
 ) -> None:
+    with banking.paused():
+        check_the_revocation_lab(page, console)
+
+
+def check_the_revocation_lab(page: Page, console: ConsoleProcess) -> None:
     driver = page.driver
     open_console(driver, console)
     lab_button(driver, "revocation").click()
@@ -225,7 +253,7 @@ def test_the_revocation_lab_passes_from_its_button_and_the_feed_shows_the_deny(
     assert len(driver.find_elements(By.CSS_SELECTOR, "#charts .uplot canvas")) == 3
     driver.execute_script("window.scrollTo(0, 0)")
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    with viewport(driver, DOCS_SIZE):  # tall enough for the first rows of the feed
+    with viewport(driver, DOCS_SIZE):  # tall enough for the lab's rows of the feed
         driver.save_screenshot(str(SCREENSHOTS / DOCS_SCREENSHOT))
 
 
