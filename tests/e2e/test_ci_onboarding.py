@@ -179,9 +179,11 @@ def test_a_workload_onboarded_in_one_command_transfers_and_is_cut_off_when_remov
     removed = own.ztbank("workload", "remove", "my-app")
     assert removed.returncode == 0, removed.stderr
     assert f"revoked {spiffe_id}" in removed.stdout
+    assert "none unexpired" not in removed.stdout  # the SVID the client used is on the CRLs
     assert own.policy.read_bytes() == original_policy
     cut = own.client(values)
     assert cut.returncode == 1
+    assert "no SVID from the Workload API" in one_line(cut.stderr)  # its socket is gone
     assert "my-app" not in own.ztbank("workload", "list").stdout
     gone = own.ztbank("env", "--workload", "my-app")
     assert gone.returncode == 2
