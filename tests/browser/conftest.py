@@ -56,6 +56,7 @@ APT_SECONDS = 240.0
 SCREENSHOTS = REPO_ROOT / "var" / "screenshots"
 BROWSERS = ("chromium", "chromium-browser")
 DRIVER = "chromedriver"
+TAKEN: list[Path] = []  # the screenshots of this run
 
 T = TypeVar("T")
 
@@ -246,7 +247,9 @@ def down_console(
 
 
 @pytest.fixture(scope="module")
-def driver(chromium: tuple[str, str]) -> Iterator[webdriver.Chrome]:
+def driver(
+    chromium: tuple[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[webdriver.Chrome]:
     """One headless chromium for the module, logging what the page's console says."""
     browser, chromedriver = chromium
     options = webdriver.ChromeOptions()
@@ -258,7 +261,7 @@ def driver(chromium: tuple[str, str]) -> Iterator[webdriver.Chrome]:
     options.add_argument("--disable-gpu")
     options.add_argument(f"--window-size={WINDOW[0]},{WINDOW[1]}")
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    log = Path(tempfile.gettempdir()) / f"ztbank-chromedriver-{os.getpid()}.log"
+    log = tmp_path_factory.mktemp("chromedriver") / "chromedriver.log"
     service = Service(executable_path=chromedriver, log_output=str(log))
     try:
         session = webdriver.Chrome(options=options, service=service)
@@ -285,6 +288,15 @@ def viewport(driver: webdriver.Chrome, size: tuple[int, int]) -> Iterator[None]:
         yield
     finally:
         set_viewport(driver, WINDOW)
+
+
+def screenshot(driver: webdriver.Chrome, name: str) -> Path:
+    """The page as it is now, in var/screenshots/NAME.png."""
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    path = SCREENSHOTS / f"{name}.png"
+    driver.save_screenshot(str(path))
+    TAKEN.append(path)
+    return path
 
 
 @dataclass
@@ -319,8 +331,7 @@ def page(driver: webdriver.Chrome, request: pytest.FixtureRequest) -> Iterator[P
     console_errors(driver)  # what an earlier test's teardown left
     opened = Page(driver)
     yield opened
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    driver.save_screenshot(str(SCREENSHOTS / f"{request.node.name}.png"))
+    screenshot(driver, request.node.name)
     errors = console_errors(driver)
     known = opened.expected_errors + opened.allowed_errors
     unexpected = [e for e in errors if not any(x in e for x in known)]
@@ -348,5 +359,5 @@ def wait_for(
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if SCREENSHOTS.is_dir() and any(SCREENSHOTS.glob("*.png")):
-        terminalreporter.write_line(f"browser screenshots: {SCREENSHOTS}/")
+    if TAKEN:
+        terminalreporter.write_line(f"browser screenshots ({len(TAKEN)}): {SCREENSHOTS}/")

@@ -26,7 +26,7 @@ from services.cli.errors import CliError
 from services.cli.teller import TellerClient
 from services.console.server import SHUTDOWN_GRACE_SECONDS
 from services.stack.native import NativeStack
-from tests.browser.conftest import SCREENSHOTS, ConsoleProcess, Page, viewport, wait_for
+from tests.browser.conftest import ConsoleProcess, Page, screenshot, viewport, wait_for
 
 pytestmark = pytest.mark.browser
 
@@ -38,7 +38,7 @@ ROTATION_SECONDS = 14.0
 LAB_SECONDS = 60.0
 LAB_START_SECONDS = 20.0
 RECONNECT_SECONDS = 15.0  # EventSource retries every 3 s or so
-DOCS_SCREENSHOT = "console-docs.png"  # copied by hand to docs/images/console.png
+DOCS_SCREENSHOT = "console-docs"  # .png, copied by hand to docs/images/console.png
 DOCS_SIZE = (1280, 1640)
 BANKING_INTERVAL = 1.0
 
@@ -252,9 +252,8 @@ def check_the_revocation_lab(page: Page, console: ConsoleProcess) -> None:
     assert driver.find_elements(By.CSS_SELECTOR, 'tbody#feed tr[data-decision="allow"]')
     assert len(driver.find_elements(By.CSS_SELECTOR, "#charts .uplot canvas")) == 3
     driver.execute_script("window.scrollTo(0, 0)")
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     with viewport(driver, DOCS_SIZE):  # tall enough for the lab's rows of the feed
-        driver.save_screenshot(str(SCREENSHOTS / DOCS_SCREENSHOT))
+        screenshot(driver, DOCS_SCREENSHOT)
 
 
 def test_a_double_click_starts_one_lab_and_says_a_lab_is_running(
