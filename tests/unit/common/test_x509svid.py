@@ -340,7 +340,8 @@ def test_refuses_expired_leaf(root: Issued, intermediate: Issued) -> None:
 
 
 def test_refuses_not_yet_valid_leaf(root: Issued, intermediate: Issued) -> None:
-    chain = leaf_chain(intermediate, not_before=NOW + timedelta(minutes=5))
+    # From the clock at the test, not at import: a slow suite can pass NOW + 5 min.
+    chain = leaf_chain(intermediate, not_before=datetime.now(UTC) + timedelta(minutes=5))
     with refused("leaf is not yet valid"):
         verify(chain, [root.certificate])
 
