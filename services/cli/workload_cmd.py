@@ -17,6 +17,7 @@ its entry.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import json
 import os
@@ -249,7 +250,11 @@ class OpsAudit:
         self._who = f"uid {uid} ({user})"
 
     def record(self, method: str, target: str, what: str) -> None:
-        log = AuditLog(self._path)
+        """Write one record; a change that cannot be audited is undone by the caller."""
+        try:
+            log = AuditLog(self._path)
+        except OSError as error:
+            raise CliError(f"cannot write the audit record to {self._path}: {error}") from None
         try:
             log.record(
                 AuditRecord(
@@ -270,6 +275,8 @@ class OpsAudit:
                     event="ops",
                 )
             )
+        except OSError as error:
+            raise CliError(f"cannot write the audit record to {self._path}: {error}") from None
         finally:
             log.close()
 
@@ -327,6 +334,33 @@ def _add_request(args: argparse.Namespace, settings: StackSettings) -> AddReques
     return AddRequest(name, spiffe_id, selectors, targets)
 
 
+@dataclass
+class PolicyEdit:
+    """A rule to add to the watched policy: its original to put back if the add fails."""
+
+    path: Path
+    original: str
+    mode: int
+    edited: str
+    added: list[Target]
+    written: bool = False
+
+    @classmethod
+    def of(cls, settings: StackSettings, request: AddRequest) -> PolicyEdit:
+        path = _policy_path(settings)
+        text, mode = _read(path)
+        edited, added = grant(text, settings.trust_domain, request.spiffe_id, request.targets)
+        return cls(path, text, mode, edited, added)
+
+    def write(self) -> None:
+        self.written = True  # before: a write cut short is put back too
+        write_atomic(self.path, self.edited.encode(), self.mode)
+
+    def undo(self) -> None:
+        if self.written:
+            write_atomic(self.path, self.original.encode(), self.mode)
+
+
 def cmd_workload_add(args: argparse.Namespace, settings: StackSettings) -> int:
     request = _add_request(args, settings)
     spiffe_id = str(request.spiffe_id)
@@ -337,12 +371,7 @@ def cmd_workload_add(args: argparse.Namespace, settings: StackSettings) -> int:
             f"{request.name} is already onboarded as {other[0].spiffe_id};"
             f" `ztbank workload remove {request.name}` first"
         )
-    policy: tuple[Path, str, int, str, list[Target]] | None = None
-    if request.targets:
-        path = _policy_path(settings)
-        text, mode = _read(path)
-        new_text, added = grant(text, settings.trust_domain, request.spiffe_id, request.targets)
-        policy = (path, text, mode, new_text, added)
+    policy = PolicyEdit.of(settings, request) if request.targets else None
     audit = OpsAudit(settings)
     created: pb.Entry | None = None
     done: list[str] = []
@@ -357,16 +386,15 @@ def cmd_workload_add(args: argparse.Namespace, settings: StackSettings) -> int:
             )
             done.append(f"registered {spiffe_id} ({', '.join(request.selectors)})")
         done += _lift_revocation(settings, audit, spiffe_id)
-        if policy is not None and policy[4]:
-            path, _, mode, new_text, added = policy
-            write_atomic(path, new_text.encode(), mode)
-            rules = "; ".join(str(t) for t in added)
-            audit.record("policy grant", str(path), f"{spiffe_id} may call {rules}")
-            done.append(f"may call {rules} (rule added to {path})")
+        if policy is not None and policy.added:
+            policy.write()
+            rules = "; ".join(str(t) for t in policy.added)
+            audit.record("policy grant", str(policy.path), f"{spiffe_id} may call {rules}")
+            done.append(f"may call {rules} (rule added to {policy.path})")
     except BaseException:
-        _undo_add(settings, created, policy)
+        _undo_add(settings, audit, created, policy)
         raise
-    if policy is not None and policy[4]:
+    if policy is not None and policy.added:
         time.sleep(RELOAD_WAIT_SECONDS)  # when we return, the services decide by the new rule
     print(f"{request.name}: " + ("; ".join(done) if done else f"already onboarded as {spiffe_id}"))
     if args.uid is None:
@@ -387,17 +415,18 @@ def _lift_revocation(settings: StackSettings, audit: OpsAudit, spiffe_id: str) -
 
 
 def _undo_add(
-    settings: StackSettings,
-    created: pb.Entry | None,
-    policy: tuple[Path, str, int, str, list[Target]] | None,
+    settings: StackSettings, audit: OpsAudit, created: pb.Entry | None, policy: PolicyEdit | None
 ) -> None:
     """Put back what a failed add changed: nothing is half-added."""
     if policy is not None:
-        path, text, mode, _, _ = policy
-        write_atomic(path, text.encode(), mode)
-    if created is not None:
-        delete = pb.DeleteEntryRequest(id=created.id)
-        call_admin(settings.admin_socket, lambda s: s.DeleteEntry(delete))
+        policy.undo()
+    if created is None:
+        return
+    delete = pb.DeleteEntryRequest(id=created.id)
+    call_admin(settings.admin_socket, lambda s: s.DeleteEntry(delete))
+    # The entry's creation may be on record: so is its removal, if the audit can still be written.
+    with contextlib.suppress(CliError):
+        audit.record("workload add", created.spiffe_id, f"failed: deleted entry {created.id}")
 
 
 async def _revoke(stub: IssuerAdminStub, *, request: pb.RevokeRequest) -> pb.RevokeResponse:

@@ -205,6 +205,28 @@ def test_an_add_that_cannot_apply_its_rule_leaves_nothing_behind(own_stack: OwnS
     assert "half-app" not in own.ztbank("workload", "list").stdout
 
 
+def test_an_add_whose_change_cannot_be_audited_is_undone(own_stack: OwnStack) -> None:
+    own = own_stack
+    original = own.policy.read_bytes()
+    ops = own.stack.settings.home / "audit" / "ops.jsonl"
+    kept = ops.with_name("ops.kept")
+    if ops.exists():
+        ops.rename(kept)
+    ops.mkdir()  # the audit cannot be written
+    try:
+        failed = own.ztbank(
+            "workload", "add", "unaudited", "--team", "payments", "--may-call", "gateway:/v1/*"
+        )
+    finally:
+        ops.rmdir()
+        if kept.exists():
+            kept.rename(ops)
+    assert failed.returncode == 1
+    assert "cannot write the audit record" in one_line(failed.stderr)
+    assert "unaudited" not in own.ztbank("workload", "list").stdout
+    assert own.policy.read_bytes() == original
+
+
 # -- 2. the CI templates -----------------------------------------------------------------------
 
 
