@@ -6,6 +6,7 @@
 const SERVICES = ["gateway", "transfer-engine", "risk"];
 const COLOURS = { "gateway": "#2f6fde", "transfer-engine": "#d9822b", "risk": "#3b9a57" };
 const MAX_FEED = 200;
+const MIN_SPAN = 60;  // seconds: the narrowest time axis of a chart
 // Workloads renew their SVID between 40 % and 50 % of its lifetime (the issuer's schedule).
 const ROTATE_BY = 0.5;
 
@@ -187,6 +188,8 @@ function renderMetrics(metrics) {
     if (!first) continue;
     const data = [first.t].concat(SERVICES.map((name) => (metrics[name] ? metrics[name][key] : first.t.map(() => null))));
     state.charts[id].setData(data);
+    // One step only (a console just started): uPlot would spread that one time over years.
+    if (first.t.length === 1) state.charts[id].setScale("x", { min: first.t[0], max: first.t[0] + MIN_SPAN });
   }
 }
 
