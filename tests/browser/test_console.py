@@ -41,6 +41,7 @@ RECONNECT_SECONDS = 15.0  # EventSource retries every 3 s or so
 DOCS_SCREENSHOT = "console-docs"  # .png, copied by hand to docs/images/console.png
 DOCS_SIZE = (1280, 1640)
 BANKING_INTERVAL = 1.0
+CHART_SECONDS = 300 + 10  # the window and the step still filling
 
 
 def open_console(driver: WebDriver, console: ConsoleProcess) -> None:
@@ -64,6 +65,22 @@ def cards(driver: WebDriver) -> dict[str, dict[str, str]]:
         """
     )
     return shown
+
+
+def chart_spans(driver: WebDriver) -> list[float]:
+    """The seconds each chart's time axis spans (the page's uPlot charts)."""
+    spans: list[float] = driver.execute_script(
+        "return Object.values(state.charts).map((c) => c.scales.x.max - c.scales.x.min);"
+    )
+    return spans
+
+
+def assert_charts_span_minutes(driver: WebDriver) -> None:
+    """Three charts, each over at most the console's 5 minutes (a console just started has
+    one step of data: uPlot alone would spread it over years)."""
+    wait_for(driver, lambda d: len(chart_spans(d)) == 3, STATE_SECONDS, "no charts drawn")
+    spans = chart_spans(driver)
+    assert all(0 < span <= CHART_SECONDS for span in spans), spans
 
 
 def serial_shown(service: str, serial: str) -> Callable[[WebDriver], bool]:
@@ -99,21 +116,23 @@ class Banking:
         self._stop = threading.Event()
         self._working = threading.Event()
         self._working.set()
+        self.errors: list[str] = []
         self._thread = threading.Thread(target=self._work, name="teller", daemon=True)
 
     def _work(self) -> None:
-        teller = TellerClient(self._stack.settings)
         for turn in itertools.count():
             if self._stop.wait(BANKING_INTERVAL):
                 return
             if not self._working.is_set():
                 continue
             try:
+                # A new client each time: one holds the SVID it was given (20 s here).
+                teller = TellerClient(self._stack.settings)
                 teller.as_customer("alice", "GET", "/v1/accounts")
                 if turn % 5 == 0:
                     teller.transfer("alice", "acc-alice-cny", "acc-bob-cny", "0.01", "CNY")
-            except CliError:
-                pass  # not what these tests check; the e2e suites do
+            except CliError as error:
+                self.errors.append(str(error))
 
     @contextmanager
     def paused(self) -> Iterator[None]:
@@ -137,6 +156,8 @@ class Banking:
 def banking(native_stack: NativeStack) -> Iterator[Banking]:
     with Banking(native_stack) as teller:
         yield teller
+    # What these tests see of the bank must be a bank at work, not one refusing its teller.
+    assert not teller.errors, f"the teller in the background failed: {teller.errors[:3]}"
 
 
 def test_the_cards_show_the_services_ztbank_status_shows(
@@ -144,6 +165,7 @@ def test_the_cards_show_the_services_ztbank_status_shows(
 ) -> None:
     open_console(page.driver, console)
     assert text(page.driver, "stack-state") == "stack up"
+    assert_charts_span_minutes(page.driver)
     assert not page.driver.find_element(By.ID, "down").is_displayed()
     matched: set[str] = set()
 
@@ -326,6 +348,7 @@ def test_the_page_follows_a_console_restart_and_shows_what_it_missed(
         lambda: f"the decision on {path}, made while the console was away, is not in the feed",
     )
     assert {card["health"] for card in cards(driver).values()} == {"healthy"}
+    assert_charts_span_minutes(driver)
 
 
 def test_a_stack_that_is_down_shows_how_to_start_it(
