@@ -324,6 +324,9 @@ def workspace() -> Iterator[Workspace]:
         "ZTBANK_REGISTRY": str(registry),
         "ZTBANK_ISSUER_HTTP": f"127.0.0.1:{next(ports)}",
         "ZTBANK_CONSOLE_PORT": str(next(ports)),
+        # `make down` also stops the compose project when a Docker engine answers: one that
+        # has no containers, never the developer's.
+        "COMPOSE_PROJECT_NAME": root.name,
     }
     (root / "job").mkdir()
     space = Workspace(root / "job", env)
