@@ -46,7 +46,12 @@ class ConflictError(GatewayError):
 
 
 class EngineUnavailableError(GatewayError):
-    """The transfer-engine did not answer in time; retrying later may succeed."""
+    """The transfer-engine did not answer in time; retrying later may succeed, after
+    ``retry_after_seconds`` when the gateway knows (its circuit breaker's cool-down)."""
+
+    def __init__(self, message: str, *, retry_after_seconds: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
 
 
 class EngineError(GatewayError):

@@ -161,9 +161,11 @@ class GrpcTransferEngine:
             ticket = self._breaker.admit()
         except BreakerOpenError as error:
             # Why it opened is in the transition's log line, not in the customer's answer.
+            wait = math.ceil(error.retry_after)
             raise EngineUnavailableError(
                 "the transfer-engine is unavailable: the gateway's circuit breaker to it is"
-                f" open; retry in {math.ceil(error.retry_after)} s"
+                f" open; retry in {wait} s",
+                retry_after_seconds=wait,
             ) from None
         try:
             # The ticket sees the call's own exception (the callee's status), then it is

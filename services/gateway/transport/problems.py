@@ -71,7 +71,7 @@ def _headers(error: GatewayError) -> dict[str, str]:
     if isinstance(error, AuthenticationError):
         return {"WWW-Authenticate": f'Bearer realm="{REALM}"'}
     if isinstance(error, EngineUnavailableError):
-        return {"Retry-After": str(RETRY_AFTER_SECONDS)}
+        return {"Retry-After": str(error.retry_after_seconds or RETRY_AFTER_SECONDS)}
     return {}
 
 

@@ -165,6 +165,17 @@ def test_engine_outage_is_503_with_retry_after(
     assert int(response.headers["retry-after"]) > 0
 
 
+def test_an_open_breaker_says_when_to_retry(
+    client: TestClient, alice: dict[str, str], engine: FakeTransferEngine
+) -> None:
+    engine.failure = EngineUnavailableError("breaker open; retry in 7 s", retry_after_seconds=7)
+
+    response = client.get("/v1/accounts", headers=alice)
+
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "7"  # the cool-down left, not a fixed guess
+
+
 def test_an_engine_that_leaks_another_customers_account_is_502(
     client: TestClient,
     alice: dict[str, str],

@@ -283,6 +283,7 @@ def test_an_open_breaker_answers_unavailable_without_calling_the_engine(
         "the transfer-engine is unavailable: the gateway's circuit breaker to it is open;"
         " retry in 1 s"
     )
+    assert refused.value.retry_after_seconds == 1  # the gateway's Retry-After
     assert channel.requests == []
 
 
