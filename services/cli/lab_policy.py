@@ -36,6 +36,7 @@ from services.cli.lab_support import (
     interrupted_by_termination,
     last_gateway_denial,
     mint_teller_svid,
+    policy_lock,
     service_pids,
     verdict,
     watched_file,
@@ -143,11 +144,11 @@ def run_policy_lab(settings: StackSettings, say: Say) -> bool:
         )
     say(f"  1 the gateway watches {policy}; the teller is served {ROUTE}: HTTP 200")
 
-    backup = FileBackup.of(policy, BACKUP_NAME)
-    original = backup.content
-    edited, lost = withdraw_route(original.decode(), settings.trust_domain, teller_id)
     checks: list[bool] = []
-    with interrupted_by_termination():
+    with interrupted_by_termination(), policy_lock(settings):
+        backup = FileBackup.of(policy, BACKUP_NAME)
+        original = backup.content
+        edited, lost = withdraw_route(original.decode(), settings.trust_domain, teller_id)
         backup.save(settings)
         try:
             write_atomic(policy, edited.encode(), backup.mode)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import http.client
 import json
 import os
@@ -211,3 +212,16 @@ def verdict(say: Say, checks: Sequence[bool], passed: Sequence[str]) -> bool:
         return True
     say("lab failed: see the steps above")
     return False
+
+
+@contextmanager
+def policy_lock(settings: StackSettings) -> Iterator[None]:
+    """Held by whatever edits the policy file the gateway watches (``workload add/remove``, the
+    policy lab) from reading it to writing it back: two edits at once would lose one."""
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(settings.run_dir / "policy.lock", os.O_RDWR | os.O_CREAT, PRIVATE_MODE)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)  # released by close, also if we are killed
+        yield
+    finally:
+        os.close(descriptor)

@@ -35,7 +35,7 @@ from services._proto import issuer_admin_pb2 as pb
 from services._proto import ledger_pb2, risk_pb2
 from services._proto.issuer_admin_grpc import IssuerAdminStub
 from services.cli.errors import CliError, UsageError
-from services.cli.lab_support import watched_file
+from services.cli.lab_support import policy_lock, watched_file
 from services.common.audit import AuditLog, AuditRecord
 from services.common.files import write_atomic
 from services.common.identity.spiffe_id import SpiffeId
@@ -362,6 +362,11 @@ class PolicyEdit:
 
 
 def cmd_workload_add(args: argparse.Namespace, settings: StackSettings) -> int:
+    with policy_lock(settings):
+        return _add(args, settings)
+
+
+def _add(args: argparse.Namespace, settings: StackSettings) -> int:
     request = _add_request(args, settings)
     spiffe_id = str(request.spiffe_id)
     existing = _entries_of(_entries(settings), request.name)
@@ -440,6 +445,11 @@ async def _delete(
 
 
 def cmd_workload_remove(args: argparse.Namespace, settings: StackSettings) -> int:
+    with policy_lock(settings):
+        return _remove(args, settings)
+
+
+def _remove(args: argparse.Namespace, settings: StackSettings) -> int:
     name = check_label("name", args.name)
     if name in RESERVED:
         raise UsageError(f"{name!r} is one of the stack's own workloads; it cannot be removed")
