@@ -32,8 +32,11 @@ function short(text, keep) {
 function seconds(ms) {
   const s = Math.round(ms / 1000);
   if (Math.abs(s) < 120) return `${s} s`;
+  const sign = s < 0 ? "-" : "";
   const m = Math.floor(Math.abs(s) / 60);
-  return `${s < 0 ? "-" : ""}${m} min ${Math.abs(s) % 60} s`;
+  // A signing CA lives hours: hours and minutes, not "1439 min 28 s".
+  if (m >= 120) return `${sign}${Math.floor(m / 60)} h ${m % 60} min`;
+  return `${sign}${m} min ${Math.abs(s) % 60} s`;
 }
 
 // -- stack state ---------------------------------------------------------------------------
