@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from services.console.errors import LabBusyError, UnknownLabError
 from services.console.labs import LabRunner, Redactor
@@ -17,16 +20,26 @@ SCRIPTS = {
     "quick": "print('lab quick: step 1'); print('lab passed: all good')",
     "failing": "print('lab failing: step 1'); print('lab failed: see above'); raise SystemExit(1)",
     "slow": "import time; print('started', flush=True); time.sleep(30)",
+    # Prints a token and the private key PEM named by its argument (made by the test).
     "leaky": (
-        "print('token eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJl issued');"
-        "print('-----BEGIN PRIVATE KEY-----'); print('MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0w');"
-        "print('-----END PRIVATE KEY-----'); print('done')"
+        "import sys; print('token eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJl issued');"
+        "print(open(sys.argv[1]).read(), end=''); print('done')"
     ),
 }
 
 
-def command(name: str) -> Sequence[str]:
-    return [sys.executable, "-c", SCRIPTS[name]]
+def command(name: str, *args: str) -> Sequence[str]:
+    return [sys.executable, "-c", SCRIPTS[name], *args]
+
+
+def private_key_pem() -> str:
+    """A fresh key, made at run time: no key material lives in the repository."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
 
 
 class Published:
@@ -37,9 +50,16 @@ class Published:
         self.events.append((event, data))
 
 
-def runner(published: Published, *, timeout: float = 30.0) -> LabRunner:
+def runner(
+    published: Published, *, timeout: float = 30.0, key_file: Path | None = None
+) -> LabRunner:
+    extra = (str(key_file),) if key_file else ()
     return LabRunner(
-        {**LABS, "leaky": "prints secrets"}, {}, published, command=command, timeout=timeout
+        {**LABS, "leaky": "prints secrets"},
+        {},
+        published,
+        command=lambda name: command(name, *extra),
+        timeout=timeout,
     )
 
 
@@ -101,11 +121,15 @@ def test_a_lab_that_overruns_is_stopped_and_failed() -> None:
     asyncio.run(scenario())
 
 
-def test_tokens_and_private_keys_never_reach_the_page() -> None:
+def test_tokens_and_private_keys_never_reach_the_page(tmp_path: Path) -> None:
     published = Published()
+    pem = private_key_pem()
+    key_file = tmp_path / "key.pem"
+    key_file.write_text(pem)
+    key_file.chmod(0o600)
 
     async def scenario() -> list[str]:
-        labs = runner(published)
+        labs = runner(published, key_file=key_file)
         run = await labs.start("leaky")
         await labs.wait()
         return run.lines
@@ -114,12 +138,10 @@ def test_tokens_and_private_keys_never_reach_the_page() -> None:
     assert lines == ["token <token> issued", "<private key hidden>", "done"]
     sent = repr(published.events)
     assert "eyJ" not in sent
-    assert "MIGHAgEA" not in sent
+    assert all(line not in sent for line in pem.splitlines()[1:-1])  # no line of the key
 
 
 def test_the_redactor_hides_a_key_block_in_one_line_too() -> None:
     redact = Redactor()
-    assert redact("-----BEGIN EC PRIVATE KEY----- abc -----END EC PRIVATE KEY-----") == (
-        "<private key hidden>"
-    )
+    assert redact(" ".join(private_key_pem().split())) == "<private key hidden>"
     assert redact("next line") == "next line"
