@@ -320,7 +320,7 @@ def _subject_of(der: bytes | None) -> str | None:
         return None
 
 
-def _established(ssl_object: ssl.SSLObject | None, session_id: str, der: bytes | None) -> TlsFacts:
+def _established(ssl_object: ssl.SSLObject | None, session_id: str) -> TlsFacts:
     if ssl_object is None:
         return TlsFacts(session_id=session_id)
     cipher = ssl_object.cipher()
@@ -332,7 +332,6 @@ def _established(ssl_object: ssl.SSLObject | None, session_id: str, der: bytes |
         sni=requested_server_name(ssl_object),
         alpn=ssl_object.selected_alpn_protocol(),
         session_id=session_id,
-        subject=_subject_of(der),
     )
 
 
@@ -426,7 +425,7 @@ def mtls_protocol(
             super().connection_made(transport)
             ssl_object = transport.get_extra_info("ssl_object")
             der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-            tls = _established(ssl_object, self._session_id, der)
+            tls = _established(ssl_object, self._session_id)
             address = f"{self.client[0]}:{self.client[1]}" if self.client else ""
             try:
                 if not der:
@@ -436,7 +435,9 @@ def mtls_protocol(
                 # The handshake completed, but the connection is refused as it would have been
                 # by a SPIFFE-aware TLS stack: audited as a failed handshake.
                 refused = ConnectionFacts(
-                    self.client, self.server, replace(tls, handshake=HANDSHAKE_FAILED)
+                    self.client,
+                    self.server,
+                    replace(tls, handshake=HANDSHAKE_FAILED, subject=_subject_of(der)),
                 )
                 if isinstance(error, RevocationError):
                     seen, reason = error.peer, str(error)
@@ -447,7 +448,7 @@ def mtls_protocol(
                 )
                 transport.abort()
                 return False
-            facts = ConnectionFacts(self.client, self.server, replace(tls, subject=None))
+            facts = ConnectionFacts(self.client, self.server, tls)
             self.app = _ConnectionApp(self.app, guard, peer, facts)
             return connections.add(self, transport, peer, facts)
 
