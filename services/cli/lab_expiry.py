@@ -7,7 +7,9 @@ Against the running native stack (``make up``), in about 15 s whatever the stack
    mint`` does: nothing renews it (a workload's SVID is renewed by its Workload API stream);
 2. ask the gateway on a new connection every POLL_SECONDS until after its notAfter: served
    before, refused from then on (fail closed), at most EXPIRY_BUDGET_SECONDS late;
-3. find the refusal in the gateway's audit (the record of that connection);
+3. find the refusals in the gateway's audit (the records of those connections): a handshake
+   refused with the rule that failed (a connection whose handshake came just before notAfter is
+   closed at notAfter instead, and audited so);
 4. a keep-alive connection opened before the expiry is closed at the expiry too (the handshake
    checked validity once; the gateway closes a connection when its certificate runs out);
 5. hand the client a fresh SVID: served again, on the next connection;
@@ -19,7 +21,7 @@ Nothing of the stack is changed; the minted SVIDs expire by themselves.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from services.cli.lab_support import (
     Outcome,
@@ -45,6 +47,7 @@ POLL_SECONDS = 0.25
 EXPIRY_BUDGET_SECONDS = 3.0
 # A refusal earlier than this before notAfter would be a premature one (clock rounding aside).
 EARLY_TOLERANCE_SECONDS = 1.0
+HANDSHAKE_REFUSAL = "TLS handshake failed"
 
 
 @dataclass
@@ -52,10 +55,13 @@ class Timeline:
     """What the client saw, in seconds relative to its SVID's notAfter (negative: before)."""
 
     last_served: float | None = None
-    first_refused: float | None = None
-    refusal: Outcome | None = None
+    refusals: list[tuple[float, Outcome]] = field(default_factory=list)
     kept_alive_served: float | None = None  # the open connection's last answer
     kept_alive_closed: float | None = None
+
+    @property
+    def first_refused(self) -> float | None:
+        return self.refusals[0][0] if self.refusals else None
 
 
 def _watch(
@@ -71,14 +77,15 @@ def _watch(
             outcome = present(address, svid.chain_pem, svid.key_pem, svid.bundle_pem, token)
             if outcome.answer == "HTTP 200":
                 seen.last_served = now
-            elif seen.first_refused is None:
-                seen.first_refused, seen.refusal = now, outcome
+            else:
+                seen.refusals.append((now, outcome))
             if seen.kept_alive_closed is None:
                 if accounts_served(client, token, kept):
                     seen.kept_alive_served = now
                 else:
                     seen.kept_alive_closed = now
-            if seen.first_refused is not None and now > 0 and seen.first_refused <= now - 1:
+            first_refused = seen.first_refused
+            if first_refused is not None and now > 0 and first_refused <= now - 1:
                 break  # refused for a second past the expiry: the open connection is seen too
             time.sleep(POLL_SECONDS)
     finally:
@@ -104,14 +111,20 @@ def run_expiry_lab(settings: StackSettings, say: Say) -> bool:
         and -EARLY_TOLERANCE_SECONDS <= refused <= EXPIRY_BUDGET_SECONDS
     )
     say(f"  2 {_timeline(seen)}")
-    if seen.refusal is not None:
-        say(f"    as the client saw it: {seen.refusal.answer}")
+    if seen.refusals:
+        say(f"    as the client saw it: {seen.refusals[0][1].answer}")
 
-    reason = None
-    if seen.refusal is not None:
-        reason = last_gateway_denial(settings, source_port=seen.refusal.local_port)
-    checks.append(reason is not None)
-    say(f"  3 the gateway audited {f'a deny: {reason!r}' if reason else 'NO deny for it'}")
+    reasons = [
+        last_gateway_denial(settings, source_port=outcome.local_port)
+        for _, outcome in seen.refusals
+    ]
+    handshake = next((r for r in reasons if r and r.startswith(HANDSHAKE_REFUSAL)), None)
+    checks.append(handshake is not None and None not in reasons)
+    audited = f"a deny: {handshake!r}" if handshake else "NO refused handshake"
+    say(f"  3 the gateway audited {audited}")
+    if reasons and reasons[0] != handshake:
+        # The handshake came just before notAfter; the gateway closed the connection at notAfter.
+        say(f"    (the first refused connection, opened before notAfter: {reasons[0]!r})")
 
     closed = seen.kept_alive_closed
     checks.append(
