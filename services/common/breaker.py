@@ -73,6 +73,7 @@ FAILURE_CODES = frozenset(
 # unavailable, value "risk"): the callee itself answered, so its callers' breakers count an
 # answer, and a risk outage does not also cut the gateway's reads from the engine.
 DEPENDENCY_UNAVAILABLE_KEY = "ztbank-dependency-unavailable"
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
 BUCKET_SECONDS = 1.0
 # While no certificate of the peer has been seen, the watcher retries this often.
 FIRST_PROBE_RETRY_SECONDS = 0.25
@@ -538,6 +539,24 @@ def is_failure(error: BaseException | None) -> bool | None:
         if unavailable_dependency(error) is not None:
             return False
         return code in FAILURE_CODES
+    return None
+
+
+def pushback_trailer(seconds: int) -> tuple[str, str]:
+    """The trailer that tells a caller how long to wait before it retries: gRPC's own server
+    pushback (gRFC A6), which a grpc retry policy would also honour."""
+    return (RETRY_PUSHBACK_KEY, str(seconds * 1000))
+
+
+def retry_pushback_seconds(error: grpc.aio.AioRpcError) -> int | None:
+    """The callee's pushback in whole seconds (rounded up), if it sent a valid one."""
+    for key, value in error.trailing_metadata() or ():
+        if key == RETRY_PUSHBACK_KEY:
+            try:
+                milliseconds = int(str(value))
+            except ValueError:
+                return None
+            return -(-milliseconds // 1000) if milliseconds >= 0 else None
     return None
 
 

@@ -26,7 +26,13 @@ class UnavailableError(TransferEngineError):
 
 
 class RiskUnavailableError(UnavailableError):
-    """The risk service did not give a usable answer in time; transfers fail closed."""
+    """The risk service did not give a usable answer in time; transfers fail closed.
+    ``retry_after_seconds`` is set when the engine knows a fair wait (its circuit breaker to
+    risk is open)."""
+
+    def __init__(self, message: str, *, retry_after_seconds: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
 
 
 class LedgerBusyError(UnavailableError):

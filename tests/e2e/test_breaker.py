@@ -166,6 +166,8 @@ def test_a_hung_risk_trips_the_engines_breaker_and_service_comes_back(stack: E2E
                 "the transfer-engine is unavailable: risk service unavailable: the circuit"
                 f" breaker to it is open; retry in {OPEN_SECONDS} s"
             )
+            # The engine's cool-down, relayed as gRPC pushback, not the gateway's default.
+            assert reply.headers["retry-after"] == str(OPEN_SECONDS), reply
         assert metric(stack, TRANSFER_ENGINE.name, "breaker_state", target=RISK.name) == 2
         opened = transitions(stack, TRANSFER_ENGINE.name)[-1]
         assert opened["to"] == "open"

@@ -15,7 +15,12 @@ from google.protobuf.message import Message
 
 from services._proto import ledger_pb2
 from services._proto.ledger_pb2_grpc import TransferEngineStub
-from services.common.breaker import BreakerOpenError, CircuitBreaker, unavailable_dependency
+from services.common.breaker import (
+    BreakerOpenError,
+    CircuitBreaker,
+    retry_pushback_seconds,
+    unavailable_dependency,
+)
 from services.common.errors import ChannelClosedError
 from services.common.money import UnsupportedCurrencyError, currency_exponent
 from services.common.telemetry import inject_context
@@ -61,7 +66,10 @@ def _translate(method: str, error: grpc.RpcError) -> GatewayError:
     if isinstance(error, grpc.aio.AioRpcError) and unavailable_dependency(error) is not None:
         # The engine answered that a dependency of its own (risk) is out; its message is ours
         # and tells the client that nothing was stored.
-        return EngineUnavailableError(f"the transfer-engine is unavailable: {details}")
+        return EngineUnavailableError(
+            f"the transfer-engine is unavailable: {details}",
+            retry_after_seconds=retry_pushback_seconds(error),
+        )
     if code in _UNAVAILABLE:
         return EngineUnavailableError(f"the transfer-engine is unavailable ({code})")
     request_error = _REQUEST_ERRORS.get(code) if code is not None else None

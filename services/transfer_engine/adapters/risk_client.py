@@ -47,9 +47,10 @@ class GrpcRiskAssessor:
         except BreakerOpenError as error:
             # No assessment, so the ledger writes nothing (fail closed); the transition's log
             # line says why the breaker opened.
+            wait = math.ceil(error.retry_after)
             raise RiskUnavailableError(
-                "risk service unavailable: the circuit breaker to it is open;"
-                f" retry in {math.ceil(error.retry_after)} s"
+                f"risk service unavailable: the circuit breaker to it is open; retry in {wait} s",
+                retry_after_seconds=wait,
             ) from None
         try:
             # The ticket sees the call's own exception (risk's status) before it is translated.

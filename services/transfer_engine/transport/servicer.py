@@ -12,7 +12,7 @@ import grpc
 
 from services._proto import ledger_pb2 as pb
 from services._proto import ledger_pb2_grpc
-from services.common.breaker import DEPENDENCY_UNAVAILABLE_KEY
+from services.common.breaker import DEPENDENCY_UNAVAILABLE_KEY, pushback_trailer
 from services.common.peer import NoPeerIdentityError, current_peer
 from services.common.workloads import GATEWAY
 from services.transfer_engine.domain.ledger import Ledger
@@ -125,9 +125,10 @@ class TransferEngineService(ledger_pb2_grpc.TransferEngineServicer):
             yield
         except RiskUnavailableError as error:
             # The engine works, risk does not: the gateway's breaker counts this as an answer.
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE, str(error), ((DEPENDENCY_UNAVAILABLE_KEY, "risk"),)
-            )
+            trailers: tuple[tuple[str, str], ...] = ((DEPENDENCY_UNAVAILABLE_KEY, "risk"),)
+            if error.retry_after_seconds is not None:
+                trailers += (pushback_trailer(error.retry_after_seconds),)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(error), trailers)
         except TransferEngineError as error:
             await context.abort(_status_of(error), str(error))
 

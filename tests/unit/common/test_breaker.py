@@ -24,7 +24,9 @@ from services.common.breaker import (
     TrustTable,
     TrustTableError,
     parse_trust_levels,
+    pushback_trailer,
     register_breaker_metrics,
+    retry_pushback_seconds,
 )
 from services.common.identity.spiffe_id import SpiffeId
 from services.common.policy import RELOAD_CHECK_SECONDS
@@ -270,6 +272,25 @@ def test_a_callee_unavailable_because_of_its_own_dependency_answered() -> None:
     untagged = Harness(certificate(PROD, 1.0), BreakerConfig(min_calls=2)).closed()
     untagged.calls(2, UNAVAILABLE)
     assert untagged.state() is BreakerState.OPEN
+
+
+@pytest.mark.parametrize(
+    ("trailers", "seconds"),
+    [
+        ((pushback_trailer(7),), 7),
+        ((("grpc-retry-pushback-ms", "1"),), 1),  # rounded up: never "retry in 0 s"
+        ((("grpc-retry-pushback-ms", "soon"),), None),
+        ((("grpc-retry-pushback-ms", "-1"),), None),  # gRFC A6: negative means "do not retry"
+        ((), None),
+    ],
+)
+def test_a_callees_pushback_is_read_in_whole_seconds(
+    trailers: tuple[tuple[str, str], ...], seconds: int | None
+) -> None:
+    error = grpc.aio.AioRpcError(
+        grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(*trailers), "out"
+    )
+    assert retry_pushback_seconds(error) == seconds
 
 
 def test_calls_we_cancel_count_for_nothing() -> None:

@@ -320,7 +320,9 @@ def test_risk_out_at_the_engine_is_relayed_and_not_counted_against_the_engine(
         raise grpc.aio.AioRpcError(
             grpc.StatusCode.UNAVAILABLE,
             grpc.aio.Metadata(),
-            grpc.aio.Metadata(("ztbank-dependency-unavailable", "risk")),
+            grpc.aio.Metadata(
+                ("ztbank-dependency-unavailable", "risk"), ("grpc-retry-pushback-ms", "2500")
+            ),
             "risk service unavailable: the circuit breaker to it is open; retry in 3 s",
         )
 
@@ -333,4 +335,5 @@ def test_risk_out_at_the_engine_is_relayed_and_not_counted_against_the_engine(
             "the transfer-engine is unavailable: risk service unavailable: the circuit breaker"
             " to it is open; retry in 3 s"
         )
+        assert refused.value.retry_after_seconds == 3  # the engine's pushback, rounded up
     assert breaker.state.value == "closed"  # reads keep flowing while risk is out

@@ -43,6 +43,7 @@ class FakeRisk:
     def __init__(self) -> None:
         self.answer = Assessment(Decision.ALLOW, (), 0)
         self.unavailable = False
+        self.retry_after_seconds: int | None = None  # as an open breaker to risk says
         # When set, every assessment waits there until all its parties arrive (failing after 5 s).
         self.before_answer: asyncio.Barrier | None = None
         self.calls: list[tuple[TransferRequest, str]] = []
@@ -56,7 +57,9 @@ class FakeRisk:
             async with asyncio.timeout(5):
                 await self.before_answer.wait()
         if self.unavailable:
-            raise RiskUnavailableError("risk service unavailable")
+            raise RiskUnavailableError(
+                "risk service unavailable", retry_after_seconds=self.retry_after_seconds
+            )
         return self.answer
 
 

@@ -188,6 +188,7 @@ def test_an_open_breaker_fails_closed_without_asking_risk(server: RiskServer) ->
     assert str(refused.value) == (
         "risk service unavailable: the circuit breaker to it is open; retry in 1 s"
     )
+    assert refused.value.retry_after_seconds == 1  # relayed to the gateway's Retry-After
     assert server.risk.requests == []
 
 

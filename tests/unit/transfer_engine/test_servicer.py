@@ -309,6 +309,18 @@ def test_risk_down_is_unavailable(service: TransferEngineService, risk: FakeRisk
     assert aborted.trailing_metadata == (("ztbank-dependency-unavailable", "risk"),)
 
 
+def test_an_open_breaker_to_risk_pushes_back_for_its_cool_down(
+    service: TransferEngineService, risk: FakeRisk
+) -> None:
+    risk.unavailable, risk.retry_after_seconds = True, 7
+    aborted = refusal(service, EVERY_METHOD["CreateTransfer"])
+    assert aborted.code == grpc.StatusCode.UNAVAILABLE
+    assert aborted.trailing_metadata == (
+        ("ztbank-dependency-unavailable", "risk"),
+        ("grpc-retry-pushback-ms", "7000"),
+    )
+
+
 def _subclasses(cls: type[errors.TransferEngineError]) -> Iterator[type[Exception]]:
     for subclass in cls.__subclasses__():
         yield subclass
