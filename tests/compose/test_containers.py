@@ -6,9 +6,11 @@ against the same stack (``ZTBANK_COMPOSE_PROJECT`` names it); elsewhere they ski
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,18 +25,34 @@ UIDS = {
     "transfer-engine": SETTINGS["TRANSFER_ENGINE_UID"],
     "risk": SETTINGS["RISK_UID"],
 }
-# Run inside a fresh container: one SVID from the shared Workload API socket, or exit 3.
+# Run inside a fresh container: one SVID from the shared Workload API socket, or exit 3; with a
+# second argument, GET /v1/accounts from that gateway with it and print the SPIFFE ID the gateway
+# served and its answer.
 FETCH = """
+import http.client
 import sys
+from cryptography import x509
 from services.common.errors import CommonError
 from services.common.identity.source import fetch_svid
+from services.common.tls import pem_client_context
 try:
     material = fetch_svid("unix:///spiffe-workload-api/workload.sock", sys.argv[1], timeout=5)
 except CommonError as error:
     print("no SVID:", error)
     sys.exit(3)
 print(material.spiffe_id)
+if len(sys.argv) > 2:
+    context = pem_client_context(material.chain_pem, material.key_pem, material.bundle_pem)
+    connection = http.client.HTTPSConnection(sys.argv[2], 8443, context=context, timeout=10)
+    connection.request("GET", "/v1/accounts")
+    reply = connection.getresponse()
+    served = x509.load_der_x509_certificate(connection.sock.getpeercert(binary_form=True))
+    names = served.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    print(names.get_values_for_type(x509.UniformResourceIdentifier)[0])
+    print(reply.status, reply.getheader("content-type"), reply.read().decode())
 """
+TRUST_DOMAIN = SETTINGS["ZTBANK_TRUST_DOMAIN"]
+ONBOARDED_UID = "10044"
 
 pytestmark = pytest.mark.skipif(
     not PROJECT, reason="runs in `make test-compose`, against the stack it brought up"
@@ -56,15 +74,26 @@ def container_of(service: str) -> str:
     return ids[0]
 
 
-def fetch_svid_in_new_container(uid: str) -> subprocess.CompletedProcess[str]:
-    """A container of its own (not the issuer's, not the e2e one), on the shared socket only."""
+def fetch_svid_in_new_container(
+    uid: str, *, call_gateway: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """A container of its own (not the issuer's, not the e2e one), on the shared socket only,
+    and on the stack's network when it calls the gateway."""
+    network = f"{PROJECT}_default" if call_gateway else "none"
     return docker(
-        "run", "--rm", "--network", "none", "--user", f"{uid}:{SETTINGS['ISSUER_UID']}",
+        "run", "--rm", "--network", network, "--user", f"{uid}:{SETTINGS['ISSUER_UID']}",
         "-v", f"{PROJECT}_workload-api:/spiffe-workload-api:ro",
         "--entrypoint", "python", SETTINGS["ZTBANK_IMAGE"],
-        "-c", FETCH, SETTINGS["ZTBANK_TRUST_DOMAIN"],
+        "-c", FETCH, TRUST_DOMAIN, *(["gateway"] if call_gateway else []),
         check=False,
     )  # fmt: skip
+
+
+def audit_in(service: str, name: str) -> list[dict[str, Any]]:
+    """The records of ``$ZTBANK_HOME/audit/NAME.jsonl`` in the service's container."""
+    path = f"$ZTBANK_HOME/audit/{name}.jsonl"
+    text = docker("exec", container_of(service), "sh", "-c", f'cat "{path}"').stdout
+    return [json.loads(line) for line in text.splitlines()]
 
 
 @pytest.mark.parametrize("service", sorted(UIDS))
@@ -87,3 +116,33 @@ def test_an_unregistered_uid_in_another_container_gets_no_svid() -> None:
     done = fetch_svid_in_new_container("10042")
     assert done.returncode == 3, done.stdout + done.stderr
     assert done.stdout.startswith("no SVID:"), done.stdout
+
+
+def test_a_workload_onboarded_in_the_issuers_container_is_attested_denied_then_cut_off() -> None:
+    """docs/ci.md: on compose, ``ztbank workload add --uid`` runs in the issuer's container."""
+    issuer = container_of("issuer")
+    spiffe_id = f"spiffe://{TRUST_DOMAIN}/env/prod/zone/az1/team/qa/svc/ci-onboarded"
+    onboard = ["exec", issuer, "ztbank", "workload"]
+    added = docker(*onboard, "add", "ci-onboarded", "--team", "qa", "--uid", ONBOARDED_UID)
+    assert added.stdout == f"ci-onboarded: registered {spiffe_id} (unix:uid:{ONBOARDED_UID})\n"
+    try:
+        called = fetch_svid_in_new_container(ONBOARDED_UID, call_gateway=True)
+        assert called.returncode == 0, called.stdout + called.stderr
+        attested, gateway, answer = called.stdout.splitlines()
+        assert attested == spiffe_id
+        assert gateway == f"spiffe://{TRUST_DOMAIN}/env/prod/zone/az1/team/channels/svc/gateway"
+        # An identity is not a permission: no policy rule names it (deny by default).
+        assert answer.startswith("403 application/problem+json "), answer
+        assert f"no policy rule allows {spiffe_id} to call gateway GET /v1/accounts" in answer
+        denied = [r for r in audit_in("gateway", "gateway") if r["caller_spiffe_id"] == spiffe_id]
+        assert [(r["decision"], r["method"]) for r in denied] == [("deny", "GET /v1/accounts")]
+    finally:
+        removed = docker(*onboard, "remove", "ci-onboarded", check=False)
+    assert removed.returncode == 0, removed.stderr
+    assert removed.stdout.startswith(f"ci-onboarded: revoked {spiffe_id} (certificates: ")
+    gone = fetch_svid_in_new_container(ONBOARDED_UID)
+    assert gone.returncode == 3, gone.stdout + gone.stderr
+    assert "no registration entry matches this workload" in gone.stdout
+    operations = [r["method"] for r in audit_in("issuer", "ops") if r["dest_addr"] == spiffe_id]
+    assert operations[0] == "workload add"
+    assert operations[-1] == "workload remove"
