@@ -46,6 +46,13 @@ from services.common.workloads import CONSOLE, GATEWAY, OPS, RISK, SERVICES, TEL
 from services.common.workloads import ENV as DEFAULT_ENV
 from services.issuer.admin_client import AdminCallError, call_admin
 from services.issuer.domain.revocation import crls_url, ocsp_url, parse_reason
+from services.stack.compose import (
+    OFFLINE_FILE,
+    ComposeStack,
+    ComposeUsageError,
+    Docker,
+    open_stack,
+)
 from services.stack.native import NativeStack, StackSettings, stack_hint, stack_running
 
 # One label for the socket name, the SPIFFE ID's path segment and a DNS name alike.
@@ -72,6 +79,12 @@ REVOKE_REASON = "cessationOfOperation"
 # service re-checks the file at most that often, on a request); the margin covers a slow stat.
 RELOAD_WAIT_SECONDS = RELOAD_CHECK_SECONDS + 0.2
 FORMATS = ("shell", "dotenv", "json")
+UID_SELECTOR = "unix:uid:"
+# The compose stack as a client container on its network sees it (compose*.yaml).
+COMPOSE_ISSUER = "issuer"
+COMPOSE_ISSUER_URL = "http://issuer:8180"
+COMPOSE_GATEWAY_URL = "https://gateway:8443"
+COMPOSE_WORKLOAD_SOCKET = "unix:///spiffe-workload-api/workload.sock"
 
 
 def _grpc_methods(*files: Any) -> tuple[str, ...]:
@@ -321,7 +334,7 @@ def _add_request(args: argparse.Namespace, settings: StackSettings) -> AddReques
     if args.uid is not None:
         if args.uid < 0:
             raise UsageError(f"--uid {args.uid}: must be a uid (0 or more)")
-        selectors = [f"unix:uid:{args.uid}"]
+        selectors = [f"{UID_SELECTOR}{args.uid}"]
     else:
         socket = settings.workload_socket_for(name)
         if len(os.fsencode(socket)) > MAX_SOCKET_PATH:
@@ -329,7 +342,7 @@ def _add_request(args: argparse.Namespace, settings: StackSettings) -> AddReques
                 f"name {name!r}: its socket {socket} would be longer than {MAX_SOCKET_PATH}"
                 " bytes; choose a shorter name or ZTBANK_HOME"
             )
-        selectors = sorted([f"ztbank:socket:{name}", f"unix:uid:{os.getuid()}"])
+        selectors = sorted([f"ztbank:socket:{name}", f"{UID_SELECTOR}{os.getuid()}"])
     targets = [parse_target(text) for text in args.may_call or []]
     return AddRequest(name, spiffe_id, selectors, targets)
 
@@ -559,6 +572,62 @@ def client_environment(settings: StackSettings, workload: str | None) -> dict[st
     return values
 
 
+def running_compose_stack() -> ComposeStack | None:
+    """The compose project (``COMPOSE_PROJECT_NAME``, else ``.env``'s) if it has containers;
+    None without a Docker engine or a compose tool."""
+    docker = Docker()
+    if not docker.engine_answers():
+        return None
+    try:
+        stack = open_stack(docker, "no")
+    except ComposeUsageError:
+        return None
+    used = stack.file_in_use()
+    if used is None:
+        return None
+    stack.offline = used == OFFLINE_FILE
+    return stack
+
+
+def compose_environment(stack: ComposeStack, workload: str | None) -> dict[str, str]:
+    """What a client container on the compose network needs, as names seen from inside it
+    (docs/ci.md). No trust bundle file: the ``ca`` volume also holds the root's key, so the
+    client takes the bundle that comes with its SVID from the Workload API."""
+    ready = {state.service for state in stack.states() if state.ready}
+    missing = [name for name in (COMPOSE_ISSUER, GATEWAY.name) if name not in ready]
+    if missing:
+        raise CliError(
+            f"compose project {stack.project}: {', '.join(missing)} not ready (make status)"
+        )
+    trust_domain = stack.settings()["ZTBANK_TRUST_DOMAIN"]
+    values = {
+        "ZTBANK_TRUST_DOMAIN": trust_domain,
+        "ZTBANK_GATEWAY_URL": COMPOSE_GATEWAY_URL,
+        "ZTBANK_GATEWAY_SPIFFE_ID": str(GATEWAY.spiffe_id(trust_domain)),
+        "ZTBANK_CRL_URL": crls_url(COMPOSE_ISSUER_URL),
+        "ZTBANK_OCSP_URL": ocsp_url(COMPOSE_ISSUER_URL),
+        "ZTBANK_COMPOSE_NETWORK": f"{stack.project}_default",
+        "ZTBANK_WORKLOAD_API_VOLUME": f"{stack.project}_workload-api",
+    }
+    if workload is not None:
+        check_label("--workload", workload)
+        listed = stack.compose("exec", "-T", COMPOSE_ISSUER, "ztbank", "workload", "list", "--json")
+        if listed.returncode != 0:
+            raise CliError(f"`ztbank workload list` failed in {stack.project}'s issuer container")
+        rows = [row for row in json.loads(listed.stdout) if row["name"] == workload]
+        if not rows:
+            raise UsageError(
+                f"no workload {workload!r} on compose project {stack.project}; onboard it in the"
+                f" issuer's container: `ztbank workload add {workload} --team TEAM --uid UID`"
+            )
+        values["SPIFFE_ENDPOINT_SOCKET"] = COMPOSE_WORKLOAD_SOCKET
+        values["ZTBANK_WORKLOAD_SPIFFE_ID"] = rows[0]["spiffe_id"]
+        uids = [s.removeprefix(UID_SELECTOR) for s in rows[0]["selectors"]]
+        if uid := next((u for u in uids if u.isdigit()), None):
+            values["ZTBANK_WORKLOAD_UID"] = uid  # the container's --user
+    return values
+
+
 def format_environment(values: dict[str, str], style: str) -> str:
     if style == "json":
         return json.dumps(values, indent=2)
@@ -572,7 +641,13 @@ def format_environment(values: dict[str, str], style: str) -> str:
 
 
 def cmd_env(args: argparse.Namespace, settings: StackSettings) -> int:
-    print(format_environment(client_environment(settings, args.workload), args.format))
+    compose = None if stack_running(settings.home) else running_compose_stack()
+    values = (
+        compose_environment(compose, args.workload)
+        if compose is not None
+        else client_environment(settings, args.workload)
+    )
+    print(format_environment(values, args.format))
     return 0
 
 

@@ -25,25 +25,29 @@ UIDS = {
     "transfer-engine": SETTINGS["TRANSFER_ENGINE_UID"],
     "risk": SETTINGS["RISK_UID"],
 }
-# Run inside a fresh container: one SVID from the shared Workload API socket, or exit 3; with a
-# second argument, GET /v1/accounts from that gateway with it and print the SPIFFE ID the gateway
-# served and its answer.
+# Run inside a fresh container, configured as `ztbank env` prints it: one SVID from the shared
+# Workload API socket, or exit 3; with ZTBANK_GATEWAY_URL set, GET /v1/accounts from the gateway
+# with it, and print the SPIFFE ID the gateway served and its answer.
 FETCH = """
 import http.client
+import os
 import sys
+import urllib.parse
 from cryptography import x509
 from services.common.errors import CommonError
 from services.common.identity.source import fetch_svid
 from services.common.tls import pem_client_context
+socket, trust_domain = os.environ["SPIFFE_ENDPOINT_SOCKET"], os.environ["ZTBANK_TRUST_DOMAIN"]
 try:
-    material = fetch_svid("unix:///spiffe-workload-api/workload.sock", sys.argv[1], timeout=5)
+    material = fetch_svid(socket, trust_domain, timeout=5)
 except CommonError as error:
     print("no SVID:", error)
     sys.exit(3)
 print(material.spiffe_id)
-if len(sys.argv) > 2:
+if gateway := os.environ.get("ZTBANK_GATEWAY_URL"):
+    url = urllib.parse.urlsplit(gateway)
     context = pem_client_context(material.chain_pem, material.key_pem, material.bundle_pem)
-    connection = http.client.HTTPSConnection(sys.argv[2], 8443, context=context, timeout=10)
+    connection = http.client.HTTPSConnection(url.hostname, url.port, context=context, timeout=10)
     connection.request("GET", "/v1/accounts")
     reply = connection.getresponse()
     served = x509.load_der_x509_certificate(connection.sock.getpeercert(binary_form=True))
@@ -52,6 +56,7 @@ if len(sys.argv) > 2:
     print(reply.status, reply.getheader("content-type"), reply.read().decode())
 """
 TRUST_DOMAIN = SETTINGS["ZTBANK_TRUST_DOMAIN"]
+SOCKET = "unix:///spiffe-workload-api/workload.sock"
 ONBOARDED_UID = "10044"
 
 pytestmark = pytest.mark.skipif(
@@ -74,19 +79,41 @@ def container_of(service: str) -> str:
     return ids[0]
 
 
-def fetch_svid_in_new_container(
-    uid: str, *, call_gateway: bool = False
+def fetch_svid_in_new_container(uid: str) -> subprocess.CompletedProcess[str]:
+    """A container of its own (not the issuer's, not the e2e one), on the shared socket only."""
+    return run_client_container(
+        {"SPIFFE_ENDPOINT_SOCKET": SOCKET, "ZTBANK_TRUST_DOMAIN": TRUST_DOMAIN},
+        f"{uid}:{SETTINGS['ISSUER_UID']}",
+        network="none",
+        volume=f"{PROJECT}_workload-api",
+    )
+
+
+def run_client_container(
+    env: dict[str, str], user: str, *, network: str, volume: str
 ) -> subprocess.CompletedProcess[str]:
-    """A container of its own (not the issuer's, not the e2e one), on the shared socket only,
-    and on the stack's network when it calls the gateway."""
-    network = f"{PROJECT}_default" if call_gateway else "none"
+    """FETCH in a fresh container of the image: ``env`` as its environment, the Workload API
+    ``volume`` mounted read-only where the stack's services have theirs."""
     return docker(
-        "run", "--rm", "--network", network, "--user", f"{uid}:{SETTINGS['ISSUER_UID']}",
-        "-v", f"{PROJECT}_workload-api:/spiffe-workload-api:ro",
-        "--entrypoint", "python", SETTINGS["ZTBANK_IMAGE"],
-        "-c", FETCH, TRUST_DOMAIN, *(["gateway"] if call_gateway else []),
+        "run", "--rm", "--network", network, "--user", user,
+        "-v", f"{volume}:/spiffe-workload-api:ro",
+        *(arg for name, value in env.items() for arg in ("-e", f"{name}={value}")),
+        "--entrypoint", "python", SETTINGS["ZTBANK_IMAGE"], "-c", FETCH,
         check=False,
     )  # fmt: skip
+
+
+def ztbank_env(workload: str, home: Path) -> dict[str, str]:
+    """``ztbank env --workload W --format json`` on the host, with no native stack in ``home``:
+    it describes the running compose project."""
+    shown = subprocess.run(
+        [str(ROOT / ".venv" / "bin" / "ztbank"), "env", "--workload", workload, "--format", "json"],
+        capture_output=True, text=True, check=False, timeout=60,
+        env={**os.environ, "COMPOSE_PROJECT_NAME": PROJECT, "ZTBANK_HOME": str(home)},
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    values: dict[str, str] = json.loads(shown.stdout)
+    return values
 
 
 def audit_in(service: str, name: str) -> list[dict[str, Any]]:
@@ -118,24 +145,42 @@ def test_an_unregistered_uid_in_another_container_gets_no_svid() -> None:
     assert done.stdout.startswith("no SVID:"), done.stdout
 
 
-def test_a_workload_onboarded_in_the_issuers_container_is_attested_denied_then_cut_off() -> None:
-    """docs/ci.md: on compose, ``ztbank workload add --uid`` runs in the issuer's container."""
+def test_a_workload_onboarded_in_the_issuers_container_is_attested_denied_then_cut_off(
+    tmp_path: Path,
+) -> None:
+    """docs/ci.md: on compose, ``ztbank workload add --uid`` runs in the issuer's container, and
+    a client container is configured by what ``ztbank env`` prints on the host."""
     issuer = container_of("issuer")
     spiffe_id = f"spiffe://{TRUST_DOMAIN}/env/prod/zone/az1/team/qa/svc/ci-onboarded"
     onboard = ["exec", issuer, "ztbank", "workload"]
-    added = docker(*onboard, "add", "ci-onboarded", "--team", "qa", "--uid", ONBOARDED_UID)
-    assert added.stdout == f"ci-onboarded: registered {spiffe_id} (unix:uid:{ONBOARDED_UID})\n"
+
+    def denials() -> list[tuple[str, str]]:
+        records = audit_in("gateway", "gateway")
+        return [(r["decision"], r["method"]) for r in records if r["caller_spiffe_id"] == spiffe_id]
+
+    denied_before = len(denials())  # none on a fresh stack; a kept one may hold earlier runs'
     try:
-        called = fetch_svid_in_new_container(ONBOARDED_UID, call_gateway=True)
+        added = docker(*onboard, "add", "ci-onboarded", "--team", "qa", "--uid", ONBOARDED_UID)
+        registered = f"ci-onboarded: registered {spiffe_id} (unix:uid:{ONBOARDED_UID})"
+        assert added.stdout.startswith(registered), added.stdout
+        env = ztbank_env("ci-onboarded", tmp_path / "no-native-stack")
+        assert env["ZTBANK_WORKLOAD_SPIFFE_ID"] == spiffe_id
+        assert env["ZTBANK_WORKLOAD_UID"] == ONBOARDED_UID
+        called = run_client_container(
+            env,
+            f"{env['ZTBANK_WORKLOAD_UID']}:{SETTINGS['ISSUER_UID']}",
+            network=env["ZTBANK_COMPOSE_NETWORK"],
+            volume=env["ZTBANK_WORKLOAD_API_VOLUME"],
+        )
         assert called.returncode == 0, called.stdout + called.stderr
         attested, gateway, answer = called.stdout.splitlines()
         assert attested == spiffe_id
+        assert gateway == env["ZTBANK_GATEWAY_SPIFFE_ID"]
         assert gateway == f"spiffe://{TRUST_DOMAIN}/env/prod/zone/az1/team/channels/svc/gateway"
         # An identity is not a permission: no policy rule names it (deny by default).
         assert answer.startswith("403 application/problem+json "), answer
         assert f"no policy rule allows {spiffe_id} to call gateway GET /v1/accounts" in answer
-        denied = [r for r in audit_in("gateway", "gateway") if r["caller_spiffe_id"] == spiffe_id]
-        assert [(r["decision"], r["method"]) for r in denied] == [("deny", "GET /v1/accounts")]
+        assert denials()[denied_before:] == [("deny", "GET /v1/accounts")]
     finally:
         removed = docker(*onboard, "remove", "ci-onboarded", check=False)
     assert removed.returncode == 0, removed.stderr

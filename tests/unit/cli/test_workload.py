@@ -12,9 +12,11 @@ import pytest
 from fastapi.routing import APIRoute
 
 from services.cli import main as cli
+from services.cli.errors import CliError, UsageError
 from services.cli.workload_cmd import (
     GATEWAY_ROUTES,
     Target,
+    compose_environment,
     format_environment,
     grant,
     parse_target,
@@ -28,6 +30,7 @@ from services.common.workloads import TELLER
 from services.gateway.domain.banking import Banking
 from services.gateway.domain.tokens import CustomerTokens
 from services.gateway.transport.routes import create_router
+from tests.support.fake_docker import HEALTHY, FakeDocker, inspected, stack_with
 from tests.support.helpers import scrub_environment
 
 REPO_POLICY = Path(__file__).resolve().parents[3] / "infra" / "policy.json"
@@ -40,6 +43,8 @@ def no_stack(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     scrub_environment(monkeypatch)
     monkeypatch.setenv("ZTBANK_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("ZTBANK_CERTS_DIR", str(tmp_path / "certs"))
+    # `env` falls back to a running compose project: none of this name has containers.
+    monkeypatch.setenv("COMPOSE_PROJECT_NAME", f"ztbank-unit-{tmp_path.name}")
     monkeypatch.chdir(tmp_path)
     return tmp_path / "home"
 
@@ -197,3 +202,70 @@ def test_a_bad_format_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> No
         cli.main(["env", "--format", "yaml"])
     assert exited.value.code == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+# -- env on the compose stack (make test-compose runs it against a real one) -----------------
+
+COMPOSE_TEAM_APP = "spiffe://ztbank.example/env/prod/zone/az1/team/qa/svc/ci-app"
+
+
+def listed(*rows: tuple[str, list[str]]) -> str:
+    return json.dumps(
+        [
+            {"name": name, "spiffe_id": COMPOSE_TEAM_APP, "selectors": selectors, "stack": False}
+            for name, selectors in rows
+        ]
+    )
+
+
+def test_compose_env_names_what_a_client_container_sees(tmp_path: Path) -> None:
+    fake = FakeDocker()
+    stack = stack_with(fake, tmp_path, HEALTHY)
+    fake.on("exec", "issuer", "list", out=listed(("ci-app", ["unix:uid:10043"])))
+
+    values = compose_environment(stack, "ci-app")
+
+    assert values == {
+        "ZTBANK_TRUST_DOMAIN": "ztbank.example",
+        "ZTBANK_GATEWAY_URL": "https://gateway:8443",
+        "ZTBANK_GATEWAY_SPIFFE_ID": "spiffe://ztbank.example/env/prod/zone/az1/team/channels/svc/gateway",
+        "ZTBANK_CRL_URL": "http://issuer:8180/crls",
+        "ZTBANK_OCSP_URL": "http://issuer:8180/ocsp",
+        "ZTBANK_COMPOSE_NETWORK": "ztbank-test_default",
+        "ZTBANK_WORKLOAD_API_VOLUME": "ztbank-test_workload-api",
+        "SPIFFE_ENDPOINT_SOCKET": "unix:///spiffe-workload-api/workload.sock",
+        "ZTBANK_WORKLOAD_SPIFFE_ID": COMPOSE_TEAM_APP,
+        "ZTBANK_WORKLOAD_UID": "10043",
+    }
+    (exec_call,) = [fake.calls[i] for i in fake.called("exec")]
+    assert exec_call[-6:] == ["-T", "issuer", "ztbank", "workload", "list", "--json"]
+
+
+def test_compose_env_without_a_workload_asks_the_issuer_nothing(tmp_path: Path) -> None:
+    fake = FakeDocker()
+    values = compose_environment(stack_with(fake, tmp_path, HEALTHY), None)
+    assert "SPIFFE_ENDPOINT_SOCKET" not in values
+    assert values["ZTBANK_GATEWAY_URL"] == "https://gateway:8443"
+    assert fake.called("exec") == []
+
+
+def test_compose_env_refuses_a_stack_whose_gateway_is_not_ready(tmp_path: Path) -> None:
+    starting = [*HEALTHY[:3], inspected("gateway", "running", "starting")]
+    with pytest.raises(CliError, match=r"^compose project ztbank-test: gateway not ready"):
+        compose_environment(stack_with(FakeDocker(), tmp_path, starting), None)
+
+
+def test_compose_env_for_an_unknown_workload_says_how_to_onboard_it(tmp_path: Path) -> None:
+    fake = FakeDocker()
+    stack = stack_with(fake, tmp_path, HEALTHY)
+    fake.on("exec", "issuer", "list", out=listed(("other", ["unix:uid:10050"])))
+    with pytest.raises(UsageError, match="ztbank workload add ci-app --team TEAM --uid UID"):
+        compose_environment(stack, "ci-app")
+
+
+def test_compose_env_when_the_issuer_cannot_list_is_one_line(tmp_path: Path) -> None:
+    fake = FakeDocker()
+    stack = stack_with(fake, tmp_path, HEALTHY)
+    fake.on("exec", "issuer", "list", rc=1)
+    with pytest.raises(CliError, match="`ztbank workload list` failed in ztbank-test's issuer"):
+        compose_environment(stack, "ci-app")
