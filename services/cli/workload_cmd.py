@@ -47,7 +47,10 @@ from services.common.workloads import ENV as DEFAULT_ENV
 from services.issuer.admin_client import AdminCallError, call_admin
 from services.issuer.domain.revocation import crls_url, ocsp_url, parse_reason
 from services.stack.compose import (
+    ISSUER_HTTP,
+    ISSUER_SERVICE,
     OFFLINE_FILE,
+    WORKLOAD_API_SOCKET,
     ComposeStack,
     ComposeUsageError,
     Docker,
@@ -80,11 +83,7 @@ REVOKE_REASON = "cessationOfOperation"
 RELOAD_WAIT_SECONDS = RELOAD_CHECK_SECONDS + 0.2
 FORMATS = ("shell", "dotenv", "json")
 UID_SELECTOR = "unix:uid:"
-# The compose stack as a client container on its network sees it (compose*.yaml).
-COMPOSE_ISSUER = "issuer"
-COMPOSE_ISSUER_URL = "http://issuer:8180"
-COMPOSE_GATEWAY_URL = "https://gateway:8443"
-COMPOSE_WORKLOAD_SOCKET = "unix:///spiffe-workload-api/workload.sock"
+COMPOSE_GATEWAY_URL = "https://gateway:8443"  # as a container on the compose network sees it
 
 
 def _grpc_methods(*files: Any) -> tuple[str, ...]:
@@ -594,7 +593,7 @@ def compose_environment(stack: ComposeStack, workload: str | None) -> dict[str, 
     (docs/ci.md). No trust bundle file: the ``ca`` volume also holds the root's key, so the
     client takes the bundle that comes with its SVID from the Workload API."""
     ready = {state.service for state in stack.states() if state.ready}
-    missing = [name for name in (COMPOSE_ISSUER, GATEWAY.name) if name not in ready]
+    missing = [name for name in (ISSUER_SERVICE, GATEWAY.name) if name not in ready]
     if missing:
         raise CliError(
             f"compose project {stack.project}: {', '.join(missing)} not ready (make status)"
@@ -604,23 +603,28 @@ def compose_environment(stack: ComposeStack, workload: str | None) -> dict[str, 
         "ZTBANK_TRUST_DOMAIN": trust_domain,
         "ZTBANK_GATEWAY_URL": COMPOSE_GATEWAY_URL,
         "ZTBANK_GATEWAY_SPIFFE_ID": str(GATEWAY.spiffe_id(trust_domain)),
-        "ZTBANK_CRL_URL": crls_url(COMPOSE_ISSUER_URL),
-        "ZTBANK_OCSP_URL": ocsp_url(COMPOSE_ISSUER_URL),
+        "ZTBANK_CRL_URL": crls_url(f"http://{ISSUER_HTTP}"),
+        "ZTBANK_OCSP_URL": ocsp_url(f"http://{ISSUER_HTTP}"),
         "ZTBANK_COMPOSE_NETWORK": f"{stack.project}_default",
         "ZTBANK_WORKLOAD_API_VOLUME": f"{stack.project}_workload-api",
     }
     if workload is not None:
         check_label("--workload", workload)
-        listed = stack.compose("exec", "-T", COMPOSE_ISSUER, "ztbank", "workload", "list", "--json")
-        if listed.returncode != 0:
-            raise CliError(f"`ztbank workload list` failed in {stack.project}'s issuer container")
-        rows = [row for row in json.loads(listed.stdout) if row["name"] == workload]
+        listed = stack.compose("exec", "-T", ISSUER_SERVICE, "ztbank", "workload", "list", "--json")
+        try:
+            if listed.returncode != 0:
+                raise ValueError(f"exit code {listed.returncode}")
+            rows = [row for row in json.loads(listed.stdout) if row["name"] == workload]
+        except (ValueError, TypeError, KeyError) as error:
+            raise CliError(
+                f"`ztbank workload list` failed in {stack.project}'s issuer container: {error}"
+            ) from None
         if not rows:
             raise UsageError(
                 f"no workload {workload!r} on compose project {stack.project}; onboard it in the"
                 f" issuer's container: `ztbank workload add {workload} --team TEAM --uid UID`"
             )
-        values["SPIFFE_ENDPOINT_SOCKET"] = COMPOSE_WORKLOAD_SOCKET
+        values["SPIFFE_ENDPOINT_SOCKET"] = WORKLOAD_API_SOCKET
         values["ZTBANK_WORKLOAD_SPIFFE_ID"] = rows[0]["spiffe_id"]
         uids = [s.removeprefix(UID_SELECTOR) for s in rows[0]["selectors"]]
         if uid := next((u for u in uids if u.isdigit()), None):

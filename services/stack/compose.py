@@ -33,6 +33,10 @@ OFFLINE_FILE = "compose.offline.yaml"
 BASE_IMAGE = "ztbank-base:bookworm"
 UP_TIMEOUT = 240.0
 PROJECT_LABEL = "com.docker.compose.project"
+# The stack as a container on its network sees it (compose*.yaml).
+ISSUER_SERVICE = "issuer"
+ISSUER_HTTP = "issuer:8180"
+WORKLOAD_API_SOCKET = "unix:///spiffe-workload-api/workload.sock"
 # Run on demand (profiles "test" and "load"), never part of a healthy stack.
 ON_DEMAND_JOBS = ("e2e", "locust")
 # The images ztbank owns: Dockerfile target -> the .env variable naming its tag.
@@ -604,9 +608,9 @@ def print_status(stack: ComposeStack) -> int:
     settings = stack.settings()
     probe_env = {
         "ZTBANK_TRUST_DOMAIN": settings["ZTBANK_TRUST_DOMAIN"],
-        "ZTBANK_ISSUER_HTTP": "issuer:8180",
+        "ZTBANK_ISSUER_HTTP": ISSUER_HTTP,
         "ZTBANK_REGISTRY": "/app/infra/consul/services.json",
-        "ZTBANK_OPS_ENDPOINT_SOCKET": "unix:///spiffe-workload-api/workload.sock",
+        "ZTBANK_OPS_ENDPOINT_SOCKET": WORKLOAD_API_SOCKET,
         # where the offline stack's root is (the `ca` volume); Vault keeps it in the full one
         "ZTBANK_CERTS_DIR": "/var/lib/ztbank/certs",
         # nothing of the stack's own state; the throwaway container's own /tmp

@@ -263,9 +263,12 @@ def test_compose_env_for_an_unknown_workload_says_how_to_onboard_it(tmp_path: Pa
         compose_environment(stack, "ci-app")
 
 
-def test_compose_env_when_the_issuer_cannot_list_is_one_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("rc", "out"), [(1, ""), (0, "Traceback (most recent call last):")])
+def test_compose_env_when_the_issuer_cannot_list_is_one_line(
+    tmp_path: Path, rc: int, out: str
+) -> None:
     fake = FakeDocker()
     stack = stack_with(fake, tmp_path, HEALTHY)
-    fake.on("exec", "issuer", "list", rc=1)
+    fake.on("exec", "issuer", "list", rc=rc, out=out)
     with pytest.raises(CliError, match="`ztbank workload list` failed in ztbank-test's issuer"):
         compose_environment(stack, "ci-app")
