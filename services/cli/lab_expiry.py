@@ -21,6 +21,7 @@ Nothing of the stack is changed; the minted SVIDs expire by themselves.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from services.cli.lab_support import (
@@ -118,13 +119,7 @@ def run_expiry_lab(settings: StackSettings, say: Say) -> bool:
         last_gateway_denial(settings, source_port=outcome.local_port)
         for _, outcome in seen.refusals
     ]
-    handshake = next((r for r in reasons if r and r.startswith(HANDSHAKE_REFUSAL)), None)
-    checks.append(handshake is not None and None not in reasons)
-    audited = f"a deny: {handshake!r}" if handshake else "NO refused handshake"
-    say(f"  3 the gateway audited {audited}")
-    if reasons and reasons[0] != handshake:
-        # The handshake came just before notAfter; the gateway closed the connection at notAfter.
-        say(f"    (the first refused connection, opened before notAfter: {reasons[0]!r})")
+    checks.append(audited_refusals(reasons, say))
 
     closed = seen.kept_alive_closed
     checks.append(
@@ -151,6 +146,21 @@ def run_expiry_lab(settings: StackSettings, say: Say) -> bool:
             "  its open connection closed, the refusal audited, served again with a valid SVID",
         ],
     )
+
+
+def audited_refusals(reasons: Sequence[str | None], say: Say) -> bool:
+    """Step 3 on the gateway's deny reasons for the refused connections, in order (None: no
+    record): True when each is audited and one is a refused handshake naming its rule."""
+    handshake = next((r for r in reasons if r and r.startswith(HANDSHAKE_REFUSAL)), None)
+    audited = f"a deny: {handshake!r}" if handshake else "NO refused handshake"
+    say(f"  3 the gateway audited {audited}")
+    if reasons and reasons[0] is not None and reasons[0] != handshake:
+        # The handshake came just before notAfter; the gateway closed the connection at notAfter.
+        say(f"    (the first refused connection, opened before notAfter: {reasons[0]!r})")
+    unaudited = reasons.count(None)
+    if unaudited:
+        say(f"    {unaudited} of {len(reasons)} refused connections have NO audit record")
+    return handshake is not None and unaudited == 0
 
 
 def _timeline(seen: Timeline) -> str:
