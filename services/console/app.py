@@ -31,7 +31,7 @@ from services.common.identity.source import SvidMaterial
 from services.common.problem import problem, problem_response
 from services.common.workloads import SERVICES
 from services.console.errors import ConsoleError, StackDownError, UnknownReportError
-from services.console.feeds import JsonLinesTail, LatencyWindow, decision, served
+from services.console.feeds import JsonLinesTail, ServedFeed, decision
 from services.console.labs import LabRunner, lab_command
 from services.console.settings import CONSOLE_HOST, ConsoleSettings
 
@@ -119,13 +119,12 @@ class Console:
         self.starting = asyncio.Lock()  # held by a lab start from its check to the lab running
         self.state: dict[str, Any] | None = None
         self.decisions: deque[dict[str, Any]] = deque(maxlen=RECENT_DECISIONS)
-        started = time.time()  # the spans are read from their end: what came before is unknown
-        self.latency = {w.name: LatencyWindow(since=started) for w in SERVICES}
         self.metrics: dict[str, Any] = {}
         home = settings.home
         self._audits = [JsonLinesTail(home / "audit" / f"{w.name}.jsonl") for w in SERVICES]
+        started = time.time()
         self._spans = {
-            w.name: JsonLinesTail(home / "telemetry" / f"{w.name}-spans.jsonl", start_back_bytes=0)
+            w.name: ServedFeed(home / "telemetry" / f"{w.name}-spans.jsonl", started=started)
             for w in SERVICES
         }
 
@@ -155,10 +154,8 @@ class Console:
     async def _spans_loop(self) -> None:
         while True:
             now = time.time()
-            for name, tail in self._spans.items():
-                window = self.latency[name]
-                window.add(s for span in tail.read() if (s := served(span)) is not None)
-                self.metrics[name] = window.series(now)
+            for name, feed in self._spans.items():
+                self.metrics[name] = feed.poll(now)
             self.events.publish("metrics", self.metrics)
             await asyncio.sleep(SPANS_POLL_SECONDS)
 

@@ -14,6 +14,9 @@ from typing import Any
 
 # Where a tail of a long file starts: the last records are enough to fill the page.
 DEFAULT_START_BACK_BYTES = 64 * 1024
+# How much of a spans file written before the console started fills its charts: a few minutes
+# at a demo's rates, a few seconds under `make bench-bank` (the charts then say from when).
+SPANS_BACKFILL_BYTES = 4 * 1024 * 1024
 SERVER_SPAN = "SERVER"
 
 
@@ -30,6 +33,8 @@ class JsonLinesTail:
         self._offset: int | None = None
         self._inode: int | None = None
         self._partial = b""
+        # Where the first read began: 0 is the whole file; None until the file was seen.
+        self.first_offset: int | None = None
 
     def _open_at(self, size: int, inode: int) -> bool:
         """Where to read from; True if the first line read may be a fragment."""
@@ -37,6 +42,8 @@ class JsonLinesTail:
         if first or inode != self._inode or size < (self._offset or 0):
             self._offset = max(0, size - self._start_back) if first else 0
             self._partial = b""
+            if first:
+                self.first_offset = self._offset
         self._inode = inode
         return first and (self._offset or 0) > 0
 
@@ -143,3 +150,37 @@ class LatencyWindow:
             series["p50"].append(_percentile(ordered, 0.50) if ordered else None)
             series["p99"].append(_percentile(ordered, 0.99) if ordered else None)
         return series
+
+
+class ServedFeed:
+    """One service's served requests, from its spans file into a ``LatencyWindow``.
+
+    The first read takes up to ``backfill_bytes`` written before, so the charts open with the
+    last minutes rather than empty; the window then counts from the first span read (or from
+    the file's start, when all of it was read).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        started: float,
+        backfill_bytes: int = SPANS_BACKFILL_BYTES,
+        window: LatencyWindow | None = None,
+    ) -> None:
+        self.tail = JsonLinesTail(path, start_back_bytes=backfill_bytes)
+        self.window = window or LatencyWindow()
+        self.window.since = started  # until the file is seen: nothing before is known
+        self._placed = False
+
+    def poll(self, now: float) -> dict[str, list[float | None]]:
+        records = self.tail.read()
+        if not self._placed and self.tail.first_offset is not None:
+            self._placed = True
+            ends = [r["end_ns"] / 1e9 for r in records if isinstance(r.get("end_ns"), int)]
+            if self.tail.first_offset == 0:
+                self.window.since = None
+            elif ends:
+                self.window.since = min(ends)
+        self.window.add(s for record in records if (s := served(record)) is not None)
+        return self.window.series(now)

@@ -5,7 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from services.console.feeds import JsonLinesTail, LatencyWindow, Served, decision, served
+from services.console.feeds import (
+    JsonLinesTail,
+    LatencyWindow,
+    Served,
+    ServedFeed,
+    decision,
+    served,
+)
 
 
 def append(path: Path, *records: object, raw: str = "") -> None:
@@ -109,3 +116,51 @@ def test_latency_window_leaves_out_steps_before_it_began_to_count() -> None:
     assert series["t"] == [990.0, 1000.0]
     assert series["rate"] == [0.1, 0.0]
     assert series["p50"] == [3.0, None]
+
+
+def span(ended: float, milliseconds: float = 5.0, kind: str = "SERVER") -> dict[str, object]:
+    end_ns = int(ended * 1e9)
+    return {"kind": kind, "start_ns": end_ns - int(milliseconds * 1e6), "end_ns": end_ns}
+
+
+def test_the_charts_open_with_the_spans_written_before_the_console_started(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "gateway-spans.jsonl"
+    append(path, span(975.0, 4.0), span(985.0, 6.0, kind="CLIENT"), span(995.0, 8.0))
+    feed = ServedFeed(path, started=1000.0, window=LatencyWindow(seconds=30, step=10))
+
+    series = feed.poll(1000.0)
+
+    assert feed.window.since is None  # the whole file was read: nothing before it is missing
+    assert series["t"] == [980.0, 990.0, 1000.0]
+    assert series["rate"] == [0.0, 0.1, 0.0]
+    assert series["p50"] == [None, 8.0, None]
+    append(path, span(1001.0, 2.0))
+    assert feed.poll(1002.0)["p50"][-1] == 2.0
+
+
+def test_a_long_spans_file_counts_from_the_first_span_it_read(tmp_path: Path) -> None:
+    path = tmp_path / "gateway-spans.jsonl"
+    append(path, *(span(900.0 + n) for n in range(100)))  # 900-999, about 90 bytes each
+    feed = ServedFeed(
+        path, started=1000.0, backfill_bytes=1000, window=LatencyWindow(seconds=30, step=10)
+    )
+
+    series = feed.poll(1000.0)
+
+    since = feed.window.since
+    assert since is not None
+    assert 985.0 < since < 999.0  # the last ten or so spans were read
+    assert series["t"][0] == 980.0  # the step holding `since`; earlier ones are not "0 requests"
+    counted = round(sum(rate or 0.0 for rate in series["rate"]) * 10)  # rate x step
+    assert counted == 999 - since + 1  # each span read, once
+
+
+def test_a_spans_file_that_appears_later_is_read_whole(tmp_path: Path) -> None:
+    path = tmp_path / "gateway-spans.jsonl"
+    feed = ServedFeed(path, started=1000.0, window=LatencyWindow(seconds=30, step=10))
+    assert feed.poll(1000.0)["t"] == [1000.0]  # nothing known before the console started
+    append(path, span(1003.0))
+    assert feed.poll(1005.0)["rate"] == [0.0, 0.0, 0.1]
+    assert feed.window.since is None
