@@ -37,6 +37,7 @@ from services.cli.lab_support import (
     Say,
     interrupted_by_termination,
     service_pids,
+    unrestarted,
     verdict,
     watched_file,
 )
@@ -197,9 +198,7 @@ def run_breaker_lab(settings: StackSettings, say: Say) -> bool:
     gauge = state()
     shown = f"{gauge:g}" if gauge is not None else "absent"
     say(f"    balance {after} (was {before}); breaker_state {shown}")
-    same = service_pids(stack) == pids
-    checks.append(same)
-    say(f"  6 {'no service was restarted' if same else 'a service was RESTARTED'}")
+    checks.append(unrestarted(stack, pids, say, 6))
     return verdict(
         say,
         checks,

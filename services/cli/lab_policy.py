@@ -38,6 +38,7 @@ from services.cli.lab_support import (
     mint_teller_svid,
     policy_lock,
     service_pids,
+    unrestarted,
     verdict,
     watched_file,
 )
@@ -171,9 +172,7 @@ def run_policy_lab(settings: StackSettings, say: Say) -> bool:
     checks.append(again is not None)
     served = f"served again after {again:.1f} s" if again is not None else "NOT served again"
     say(f"  6 {ROUTE} {served}")
-    same = service_pids(stack) == pids
-    checks.append(same)
-    say(f"  7 {'no service was restarted' if same else 'a service was RESTARTED'}")
+    checks.append(unrestarted(stack, pids, say, 7))
     return verdict(
         say,
         checks,

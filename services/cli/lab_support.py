@@ -204,6 +204,14 @@ def service_pids(stack: NativeStack) -> dict[str, int | None]:
     return {name: process.pid() for name, process in stack.services.items()}
 
 
+def unrestarted(stack: NativeStack, pids: dict[str, int | None], say: Say, step: int) -> bool:
+    """Lab step ``step``: whether every service still runs as the process it was (``pids``,
+    from ``service_pids`` before the lab), said either way."""
+    same = service_pids(stack) == pids
+    say(f"  {step} {'no service was restarted' if same else 'a service was RESTARTED'}")
+    return same
+
+
 def verdict(say: Say, checks: Sequence[bool], passed: Sequence[str]) -> bool:
     """A lab's last lines: ``passed`` when every check held, else where to look."""
     if all(checks):

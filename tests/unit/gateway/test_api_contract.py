@@ -43,14 +43,6 @@ DOCUMENTED = {
 NOT_UTF8 = b'{"customer": "\xff\xfe"}'
 
 
-@pytest.fixture
-def openapi(client: TestClient) -> dict[str, Any]:
-    response = client.get("/openapi.json")
-    assert response.status_code == 200
-    document: dict[str, Any] = response.json()
-    return document
-
-
 def responses(openapi: dict[str, Any], method: str, path: str) -> dict[str, Any]:
     documented: dict[str, Any] = openapi["paths"][path][method]["responses"]
     return documented

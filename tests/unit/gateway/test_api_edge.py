@@ -103,14 +103,6 @@ def test_unexpected_errors_are_500_problems_without_details(
 # -- OpenAPI -------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def openapi(client: TestClient) -> dict[str, Any]:
-    response = client.get("/openapi.json")
-    assert response.status_code == 200
-    document: dict[str, Any] = response.json()
-    return document
-
-
 def test_openapi_lists_every_endpoint(openapi: dict[str, Any]) -> None:
     operations = {
         (method.upper(), path) for path, item in openapi["paths"].items() for method in item
