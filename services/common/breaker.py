@@ -53,7 +53,11 @@ from services.common.errors import CommonError
 from services.common.identity.pem import load_der_certificates, serial_hex
 from services.common.identity.source import SvidMaterial
 from services.common.identity.spiffe_id import SpiffeId
-from services.common.policy import RELOAD_CHECK_SECONDS, FilePolicySource, PolicySource
+from services.common.policy import (
+    FilePolicySource,
+    PolicySource,
+    ReloadThrottle,
+)
 from services.common.settings import ZtbankSettings
 from services.common.tls import PeerVerifier, client_context
 
@@ -180,9 +184,7 @@ class TrustTable:
     ) -> None:
         self._source = FilePolicySource(source) if isinstance(source, Path) else source
         self._without = trust_without_table
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._checked = clock()
+        self._throttle = ReloadThrottle(clock, checked=clock())
         self._stamp: object = None
         self._refused: str | None = None
         self._levels = self._missing(0)
@@ -227,20 +229,18 @@ class TrustTable:
         return None
 
     def current(self) -> TrustLevels:
-        now = self._clock()
-        if now - self._checked >= RELOAD_CHECK_SECONDS:
-            with self._lock:
-                if now - self._checked >= RELOAD_CHECK_SECONDS:
-                    self._checked = now
-                    error = self._reload()
-                    if error is not None and error != self._refused:
-                        logger.error(
-                            "trust table %s refused, keeping the previous one: %s",
-                            self._source.describe(),
-                            error,
-                        )
-                    self._refused = error
+        self._throttle.run_if_due(self._look)
         return self._levels
+
+    def _look(self) -> None:
+        error = self._reload()
+        if error is not None and error != self._refused:
+            logger.error(
+                "trust table %s refused, keeping the previous one: %s",
+                self._source.describe(),
+                error,
+            )
+        self._refused = error
 
 
 # -- settings --------------------------------------------------------------------------------
