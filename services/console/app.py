@@ -155,7 +155,9 @@ class Console:
         while True:
             now = time.time()
             for name, feed in self._spans.items():
-                self.metrics[name] = feed.poll(now)
+                # In a worker thread: the first poll parses up to SPANS_BACKFILL_BYTES of spans,
+                # which would hold up the event stream and the API.
+                self.metrics[name] = await asyncio.to_thread(feed.poll, now)
             self.events.publish("metrics", self.metrics)
             await asyncio.sleep(SPANS_POLL_SECONDS)
 
