@@ -91,10 +91,14 @@ class TellerClient:
         or missing).  The last verified answer is kept under ZTBANK_HOME, so a client started
         during an issuer outage works as long as the services do.
         """
+        self._trust_domain = settings.trust_domain
+        # The teller's own SVID is fetched again at half-life (a lab outlives a 20 s SVID); a
+        # given one is presented as it is, expired or not.
+        self._own_socket: str | None = None
         if material is None:
-            socket_uri = f"unix://{settings.workload_socket_for(TELLER.name)}"
+            self._own_socket = f"unix://{settings.workload_socket_for(TELLER.name)}"
             try:
-                material = fetch_svid(socket_uri, settings.trust_domain, timeout=5)
+                material = fetch_svid(self._own_socket, settings.trust_domain, timeout=5)
             except CommonError as error:
                 raise CliError(
                     f"no teller identity ({error}); {stack_hint(settings.home)}"
@@ -121,8 +125,19 @@ class TellerClient:
         """The SVID this client presents (and the bundle it trusts)."""
         return self._material
 
+    def _renew(self) -> None:
+        held = self._material
+        if self._own_socket is None or held.seconds_left() > held.lifetime.total_seconds() / 2:
+            return
+        try:
+            self._material = fetch_svid(self._own_socket, self._trust_domain, timeout=5)
+        except CommonError:
+            return  # the held one until it expires; then the gateway refuses it (fail closed)
+        self._context = client_context(self._material, ["http/1.1"])
+
     def connect(self) -> http.client.HTTPSConnection:
         """A keep-alive connection for many requests (benchmarks); ``request`` opens its own."""
+        self._renew()
         return _VerifiedConnection(
             self._address.host,
             self._address.port,
