@@ -4,7 +4,8 @@ Each step reads Vault's current state first and only writes what is missing or d
 initialise (demo only: one key share) and unseal; ``pki`` with an internal EC root CA;
 ``pki_int`` with an intermediate signed by that root; the ``spiffe-svid`` role; the
 ``ztbank-issuer`` policy; AppRole auth with a ``ztbank-issuer`` role whose role_id and secret_id
-are written for the issuer.
+are written for the issuer; optionally, the root CA written out for the issuer to pin
+(``--root-ca-out``) and a file audit device checked (``--audit-file``).
 
 Exit status: 0 done, 1 Vault refused or is in a state this script will not repair, 2 bad input or
 Vault unreachable.
@@ -29,7 +30,7 @@ import requests
 from cryptography import x509
 
 from services.common.errors import InvalidSpiffeIdError
-from services.common.files import PRIVATE_MODE, write_atomic
+from services.common.files import PRIVATE_MODE, PUBLIC_MODE, write_atomic
 from services.common.identity.spiffe_id import (
     DEFAULT_TRUST_DOMAIN,
     SCHEME_PREFIX,
@@ -66,6 +67,8 @@ class Plan:
     trust_domain: str
     public_url: str
     approle_out: Path
+    root_ca_out: Path | None = None
+    audit_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -431,6 +434,45 @@ def ensure_approle_credentials(client: hvac.Client, role: str, mount: str, out: 
     return True
 
 
+def ensure_file_audit(client: hvac.Client, file_path: str) -> bool:
+    """A file audit device writing to ``file_path``: Vault's own record of every request, with
+    secrets HMAC-hashed.  OpenBao enables audit devices only from its configuration file; Vault
+    also through the API, which is tried when the device is missing."""
+    devices = _read("GET sys/audit", client.sys.list_enabled_audit_devices) or {}
+    for device in devices.values():
+        if not isinstance(device, dict) or device.get("type") != "file":
+            continue
+        options = device.get("options")
+        if isinstance(options, dict) and options.get("file_path") == file_path:
+            return False
+    try:
+        client.sys.enable_audit_device(
+            device_type="file", path="file", options={"file_path": file_path}
+        )
+    except hvac.exceptions.InvalidRequest as error:
+        raise BootstrapError(
+            f"Vault has no file audit device writing to {file_path}, and refused to enable one"
+            f' ({error}): add `audit "file" "file" {{ options {{ file_path ='
+            f' "{file_path}" }} }}` to its configuration'
+        ) from None
+    return True
+
+
+def ensure_root_ca_file(client: hvac.Client, mount: str, out: Path) -> bool:
+    """Write the root CA certificate for the issuer to pin; True if the file changed."""
+    pem = _ca_pem(client, mount)
+    if not pem:
+        raise BootstrapError(f"{mount} holds no CA certificate to write to {out}")
+    data = pem.encode() + b"\n"
+    try:
+        if out.read_bytes() == data:
+            return False
+    except OSError:
+        pass
+    write_atomic(out, data, PUBLIC_MODE)
+    return True
+
+
 def configure(client: hvac.Client, plan: Plan, report: Report) -> None:
     """Every step after unsealing; ``client`` must hold a root (or equivalent) token."""
     td = plan.trust_domain
@@ -461,6 +503,13 @@ def configure(client: hvac.Client, plan: Plan, report: Report) -> None:
         f"AppRole credentials in {plan.approle_out}",
         ensure_approle_credentials(client, ISSUER_APPROLE, APPROLE_MOUNT, plan.approle_out),
     )
+    if plan.root_ca_out is not None:
+        report(
+            f"root CA in {plan.root_ca_out}",
+            ensure_root_ca_file(client, ROOT_MOUNT, plan.root_ca_out),
+        )
+    if plan.audit_file is not None:
+        report(f"file audit device {plan.audit_file}", ensure_file_audit(client, plan.audit_file))
 
 
 def _root_token_from(init_file: Path | None) -> str:
@@ -528,6 +577,15 @@ def _parser() -> argparse.ArgumentParser:
         help="JSON file (mode 0600) that receives the issuer's AppRole role_id and secret_id",
     )
     parser.add_argument(
+        "--root-ca-out",
+        type=Path,
+        help="file that receives the root CA certificate of the pki mount, for the issuer to pin",
+    )
+    parser.add_argument(
+        "--audit-file",
+        help="check (or, on Vault, enable) a file audit device writing to this path in Vault",
+    )
+    parser.add_argument(
         "--public-url",
         help="Vault's address as clients see it, for AIA/CRL/OCSP URLs (default: --vault-addr)",
     )
@@ -563,7 +621,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError(f"--trust-domain: {error}") from None
         bootstrap(
             connect(address, args.ca_cert),
-            Plan(trust_domain, public_url, args.approle_out),
+            Plan(trust_domain, public_url, args.approle_out, args.root_ca_out, args.audit_file),
             init_file=args.init_file,
             token=os.environ.get("VAULT_TOKEN") or None,
             report=_print_step,

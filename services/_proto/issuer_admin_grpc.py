@@ -38,6 +38,10 @@ class IssuerAdminBase(abc.ABC):
     async def Revoke(self, stream: 'grpclib.server.Stream[issuer_admin_pb2.RevokeRequest, issuer_admin_pb2.RevokeResponse]') -> None:
         pass
 
+    @abc.abstractmethod
+    async def RenewCA(self, stream: 'grpclib.server.Stream[issuer_admin_pb2.RenewCARequest, issuer_admin_pb2.RenewCAResponse]') -> None:
+        pass
+
     def __mapping__(self) -> typing.Dict[str, grpclib.const.Handler]:
         return {
             '/ztbank.issuer.v1.IssuerAdmin/CreateEntry': grpclib.const.Handler(
@@ -75,6 +79,12 @@ class IssuerAdminBase(abc.ABC):
                 grpclib.const.Cardinality.UNARY_UNARY,
                 issuer_admin_pb2.RevokeRequest,
                 issuer_admin_pb2.RevokeResponse,
+            ),
+            '/ztbank.issuer.v1.IssuerAdmin/RenewCA': grpclib.const.Handler(
+                self.RenewCA,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                issuer_admin_pb2.RenewCARequest,
+                issuer_admin_pb2.RenewCAResponse,
             ),
         }
 
@@ -117,4 +127,10 @@ class IssuerAdminStub:
             '/ztbank.issuer.v1.IssuerAdmin/Revoke',
             issuer_admin_pb2.RevokeRequest,
             issuer_admin_pb2.RevokeResponse,
+        )
+        self.RenewCA = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/ztbank.issuer.v1.IssuerAdmin/RenewCA',
+            issuer_admin_pb2.RenewCARequest,
+            issuer_admin_pb2.RenewCAResponse,
         )

@@ -113,7 +113,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("trust_domain", "upstream", "workload_socket", "active_ca_serial", "active_ca_not_after", "entries", "bundle_size", "revocation_url", "crl_number", "revoked_certificates", "revoked_spiffe_ids")
+    __slots__ = ("trust_domain", "upstream", "workload_socket", "active_ca_serial", "active_ca_not_after", "entries", "bundle_size", "revocation_url", "crl_number", "revoked_certificates", "revoked_spiffe_ids", "ca_chain", "upstream_error", "upstream_last_success")
     TRUST_DOMAIN_FIELD_NUMBER: _ClassVar[int]
     UPSTREAM_FIELD_NUMBER: _ClassVar[int]
     WORKLOAD_SOCKET_FIELD_NUMBER: _ClassVar[int]
@@ -125,6 +125,9 @@ class StatusResponse(_message.Message):
     CRL_NUMBER_FIELD_NUMBER: _ClassVar[int]
     REVOKED_CERTIFICATES_FIELD_NUMBER: _ClassVar[int]
     REVOKED_SPIFFE_IDS_FIELD_NUMBER: _ClassVar[int]
+    CA_CHAIN_FIELD_NUMBER: _ClassVar[int]
+    UPSTREAM_ERROR_FIELD_NUMBER: _ClassVar[int]
+    UPSTREAM_LAST_SUCCESS_FIELD_NUMBER: _ClassVar[int]
     trust_domain: str
     upstream: str
     workload_socket: str
@@ -136,4 +139,25 @@ class StatusResponse(_message.Message):
     crl_number: int
     revoked_certificates: int
     revoked_spiffe_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, trust_domain: _Optional[str] = ..., upstream: _Optional[str] = ..., workload_socket: _Optional[str] = ..., active_ca_serial: _Optional[str] = ..., active_ca_not_after: _Optional[str] = ..., entries: _Optional[int] = ..., bundle_size: _Optional[int] = ..., revocation_url: _Optional[str] = ..., crl_number: _Optional[int] = ..., revoked_certificates: _Optional[int] = ..., revoked_spiffe_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    ca_chain: _containers.RepeatedCompositeFieldContainer[CaCertificate]
+    upstream_error: str
+    upstream_last_success: str
+    def __init__(self, trust_domain: _Optional[str] = ..., upstream: _Optional[str] = ..., workload_socket: _Optional[str] = ..., active_ca_serial: _Optional[str] = ..., active_ca_not_after: _Optional[str] = ..., entries: _Optional[int] = ..., bundle_size: _Optional[int] = ..., revocation_url: _Optional[str] = ..., crl_number: _Optional[int] = ..., revoked_certificates: _Optional[int] = ..., revoked_spiffe_ids: _Optional[_Iterable[str]] = ..., ca_chain: _Optional[_Iterable[_Union[CaCertificate, _Mapping]]] = ..., upstream_error: _Optional[str] = ..., upstream_last_success: _Optional[str] = ...) -> None: ...
+
+class CaCertificate(_message.Message):
+    __slots__ = ("subject", "serial", "not_after")
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    SERIAL_FIELD_NUMBER: _ClassVar[int]
+    NOT_AFTER_FIELD_NUMBER: _ClassVar[int]
+    subject: str
+    serial: str
+    not_after: str
+    def __init__(self, subject: _Optional[str] = ..., serial: _Optional[str] = ..., not_after: _Optional[str] = ...) -> None: ...
+
+class RenewCARequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RenewCAResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

@@ -64,6 +64,11 @@ class IssuerAdminStub:
                 request_serializer=issuer__admin__pb2.RevokeRequest.SerializeToString,
                 response_deserializer=issuer__admin__pb2.RevokeResponse.FromString,
                 _registered_method=True)
+        self.RenewCA = channel.unary_unary(
+                '/ztbank.issuer.v1.IssuerAdmin/RenewCA',
+                request_serializer=issuer__admin__pb2.RenewCARequest.SerializeToString,
+                response_deserializer=issuer__admin__pb2.RenewCAResponse.FromString,
+                _registered_method=True)
 
 
 class IssuerAdminServicer:
@@ -105,6 +110,12 @@ class IssuerAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RenewCA(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IssuerAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -137,6 +148,11 @@ def add_IssuerAdminServicer_to_server(servicer, server):
                     servicer.Revoke,
                     request_deserializer=issuer__admin__pb2.RevokeRequest.FromString,
                     response_serializer=issuer__admin__pb2.RevokeResponse.SerializeToString,
+            ),
+            'RenewCA': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewCA,
+                    request_deserializer=issuer__admin__pb2.RenewCARequest.FromString,
+                    response_serializer=issuer__admin__pb2.RenewCAResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -301,6 +317,33 @@ class IssuerAdmin:
             '/ztbank.issuer.v1.IssuerAdmin/Revoke',
             issuer__admin__pb2.RevokeRequest.SerializeToString,
             issuer__admin__pb2.RevokeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewCA(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ztbank.issuer.v1.IssuerAdmin/RenewCA',
+            issuer__admin__pb2.RenewCARequest.SerializeToString,
+            issuer__admin__pb2.RenewCAResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,43 +1,47 @@
-"""``ztbank lab upstream``: the issuer's upstream CA goes offline while the issuer needs it; the
-bank keeps serving, the failed CA renewal is visible, and the issuer recovers by itself once the
-upstream is back.
+"""``ztbank lab upstream``: the issuer's upstream fails just when the issuer asks it for its next
+signing CA; the bank serves on, the cause is named in one line, nothing is issued unverified,
+and the issuer recovers by itself once the upstream is back.
 
-The issuer calls its upstream only to get its next signing CA, at half of the active one's
-lifetime (``services.issuer.domain.authority``); nothing on a running issuer makes it call
-sooner.  With the default 24 h CA that is hours away, so the lab needs a stack whose signing CAs
-are short-lived (``make reset && ZTBANK_CA_TTL=2m ZTBANK_SVID_TTL=20s make up``): then the next
-call is at most a minute away, and the lab says when it comes and waits for it.
+The issuer asks its upstream only for its next signing CA, normally half-way through the active
+one's life; the lab asks it to do so now (the admin API's ``RenewCA``), so it runs on a stack
+with the default day-long CAs.  For each fault the lab
 
-On the native stack the upstream is ``disk``: the root CA's key in ``ZTBANK_CERTS_DIR``, read
-each time the issuer asks.  The lab
+1. makes the fault, then asks the issuer to renew its CA;
+2. reads the issuer's log for its failed attempt and ``ztbank status`` for the cause, each one
+   line naming it, while requests go on being served with the teller's current SVID and the
+   trust bundle stays as it was (no CA the upstream did not sign, verified, reaches anyone);
+3. undoes the fault: the issuer's next retry (backoff 1, 2, 4 ... s) gets the CA, which must
+   chain to the pinned root.
 
-1. reads when the issuer next asks its upstream (its CA state under ``ZTBANK_HOME``);
-2. moves the root key aside (a rename: the root key is never copied nor rewritten);
-3. waits for that moment: the issuer logs its failed renewals and retries;
-4. meanwhile every request is served on the current SVIDs, and the current signing CA still
-   issues SVIDs;
-5. moves the key back (always: also on failure, Ctrl-C, SIGTERM or SIGHUP; a run killed outright
-   leaves it as ``root-ca.key.lab-offline``, which the next run puts back first);
-6. the issuer's next retry gets the new CA, published in the trust bundle;
-7. nothing was restarted.
-
-Native stack only: on the compose stack the upstream is Vault, which the lab does not stop.
+On a Vault upstream (``make up UPSTREAM=vault``) the faults are: an AppRole secret Vault does not
+know, a TLS CA that did not sign Vault's certificate, Vault sealed, Vault stopped.  On the disk
+upstream: the root CA's key moved aside.  Every fault is undone also on failure, Ctrl-C, SIGTERM
+or SIGHUP; a run killed outright leaves its files' originals beside the stack's state, which the
+next run restores first, and ``make up`` starts and unseals Vault.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 
+import hvac
+import hvac.exceptions
+import requests
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 
 from services._proto import issuer_admin_pb2 as pb
 from services.cli.errors import CliError
 from services.cli.lab_support import (
+    FileBackup,
     Say,
     interrupted_by_termination,
     mint_teller_svid,
@@ -47,38 +51,32 @@ from services.cli.teller import TellerClient
 from services.common.errors import CommonError
 from services.common.identity.source import SvidMaterial, fetch_svid
 from services.common.workloads import TELLER
-from services.issuer.adapters.authority_file import AuthorityFile
-from services.issuer.adapters.upstream_disk import ROOT_KEY_FILE
+from services.issuer.adapters.upstream_disk import ROOT_CERT_FILE, ROOT_KEY_FILE
 from services.issuer.admin_client import AdminCallError, call_admin
-from services.issuer.domain.authority import PREPARE_AT, AuthorityState
-from services.issuer.errors import IssuerError
 from services.stack.native import NativeStack, StackSettings
+from services.stack.vault_tls import VaultTls, ensure_vault_tls
 
 CUSTOMER = "alice"
 MINTED_TTL_SECONDS = 30
 OFFLINE_SUFFIX = ".lab-offline"
-# The longest the lab waits for the issuer's next call to its upstream; a 2-minute CA is
-# renewed every minute.
-WAIT_BUDGET_SECONDS = 75.0
-OUTAGE_SECONDS = 5.0  # how long the key stays offline once the issuer has first failed
-FAILURE_BUDGET_SECONDS = 10.0  # from the due time to the first logged failure
-FAILURES_SHOWN = 2
-# The issuer retries after 1, 2, 4 ... s (at most 30); after OUTAGE_SECONDS the next retry is
-# at most 8 s away, and the new CA reaches the bundle right after it.
+FAILURE_BUDGET_SECONDS = 10.0  # from the renewal request to the issuer's first logged failure
+OUTAGE_SECONDS = 3.0  # how long a fault stays once the issuer has failed: two attempts or more
+# After OUTAGE_SECONDS the issuer's next retry is at most 4 s away; Vault's restart and unseal
+# come on top for the stopped fault.
 RECOVERY_BUDGET_SECONDS = 30.0
+VAULT_START_SECONDS = 30.0
 POLL_SECONDS = 0.5
 FAILURE_MESSAGE = "CA maintenance failed"  # what services.issuer.server logs for each attempt
-SHORT_CA_HINT = "make reset && ZTBANK_CA_TTL=2m ZTBANK_SVID_TTL=20s make up"
 _SHA256 = hashes.SHA256()
 
 
-def next_upstream_call(state: AuthorityState) -> datetime:
-    """When the issuer next asks its upstream: the prepare point of its active CA, or of the
-    prepared one that activates before then."""
-    slot = state.prepared or state.active
-    if slot is None:
-        raise CliError("the issuer has no signing CA yet; is the stack up? (make up)")
-    return slot.at_fraction(PREPARE_AT)
+@dataclass(frozen=True)
+class Fault:
+    what: str  # "Vault sealed"
+    how: str  # how the lab makes it
+    cause: str  # what the issuer's one line must name
+    make: Callable[[], None]
+    undo: Callable[[], str]  # returns how it was undone
 
 
 @dataclass
@@ -88,10 +86,10 @@ class IssuerLog:
     path: Path
     offset: int = 0
     failures: list[str] = field(default_factory=list)
-    first_failure: float | None = None  # monotonic
 
     def start(self) -> None:
         self.offset = self.path.stat().st_size if self.path.exists() else 0
+        self.failures = []
 
     def read(self) -> None:
         try:
@@ -109,8 +107,6 @@ class IssuerLog:
                 message = line
             if FAILURE_MESSAGE in message:
                 self.failures.append(message)
-                if self.first_failure is None:
-                    self.first_failure = time.monotonic()
 
 
 @dataclass(frozen=True)
@@ -129,12 +125,13 @@ class RootKey:
         except OSError as error:
             raise CliError(f"cannot take the root key offline: {error}") from None
 
-    def put_back(self) -> None:
+    def put_back(self) -> str:
         # rename(2) replaces nothing here: the issuer never writes the root key.
         try:
             os.rename(self.aside, self.path)
         except OSError as error:
             raise CliError(f"cannot put the root key back from {self.aside}: {error}") from None
+        return f"put the root key back at {self.path}"
 
     def left_offline(self) -> bool:
         """True if an earlier run was killed with the key aside (it is then put back)."""
@@ -149,12 +146,7 @@ class RootKey:
 
 
 def _refused(settings: StackSettings, token: str, svid: SvidMaterial | None = None) -> str | None:
-    """None if GET /v1/accounts is served on a new connection, else what the client saw.
-
-    The client presents ``svid``, or the teller's current SVID fetched from its Workload API
-    socket as a workload would: a short-lived CA takes the SVIDs it signed with it when it
-    expires, and only the issuer's stream hands out the next ones in time.
-    """
+    """None if GET /v1/accounts is served on a new connection, else what the client saw."""
     try:
         client = TellerClient(settings, svid)
         reply = client.request("GET", "/v1/accounts", headers={"Authorization": f"Bearer {token}"})
@@ -163,138 +155,329 @@ def _refused(settings: StackSettings, token: str, svid: SvidMaterial | None = No
     return None if reply.status == 200 else f"HTTP {reply.status}"
 
 
-def _bundle(settings: StackSettings) -> set[bytes]:
-    """Fingerprints of the trust bundle as the Workload API hands it out now."""
+def _bundle(settings: StackSettings) -> dict[bytes, x509.Certificate]:
+    """The trust bundle as the Workload API hands it out now, by fingerprint."""
     socket_uri = f"unix://{settings.workload_socket_for(TELLER.name)}"
     try:
         material = fetch_svid(socket_uri, settings.trust_domain, timeout=5)
     except CommonError:
-        return set()
-    return {cert.fingerprint(_SHA256) for cert in material.bundle}
+        return {}
+    return {cert.fingerprint(_SHA256): cert for cert in material.bundle}
 
 
-def _authority(settings: StackSettings) -> AuthorityState:
+def _status(settings: StackSettings) -> pb.StatusResponse:
     try:
-        return AuthorityFile(settings.home / "issuer" / "authority.json").load()
-    except IssuerError as error:
-        raise CliError(str(error)) from None
-
-
-def _upstream(settings: StackSettings) -> str:
-    try:
-        status = call_admin(settings.admin_socket, lambda stub: stub.Status(pb.StatusRequest()))
+        return call_admin(settings.admin_socket, lambda stub: stub.Status(pb.StatusRequest()))
     except AdminCallError as error:
         raise CliError(f"cannot ask the issuer: {error}; is the stack up? (make up)") from None
-    return str(status.upstream)
 
 
-def _span(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 3600 else f"{seconds / 3600:.1f} h"
+def _renew(settings: StackSettings) -> None:
+    try:
+        call_admin(settings.admin_socket, lambda stub: stub.RenewCA(pb.RenewCARequest()))
+    except AdminCallError as error:
+        raise CliError(f"cannot ask the issuer to renew its CA: {error}") from None
+
+
+def chains_to(
+    certificate: x509.Certificate, pool: list[x509.Certificate], root: x509.Certificate
+) -> bool:
+    """True if signatures lead from ``certificate`` through ``pool`` up to ``root``."""
+    current, seen = certificate, 0
+    while seen <= len(pool):
+        if current.issuer == root.subject:
+            try:
+                current.verify_directly_issued_by(root)
+            except (ValueError, TypeError, InvalidSignature):
+                return False
+            return True
+        parent = next((c for c in pool if c.subject == current.issuer and c != current), None)
+        if parent is None:
+            return False
+        try:
+            current.verify_directly_issued_by(parent)
+        except (ValueError, TypeError, InvalidSignature):
+            return False
+        current, seen = parent, seen + 1
+    return False
+
+
+def _short(serial: int) -> str:
+    return f"{serial:x}"[:8] + "…"
 
 
 def _pids(stack: NativeStack) -> dict[str, int | None]:
-    processes = {"issuer": stack.issuer, **stack.services}
-    return {name: process.pid() for name, process in processes.items()}
+    return {"issuer": stack.issuer.pid()} | {n: p.pid() for n, p in stack.services.items()}
+
+
+# -- the faults ---------------------------------------------------------------------------------
+
+
+def _root_client(stack: NativeStack) -> hvac.Client:
+    """The demo init file's root token (DEMO ONLY: a real Vault is sealed by an operator)."""
+    try:
+        token = json.loads(stack.vault.init_file.read_text())["root_token"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise CliError(f"cannot read Vault's demo init file {stack.vault.init_file}") from None
+    return hvac.Client(url=stack.vault.address, token=token, verify=str(stack.vault.tls.ca_cert))
+
+
+def _seal(stack: NativeStack) -> None:
+    try:
+        _root_client(stack).sys.seal()
+    except (hvac.exceptions.VaultError, requests.RequestException) as error:
+        raise CliError(f"cannot seal Vault: {type(error).__name__}") from None
+
+
+def _bring_vault_back(stack: NativeStack) -> str:
+    """Start Vault if it is down and unseal it from the demo init file, as ``make up`` does."""
+    try:
+        started = stack.vault.start(stack.env, time.monotonic() + VAULT_START_SECONDS)
+        stack.vault.bootstrap()
+    except CommonError as error:
+        raise CliError(f"cannot bring Vault back: {error}") from None
+    return "started Vault and unsealed it" if started else "unsealed Vault"
+
+
+def _stop_vault(stack: NativeStack) -> None:
+    stack.vault.stop()
+
+
+def _replace(backup: FileBackup, settings: StackSettings, content: bytes) -> None:
+    backup.save(settings)
+    try:
+        tmp = backup.path.with_name(f".{backup.path.name}.lab")
+        tmp.write_bytes(content)
+        tmp.chmod(backup.mode)
+        os.replace(tmp, backup.path)
+    except OSError as error:
+        backup.restore(settings)
+        raise CliError(f"cannot change {backup.path}: {error}") from None
+
+
+def _restored(backup: FileBackup, settings: StackSettings) -> str:
+    backup.restore(settings)
+    return f"restored {backup.path}"
+
+
+def _wrong_secret(backup: FileBackup, settings: StackSettings) -> None:
+    try:
+        credentials = json.loads(backup.content)
+        credentials["secret_id"] = secrets.token_hex(18)  # no secret Vault ever issued
+    except (ValueError, TypeError):
+        raise CliError(f"{backup.path} is not the AppRole file bootstrap.py writes") from None
+    _replace(backup, settings, json.dumps(credentials, indent=2).encode() + b"\n")
+
+
+def _foreign_ca(backup: FileBackup, settings: StackSettings) -> None:
+    with tempfile.TemporaryDirectory() as scratch:
+        other = VaultTls(Path(scratch) / "tls", Path(scratch) / "ca")
+        ensure_vault_tls(other, ip_addresses=["127.0.0.1"])
+        _replace(backup, settings, other.ca_cert.read_bytes())
+
+
+def vault_faults(stack: NativeStack) -> list[Fault]:
+    settings, vault = stack.settings, stack.vault
+    approle = FileBackup.of(vault.approle_file, "upstream-approle")
+    pinned_ca = FileBackup.of(vault.tls.ca_cert, "upstream-vault-ca")
+    return [
+        Fault(
+            "an AppRole secret Vault does not know",
+            f"the issuer's {vault.approle_file} now holds a random secret_id",
+            "AppRole login",
+            lambda: _wrong_secret(approle, settings),
+            lambda: _restored(approle, settings),
+        ),
+        Fault(
+            "Vault's TLS certificate not signed by the pinned CA",
+            f"{vault.tls.ca_cert} (VAULT_CACERT) now holds another CA",
+            "not trusted",
+            lambda: _foreign_ca(pinned_ca, settings),
+            lambda: _restored(pinned_ca, settings),
+        ),
+        Fault(
+            "Vault sealed",
+            "sealed with the demo init file's root token",
+            "sealed",
+            lambda: _seal(stack),
+            lambda: _bring_vault_back(stack),
+        ),
+        Fault(
+            "Vault stopped",
+            "its server process got SIGTERM",
+            "unreachable",
+            lambda: _stop_vault(stack),
+            lambda: _bring_vault_back(stack),
+        ),
+    ]
+
+
+def disk_faults(key: RootKey) -> list[Fault]:
+    return [
+        Fault(
+            "the root CA's key offline",
+            f"{key.path} moved aside",
+            str(key.path.parent),
+            key.take_offline,
+            key.put_back,
+        )
+    ]
+
+
+# -- the lab ------------------------------------------------------------------------------------
+
+
+def _restore_leftovers(stack: NativeStack, say: Say) -> None:
+    """Put back what an earlier run, killed outright, left changed."""
+    for name in ("upstream-approle", "upstream-vault-ca"):
+        if (kept := FileBackup.load(stack.settings, name)) is not None:
+            kept.restore(stack.settings)
+            say(f"  0 restored {kept.path}, left changed by an earlier run that was killed")
+
+
+def _pinned_root(stack: NativeStack, upstream: str) -> tuple[Path, x509.Certificate]:
+    if upstream == "vault":
+        path = stack.vault.root_ca
+    else:
+        env = stack.issuer.environment() or {}
+        path = Path(env.get("ZTBANK_CERTS_DIR") or stack.settings.certs_dir) / ROOT_CERT_FILE
+    try:
+        return path, x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError) as error:
+        raise CliError(f"cannot read the pinned root {path}: {error}") from None
+
+
+@dataclass(frozen=True)
+class LabRun:
+    """What every fault of one run shares."""
+
+    settings: StackSettings
+    token: str  # the lab customer's, for the teller's requests
+    root: x509.Certificate  # the pinned root every new CA must chain to
+    say: Say
+    log: IssuerLog
+
+
+def run_fault(number: int, fault: Fault, run: LabRun) -> list[bool]:
+    """One fault, made and always undone; the checks it passed."""
+    settings, token, say, log = run.settings, run.token, run.say, run.log
+    before = _bundle(settings)
+    checks: list[bool] = []
+    requests_sent, refusals = 0, []
+    say(f"  {number} fault: {fault.what} ({fault.how})")
+    log.start()
+    with interrupted_by_termination():
+        fault.make()
+        try:
+            _renew(settings)
+            say("    asked the issuer to renew its signing CA now (admin RenewCA)")
+            deadline = time.monotonic() + FAILURE_BUDGET_SECONDS
+            first: float | None = None
+            while True:
+                log.read()
+                requests_sent += 1
+                if (refusal := _refused(settings, token)) is not None:
+                    refusals.append(refusal)
+                if log.failures and first is None:
+                    first = time.monotonic()
+                if first is not None and time.monotonic() >= first + OUTAGE_SECONDS:
+                    break
+                if first is None and time.monotonic() > deadline:
+                    break
+                time.sleep(POLL_SECONDS)
+            reported = _status(settings).upstream_error
+            unchanged = _bundle(settings).keys() == before.keys()
+        finally:
+            undone = fault.undo()
+    named = bool(log.failures) and fault.cause in log.failures[0] and fault.cause in reported
+    checks += [bool(log.failures), named, "\n" not in reported, not refusals, unchanged]
+    say(f"    the issuer logged {len(log.failures)} failed attempt(s), the first:")
+    say(f"    {log.failures[0]!r}" if log.failures else "    (none)")
+    say(
+        f"    ztbank status: UPSTREAM FAILING: {reported}"
+        if reported
+        else "    ztbank status: no upstream error"
+    )
+    if not named:
+        say(f"    the cause is NOT named as expected ({fault.cause!r})")
+    bundle = "is unchanged: nothing unverified was issued" if unchanged else "CHANGED"
+    say(
+        f"    meanwhile {requests_sent} requests with the teller's current SVID,"
+        f" {len(refusals)} refused; the trust bundle {bundle}"
+    )
+    if refusals:
+        say(f"    the first refusal as the client saw it: {refusals[0]}")
+    say(f"    undone: {undone}")
+    restored = time.monotonic()
+    added: list[x509.Certificate] = []
+    while time.monotonic() < restored + RECOVERY_BUDGET_SECONDS:
+        now = _bundle(settings)
+        if added := [cert for fingerprint, cert in now.items() if fingerprint not in before]:
+            pool = list(now.values())
+            break
+        time.sleep(POLL_SECONDS)
+    verified = bool(added) and all(chains_to(cert, pool, run.root) for cert in added)
+    checks.append(verified)
+    if not added:
+        say(f"    NO new signing CA in the bundle within {RECOVERY_BUDGET_SECONDS:g} s")
+    else:
+        serials = ", ".join(_short(c.serial_number) for c in added)
+        say(
+            f"    the issuer's retry got its next signing CA after"
+            f" {time.monotonic() - restored:.1f} s: {serials},"
+            f" {'chains' if verified else 'does NOT chain'} to the pinned root"
+        )
+    return checks
 
 
 def run_upstream_lab(settings: StackSettings, say: Say) -> bool:
-    say("lab upstream: the root CA goes offline when the issuer needs it; the bank serves on,")
-    say("  the failed renewal shows, and the issuer recovers once the root is back")
+    say("lab upstream: the issuer's upstream fails just when the issuer asks it for its next")
+    say("  signing CA; the bank serves on, the cause is named, nothing unverified is issued,")
+    say("  and the issuer recovers by itself once the upstream is back")
     stack = NativeStack(settings)
     token = TellerClient(settings).token(CUSTOMER)  # no teller identity: "is the stack up?"
-    if (upstream := _upstream(settings)) != "disk":
-        raise CliError(
-            f"the issuer's upstream is {upstream}: this lab takes a disk upstream offline"
-        )
-    issuer_env = stack.issuer.environment() or {}
-    certs_dir = Path(issuer_env.get("ZTBANK_CERTS_DIR") or settings.certs_dir)
-    key = RootKey(certs_dir / ROOT_KEY_FILE)
-    if key.left_offline():
-        say(f"  0 put back {key.path}, left offline by an earlier run that was killed")
-    state = _authority(settings)
-    due = next_upstream_call(state)
-    wait = (due - datetime.now(UTC)).total_seconds()
-    if wait > WAIT_BUDGET_SECONDS:
-        raise CliError(
-            f"the issuer next asks its upstream at {due:%H:%M:%S} UTC, in {_span(wait)}"
-            f" (half-way through its signing CA's life); this lab waits at most"
-            f" {WAIT_BUDGET_SECONDS:g} s: start the stack with short-lived CAs: {SHORT_CA_HINT}"
-        )
+    status = _status(settings)
+    upstream = status.upstream
+    if upstream == "vault":
+        _restore_leftovers(stack, say)
+        if (health := stack.vault.health()).state != "active":
+            raise CliError(
+                f"Vault at {stack.vault.address} is {health.state}: `make up` starts and unseals it"
+            )
+        faults = vault_faults(stack)
+    else:
+        env = stack.issuer.environment() or {}
+        key = RootKey(Path(env.get("ZTBANK_CERTS_DIR") or settings.certs_dir) / ROOT_KEY_FILE)
+        if key.left_offline():
+            say(f"  0 put back {key.path}, left offline by an earlier run that was killed")
+        faults = disk_faults(key)
+    root_path, root = _pinned_root(stack, upstream)
+    chain = " <- ".join(f"{c.subject} ({c.serial[:8]}…)" for c in status.ca_chain)
+    say(f"  1 upstream {upstream}: the issuer's CA chain is {chain};")
+    say(f"    the pinned root is {root_path}")
     pids = _pids(stack)
     log = IssuerLog(stack.issuer.log_file)
     checks: list[bool] = []
-    requests = 0
-    refusals: list[str] = []
-    with interrupted_by_termination():
-        log.start()
-        key.take_offline()
-        try:
-            # From here on, a CA the bundle did not hold can only come from the upstream.
-            before = _bundle(settings)
-            say(f"  1 the issuer asks its upstream for its next signing CA at {due:%H:%M:%S} UTC,")
-            say(f"    in {max(wait, 0):.0f} s")
-            say(f"  2 took the root CA's key offline: {key.path} moved aside")
-            deadline = time.monotonic() + max(wait, 0) + FAILURE_BUDGET_SECONDS
-            while True:
-                log.read()
-                requests += 1
-                if (refusal := _refused(settings, token)) is not None:
-                    refusals.append(refusal)
-                if log.first_failure is not None:
-                    if (
-                        len(log.failures) >= FAILURES_SHOWN
-                        and time.monotonic() >= log.first_failure + OUTAGE_SECONDS
-                    ):
-                        break
-                elif time.monotonic() > deadline:
-                    break
-                time.sleep(POLL_SECONDS)
-            checks.append(len(log.failures) >= FAILURES_SHOWN)
-            say(f"  3 the issuer logged {len(log.failures)} failed CA renewal(s), the first:")
-            say(f"    {log.failures[0]!r}" if log.failures else "    (none)")
-            checks.append(not refusals)
-            say(
-                f"  4 requests meanwhile, each with the teller's current SVID from its Workload"
-                f" API: {requests}, {len(refusals)} refused"
-            )
-            if refusals:
-                say(f"    the first as the client saw it: {refusals[0]}")
-            minted = mint_teller_svid(settings, MINTED_TTL_SECONDS)
-            minted_served = _refused(settings, token, minted) is None
-            checks.append(minted_served)
-            say(
-                f"    the current signing CA still signs: an SVID minted now"
-                f" ({minted.serial[:12]}…) is {'served' if minted_served else 'NOT served'}"
-            )
-        finally:
-            key.put_back()
-    restored = time.monotonic()
-    say(f"  5 put the root CA's key back at {key.path}")
-
-    new_ca = None
-    while time.monotonic() < restored + RECOVERY_BUDGET_SECONDS:
-        added = _bundle(settings) - before
-        if added:
-            new_ca = time.monotonic() - restored
-            break
-        time.sleep(POLL_SECONDS)
-    checks.append(new_ca is not None)
+    run = LabRun(settings, token, root, say, log)
+    for number, fault in enumerate(faults, start=2):
+        checks += run_fault(number, fault, run)
+    step = len(faults) + 2
+    minted = mint_teller_svid(settings, MINTED_TTL_SECONDS)
+    minted_served = _refused(settings, token, minted) is None
+    checks.append(minted_served)
     say(
-        f"  6 the issuer's retry got its next signing CA: in the trust bundle after {new_ca:.1f} s"
-        if new_ca is not None
-        else f"  6 NO new signing CA in the bundle within {RECOVERY_BUDGET_SECONDS:g} s"
+        f"  {step} the current signing CA signs: an SVID minted now ({minted.serial[:12]}…) is"
+        f" {'served' if minted_served else 'NOT served'}"
     )
-    served = _refused(settings, token) is None
     same = _pids(stack) == pids
-    checks += [served, same]
-    say(f"  7 {'served' if served else 'NOT served'};")
-    say(f"    {'no process was restarted' if same else 'a process was RESTARTED'}")
-
+    checks.append(same)
+    restarts = "no process of the bank was restarted" if same else "a bank process was RESTARTED"
+    say(f"  {step + 1} {restarts}")
     return verdict(
         say,
         checks,
         [
-            "lab passed: served through the upstream outage, the failed renewal was visible,",
-            "  and the issuer renewed its CA by itself once the root was back",
+            f"lab passed: the bank served through {len(faults)} upstream fault(s), each named in",
+            "  one line, nothing unverified was issued, and the issuer renewed its CA by itself",
         ],
     )

@@ -11,7 +11,7 @@ import socket
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from services._proto import issuer_admin_pb2 as pb
 from services.cli.errors import CliError, UsageError
@@ -25,6 +25,7 @@ from services.cli.lab_rotation import run_rotation_lab
 from services.cli.lab_support import Say
 from services.cli.lab_upstream import run_upstream_lab
 from services.cli.teller import Reply, TellerClient, refusal
+from services.cli.vault_cmd import register as register_vault_commands
 from services.cli.workload_cmd import register as register_workload_commands
 from services.common.durations import parse_duration
 from services.common.errors import CommonError
@@ -40,6 +41,7 @@ from services.stack.native import (
     StackSettings,
     StackStatus,
     locate_settings,
+    stack_healthy,
     status_document,
 )
 
@@ -280,7 +282,9 @@ def cmd_revoke(args: argparse.Namespace) -> int:
 
 
 def _stack_settings(args: argparse.Namespace) -> StackSettings:
-    overrides = {"trust_domain": args.trust_domain} if args.trust_domain else {}
+    overrides: dict[str, Any] = {"trust_domain": args.trust_domain} if args.trust_domain else {}
+    if upstream := getattr(args, "upstream", None):
+        overrides["upstream"] = upstream
     return locate_settings(StackSettings, **overrides)
 
 
@@ -297,6 +301,15 @@ def _print_status(status: StackStatus) -> None:
             f" {authority.revoked_certificates} certificates and"
             f" {len(authority.revoked_spiffe_ids)} SPIFFE IDs revoked"
         )
+        if authority.ca_chain:
+            chain = " <- ".join(f"{c['subject']} ({c['serial'][:8]}…)" for c in authority.ca_chain)
+            print(f"{'':<16} chain {chain}")
+        if authority.upstream_error:
+            print(f"{'':<16} UPSTREAM FAILING: {authority.upstream_error}")
+    if (vault := status.vault) is not None:
+        version = f" ({vault.version})" if vault.version else ""
+        process = "" if vault.running else ", not running"
+        print(f"{'vault':<16} {vault.address:<24} {vault.state}{version}{process}  log {vault.log}")
     for name, probe in status.services.items():
         health = "healthy" if probe.healthy else f"DOWN ({probe.error})"
         serial = (
@@ -360,8 +373,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(status_document(status), indent=2))
     else:
         _print_status(status)
-    healthy = status.issuer_running and all(p.healthy for p in status.services.values())
-    return 0 if healthy else 1
+    return 0 if stack_healthy(status) else 1
 
 
 # -- labs -------------------------------------------------------------------------------------
@@ -533,6 +545,12 @@ def build_parser() -> argparse.ArgumentParser:
         ("reset", cmd_reset, "stop everything and wipe ZTBANK_HOME (balances, history, entries)"),
     ):
         groups.add_parser(name, help=text).set_defaults(handler=handler)
+    up = groups.choices["up"]
+    up.add_argument(
+        "--upstream",
+        choices=("disk", "vault"),
+        help="who signs the issuer's CA: the root in certs/ (default) or a local Vault (OpenBao)",
+    )
     status = groups.add_parser("status", help="trust domain, issuer and each service's SVID/health")
     status.add_argument("--json", action="store_true")
     status.set_defaults(handler=cmd_status)
@@ -591,6 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
     transfer.add_argument("--customer", default="alice")
     transfer.set_defaults(handler=cmd_transfer)
     register_workload_commands(groups, _Parser, _stack_settings)
+    register_vault_commands(groups, _Parser)
     return parser
 
 

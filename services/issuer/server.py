@@ -44,21 +44,29 @@ def build_upstream(settings: IssuerSettings) -> UpstreamAuthority:
         return DiskUpstream(settings.certs_dir)
     from services.issuer.adapters.upstream_vault import VaultAuth, VaultUpstream
 
-    auth = (
-        VaultAuth(
+    if settings.vault_root_ca is None:  # IssuerSettings refuses this; the check narrows the type
+        raise IssuerError("ZTBANK_UPSTREAM=vault needs ZTBANK_VAULT_ROOT_CA")
+    # AppRole (from its file, or inline) wins over an ambient VAULT_TOKEN.
+    if settings.vault_approle_file is not None:
+        auth = VaultAuth(
+            approle_file=settings.vault_approle_file, approle_mount=settings.vault_approle_mount
+        )
+    elif settings.vault_role_id or settings.vault_secret_id:
+        auth = VaultAuth(
             role_id=settings.vault_role_id,
             secret_id=settings.vault_secret_id,
             approle_mount=settings.vault_approle_mount,
         )
-        if settings.vault_role_id
-        else VaultAuth(token=settings.vault_token)
-    )
+    else:
+        auth = VaultAuth(token=settings.vault_token)
+    # Only the file's path is kept: the pinned root and the AppRole are re-read at every signing.
     return VaultUpstream(
         settings.vault_addr,
         pki_mount=settings.vault_pki_mount,
         root_mount=settings.vault_root_mount,
         auth=auth,
         ca_cert=settings.vault_cacert,
+        pinned_roots_file=settings.vault_root_ca,
     )
 
 
@@ -111,6 +119,10 @@ class Issuer:
         self._servers: dict[str | None, tuple[Server, Path]] = {}
         self._admin: Server | None = None
         self._maintenance: asyncio.Task[None] | None = None
+        # Why the last call to the upstream failed (one line), shown by `ztbank status`.
+        self.upstream_error = ""
+        self._wake = asyncio.Event()
+        self._retry_now = False
 
     async def start(self) -> None:
         # The first CA (and its CRL) must exist before any socket answers, or the first fetch
@@ -131,6 +143,7 @@ class Issuer:
                     on_change=self._changed,
                     status=self.status,
                     on_revoke=self._revoked,
+                    on_renew=self.renew_ca,
                 )
             ]
         )
@@ -178,20 +191,35 @@ class Issuer:
         logger.info("revocation recorded; CRLs re-issued up to number %d", self.crls.latest_number)
         return self.crls.latest_number
 
+    def renew_ca(self) -> None:
+        """Get the next signing CA from the upstream now, retrying with backoff from 1 s."""
+        self.authority.request_renewal()
+        self._retry_now = True
+        self._wake.set()
+        logger.info("renewal of the signing CA requested; asking the upstream now")
+
     async def _maintain_forever(self) -> None:
         delay = 1.0
         retry_at = 0.0  # monotonic time of the next CA maintenance while it keeps failing
         while True:
             wake = [datetime.now(UTC) + timedelta(seconds=MAX_RETRY_DELAY)]
+            if self._retry_now:
+                delay, retry_at, self._retry_now = 1.0, 0.0, False
             if time.monotonic() >= retry_at:
                 generation = self.authority.generation
                 try:
                     wake.append(await asyncio.to_thread(self.authority.maintain))
                 except IssuerError as error:
-                    logger.error("CA maintenance failed, retrying in %.0fs: %s", delay, error)
+                    self.upstream_error = " ".join(str(error).split())
+                    logger.error(
+                        "CA maintenance failed, retrying in %.0fs: %s", delay, self.upstream_error
+                    )
                     retry_at = time.monotonic() + delay
                     delay = min(delay * 2, MAX_RETRY_DELAY)
                 else:
+                    if self.upstream_error:
+                        logger.info("the upstream answered again; CA maintenance is back")
+                    self.upstream_error = ""
                     delay, retry_at = 1.0, 0.0
                     if self.authority.generation != generation:
                         logger.info("signing CA set changed; pushing the new bundle")
@@ -203,7 +231,9 @@ class Issuer:
             wake.append(self._refresh_crls())
             await asyncio.to_thread(self._prune_records)
             wait = (min(wake) - datetime.now(UTC)).total_seconds()
-            await asyncio.sleep(max(wait, 0.05))
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), max(wait, 0.05))
 
     def _prune_records(self) -> None:
         """At most once per PRUNE_INTERVAL; a failure is logged and tried again next time."""
@@ -245,6 +275,20 @@ class Issuer:
                 self._store.revoked_certificates(unexpired_at=datetime.now(UTC))
             ),
             revoked_spiffe_ids=sorted(r.spiffe_id for r in self.service.revoked_ids()),
+            ca_chain=[
+                pb.CaCertificate(
+                    subject=cert.subject.rfc4514_string(),
+                    serial=format(cert.serial_number, "x"),
+                    not_after=cert.not_valid_after_utc.isoformat(timespec="seconds"),
+                )
+                for cert in self.authority.active_chain()
+            ],
+            upstream_error=self.upstream_error,
+            upstream_last_success=(
+                signed.isoformat(timespec="seconds")
+                if (signed := self.authority.last_signed_at)
+                else ""
+            ),
         )
 
     async def stop(self) -> None:

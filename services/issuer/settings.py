@@ -44,12 +44,21 @@ class IssuerSettings(ZtbankSettings):
     )
     vault_addr: str = Field(default="", validation_alias=AliasChoices("VAULT_ADDR"))
     vault_cacert: str | None = Field(default=None, validation_alias=AliasChoices("VAULT_CACERT"))
-    vault_token: str | None = Field(default=None, validation_alias=AliasChoices("VAULT_TOKEN"))
+    # Secrets are left out of repr, so that logging the settings never leaks them.
+    vault_token: str | None = Field(
+        default=None, validation_alias=AliasChoices("VAULT_TOKEN"), repr=False
+    )
     vault_pki_mount: str = "pki_int"
     vault_root_mount: str = "pki"
     vault_approle_mount: str = "approle"
     vault_role_id: str | None = None
-    vault_secret_id: str | None = None
+    vault_secret_id: str | None = Field(default=None, repr=False)
+    # JSON {"role_id": ..., "secret_id": ...} as infra/vault/bootstrap.py writes it, read at every
+    # login; an alternative to ZTBANK_VAULT_ROLE_ID and ZTBANK_VAULT_SECRET_ID.
+    vault_approle_file: Path | None = None
+    # PEM file of the root CA of Vault's root mount: the only root the issuer trusts, re-read at
+    # every signing (whatever Vault returns must chain to it).
+    vault_root_ca: Path | None = None
 
     @field_validator("svid_ttl", "jwt_svid_ttl", "ca_ttl", "crl_ttl", mode="before")
     @classmethod
@@ -57,6 +66,16 @@ class IssuerSettings(ZtbankSettings):
         if value == "":
             return None
         return parse_duration(value) if isinstance(value, str) else value
+
+    @field_validator("vault_approle_file", "vault_root_ca", mode="before")
+    @classmethod
+    def _unset_path(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("vault_approle_file", "vault_root_ca")
+    @classmethod
+    def _absolute_path(cls, value: Path | None) -> Path | None:
+        return None if value is None else value.absolute()
 
     @model_validator(mode="after")
     def _consistent(self) -> IssuerSettings:
@@ -96,12 +115,30 @@ class IssuerSettings(ZtbankSettings):
         if self.upstream == "vault":
             if not self.vault_addr:
                 raise ValueError("ZTBANK_UPSTREAM=vault needs VAULT_ADDR")
-            if not (self.vault_token or (self.vault_role_id and self.vault_secret_id)):
+            self._check_vault_auth()
+            if self.vault_root_ca is None:
                 raise ValueError(
-                    "ZTBANK_UPSTREAM=vault needs ZTBANK_VAULT_ROLE_ID and ZTBANK_VAULT_SECRET_ID"
-                    " (or VAULT_TOKEN)"
+                    "ZTBANK_UPSTREAM=vault needs ZTBANK_VAULT_ROOT_CA: the PEM file of the root CA"
+                    f" of Vault's {self.vault_root_mount} mount, the only root the issuer trusts"
                 )
         return self
+
+    def _check_vault_auth(self) -> None:
+        inline = bool(self.vault_role_id or self.vault_secret_id)
+        if self.vault_approle_file is not None and inline:
+            raise ValueError(
+                "ZTBANK_VAULT_APPROLE_FILE and ZTBANK_VAULT_ROLE_ID/ZTBANK_VAULT_SECRET_ID are"
+                " alternatives: set only one"
+            )
+        if self.vault_role_id and not self.vault_secret_id:
+            raise ValueError("ZTBANK_VAULT_ROLE_ID needs ZTBANK_VAULT_SECRET_ID")
+        if self.vault_secret_id and not self.vault_role_id:
+            raise ValueError("ZTBANK_VAULT_SECRET_ID needs ZTBANK_VAULT_ROLE_ID")
+        if not (self.vault_token or inline or self.vault_approle_file is not None):
+            raise ValueError(
+                "ZTBANK_UPSTREAM=vault needs ZTBANK_VAULT_APPROLE_FILE, or ZTBANK_VAULT_ROLE_ID"
+                " and ZTBANK_VAULT_SECRET_ID, or VAULT_TOKEN"
+            )
 
     @property
     def crl_validity(self) -> timedelta:

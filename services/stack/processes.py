@@ -18,9 +18,11 @@ STOP_TIMEOUT = 10.0
 @dataclass(frozen=True)
 class ManagedProcess:
     name: str
-    module: str  # run as ``python -m <module>``
+    # Run as ``python -m <module>``; with ``argv``, the argument of it that marks our process.
+    module: str
     pid_dir: Path
     log_dir: Path
+    argv: tuple[str, ...] = ()  # a program that is not one of our modules (Vault's server)
 
     @property
     def pid_file(self) -> Path:
@@ -60,7 +62,7 @@ class ManagedProcess:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with self.log_file.open("ab") as log:
             process = subprocess.Popen(
-                [sys.executable, "-m", self.module],
+                list(self.argv) or [sys.executable, "-m", self.module],
                 env={**os.environ, **env},
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -8,6 +8,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Literal
 
 from services.common.registry import ServiceAddress, write_registry
 from services.common.workloads import SERVICES
@@ -34,11 +35,13 @@ def sandbox_settings(
     svid_ttl: str | None = None,
     risk_rules: Path | None = None,
     trust_levels: Path | None = None,
+    upstream: Literal["disk", "vault"] | None = None,
 ) -> StackSettings:
     """Settings of a private stack under ``root``: its own home and certs, the repository's
     policy, risk rules and trust levels (unless given), a registry (written here) that puts
-    every service on free ports, and a free port for the issuer's revocation endpoint."""
-    ports = iter(free_ports(2 * len(SERVICES) + 1))
+    every service on free ports, and free ports for the issuer's revocation endpoint and for
+    Vault (``upstream="vault"``)."""
+    ports = iter(free_ports(2 * len(SERVICES) + 3))
     registry = root / "registry.json"
     write_registry(
         registry,
@@ -53,6 +56,9 @@ def sandbox_settings(
         trust_levels=trust_levels or REPO_ROOT / "infra" / "trust-levels.json",
         svid_ttl=svid_ttl,
         issuer_http=f"127.0.0.1:{next(ports)}",
+        upstream=upstream,
+        vault_port=next(ports),
+        vault_cluster_port=next(ports),
     )
 
 
@@ -61,11 +67,12 @@ def sandbox_stack(
     svid_ttl: str | None = None,
     risk_rules: Path | None = None,
     trust_levels: Path | None = None,
+    upstream: Literal["disk", "vault"] | None = None,
 ) -> Iterator[NativeStack]:
     """Up on entry, always down and deleted on exit.  The directory is short (unix sockets)."""
     root = Path(tempfile.mkdtemp(prefix="zts", dir="/tmp"))
     try:
-        stack = NativeStack(sandbox_settings(root, svid_ttl, risk_rules, trust_levels))
+        stack = NativeStack(sandbox_settings(root, svid_ttl, risk_rules, trust_levels, upstream))
         try:
             stack.up()
             yield stack

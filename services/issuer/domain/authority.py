@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from services.common.identity.spiffe_id import SpiffeId
+from services.common.identity.x509svid import issued_directly_by
 from services.issuer.adapters.upstream import UpstreamAuthority
 from services.issuer.domain.certificates import (
     build_signing_ca_csr,
@@ -135,6 +136,8 @@ class CertificateAuthority:
         self._lock = threading.RLock()
         self._state = store.load()
         self._generation = 0
+        self._renewal_requested = False
+        self.last_signed_at: datetime | None = None  # when the upstream last signed a CA
 
     @property
     def generation(self) -> int:
@@ -149,6 +152,7 @@ class CertificateAuthority:
             csr, trust_domain=self.trust_domain, ttl=self._ca_ttl
         )
         self._state.next_number = number + 1
+        self.last_signed_at = self._clock()
         return Slot(
             issued_at=self._clock(),
             ca_cert=signed.certificate,
@@ -159,8 +163,16 @@ class CertificateAuthority:
             jwt_kid=secrets.token_urlsafe(12),
         )
 
+    def request_renewal(self) -> None:
+        """Get the next signing CA from the upstream at the next ``maintain``, not at half of
+        the active CA's life (an operator's or a lab's request).  A prepared CA, already in
+        every bundle, then becomes the active one."""
+        with self._lock:
+            self._renewal_requested = True
+
     def maintain(self) -> datetime:
-        """Bring the slots up to date; return when to call again.  May call the upstream."""
+        """Bring the slots up to date; return when to call again.  May call the upstream; when
+        that fails (UpstreamError) a requested renewal stays requested, for the next call."""
         with self._lock:
             now = self._clock()
             state = self._state
@@ -172,6 +184,14 @@ class CertificateAuthority:
             if active is None or active.expires <= now:
                 state.active = state.prepared or self._new_slot()
                 state.prepared = None
+                changed = True
+            elif self._renewal_requested:
+                fresh = self._new_slot()
+                if state.prepared is not None:
+                    state.retired.append(active)
+                    state.active = state.prepared
+                state.prepared = fresh
+                self._renewal_requested = False
                 changed = True
             elif state.prepared is None and now >= active.at_fraction(PREPARE_AT):
                 state.prepared = self._new_slot()
@@ -220,6 +240,14 @@ class CertificateAuthority:
         with self._lock:
             now = self._clock()
             return [Signer(s.ca_cert, s.ca_key) for s in self._slots() if s.expires > now]
+
+    def active_chain(self) -> list[x509.Certificate]:
+        """The active signing CA, its upstream chain, then the root(s) that issued its top."""
+        with self._lock:
+            slot = self._active()
+            path = [slot.ca_cert, *slot.upstream_chain]
+            anchors = [root for root in slot.roots if issued_directly_by(path[-1], root)]
+            return path + [a for a in anchors if a not in path]
 
     def active_ca(self) -> x509.Certificate:
         """The signing CA that signs SVIDs now."""

@@ -54,6 +54,7 @@ class AdminApi(IssuerAdminBase):
         on_change: Callable[[], None],
         status: Callable[[], pb.StatusResponse],
         on_revoke: Callable[[], int] = lambda: 0,
+        on_renew: Callable[[], None] = lambda: None,
     ) -> None:
         """``on_change`` after entries change or a revocation is lifted; ``on_revoke`` after a
         revocation: re-issues the CRLs, wakes the Workload API streams and returns the highest
@@ -62,6 +63,7 @@ class AdminApi(IssuerAdminBase):
         self._on_change = on_change
         self._status = status
         self._on_revoke = on_revoke
+        self._on_renew = on_renew
 
     @staticmethod
     def _authorize(stream: Any) -> None:
@@ -169,3 +171,9 @@ class AdminApi(IssuerAdminBase):
         self._authorize(stream)
         await stream.recv_message()
         await stream.send_message(self._status())
+
+    async def RenewCA(self, stream: Any) -> None:  # noqa: N802
+        self._authorize(stream)
+        await stream.recv_message()
+        self._on_renew()
+        await stream.send_message(pb.RenewCAResponse())

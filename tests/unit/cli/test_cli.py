@@ -305,6 +305,12 @@ def test_status_document_carries_the_issuer_authority() -> None:
         crl_number=7,
         revoked_certificates=2,
         revoked_spiffe_ids=("spiffe://ztbank.example/env/prod/zone/az1/team/x/svc/y",),
+        ca_chain=(
+            {"subject": "CN=ztbank issuer CA 1", "serial": "1f2e", "not_after": "2026-11-29"},
+            {"subject": "CN=ztbank root CA", "serial": "0a", "not_after": "2036-11-29"},
+        ),
+        upstream_error="no root CA in /srv/certs: run `ztbank certs init` (or `make certs`)",
+        upstream_last_success="2026-11-28T10:00:00+00:00",
     )
     assert _issuer_status(issuer_authority=authority)["authority"] == {
         "upstream": "disk",
@@ -314,6 +320,12 @@ def test_status_document_carries_the_issuer_authority() -> None:
         "crl_number": 7,
         "revoked_certificates": 2,
         "revoked_spiffe_ids": ["spiffe://ztbank.example/env/prod/zone/az1/team/x/svc/y"],
+        "ca_chain": [
+            {"subject": "CN=ztbank issuer CA 1", "serial": "1f2e", "not_after": "2026-11-29"},
+            {"subject": "CN=ztbank root CA", "serial": "0a", "not_after": "2036-11-29"},
+        ],
+        "upstream_error": "no root CA in /srv/certs: run `ztbank certs init` (or `make certs`)",
+        "upstream_last_success": "2026-11-28T10:00:00+00:00",
     }
 
 

@@ -1,19 +1,16 @@
 """What the policy and upstream labs change on the stack, and how they put it back."""
 
 import json
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from services.cli.errors import CliError
 from services.cli.lab_policy import KEPT, ROUTE, withdraw_route
-from services.cli.lab_upstream import RootKey, next_upstream_call
+from services.cli.lab_upstream import RootKey, chains_to
 from services.common.identity.spiffe_id import SpiffeId
 from services.common.policy import Policy
-from services.issuer.domain.authority import AuthorityState, Slot
-from tests.support.pki import create_root_ca
+from tests.support.pki import create_intermediate_ca, create_root_ca
 
 TD = "ztbank.example"
 TELLER = f"spiffe://{TD}/env/prod/zone/az1/team/channels/svc/teller"
@@ -90,30 +87,21 @@ def test_a_policy_the_lab_cannot_edit_is_refused(text: str, mentions: str) -> No
         withdraw_route(text, TD, TELLER)
 
 
-def slot(issued_at: datetime, lifetime: timedelta) -> Slot:
-    ca = create_root_ca(not_before=issued_at, not_after=issued_at + lifetime)
-    assert isinstance(ca.key, ec.EllipticCurvePrivateKey)
-    return Slot(
-        ca_cert=ca.certificate,
-        ca_key=ca.key,
-        upstream_chain=(),
-        roots=(),
-        jwt_key=ca.key,
-        jwt_kid="k",
-        issued_at=issued_at,
-    )
+def test_a_new_ca_chains_to_the_pinned_root_only_through_valid_signatures() -> None:
+    root = create_root_ca(common_name="pinned root")
+    middle = create_intermediate_ca(root, common_name="pki_int", path_length=1)
+    issuer_ca = create_intermediate_ca(middle, common_name="issuer CA")
+    impostor_root = create_root_ca(common_name="pinned root")  # same name, another key
+    forged_middle = create_intermediate_ca(impostor_root, common_name="pki_int", path_length=1)
+    forged = create_intermediate_ca(forged_middle, common_name="issuer CA")
+    pool = [root.certificate, middle.certificate, issuer_ca.certificate]
 
-
-def test_the_next_upstream_call_is_half_way_through_the_newest_ca() -> None:
-    start = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
-    active = slot(start, timedelta(minutes=2))
-    assert next_upstream_call(AuthorityState(active=active)) == start + timedelta(minutes=1)
-    # Once the next CA is prepared, the call after that is half-way through the prepared one.
-    prepared = slot(start + timedelta(minutes=1), timedelta(minutes=2))
-    state = AuthorityState(active=active, prepared=prepared)
-    assert next_upstream_call(state) == start + timedelta(minutes=2)
-    with pytest.raises(CliError, match="no signing CA yet"):
-        next_upstream_call(AuthorityState())
+    assert chains_to(issuer_ca.certificate, pool, root.certificate)
+    assert chains_to(middle.certificate, pool, root.certificate)
+    # Names match all the way up, signatures do not.
+    assert not chains_to(forged.certificate, [*pool, forged_middle.certificate], root.certificate)
+    # No path to the root in the pool.
+    assert not chains_to(issuer_ca.certificate, [issuer_ca.certificate], root.certificate)
 
 
 def test_the_root_key_goes_aside_and_back_unchanged(tmp_path: Path) -> None:

@@ -110,22 +110,63 @@ def test_reads_the_environment(
     assert getattr(load_settings(IssuerSettings), field) == expected
 
 
-def test_vault_upstream_with_token(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("ZTBANK_UPSTREAM", "vault")
-    monkeypatch.setenv("VAULT_ADDR", "https://vault.internal:8200")
-    monkeypatch.setenv("VAULT_TOKEN", "token")
-    settings = load_settings(IssuerSettings)
+VAULT = {
+    "ZTBANK_UPSTREAM": "vault",
+    "VAULT_ADDR": "https://vault.internal:8200",
+    "ZTBANK_VAULT_ROOT_CA": "vault-root.pem",
+}
+
+
+def _vault_settings(monkeypatch: pytest.MonkeyPatch, **env: str) -> IssuerSettings:
+    for name, value in {**VAULT, **env}.items():
+        monkeypatch.setenv(name, value)
+    return load_settings(IssuerSettings)
+
+
+def test_vault_upstream_with_token(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    settings = _vault_settings(monkeypatch, VAULT_TOKEN="token")
     assert settings.upstream == "vault"
     assert settings.vault_addr == "https://vault.internal:8200"
+    assert settings.vault_token == "token"
+    # Relative to where the issuer starts, as ZTBANK_HOME is.
+    assert settings.vault_root_ca == tmp_path / "vault-root.pem"
 
 
 def test_vault_upstream_with_approle(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("ZTBANK_UPSTREAM", "vault")
-    monkeypatch.setenv("VAULT_ADDR", "https://vault.internal:8200")
-    monkeypatch.setenv("ZTBANK_VAULT_ROLE_ID", "role")
-    monkeypatch.setenv("ZTBANK_VAULT_SECRET_ID", "secret")
-    settings = load_settings(IssuerSettings)
+    settings = _vault_settings(
+        monkeypatch, ZTBANK_VAULT_ROLE_ID="role", ZTBANK_VAULT_SECRET_ID="secret"
+    )
     assert (settings.vault_role_id, settings.vault_secret_id) == ("role", "secret")
+    assert settings.vault_approle_file is None
+
+
+def test_vault_upstream_with_an_approle_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    settings = _vault_settings(monkeypatch, ZTBANK_VAULT_APPROLE_FILE="bootstrap/approle.json")
+    assert settings.vault_approle_file == tmp_path / "bootstrap" / "approle.json"
+    assert settings.vault_role_id is settings.vault_secret_id is None
+
+
+def test_vault_files_are_unset_by_default_and_when_empty(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings(IssuerSettings).vault_root_ca is None
+    monkeypatch.setenv("ZTBANK_VAULT_APPROLE_FILE", "")
+    monkeypatch.setenv("ZTBANK_VAULT_ROOT_CA", "")
+    settings = load_settings(IssuerSettings)
+    assert (settings.vault_approle_file, settings.vault_root_ca) == (None, None)
+
+
+def test_settings_repr_hides_vault_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    text = repr(
+        _vault_settings(
+            monkeypatch,
+            VAULT_TOKEN="hvs.token-do-not-leak",
+            ZTBANK_VAULT_ROLE_ID="role",
+            ZTBANK_VAULT_SECRET_ID="secret-id-do-not-leak",
+        )
+    )
+    assert "vault_role_id='role'" in text
+    assert "do-not-leak" not in text
 
 
 def test_ca_ttl_of_exactly_six_svid_ttls_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -169,6 +210,41 @@ def test_ca_ttl_of_exactly_six_svid_ttls_is_accepted(monkeypatch: pytest.MonkeyP
         ({"ZTBANK_ISSUER_PUBLIC_URL": "issuer:8180"}, "ZTBANK_ISSUER_PUBLIC_URL"),
         ({"ZTBANK_ISSUER_PUBLIC_URL": "ftp://issuer"}, "ZTBANK_ISSUER_PUBLIC_URL"),
         ({"ZTBANK_UPSTREAM": "vault", "VAULT_TOKEN": "t"}, "VAULT_ADDR"),
+        (
+            {"ZTBANK_UPSTREAM": "vault", "VAULT_ADDR": "https://vault:8200", "VAULT_TOKEN": "t"},
+            "ZTBANK_VAULT_ROOT_CA",
+        ),
+        (
+            {
+                "ZTBANK_UPSTREAM": "vault",
+                "VAULT_ADDR": "https://vault:8200",
+                "VAULT_TOKEN": "t",
+                "ZTBANK_VAULT_ROOT_CA": "",
+            },
+            "ZTBANK_VAULT_ROOT_CA",
+        ),
+        (
+            {"ZTBANK_UPSTREAM": "vault", "VAULT_ADDR": "https://vault:8200"},
+            "ZTBANK_VAULT_APPROLE_FILE",
+        ),
+        (
+            {
+                "ZTBANK_UPSTREAM": "vault",
+                "VAULT_ADDR": "https://vault:8200",
+                "ZTBANK_VAULT_SECRET_ID": "secret",
+            },
+            "ZTBANK_VAULT_ROLE_ID",
+        ),
+        (
+            {
+                "ZTBANK_UPSTREAM": "vault",
+                "VAULT_ADDR": "https://vault:8200",
+                "ZTBANK_VAULT_APPROLE_FILE": "approle.json",
+                "ZTBANK_VAULT_ROLE_ID": "role",
+                "ZTBANK_VAULT_SECRET_ID": "secret",
+            },
+            "ZTBANK_VAULT_APPROLE_FILE",
+        ),
         ({"ZTBANK_UPSTREAM": "vault", "VAULT_ADDR": "https://vault:8200"}, "ZTBANK_VAULT_ROLE_ID"),
         (
             {
@@ -184,6 +260,43 @@ def test_refusal_is_one_line_naming_the_variable(
     monkeypatch: pytest.MonkeyPatch, env: dict[str, str], named: str
 ) -> None:
     assert named in refusal(monkeypatch, **env)
+
+
+def test_vault_needs_a_pinned_root_whatever_the_auth(monkeypatch: pytest.MonkeyPatch) -> None:
+    message = refusal(
+        monkeypatch,
+        ZTBANK_UPSTREAM="vault",
+        VAULT_ADDR="https://vault:8200",
+        ZTBANK_VAULT_APPROLE_FILE="approle.json",
+        ZTBANK_VAULT_ROOT_MOUNT="ztbank_root",
+    )
+    assert message == (
+        "invalid setting: ZTBANK_UPSTREAM=vault needs ZTBANK_VAULT_ROOT_CA: the PEM file of the"
+        " root CA of Vault's ztbank_root mount, the only root the issuer trusts"
+    )
+
+
+def test_vault_approle_file_and_inline_approle_are_exclusive(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    message = refusal(
+        monkeypatch,
+        **VAULT,
+        ZTBANK_VAULT_APPROLE_FILE="approle.json",
+        ZTBANK_VAULT_ROLE_ID="role",
+        ZTBANK_VAULT_SECRET_ID="secret-id-do-not-leak",
+    )
+    assert message == (
+        "invalid setting: ZTBANK_VAULT_APPROLE_FILE and ZTBANK_VAULT_ROLE_ID/ZTBANK_VAULT_SECRET_ID"
+        " are alternatives: set only one"
+    )
+
+
+def test_vault_without_credentials_lists_the_three_ways(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert refusal(monkeypatch, **VAULT) == (
+        "invalid setting: ZTBANK_UPSTREAM=vault needs ZTBANK_VAULT_APPROLE_FILE, or"
+        " ZTBANK_VAULT_ROLE_ID and ZTBANK_VAULT_SECRET_ID, or VAULT_TOKEN"
+    )
 
 
 def test_garbage_duration_message_says_how_to_write_one(monkeypatch: pytest.MonkeyPatch) -> None:
