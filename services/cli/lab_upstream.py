@@ -364,9 +364,9 @@ def run_fault(number: int, fault: Fault, run: LabRun) -> list[bool]:
     before = _bundle(settings)
     checks: list[bool] = []
     requests_sent, refusals = 0, []
-    say(f"  {number} fault: {fault.what} ({fault.how})")
     log.start()
     with interrupted_by_termination():
+        say(f"  {number} fault: {fault.what} ({fault.how})")
         fault.make()
         try:
             _renew(settings)

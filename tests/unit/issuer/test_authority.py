@@ -401,6 +401,47 @@ def test_failed_preparation_keeps_signing_with_the_valid_ca(
     assert len(authority.bundle()) == 3
 
 
+def test_a_requested_renewal_prepares_the_next_ca_now_and_the_one_after_activates_it(
+    authority: CertificateAuthority, upstream: SwitchableUpstream, root: x509.Certificate
+) -> None:
+    authority.maintain()
+    first = signing_ca(authority)
+
+    authority.request_renewal()
+    authority.maintain()
+    second = upstream.issued[-1]
+    assert signing_ca(authority) == first  # published first, signs nothing yet
+    assert fingerprints(authority.bundle()) == fingerprints([root, first, second])
+    authority.maintain()
+    assert upstream.calls == 2  # a renewal is asked for once, not on every maintain
+
+    authority.request_renewal()
+    authority.maintain()
+    assert signing_ca(authority) == second  # the prepared CA took over
+    assert authority.active_chain() == [second, root]
+    assert upstream.calls == 3
+    assert authority.last_signed_at is not None
+
+
+def test_a_renewal_the_upstream_refuses_stays_requested_until_it_signs(
+    authority: CertificateAuthority, upstream: SwitchableUpstream
+) -> None:
+    authority.maintain()
+    first = signing_ca(authority)
+    upstream.failing = True
+
+    authority.request_renewal()
+    for _ in range(2):
+        with pytest.raises(UpstreamError, match="upstream unreachable"):
+            authority.maintain()
+    assert signing_ca(authority) == first
+    upstream.failing = False
+    authority.maintain()
+
+    assert upstream.calls == 4
+    assert upstream.issued[-1] in authority.bundle()
+
+
 # -- persistence ----------------------------------------------------------------------------
 
 
