@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -131,7 +132,7 @@ def test_an_unreachable_vault_says_why(tmp_path: Path) -> None:
     assert "refused" in health.error
 
 
-def _stack(tmp_path: Path, **settings: object) -> NativeStack:
+def _stack(tmp_path: Path, **settings: Any) -> NativeStack:
     return NativeStack(
         StackSettings(
             home=tmp_path / "var", registry=REPO_ROOT / "infra" / "registry.json", **settings
