@@ -586,8 +586,8 @@ def build_parser() -> argparse.ArgumentParser:
     ).set_defaults(handler=narrated(run_expiry_lab))
     lab.add_parser(
         "upstream",
-        help="the issuer's root CA goes offline: SVIDs keep serving, CA renewal fails,"
-        " then recovers",
+        help="the upstream (Vault, or the disk root) fails as the issuer renews its CA: the bank"
+        " serves on, the cause is named, the issuer recovers",
     ).set_defaults(handler=narrated(run_upstream_lab))
     lab.add_parser(
         "breaker",

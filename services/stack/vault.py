@@ -57,6 +57,7 @@ class VaultHealth:
     sealed: bool = True
     version: str = ""
     error: str = ""
+    untrusted: bool = False  # answered, with a certificate the pinned CA did not sign
 
     @property
     def state(self) -> str:
@@ -191,6 +192,10 @@ class VaultServer:
             health = self.health()
             if health.reachable:
                 return started
+            if health.untrusted:
+                raise VaultError(
+                    f"vault at {self.address}: {health.error}; see {self.process.log_file}"
+                )
             if self.process.exited():
                 raise VaultError(
                     f"vault exited during start-up; last lines of {self.process.log_file}:\n"
@@ -234,6 +239,7 @@ class VaultServer:
                 False,
                 error=f"its TLS certificate is not trusted by {self.tls.ca_cert}:"
                 f" {error.verify_message}",
+                untrusted=True,
             )
         except urllib.error.URLError as error:
             return VaultHealth(False, error=str(error.reason))
