@@ -28,6 +28,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from services.common.errors import CommonError
 from services.common.files import PUBLIC_MODE, ensure_private_dir, write_atomic, write_private_key
+from services.issuer.domain.certificates import CA_KEY_USAGE, SVID_KEY_USAGE
 
 CA_TTL = timedelta(days=3 * 365)
 SERVER_TTL = timedelta(days=30)
@@ -98,20 +99,7 @@ def _new_ca(now: datetime) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey
         .not_valid_before(now - BACKDATE)
         .not_valid_after(now + CA_TTL)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(CA_KEY_USAGE, critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
         .sign(key, hashes.SHA256())
     )
@@ -153,20 +141,7 @@ def _issue_server(
         .not_valid_before(now - BACKDATE)
         .not_valid_after(min(now + SERVER_TTL, ca_cert.not_valid_after_utc))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(SVID_KEY_USAGE, critical=True)  # a TLS server key: signatures only
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
         .add_extension(
