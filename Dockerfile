@@ -1,6 +1,8 @@
 # syntax=docker/dockerfile:1
 # One image for every ztbank Python process of the compose stack (issuer, gateway,
-# transfer-engine, risk, the one-shot jobs), plus a `load` target that adds locust.
+# transfer-engine, risk, the one-shot jobs vault-tls, vault-bootstrap and entries), plus `load`
+# (locust) and `test` (the e2e suites) targets. Never the `vault` extra: the bao binary (~180 MB)
+# is in the vault image only (infra/vault/Dockerfile).
 #   docker compose build            # target runtime (the last stage, the default)
 #   make images OFFLINE=1           # no registry: a local Debian base and a host-made wheelhouse
 ARG PYTHON_IMAGE=python:3.11.10-slim-bookworm
@@ -59,7 +61,7 @@ RUN set -eux; \
     useradd --system --uid 10001 --gid ztbank --no-create-home --shell /usr/sbin/nologin gateway; \
     useradd --system --uid 10002 --gid ztbank --no-create-home --shell /usr/sbin/nologin transfer-engine; \
     useradd --system --uid 10003 --gid ztbank --no-create-home --shell /usr/sbin/nologin risk; \
-    install -d -o 10000 -g 10000 -m 0700 /var/lib/ztbank/issuer /var/lib/ztbank/certs /vault/bootstrap; \
+    install -d -o 10000 -g 10000 -m 0700 /var/lib/ztbank/issuer /vault/bootstrap; \
     install -d -o 10001 -g 10000 -m 0700 /var/lib/ztbank/gateway; \
     install -d -o 10002 -g 10000 -m 0700 /var/lib/ztbank/transfer-engine; \
     install -d -o 10003 -g 10000 -m 0700 /var/lib/ztbank/risk; \

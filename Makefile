@@ -17,15 +17,16 @@ $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "ztbank needs Python 3.11 (set PYTHON=...)")'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,vault]'
 	touch $(STAMP)
 
 install: $(STAMP) ## create .venv/ with pinned dependencies and the ztbank console script
 
 # compose when a Docker engine AND a compose tool (v2 plugin or v1 docker-compose) answer, else
 # native; MODE=native|compose overrides (MODE=compose where it cannot run stops, saying why).
-# The compose stack is compose.yaml, or compose.offline.yaml when no container registry answers
-# (OFFLINE=auto|yes|no). services/stack/compose.py does the work for both compose tools.
+# The compose stack is compose.yaml (COMPOSE_PROFILES=consul,otel,grafana adds its profiles).
+# Its images are built offline (local Debian base, host wheelhouse) when no container registry
+# answers: OFFLINE=auto|1|0. services/stack/compose.py does the work for both compose tools.
 COMPOSE := $(BIN)/python -m services.stack.compose --offline $${OFFLINE:-auto}
 STACK_MODE = $$($(BIN)/python -m services.stack.compose mode --requested "$${MODE:-}")
 # status and logs: of the compose project when it has containers, else of the native stack
@@ -33,7 +34,7 @@ RUNNING_MODE = $$($(BIN)/python -m services.stack.compose mode --running --reque
 
 up: install ## start the stack in the background (native processes, or compose when Docker runs)
 	@mode=$(STACK_MODE) || exit 2; \
-	if [ "$$mode" = compose ]; then $(COMPOSE) up; else $(BIN)/ztbank up; fi
+	if [ "$$mode" = compose ]; then $(COMPOSE) up; else $(BIN)/ztbank up $(if $(UPSTREAM),--upstream $(UPSTREAM)); fi
 
 down: install ## stop the stack (native and compose); state is kept (VOLUMES=1: compose volumes too)
 	@$(BIN)/ztbank down
@@ -45,7 +46,7 @@ logs: install ## follow the stack's logs
 	if [ "$$mode" = compose ]; then $(COMPOSE) logs; \
 	else tail -n 20 -F var/log/*.log; fi
 
-images: install ## build every image ztbank owns (OFFLINE=1: local Debian base + host wheelhouse)
+images: install ## build every image of the compose stack (OFFLINE=1: local Debian base + host wheelhouse)
 	@$(COMPOSE) images
 
 console: install ## the live lab console on http://127.0.0.1:8190/ (ZTBANK_CONSOLE_PORT; `make up` first)
@@ -148,7 +149,7 @@ lab-policy: up ## lab: deny a route by a live policy edit; refused with 403, aud
 lab-expiry: up ## lab: a client SVID nobody renews runs out; refused at notAfter, served with a new one
 	$(BIN)/ztbank lab expiry
 
-lab-upstream: up ## lab: the root CA's key goes offline; serving goes on, CA renewal fails, then recovers (needs ZTBANK_CA_TTL=2m)
+lab-upstream: up ## lab: the upstream fails as the issuer renews its CA (Vault: 4 faults); serving goes on, the cause is named, then it recovers
 	$(BIN)/ztbank lab upstream
 
 lab-breaker: up ## lab: a low-trust callee trips the gateway's circuit breaker; 503 at once, then it closes again

@@ -1,10 +1,11 @@
 """The compose stack, driven the same way whichever compose tool is installed.
 
 ``docker compose`` (the v2 plugin) when it answers, else Debian's ``docker-compose`` (v1, which
-has no ``--wait``): health is waited for here, from ``docker inspect``, for both.  The full stack
-is ``compose.yaml``; where no container registry answers, ``compose.offline.yaml`` (every image
-built on this machine: a debootstrap base, a host-made wheelhouse).  Every failure ends in one
-line naming what failed and where its log is, with nothing left running.
+has no ``--wait``): health is waited for here, from ``docker inspect``, for both.  The stack is
+``compose.yaml``, one file.  How its images are built is a separate choice: from the registry's
+base images, or, where no registry answers, offline (a debootstrap base, a host-made
+wheelhouse).  Every failure ends in one line naming what failed and where its log is, with
+nothing left running.
 
     python -m services.stack.compose mode|images|up|down|status|logs|test   (the Makefile's)
 """
@@ -28,7 +29,8 @@ from typing import Literal
 from services.common.errors import CommonError
 
 ROOT = Path(__file__).resolve().parents[2]
-FULL_FILE = "compose.yaml"
+COMPOSE_FILE = "compose.yaml"
+# Gone: there is one compose file. Kept only while services/cli/workload_cmd.py imports it.
 OFFLINE_FILE = "compose.offline.yaml"
 BASE_IMAGE = "ztbank-base:bookworm"
 UP_TIMEOUT = 240.0
@@ -39,12 +41,55 @@ ISSUER_HTTP = "issuer:8180"
 WORKLOAD_API_SOCKET = "unix:///spiffe-workload-api/workload.sock"
 # Run on demand (profiles "test" and "load"), never part of a healthy stack.
 ON_DEMAND_JOBS = ("e2e", "locust")
-# The images ztbank owns: Dockerfile target -> the .env variable naming its tag.
-IMAGE_TARGETS = {
-    "runtime": "ZTBANK_IMAGE",
-    "load": "ZTBANK_LOAD_IMAGE",
-    "test": "ZTBANK_TEST_IMAGE",
+JOB_PROFILES = ("test", "load")
+# Every profile of compose.yaml: `down` removes what any of them started.
+ALL_PROFILES = ("consul", "otel", "grafana", *JOB_PROFILES)
+# What a profile named in COMPOSE_PROFILES needs the services pointed at (compose.yaml reads
+# these from .env, where they are empty or the default: off). The shell's own values win.
+PROFILE_SETTINGS = {
+    "consul": {"ZTBANK_CONSUL_ADDR": "http://consul:8500"},
+    "otel": {
+        "ZTBANK_OTLP_ENDPOINT": "http://otel-collector:4318",
+        "PROMETHEUS_CONFIG": "prometheus.otel.yml",
+        "E2E_TRACES": "jaeger",
+    },
 }
+
+
+@dataclass(frozen=True)
+class ImageBuild:
+    """One image ztbank owns: the .env variable naming its tag, what ``docker build`` gets."""
+
+    variable: str
+    log_name: str
+    dockerfile: str
+    context: str
+    target: str = ""
+    base_arg: str = "PYTHON_IMAGE"  # the build argument naming the base image
+    wheelhouse: bool = True  # installs from the wheelhouse when built offline
+
+    def argv(self, tag: str, base: str, offline: bool) -> list[str]:
+        argv = ["docker", "build", "--build-arg", f"{self.base_arg}={base}"]
+        if offline and self.wheelhouse:
+            argv += ["--build-arg", "OFFLINE=1"]
+        argv += ["-f", self.dockerfile, *(["--target", self.target] if self.target else [])]
+        return [*argv, "-t", tag, self.context]
+
+
+IMAGE_BUILDS = (
+    ImageBuild("ZTBANK_IMAGE", "build-runtime", "Dockerfile", ".", "runtime"),
+    ImageBuild("ZTBANK_LOAD_IMAGE", "build-load", "Dockerfile", ".", "load"),
+    ImageBuild("ZTBANK_TEST_IMAGE", "build-test", "Dockerfile", ".", "test"),
+    ImageBuild("VAULT_IMAGE", "build-vault", "infra/vault/Dockerfile", "."),
+    ImageBuild(
+        "ZTBANK_PROMETHEUS_IMAGE",
+        "build-prometheus",
+        "infra/prometheus/Dockerfile",
+        "infra/prometheus",
+        base_arg="DEBIAN_IMAGE",
+        wheelhouse=False,
+    ),
+)
 
 Mode = Literal["native", "compose"]
 
@@ -125,7 +170,7 @@ class Docker:
         return None
 
     def registry_answers(self, probe_image: str) -> bool:
-        """Pulling the smallest image the full stack needs anyway; fails at once here (no
+        """Pulling a small image (busybox, which the profile otel uses); fails at once here (no
         route to any registry)."""
         return self.ok("docker", "pull", "--quiet", probe_image)
 
@@ -154,6 +199,7 @@ class ContainerState:
     health: str  # healthy, unhealthy, starting, or "" without a health check
     exit_code: int
     one_shot: bool
+    restarts: int = 0  # by its restart policy: a service that keeps crashing
 
     @property
     def ready(self) -> bool:
@@ -170,7 +216,8 @@ class ContainerState:
     def describe(self) -> str:
         if self.one_shot and self.status == "exited":
             return f"exited with code {self.exit_code}"
-        return f"{self.status}{f' ({self.health})' if self.health else ''}"
+        restarted = f", restarted {self.restarts} times" if self.restarts else ""
+        return f"{self.status}{f' ({self.health})' if self.health else ''}{restarted}"
 
 
 def container_state(inspected: Mapping[str, object]) -> ContainerState:
@@ -189,14 +236,20 @@ def container_state(inspected: Mapping[str, object]) -> ContainerState:
         health=str(health.get("Status", "")),
         exit_code=int(state.get("ExitCode", 0)),
         one_shot=restart in ("", "no"),
+        restarts=int(str(inspected.get("RestartCount") or 0)),
     )
+
+
+def active_profiles(env: Mapping[str, str]) -> list[str]:
+    """The profiles COMPOSE_PROFILES names (comma-separated, as compose reads it)."""
+    return [p.strip() for p in env.get("COMPOSE_PROFILES", "").split(",") if p.strip()]
 
 
 @dataclass
 class ComposeStack:
     docker: Docker
     tool: list[str]
-    offline: bool
+    offline: bool  # images are built without a registry (the file is compose.yaml either way)
     project: str
     overrides: dict[str, str] = field(default_factory=dict)
     log_dir: Path = ROOT / "var" / "log" / "compose"
@@ -204,33 +257,39 @@ class ComposeStack:
 
     @property
     def file(self) -> str:
-        return OFFLINE_FILE if self.offline else FULL_FILE
+        return COMPOSE_FILE
 
     @property
     def env(self) -> dict[str, str]:
-        return {**self.docker.env, "COMPOSE_PROJECT_NAME": self.project, **self.overrides}
+        env = {**self.docker.env, "COMPOSE_PROJECT_NAME": self.project, **self.overrides}
+        for profile in active_profiles(env):
+            for key, value in PROFILE_SETTINGS.get(profile, {}).items():
+                env.setdefault(key, value)
+        return env
 
     def settings(self) -> dict[str, str]:
         """.env as compose sees it: the shell's environment wins."""
         env = self.env
         return {k: env.get(k, v) for k, v in read_env_file(ROOT / ".env").items()}
 
-    def compose_argv(self, *args: str, jobs: bool = False) -> list[str]:
-        """``jobs``: with the profiles of the on-demand jobs (locust, e2e), for ``run`` and for
-        ``down``; never for ``up``, which would start them."""
-        profiles = ["--profile", "test", "--profile", "load"] if jobs else []
-        return [*self.tool, "-f", self.file, *profiles, *args]
+    def compose_argv(self, *args: str, profiles: Sequence[str] = ()) -> list[str]:
+        """``profiles``: JOB_PROFILES to ``run`` a job, ALL_PROFILES to take everything
+        ``down``; never for ``up``, which would start them (COMPOSE_PROFILES applies there)."""
+        flags = [word for profile in profiles for word in ("--profile", profile)]
+        return [*self.tool, "-f", self.file, *flags, *args]
 
-    def compose(self, *args: str, log: Path | None = None, jobs: bool = False) -> Completed:
-        return self.docker.run(self.compose_argv(*args, jobs=jobs), self.env, log)
+    def compose(
+        self, *args: str, log: Path | None = None, profiles: Sequence[str] = ()
+    ) -> Completed:
+        return self.docker.run(self.compose_argv(*args, profiles=profiles), self.env, log)
 
     # -- images -------------------------------------------------------------------------------
 
     def images(self) -> None:
-        """Every image ztbank owns. Offline: the base from debootstrap (kept once made), the
-        wheelhouse from constraints.txt on the host, pip without an index inside."""
+        """Every image of compose.yaml's default set and jobs (ztbank's, Vault, Prometheus).
+        Offline: the base from debootstrap (kept once made), the wheelhouse from constraints.txt
+        on the host, pip without an index inside; else the registry's bases and the index."""
         settings = self.settings()
-        build_args: list[str] = []
         if self.offline:
             self._step("base image", ["scripts/base_image.sh", BASE_IMAGE], "base-image")
             self._step(
@@ -238,18 +297,11 @@ class ComposeStack:
                 ["env", f"PYTHON={sys.executable}", "scripts/wheelhouse.sh"],
                 "wheelhouse",
             )
-            build_args = ["--build-arg", f"PYTHON_IMAGE={BASE_IMAGE}", "--build-arg", "OFFLINE=1"]
-        else:
-            build_args = ["--build-arg", f"PYTHON_IMAGE={settings['PYTHON_IMAGE']}"]
-        for target, variable in IMAGE_TARGETS.items():
-            image = settings[variable]
-            argv = ["docker", "build", *build_args, "--target", target, "-t", image, "."]
-            self._step(f"image {image}", argv, f"build-{target}", size_of=image)
-        if self.offline:
-            image = settings["ZTBANK_PROMETHEUS_IMAGE"]
-            argv = ["docker", "build", "--build-arg", f"DEBIAN_IMAGE={BASE_IMAGE}"]
-            argv += ["-t", image, "infra/prometheus"]
-            self._step(f"image {image}", argv, "build-prometheus", size_of=image)
+        for build in IMAGE_BUILDS:
+            image = settings[build.variable]
+            base = BASE_IMAGE if self.offline else settings[build.base_arg]
+            argv = build.argv(image, base, self.offline)
+            self._step(f"image {image}", argv, build.log_name, size_of=image)
 
     def _step(self, what: str, argv: list[str], log_name: str, size_of: str = "") -> None:
         log = self.log_dir / f"{log_name}.log"
@@ -276,10 +328,18 @@ class ComposeStack:
         try:
             if done.returncode != 0:
                 states = self.states()
-                bad = [s for s in states if s.failed or not s.ready]
-                what = f": {bad[0].service} is {bad[0].describe()}" if bad else ""
+                # What failed, else what keeps restarting, else what is not ready yet.
+                bad = sorted(
+                    (s for s in states if s.failed or not s.ready),
+                    key=lambda s: (not s.failed, not s.restarts),
+                )
                 logs = shown(self.keep_logs())
-                raise ComposeError(f"`up` failed{what}; logs: {logs}/ and {shown(log)}")
+                if not bad:
+                    raise ComposeError(f"`up` failed; its log: {shown(log)}")
+                raise ComposeError(
+                    f"`up` failed: {bad[0].service} is {bad[0].describe()};"
+                    f" its log: {logs}/{bad[0].service}.log (compose's: {shown(log)})"
+                )
             states = self.wait_ready(started + timeout)
         except BaseException:
             self.down(volumes=False, quiet=True)
@@ -330,10 +390,11 @@ class ComposeStack:
         return directory
 
     def down(self, *, volumes: bool, quiet: bool = False) -> None:
-        """Remove every container of the project (whichever file started it) and, with
-        ``volumes``, every volume labelled with the project."""
+        """Remove every container of the project (of every profile, and orphans, such as those
+        of the former compose.offline.yaml) and, with ``volumes``, every volume labelled with
+        the project."""
         log = self.log_dir / "down.log"
-        done = self.compose("down", "--remove-orphans", log=log, jobs=True)
+        done = self.compose("down", "--remove-orphans", log=log, profiles=ALL_PROFILES)
         if volumes and done.returncode == 0:
             listed = self.docker.run(
                 [
@@ -368,7 +429,7 @@ class ComposeStack:
         return [*(f"container {c}" for c in containers), *(f"volume {v}" for v in volumes)]
 
     def file_in_use(self) -> str | None:
-        """The compose file the project's containers were created from, if any exist."""
+        """The compose file the project's containers were created from; None without any."""
         listed = self.docker.run(
             [
                 "docker", "ps", "--all", "--filter", f"label={PROJECT_LABEL}={self.project}",
@@ -378,8 +439,7 @@ class ComposeStack:
             None,
         )  # fmt: skip
         for line in listed.stdout.splitlines():
-            name = Path(line.split(",")[0].strip()).name
-            if name in (FULL_FILE, OFFLINE_FILE):
+            if name := Path(line.split(",")[0].strip()).name:
                 return name
         return None
 
@@ -474,7 +534,7 @@ def run_e2e_suites(stack: ComposeStack, pytest_args: Sequence[str]) -> int:
                 # --no-deps: the stack is up; v1 would start its finished jobs once more.
                 argv = stack.compose_argv(
                     "run", "--rm", "--no-deps", "-T", "e2e", "tests/e2e", "-p", "no:cacheprovider",
-                    "-rs", *pytest_args, jobs=True,
+                    "-rs", *pytest_args, profiles=JOB_PROFILES,
                 )  # fmt: skip
                 status = stack.docker.stream(argv, stack.env)
             with phase("container checks"):
@@ -516,7 +576,10 @@ def open_stack(docker: Docker, offline: str, project: str | None = None) -> Comp
     if offline == "auto":
         stack.offline = not docker.registry_answers(settings["BUSYBOX_IMAGE"])
         if stack.offline:
-            stack.say(f"no container registry answers: the offline variant ({OFFLINE_FILE})")
+            stack.say(
+                f"no container registry answers: images are built offline ({BASE_IMAGE},"
+                " wheelhouse/)"
+            )
     else:
         stack.offline = offline == "yes"
     return stack
@@ -529,8 +592,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=lambda v: {"1": "yes", "true": "yes", "0": "no", "false": "no"}.get(v.lower(), v),
         choices=("auto", "yes", "no"),
         default="auto",
-        help="compose.offline.yaml and local images (yes, 1), compose.yaml (no, 0), or by"
-        " whether a registry answers (auto)",
+        help="build the images without a registry (yes, 1: a debootstrap base, a host-made"
+        " wheelhouse), from it (no, 0), or by whether one answers (auto); the compose file is"
+        " compose.yaml either way",
     )
     commands = parser.add_subparsers(dest="command", required=True)
     mode = commands.add_parser("mode", help="print native or compose; why on stderr")
@@ -562,7 +626,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "down":
             stack = open_stack(docker, "no")
-            stack.offline = stack.file_in_use() == OFFLINE_FILE
             stack.down(volumes=args.volumes)
             left = [t for t in stack.leftovers() if args.volumes or t.startswith("container")]
             if left:
@@ -571,7 +634,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command in ("status", "logs"):
             stack = open_stack(docker, "no")
-            stack.offline = stack.file_in_use() == OFFLINE_FILE
             if args.command == "logs":
                 return docker.stream(stack.compose_argv("logs", "--follow"), stack.env)
             return print_status(stack)
@@ -611,8 +673,6 @@ def print_status(stack: ComposeStack) -> int:
         "ZTBANK_ISSUER_HTTP": ISSUER_HTTP,
         "ZTBANK_REGISTRY": "/app/infra/consul/services.json",
         "ZTBANK_OPS_ENDPOINT_SOCKET": WORKLOAD_API_SOCKET,
-        # where the offline stack's root is (the `ca` volume); Vault keeps it in the full one
-        "ZTBANK_CERTS_DIR": "/var/lib/ztbank/certs",
         # nothing of the stack's own state; the throwaway container's own /tmp
         "ZTBANK_HOME": "/tmp/ztbank-status",  # noqa: S108
     }

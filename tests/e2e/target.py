@@ -8,8 +8,8 @@ test-e2e-existing`` (a native stack of its own, in a temp dir) or ``make test-co
 ``e2e`` service inside the compose network).  The suites find it through the settings every
 ztbank process reads (``ZTBANK_HOME`` of the issuer, ``ZTBANK_CERTS_DIR``, ``ZTBANK_REGISTRY``,
 ``ZTBANK_TRUST_DOMAIN``, ``ZTBANK_ISSUER_HTTP``) plus the ``ZTBANK_E2E_*`` variables below.
-What such a stack cannot give (stopping its processes, the root CA's key when Vault holds it, a
-short TTL) makes the tests that need it skip, saying why.
+What such a stack cannot give (stopping its processes, a short TTL) makes the tests that need
+it skip, saying why; so does the absence of a Vault upstream for tests/e2e/test_vault_upstream.py.
 """
 
 from __future__ import annotations
@@ -48,6 +48,13 @@ class E2ETargetSettings(BaseSettings):
     traces: Literal["files", "jaeger"] = "files"
     jaeger_url: str = "http://jaeger:16686"
     ready_timeout: float = 90.0
+    # A stack whose issuer Vault signs (make test-compose; "" elsewhere: those tests skip):
+    # Vault's address and the CA of its listener, the directory where vault-bootstrap wrote
+    # root-ca.pem, approle.json and init.json, and Vault's file audit log.
+    vault_addr: str = ""
+    vault_cacert: str = ""
+    vault_bootstrap_dir: str = ""
+    vault_audit_log: str = ""
 
 
 def identity_source(target: E2ETargetSettings, settings: ZtbankSettings) -> IdentitySource:

@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from services.issuer.adapters.authority_file import AuthorityFile
 from tests.e2e.conftest import Credentials, E2EStack, tls_client_context
 from tests.e2e.test_refusals import CALLER_OF, SERVICES, business_call
 from tests.support import pki
@@ -80,10 +79,7 @@ RULES: dict[str, Leaf] = {
 
 @pytest.fixture(scope="module")
 def signing_ca(stack: E2EStack) -> pki.Issued:
-    """The issuer's active signing CA, read from its 0600 state file (same user as the test)."""
-    active = AuthorityFile(stack.home / "issuer" / "authority.json").load().active
-    assert active is not None
-    return pki.Issued(active.ca_cert, active.ca_key)
+    return stack.signing_ca()
 
 
 @pytest.fixture(scope="module")

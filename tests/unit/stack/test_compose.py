@@ -14,7 +14,8 @@ import pytest
 
 from services.stack import compose
 from services.stack.compose import (
-    OFFLINE_FILE,
+    ALL_PROFILES,
+    COMPOSE_FILE,
     ComposeError,
     ComposeStack,
     ComposeUsageError,
@@ -73,13 +74,37 @@ def test_the_command_line_answers_a_missing_engine_with_one_line(
     assert err == "native stack: no Docker engine answers (docker info failed)\n"
 
 
-def test_offline_is_chosen_when_no_registry_answers(monkeypatch: pytest.MonkeyPatch) -> None:
-    fake = FakeDocker().on("pull", rc=1)
-    stack = compose.open_stack(fake.docker(), "auto")
+def test_without_a_registry_the_images_are_built_offline_and_the_file_is_the_same(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    stack = compose.open_stack(FakeDocker().on("pull", rc=1).docker(), "auto")
     assert stack.offline
-    assert stack.file == OFFLINE_FILE
-    assert stack.compose_argv("up")[:3] == ["docker", "compose", "-f"]
-    assert compose.open_stack(FakeDocker().docker(), "auto").file == "compose.yaml"
+    assert capsys.readouterr().out == (
+        "no container registry answers: images are built offline (ztbank-base:bookworm,"
+        " wheelhouse/)\n"
+    )
+    assert stack.compose_argv("up") == ["docker", "compose", "-f", COMPOSE_FILE, "up"]
+    online = compose.open_stack(FakeDocker().docker(), "auto")
+    assert not online.offline
+    assert online.compose_argv("up") == stack.compose_argv("up")
+    assert not compose.open_stack(FakeDocker().on("pull", rc=1).docker(), "no").offline
+    assert compose.open_stack(FakeDocker().docker(), "yes").offline
+    assert capsys.readouterr().out == ""  # forced: nothing probed, nothing said
+
+
+def test_a_profile_in_compose_profiles_gets_its_settings_unless_the_shell_has_them(
+    tmp_path: Path,
+) -> None:
+    stack = stack_with(FakeDocker(), tmp_path, HEALTHY)
+    assert "ZTBANK_CONSUL_ADDR" not in stack.env
+    stack.docker.env = {"COMPOSE_PROFILES": "consul, otel", "E2E_TRACES": "files"}
+    env = stack.env
+    assert env["ZTBANK_CONSUL_ADDR"] == "http://consul:8500"
+    assert env["ZTBANK_OTLP_ENDPOINT"] == "http://otel-collector:4318"
+    assert env["PROMETHEUS_CONFIG"] == "prometheus.otel.yml"
+    assert env["E2E_TRACES"] == "files"  # the shell's value wins
+    up = stack.compose_argv("up", "--detach")
+    assert "--profile" not in up  # compose reads COMPOSE_PROFILES itself
 
 
 # -- health ----------------------------------------------------------------------------------
@@ -120,6 +145,37 @@ def test_a_failed_job_stops_up_naming_it_and_its_log_and_nothing_is_left(tmp_pat
     assert fake.called("down", "--remove-orphans")
 
 
+def test_a_failed_vault_bootstrap_stops_up_naming_it_and_its_log(tmp_path: Path) -> None:
+    """compose v1 itself refuses to go on when a job the issuer depends on fails: `up` exits
+    non-zero with vault healthy and vault-bootstrap exited 1."""
+    bootstrap = inspected("vault-bootstrap", "exited", code=1)
+    bootstrap["HostConfig"] = {"RestartPolicy": {"Name": "no"}}
+    fake = FakeDocker().on("up", rc=1)
+    stack = stack_with(fake, tmp_path, [inspected("vault", "running", "healthy"), bootstrap])
+    with pytest.raises(ComposeError) as raised:
+        stack.up(timeout=5)
+    message = str(raised.value)
+    assert message.startswith("`up` failed: vault-bootstrap is exited with code 1; its log: ")
+    log = Path(message.split("its log: ", 1)[1].split(" (compose's: ", maxsplit=1)[0])
+    assert log.name == "vault-bootstrap.log"
+    assert log.is_file()
+    assert message.endswith("up.log)")
+    assert fake.called("down", "--remove-orphans")
+
+
+def test_a_vault_that_keeps_crashing_is_named_with_its_restarts(tmp_path: Path) -> None:
+    vault = inspected("vault", "running", "starting") | {"RestartCount": 3}
+    fake = FakeDocker().on("up", rc=1)
+    stack = stack_with(fake, tmp_path, [inspected("gateway", "created"), vault])
+    with pytest.raises(
+        ComposeError,
+        match=r"^`up` failed: vault is running \(starting\), "
+        r"restarted 3 times; its log: .*/vault\.log \(compose's: ",
+    ):
+        stack.up(timeout=5)
+    assert fake.called("down")
+
+
 def test_a_service_that_never_gets_healthy_times_out(tmp_path: Path) -> None:
     fake = FakeDocker()
     stack = stack_with(fake, tmp_path, [*HEALTHY[:3], inspected("gateway", "running", "starting")])
@@ -132,6 +188,9 @@ def test_down_with_volumes_removes_every_volume_of_the_project(tmp_path: Path) -
     fake = FakeDocker().on("volume", "ls", out="ztbank-test_ca\nztbank-test_issuer-data\n")
     stack = stack_with(fake, tmp_path, HEALTHY)
     stack.down(volumes=True)
+    (down,) = fake.called("down")
+    for profile in ALL_PROFILES:  # whatever profile started a container, it goes
+        assert fake.calls[down][fake.calls[down].index(profile) - 1] == "--profile"
     (listed,) = fake.called("volume", "ls")
     assert "label=com.docker.compose.project=ztbank-test" in fake.calls[listed]
     (removed,) = fake.called("volume", "rm")
@@ -201,3 +260,29 @@ def test_a_failed_build_names_the_image_and_its_log(tmp_path: Path) -> None:
     (build,) = fake.called("build")
     assert {"PYTHON_IMAGE=ztbank-base:bookworm", "OFFLINE=1"} <= set(fake.calls[build])
     assert fake.called("scripts/base_image.sh") < fake.called("build")  # the base comes first
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_images_builds_vault_and_prometheus_too_on_the_base_of_the_mode(
+    tmp_path: Path, offline: bool
+) -> None:
+    fake = FakeDocker()
+    stack = stack_with(fake, tmp_path, HEALTHY)
+    stack.offline = offline
+    stack.images()
+    builds = {argv[argv.index("-t") + 1]: argv for argv in fake.calls if "build" in argv}
+    assert set(builds) == {
+        "ztbank:0.1.0", "ztbank-load:0.1.0", "ztbank-test:0.1.0", "ztbank-vault:2.7.2",
+        "ztbank-prometheus:2.42",
+    }  # fmt: skip
+    vault, prometheus = builds["ztbank-vault:2.7.2"], builds["ztbank-prometheus:2.42"]
+    assert vault[vault.index("-f") + 1] == "infra/vault/Dockerfile"
+    assert vault[-1] == "."  # the context holds constraints.txt and wheelhouse/
+    assert prometheus[-1] == "infra/prometheus"
+    python = "ztbank-base:bookworm" if offline else "python:3.11.10-slim-bookworm"
+    debian = "ztbank-base:bookworm" if offline else "debian:bookworm-20241016-slim"
+    assert f"PYTHON_IMAGE={python}" in vault
+    assert f"DEBIAN_IMAGE={debian}" in prometheus
+    assert ("OFFLINE=1" in vault) is offline
+    assert "OFFLINE=1" not in prometheus  # apt, not pip
+    assert bool(fake.called("scripts/wheelhouse.sh")) is offline
