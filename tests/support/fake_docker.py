@@ -14,7 +14,7 @@ Answer = Callable[[Sequence[str]], Completed]
 
 
 def inspected(service: str, status: str, health: str = "", code: int = 0) -> dict[str, object]:
-    one_shot = service in ("entries", "ca-init", "e2e")
+    one_shot = service in ("entries", "vault-tls", "vault-bootstrap", "e2e")
     return {
         "Name": f"/ztbank_{service}_1",
         "Config": {"Labels": {"com.docker.compose.service": service}},
@@ -25,7 +25,8 @@ def inspected(service: str, status: str, health: str = "", code: int = 0) -> dic
 
 
 HEALTHY = [
-    inspected("ca-init", "exited"),
+    inspected("vault-tls", "exited"),
+    inspected("vault-bootstrap", "exited"),
     inspected("issuer", "running", "healthy"),
     inspected("entries", "exited"),
     inspected("gateway", "running", "healthy"),

@@ -125,7 +125,13 @@ def test_up_waits_for_health_without_compose_wait(tmp_path: Path) -> None:
     fake = FakeDocker()
     stack = stack_with(fake, tmp_path, HEALTHY)
     states = stack.up(timeout=5)
-    assert {s.service for s in states} == {"ca-init", "issuer", "entries", "gateway"}
+    assert {s.service for s in states} == {
+        "vault-tls",
+        "vault-bootstrap",
+        "issuer",
+        "entries",
+        "gateway",
+    }
     (up,) = fake.called("up")
     assert "--wait" not in fake.calls[up]  # compose v1 has no --wait
     assert "--profile" not in fake.calls[up]  # the on-demand jobs are not started
