@@ -53,6 +53,19 @@ class KeyUsageSpec:
     crl_sign: bool = False
     critical: bool = True
 
+    def extension(self) -> x509.KeyUsage:
+        return x509.KeyUsage(
+            digital_signature=self.digital_signature,
+            content_commitment=False,
+            key_encipherment=self.key_encipherment,
+            data_encipherment=False,
+            key_agreement=False,
+            key_cert_sign=self.key_cert_sign,
+            crl_sign=self.crl_sign,
+            encipher_only=False,
+            decipher_only=False,
+        )
+
 
 LEAF_KEY_USAGE = KeyUsageSpec(digital_signature=True)
 CA_KEY_USAGE = KeyUsageSpec(digital_signature=True, key_cert_sign=True, crl_sign=True)
@@ -123,20 +136,7 @@ def issue_certificate(
             critical=True,
         )
     if key_usage is not None:
-        builder = builder.add_extension(
-            x509.KeyUsage(
-                digital_signature=key_usage.digital_signature,
-                content_commitment=False,
-                key_encipherment=key_usage.key_encipherment,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=key_usage.key_cert_sign,
-                crl_sign=key_usage.crl_sign,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=key_usage.critical,
-        )
+        builder = builder.add_extension(key_usage.extension(), critical=key_usage.critical)
     if extended_key_usage is not None:
         builder = builder.add_extension(
             x509.ExtendedKeyUsage(list(extended_key_usage)), critical=False

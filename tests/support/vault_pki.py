@@ -137,20 +137,7 @@ def sign_intermediate(
         )
     if signing.key_usage is not None:
         usage = signing.key_usage
-        builder = builder.add_extension(
-            x509.KeyUsage(
-                digital_signature=usage.digital_signature,
-                content_commitment=False,
-                key_encipherment=usage.key_encipherment,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=usage.key_cert_sign,
-                crl_sign=usage.crl_sign,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=usage.critical,
-        )
+        builder = builder.add_extension(usage.extension(), critical=usage.critical)
     certificate = builder.sign(signer.key, hashes.SHA256())
     if signing.ca_chain is not None:
         above = list(signing.ca_chain)
