@@ -342,28 +342,14 @@ class NativeStack:
     # -- up ------------------------------------------------------------------------------------
 
     def up(self, timeout: float = READY_TIMEOUT) -> StackStatus:
-        """Start what is not running and wait until all of it is healthy.  On failure, what
-        this call started is stopped again and StackError names the part and its log."""
+        """Start what is not running and wait until all of it is healthy.  A service that fails
+        is named with its log, and the rest is left up for `make down` and for a look; a Vault
+        that fails stops `up` before anything else starts, and nothing is left running."""
         deadline = time.monotonic() + timeout
-        started: list[ManagedProcess] = []
-        try:
-            self._start_all(deadline, started)
-        except (StackError, CommonError) as error:
-            for process in reversed(started):
-                process.stop()
-            if isinstance(error, StackError):
-                raise
-            raise StackError(str(error)) from None
-        return self.status()
-
-    def _start_all(self, deadline: float, started: list[ManagedProcess]) -> None:
         upstream = self.upstream()
         env = self.env
         if upstream == "vault":
-            if self.vault.start(env, deadline + VAULT_EXTRA_TIME):
-                started.append(self.vault.process)
-            self.vault.bootstrap()
-            env |= self.vault.issuer_env()
+            env |= self._start_vault(env, deadline + VAULT_EXTRA_TIME)
         else:
             init_root_ca(self.settings.certs_dir, self.settings.trust_domain)
         self.settings.home.mkdir(parents=True, exist_ok=True)
@@ -374,7 +360,6 @@ class NativeStack:
         self._recorded = record
         if not self.issuer.running():
             self.issuer.start(env)
-            started.append(self.issuer)
         self._wait(partial(accepts_connections, self.settings.admin_socket), deadline, self.issuer)
         self._register_entries()
         for name, process in self.services.items():
@@ -382,9 +367,21 @@ class NativeStack:
                 socket_path = self.settings.workload_socket_for(name)
                 self._wait(socket_path.exists, deadline, self.issuer)
                 process.start(env | {"SPIFFE_ENDPOINT_SOCKET": self._workload_socket(name)})
-                started.append(process)
         for name, process in self.services.items():
             self._wait(partial(self._healthy, name), deadline, process)
+        return self.status()
+
+    def _start_vault(self, env: dict[str, str], deadline: float) -> dict[str, str]:
+        """Vault running, unsealed and bootstrapped; what the issuer needs to use it."""
+        was_running = self.vault.running()
+        try:
+            self.vault.start(env, deadline)
+            self.vault.bootstrap()
+        except CommonError as error:
+            if not was_running:
+                self.vault.stop()
+            raise StackError(str(error)) from None
+        return self.vault.issuer_env()
 
     def _wait(self, ready: Callable[[], bool], deadline: float, process: ManagedProcess) -> None:
         while time.monotonic() < deadline:
