@@ -35,7 +35,6 @@ import hvac
 import hvac.exceptions
 import requests
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 
 from services._proto import issuer_admin_pb2 as pb
@@ -45,11 +44,13 @@ from services.cli.lab_support import (
     Say,
     interrupted_by_termination,
     mint_teller_svid,
+    service_pids,
     verdict,
 )
 from services.cli.teller import TellerClient
 from services.common.errors import CommonError
 from services.common.identity.source import SvidMaterial, fetch_svid
+from services.common.identity.x509svid import issued_directly_by
 from services.common.workloads import TELLER
 from services.issuer.adapters.upstream_disk import ROOT_CERT_FILE, ROOT_KEY_FILE
 from services.issuer.admin_client import AdminCallError, call_admin
@@ -183,22 +184,14 @@ def chains_to(
     certificate: x509.Certificate, pool: list[x509.Certificate], root: x509.Certificate
 ) -> bool:
     """True if signatures lead from ``certificate`` through ``pool`` up to ``root``."""
-    current, seen = certificate, 0
-    while seen <= len(pool):
-        if current.issuer == root.subject:
-            try:
-                current.verify_directly_issued_by(root)
-            except (ValueError, TypeError, InvalidSignature):
-                return False
+    current = certificate
+    for _ in range(len(pool) + 1):
+        if issued_directly_by(current, root):
             return True
-        parent = next((c for c in pool if c.subject == current.issuer and c != current), None)
+        parent = next((c for c in pool if c != current and issued_directly_by(current, c)), None)
         if parent is None:
             return False
-        try:
-            current.verify_directly_issued_by(parent)
-        except (ValueError, TypeError, InvalidSignature):
-            return False
-        current, seen = parent, seen + 1
+        current = parent
     return False
 
 
@@ -207,7 +200,7 @@ def _short(serial: int) -> str:
 
 
 def _pids(stack: NativeStack) -> dict[str, int | None]:
-    return {"issuer": stack.issuer.pid()} | {n: p.pid() for n, p in stack.services.items()}
+    return {"issuer": stack.issuer.pid()} | service_pids(stack)
 
 
 # -- the faults ---------------------------------------------------------------------------------
