@@ -88,7 +88,7 @@ COPY --from=test-builder /opt/venv /opt/venv
 COPY pyproject.toml ./
 COPY tests/ tests/
 # Root: the harness reads every service's volume and drops to each workload's uid to be
-# attested as it (tests/support/svid_as_uid.py). Only this image runs tests, and only as a
+# attested as it (services/common/identity/as_uid.py). Only this image runs tests, and only as a
 # one-shot job of the compose profile "test".
 USER 0:0
 ENTRYPOINT ["python", "-m", "pytest"]

@@ -50,7 +50,8 @@ images: install ## build every image of the compose stack (OFFLINE=1: local Debi
 	@$(COMPOSE) images
 
 console: install ## the live lab console on http://127.0.0.1:8190/ (ZTBANK_CONSOLE_PORT; `make up` first)
-	$(BIN)/ztbank console
+	@mode=$(RUNNING_MODE) || exit 2; \
+	if [ "$$mode" = compose ]; then $(COMPOSE) console; else $(BIN)/ztbank console; fi
 
 status: install ## trust domain, issuer and each service's SVID serial, expiry and health (JSON)
 	@mode=$(RUNNING_MODE) || exit 2; \
@@ -128,32 +129,37 @@ load: up ## locust on the stack: PROFILE=reads|transfers|mixed USERS=20 DURATION
 load-chaos: up ## mixed load while SVIDs rotate and one client's SVID is revoked (loadtest/README.md)
 	$(BIN)/python -m loadtest.chaos --users $(USERS) --duration $(CHAOS_DURATION)
 
+# A lab runs where the stack runs: natively, or in compose.yaml's `lab` job beside the compose
+# stack (it needs that stack's volumes and network).
+run_lab = mode=$(RUNNING_MODE) || exit 2; \
+	if [ "$$mode" = compose ]; then $(COMPOSE) lab $(1); else $(BIN)/ztbank lab $(1); fi
+
 lab: install ## list the labs for trainers, one line each (ztbank lab)
 	@$(BIN)/ztbank lab
 
 lab-revocation: up ## lab: revoke a connected client and watch it being cut off (ztbank lab revocation)
-	$(BIN)/ztbank lab revocation
+	@$(call run_lab,revocation)
 
 lab-mis-issued: up ## lab: certificates a correct CA never issues, refused and audited (ztbank lab mis-issued)
-	$(BIN)/ztbank lab mis-issued
+	@$(call run_lab,mis-issued)
 
 lab-rotation: up ## lab: every service renews its SVID under traffic (quick with ZTBANK_SVID_TTL=20s make up)
-	$(BIN)/ztbank lab rotation
+	@$(call run_lab,rotation)
 
 lab-outage: up ## lab: stop the issuer; the bank serves, fails closed, recovers (quick with ZTBANK_SVID_TTL=20s)
-	$(BIN)/ztbank lab outage
+	@$(call run_lab,outage)
 
 lab-policy: up ## lab: deny a route by a live policy edit; refused with 403, audited, restored (ztbank lab policy)
-	$(BIN)/ztbank lab policy
+	@$(call run_lab,policy)
 
 lab-expiry: up ## lab: a client SVID nobody renews runs out; refused at notAfter, served with a new one
-	$(BIN)/ztbank lab expiry
+	@$(call run_lab,expiry)
 
 lab-upstream: up ## lab: the upstream fails as the issuer renews its CA (Vault: 4 faults); serving goes on, the cause is named, then it recovers
-	$(BIN)/ztbank lab upstream
+	@$(call run_lab,upstream)
 
 lab-breaker: up ## lab: a low-trust callee trips the gateway's circuit breaker; 503 at once, then it closes again
-	$(BIN)/ztbank lab breaker
+	@$(call run_lab,breaker)
 
 clean: ## remove local state (var/) and caches; keeps certs/ and .venv/
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache

@@ -1,8 +1,8 @@
 #!/bin/sh
 # Compose only (the one-shot `entries` service): register gateway, transfer-engine and risk with
 # the issuer by unix:uid selectors (each container runs as its own uid on the one shared
-# Workload API socket), and the teller (channel app) and ops (health probes) identities by the
-# uids `make test-compose`'s e2e harness switches to. Idempotent: an entry with the same SPIFFE ID and selectors is kept.
+# Workload API socket), and the teller (channel app), ops (health probes) and console identities
+# by the uids the labs, the console and the e2e harness switch to. Idempotent: an entry with the same SPIFFE ID and selectors is kept.
 # Runs as the issuer's uid with the issuer's volume: the admin socket is mode 0600.
 set -eu
 td="${ZTBANK_TRUST_DOMAIN:?}"
@@ -30,3 +30,4 @@ ensure transfer-engine payments "${TRANSFER_ENGINE_UID:?}" transfer-engine
 ensure risk risk "${RISK_UID:?}" risk
 ensure teller channels "${TELLER_UID:?}"
 ensure ops platform "${OPS_UID:?}"
+ensure console platform "${CONSOLE_UID:?}"

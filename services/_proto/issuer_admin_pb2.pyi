@@ -113,7 +113,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("trust_domain", "upstream", "workload_socket", "active_ca_serial", "active_ca_not_after", "entries", "bundle_size", "revocation_url", "crl_number", "revoked_certificates", "revoked_spiffe_ids", "ca_chain", "upstream_error", "upstream_last_success")
+    __slots__ = ("trust_domain", "upstream", "workload_socket", "active_ca_serial", "active_ca_not_after", "entries", "bundle_size", "revocation_url", "crl_number", "revoked_certificates", "revoked_spiffe_ids", "ca_chain", "upstream_error", "upstream_last_success", "upstream_failures", "started")
     TRUST_DOMAIN_FIELD_NUMBER: _ClassVar[int]
     UPSTREAM_FIELD_NUMBER: _ClassVar[int]
     WORKLOAD_SOCKET_FIELD_NUMBER: _ClassVar[int]
@@ -128,6 +128,8 @@ class StatusResponse(_message.Message):
     CA_CHAIN_FIELD_NUMBER: _ClassVar[int]
     UPSTREAM_ERROR_FIELD_NUMBER: _ClassVar[int]
     UPSTREAM_LAST_SUCCESS_FIELD_NUMBER: _ClassVar[int]
+    UPSTREAM_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    STARTED_FIELD_NUMBER: _ClassVar[int]
     trust_domain: str
     upstream: str
     workload_socket: str
@@ -142,7 +144,9 @@ class StatusResponse(_message.Message):
     ca_chain: _containers.RepeatedCompositeFieldContainer[CaCertificate]
     upstream_error: str
     upstream_last_success: str
-    def __init__(self, trust_domain: _Optional[str] = ..., upstream: _Optional[str] = ..., workload_socket: _Optional[str] = ..., active_ca_serial: _Optional[str] = ..., active_ca_not_after: _Optional[str] = ..., entries: _Optional[int] = ..., bundle_size: _Optional[int] = ..., revocation_url: _Optional[str] = ..., crl_number: _Optional[int] = ..., revoked_certificates: _Optional[int] = ..., revoked_spiffe_ids: _Optional[_Iterable[str]] = ..., ca_chain: _Optional[_Iterable[_Union[CaCertificate, _Mapping]]] = ..., upstream_error: _Optional[str] = ..., upstream_last_success: _Optional[str] = ...) -> None: ...
+    upstream_failures: int
+    started: str
+    def __init__(self, trust_domain: _Optional[str] = ..., upstream: _Optional[str] = ..., workload_socket: _Optional[str] = ..., active_ca_serial: _Optional[str] = ..., active_ca_not_after: _Optional[str] = ..., entries: _Optional[int] = ..., bundle_size: _Optional[int] = ..., revocation_url: _Optional[str] = ..., crl_number: _Optional[int] = ..., revoked_certificates: _Optional[int] = ..., revoked_spiffe_ids: _Optional[_Iterable[str]] = ..., ca_chain: _Optional[_Iterable[_Union[CaCertificate, _Mapping]]] = ..., upstream_error: _Optional[str] = ..., upstream_last_success: _Optional[str] = ..., upstream_failures: _Optional[int] = ..., started: _Optional[str] = ...) -> None: ...
 
 class CaCertificate(_message.Message):
     __slots__ = ("subject", "serial", "not_after")

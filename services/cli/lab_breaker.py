@@ -1,7 +1,7 @@
 """``ztbank lab breaker``: the gateway's circuit breaker to the transfer-engine trips when the
 engine's SPIFFE ID namespace is made low-trust, answers at once while open, and closes again.
 
-Against the running native stack (``make up``).  The gateway's breaker scores its callee as
+Against the running stack (``make up``).  The gateway's breaker scores its callee as
 ``0.6 x trust + 0.4 x lifetime left`` of the callee's certificate (docs/breaker.md); below 0.75 it
 opens.  The lab
 
@@ -11,15 +11,15 @@ opens.  The lab
    (``env/prod/zone/az1/team/payments``) has trust LOW_TRUST: its score falls below 0.75;
 3. shows reads and a transfer answered at once with 503 ``application/problem+json`` naming
    the open breaker (no call reaches the engine, so no money moves), ``breaker_state`` 2, and the
-   transition in the gateway's log;
+   transition counted by the gateway's ``breaker_transitions_total``;
 4. puts the original table back (always: also on failure, Ctrl-C, SIGTERM or SIGHUP);
 5. after the breaker's cool-down, one probe call goes through (half-open) and closes it: reads are
    served again, the balance is unchanged, ``breaker_state`` is 0;
 6. no service was restarted.
 
 The original is also kept under ``ZTBANK_HOME/run`` while the edit is in place (a run killed
-outright leaves it there; the next run restores it first).  Native stack only: the compose stack
-bakes its table into the images.
+outright leaves it there; the next run restores it first).  On the compose stack the lab runs in
+its compose job, which shares the table with the gateway (docs/compose.md).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
@@ -36,18 +37,16 @@ from services.cli.lab_support import (
     FileBackup,
     Say,
     interrupted_by_termination,
-    service_pids,
+    service_starts,
     unrestarted,
     verdict,
     watched_file,
 )
 from services.cli.teller import Reply, TellerClient
-from services.common.breaker import parse_transitions
-from services.common.files import write_atomic
-from services.common.registry import FileRegistry
+from services.common.registry import FileRegistry, ServiceAddress
 from services.common.workloads import GATEWAY, TRANSFER_ENGINE
 from services.stack.native import NativeStack, StackSettings
-from services.stack.probe import metric_sample
+from services.stack.probe import metric_sample, metric_samples
 
 CUSTOMER = "alice"
 ACCOUNT = "acc-alice-cny"
@@ -105,6 +104,23 @@ class Bank:
         return Decimal(reply.body["balance"]) if reply.status == 200 else None
 
 
+def transitions(gateway: ServiceAddress) -> Counter[tuple[str, str]]:
+    """The gateway's breaker transitions to the engine so far, by (from, to), as its metrics
+    count them (``breaker_transitions_total``)."""
+    return Counter(
+        {
+            (labels.get("from", ""), labels.get("to", "")): round(value)
+            for labels, value in metric_samples(gateway, "breaker_transitions_total")
+            if labels.get("target") == TRANSFER_ENGINE.name
+        }
+    )
+
+
+def _moves(counted: Counter[tuple[str, str]]) -> str:
+    moves = [f"{before} -> {after} x{n}" for (before, after), n in counted.items()]
+    return ", ".join(moves) or "none"
+
+
 def _until(check: Callable[[], bool], budget: float) -> float | None:
     started = time.monotonic()
     while not check():
@@ -131,8 +147,7 @@ def run_breaker_lab(settings: StackSettings, say: Say) -> bool:
     bank = Bank(settings)
     table = watched_file(stack, "ZTBANK_TRUST_LEVELS", settings.trust_levels, "trust table")
     gateway = FileRegistry(settings.registry).lookup(GATEWAY.name)
-    log = stack.services[GATEWAY.name].log_file
-    pids = service_pids(stack)
+    starts = service_starts(settings)
 
     def state() -> float | None:
         return metric_sample(gateway, "breaker_state")
@@ -145,7 +160,7 @@ def run_breaker_lab(settings: StackSettings, say: Say) -> bool:
     if ready is None:
         raise CliError("the gateway does not serve reads with its breaker closed; is the stack up?")
     before = bank.balance()
-    seen = len(parse_transitions(log.read_text()))
+    seen = transitions(gateway)
     namespace = engine_namespace(settings)
     say(f"  1 the gateway watches {table}; reads are served, breaker_state 0 (closed)")
 
@@ -155,7 +170,7 @@ def run_breaker_lab(settings: StackSettings, say: Say) -> bool:
         backup.save(settings)
         try:
             edited = lower_trust(backup.content.decode(), namespace)
-            write_atomic(table, edited.encode(), backup.mode)
+            backup.replace(edited.encode())
             say(f"  2 replaced the trust table (temp file + rename): {namespace} -> {LOW_TRUST}")
             tripped = _until(lambda: _open_refusal(bank.read()[0]), TRIP_BUDGET_SECONDS)
             checks.append(tripped is not None)
@@ -173,10 +188,9 @@ def run_breaker_lab(settings: StackSettings, say: Say) -> bool:
             gauge = state()
             checks.append(gauge == OPEN_STATE)
             say(f"    breaker_state {gauge if gauge is None else f'{gauge:g}'}")
-            opened = parse_transitions(log.read_text())[seen:]
-            checks.append(any(t["to"] == "open" for t in opened))
-            for move in opened:
-                say(f"    logged: {move['from']} -> {move['to']}: {move['reason']}")
+            opened = transitions(gateway) - seen
+            checks.append(any(to == "open" for _, to in opened))
+            say(f"    breaker_transitions_total counted {_moves(opened)}")
         finally:
             backup.restore(settings)
     restored = table.read_bytes() == backup.content
@@ -185,11 +199,11 @@ def run_breaker_lab(settings: StackSettings, say: Say) -> bool:
 
     recovered = _until(lambda: bank.read()[0].status == 200, RECOVERY_BUDGET_SECONDS)
     checks.append(recovered is not None)
-    moves = parse_transitions(log.read_text())[seen:]
-    closed_again = [f"{t['from']} -> {t['to']}" for t in moves if t["from"] != "closed"]
+    since = transitions(gateway) - seen
+    closed_again = Counter({move: n for move, n in since.items() if move[0] != "closed"})
     say(
         f"  5 served again after {recovered:.1f} s (the cool-down, then one probe):"
-        f" {', '.join(closed_again)}"
+        f" {_moves(closed_again)}"
         if recovered is not None
         else f"  5 NOT served again within {RECOVERY_BUDGET_SECONDS:g} s"
     )
@@ -198,7 +212,7 @@ def run_breaker_lab(settings: StackSettings, say: Say) -> bool:
     gauge = state()
     shown = f"{gauge:g}" if gauge is not None else "absent"
     say(f"    balance {after} (was {before}); breaker_state {shown}")
-    checks.append(unrestarted(stack, pids, say, 6))
+    checks.append(unrestarted(starts, service_starts(settings), say, 6))
     return verdict(
         say,
         checks,

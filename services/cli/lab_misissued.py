@@ -133,7 +133,8 @@ def cases(trust_domain: str) -> list[Case]:
 
 def _signing_ca(settings: StackSettings) -> Signer:
     try:
-        active = AuthorityFile(settings.home / "issuer" / "authority.json").load().active
+        state = settings.home_of("issuer") / "issuer" / "authority.json"
+        active = AuthorityFile(state).load().active
     except IssuerError as error:
         raise CliError(str(error)) from None
     if active is None:

@@ -17,8 +17,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from services.cli.errors import CliError
-from services.cli.lab_support import Say, mint_teller_svid, service_pids, unrestarted
+from services.cli.errors import CliError, UsageError
+from services.cli.lab_support import Say, mint_teller_svid, service_starts, unrestarted
 from services.cli.teller import TellerClient
 from services.common.registry import FileRegistry
 from services.common.workloads import GATEWAY
@@ -54,12 +54,17 @@ def _observe(settings: StackSettings, client: TellerClient, token: str) -> Obser
 
 def run_outage_lab(settings: StackSettings, say: Say) -> bool:
     say("lab outage: the issuer stops; the bank serves, then fails closed, then recovers")
+    if settings.stack_kind == "compose":
+        raise UsageError(
+            "the outage lab stops and starts the issuer's process: native stack only"
+            " (on compose: docker-compose stop issuer, then start issuer)"
+        )
     stack = NativeStack(settings)
     teller = TellerClient(settings)  # no teller identity: "is the stack up? (make up)"
     token = teller.token(CUSTOMER)
     lifetime = round(teller.material.lifetime.total_seconds())  # as every workload's SVID
     client = TellerClient(settings, mint_teller_svid(settings, CLIENT_TTL_SECONDS))
-    pids = service_pids(stack)
+    starts = service_starts(settings)
     if not _observe(settings, client, token).served:
         raise CliError("the gateway does not serve even before the outage; is the stack up?")
     deadline_closed = 2 * lifetime + 5
@@ -113,7 +118,7 @@ def run_outage_lab(settings: StackSettings, say: Say) -> bool:
     checks.append(recovered_after is not None)
     recovery = "served again, every service healthy"
     say(f"  6 {_when(recovery, recovered_after, RECOVERY_BUDGET_SECONDS)}")
-    checks.append(unrestarted(stack, pids, say, 7))
+    checks.append(unrestarted(starts, service_starts(settings), say, 7))
 
     if all(checks):
         say("lab passed: served through the outage, failed closed on stale data, recovered")

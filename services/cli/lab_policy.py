@@ -1,7 +1,7 @@
 """``ztbank lab policy``: a route is withdrawn from the teller by editing the policy live, then
 given back.
 
-Against the running native stack (``make up``): the gateway re-reads its policy file when it
+Against the running stack (``make up``): the gateway re-reads its policy file when it
 changes, without a restart (``services.common.policy``).  The lab
 
 1. finds the file the running gateway watches (its ``ZTBANK_POLICY``) and checks that the teller
@@ -16,8 +16,9 @@ changes, without a restart (``services.common.policy``).  The lab
    the route served again.
 
 The original is also kept under ``ZTBANK_HOME/run`` while the edit is in place: a run that was
-killed outright leaves it there, and the next run restores it first.  Native stack only: the
-compose stack keeps its policy in Consul KV.
+killed outright leaves it there, and the next run restores it first.  On the compose stack the
+lab runs in its compose job, which shares the policy file with the services (docs/compose.md);
+with the consul profile the policy is in Consul KV, and the lab says so.
 """
 
 from __future__ import annotations
@@ -37,13 +38,12 @@ from services.cli.lab_support import (
     last_gateway_denial,
     mint_teller_svid,
     policy_lock,
-    service_pids,
+    service_starts,
     unrestarted,
     verdict,
     watched_file,
 )
 from services.cli.teller import Reply, TellerClient
-from services.common.files import write_atomic
 from services.common.workloads import GATEWAY, TELLER
 from services.stack.native import NativeStack, StackSettings
 
@@ -128,7 +128,7 @@ def run_policy_lab(settings: StackSettings, say: Say) -> bool:
     stack = NativeStack(settings)
     TellerClient(settings)  # no teller identity: "is the stack up? (make up)"
     policy = watched_file(stack, "ZTBANK_POLICY", settings.policy, "policy")
-    pids = service_pids(stack)
+    starts = service_starts(settings)
     leftover = FileBackup.load(settings, BACKUP_NAME)
     if leftover is not None:
         leftover.restore(settings)
@@ -152,7 +152,7 @@ def run_policy_lab(settings: StackSettings, say: Say) -> bool:
         edited, lost = withdraw_route(original.decode(), settings.trust_domain, teller_id)
         backup.save(settings)
         try:
-            write_atomic(policy, edited.encode(), backup.mode)
+            backup.replace(edited.encode())
             say(f"  2 replaced the policy (temp file + rename): the teller loses {lost}")
             after, refused = _until(lambda: _attempt(client), 403, RELOAD_BUDGET_SECONDS)
             checks += [after is not None, _refusal_ok(refused.route, teller_id)]
@@ -172,7 +172,7 @@ def run_policy_lab(settings: StackSettings, say: Say) -> bool:
     checks.append(again is not None)
     served = f"served again after {again:.1f} s" if again is not None else "NOT served again"
     say(f"  6 {ROUTE} {served}")
-    checks.append(unrestarted(stack, pids, say, 7))
+    checks.append(unrestarted(starts, service_starts(settings), say, 7))
     return verdict(
         say,
         checks,

@@ -11,7 +11,7 @@ import signal
 import socket
 import stat
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +22,12 @@ from services.cli.errors import CliError
 from services.cli.teller import TellerClient
 from services.common.files import PRIVATE_MODE, write_atomic
 from services.common.identity.source import SvidMaterial, svid_from_pem
+from services.common.registry import FileRegistry
 from services.common.tls import pem_client_context
-from services.common.workloads import GATEWAY, TELLER
+from services.common.workloads import GATEWAY, SERVICES, TELLER
 from services.issuer.admin_client import AdminCallError, call_admin
 from services.stack.native import NativeStack, StackSettings
+from services.stack.probe import metric_sample
 
 Say = Callable[[str], None]  # where a lab narrates, a line at a time
 # Signals that end a lab from outside (``kill``, a closed terminal) besides Ctrl-C.
@@ -35,12 +37,13 @@ TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 # connection close.
 AUDIT_WAIT_SECONDS = 3.0
 POLL_SECONDS = 0.05
+LOCK_MODE = 0o644
 PRESENT_TIMEOUT = 5.0
 ACCOUNTS = "/v1/accounts"
 
 
 def _last_denial(settings: StackSettings, fields: dict[str, object]) -> str | None:
-    path = settings.home / "audit" / f"{GATEWAY.name}.jsonl"
+    path = settings.home_of(GATEWAY.name) / "audit" / f"{GATEWAY.name}.jsonl"
     try:
         lines = path.read_text().splitlines()
     except OSError:
@@ -134,6 +137,9 @@ class FileBackup:
     content: bytes
     mode: int
     name: str  # which lab's backup: ``ZTBANK_HOME/run/lab-NAME.original.json``
+    # uid, gid: a lab running as root beside the compose stack edits files that a service of
+    # another uid reads; the edit and the original keep that owner.
+    owner: tuple[int, int] | None = None
 
     @staticmethod
     def file(settings: StackSettings, name: str) -> Path:
@@ -145,12 +151,19 @@ class FileBackup:
         try:
             content = path.read_bytes()
             content.decode()
-            return cls(path, content, stat.S_IMODE(os.stat(path).st_mode), name)
+            status = os.stat(path)
+            owner = (status.st_uid, status.st_gid)
+            return cls(path, content, stat.S_IMODE(status.st_mode), name, owner)
         except (OSError, UnicodeDecodeError) as error:
             raise CliError(f"cannot read {path}: {error}") from None
 
     def save(self, settings: StackSettings) -> None:
-        record = {"path": str(self.path), "mode": self.mode, "content": self.content.decode()}
+        record = {
+            "path": str(self.path),
+            "mode": self.mode,
+            "owner": self.owner,
+            "content": self.content.decode(),
+        }
         write_atomic(self.file(settings, self.name), json.dumps(record).encode(), PRIVATE_MODE)
 
     @classmethod
@@ -158,7 +171,14 @@ class FileBackup:
         kept = cls.file(settings, name)
         try:
             record = json.loads(kept.read_text())
-            return cls(Path(record["path"]), record["content"].encode(), int(record["mode"]), name)
+            owner = record.get("owner")
+            return cls(
+                Path(record["path"]),
+                record["content"].encode(),
+                int(record["mode"]),
+                name,
+                (int(owner[0]), int(owner[1])) if owner else None,
+            )
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError) as error:
@@ -167,14 +187,29 @@ class FileBackup:
                 " check the file it names and remove it"
             ) from None
 
+    def replace(self, content: bytes) -> None:
+        """Put ``content`` in place of the file, atomically, with its mode and owner."""
+        write_atomic(self.path, content, self.mode, owner=self._owner_to_keep())
+
     def restore(self, settings: StackSettings) -> None:
-        write_atomic(self.path, self.content, self.mode)
+        self.replace(self.content)
         self.file(settings, self.name).unlink(missing_ok=True)
+
+    def _owner_to_keep(self) -> tuple[int, int] | None:
+        """The original owner where a new file would get another (only root can give it)."""
+        if self.owner is None or self.owner == (os.geteuid(), os.getegid()):
+            return None
+        return self.owner
 
 
 def watched_file(stack: NativeStack, variable: str, default: Path, what: str) -> Path:
-    """The file the running gateway reads for ``variable`` (its policy, its trust table), from
-    the environment it was started with."""
+    """The file the running gateway reads for ``variable`` (its policy, its trust table): from
+    the environment it was started with, or beside the compose stack the one the lab is told
+    (compose.yaml gives the lab and the services the same shared file)."""
+    if stack.settings.stack_kind == "compose":
+        if os.environ.get("CONSUL_HTTP_ADDR"):
+            raise CliError(f"this stack reads its {what} from Consul: edit it there")
+        return default
     env = stack.services[GATEWAY.name].environment()
     if env is None:
         raise CliError("the gateway is not running here; is the stack up? (make up)")
@@ -199,15 +234,30 @@ def accounts_served(
     return reply.status == 200
 
 
-def service_pids(stack: NativeStack) -> dict[str, int | None]:
-    """Each service's pid: the same before and after a lab means nothing was restarted."""
-    return {name: process.pid() for name, process in stack.services.items()}
+def service_starts(settings: StackSettings) -> dict[str, float | None]:
+    """When each service's process started (its ``process_start_time_seconds``): the same
+    before and after a lab means nothing was restarted, natively or in containers."""
+    registry = FileRegistry(settings.registry)
+    return {
+        w.name: metric_sample(registry.lookup(w.name), "process_start_time_seconds")
+        for w in SERVICES
+    }
 
 
-def unrestarted(stack: NativeStack, pids: dict[str, int | None], say: Say, step: int) -> bool:
-    """Lab step ``step``: whether every service still runs as the process it was (``pids``,
-    from ``service_pids`` before the lab), said either way."""
-    same = service_pids(stack) == pids
+def issuer_started(settings: StackSettings) -> str | None:
+    """When the issuer's process started, from its admin API (None: it does not answer)."""
+    try:
+        return call_admin(settings.admin_socket, lambda s: s.Status(pb.StatusRequest())).started
+    except AdminCallError:
+        return None
+
+
+def unrestarted(
+    before: Mapping[str, object], after: Mapping[str, object], say: Say, step: int
+) -> bool:
+    """Lab step ``step``: whether every process still is the one it was (start times taken
+    before and after the lab; an unknown one proves nothing), said either way."""
+    same = before == after and None not in before.values()
     say(f"  {step} {'no service was restarted' if same else 'a service was RESTARTED'}")
     return same
 
@@ -222,12 +272,28 @@ def verdict(say: Say, checks: Sequence[bool], passed: Sequence[str]) -> bool:
     return False
 
 
+def _open_read_only(lock: Path) -> int:
+    try:
+        return os.open(lock, os.O_RDONLY)
+    except OSError as error:
+        raise CliError(f"cannot take the policy lock {lock}: {error}") from None
+
+
 @contextmanager
 def policy_lock(settings: StackSettings) -> Iterator[None]:
     """Held by whatever edits the policy file the gateway watches (``workload add/remove``, the
     policy lab) from reading it to writing it back: two edits at once would lose one."""
-    settings.run_dir.mkdir(parents=True, exist_ok=True)
-    descriptor = os.open(settings.run_dir / "policy.lock", os.O_RDWR | os.O_CREAT, PRIVATE_MODE)
+    lock = settings.run_dir / "policy.lock"
+    try:
+        settings.run_dir.mkdir(parents=True, exist_ok=True)
+        # Readable by all (it holds nothing), so that a lock file made by another uid sharing
+        # this state (a lab run as root beside the compose stack, the issuer's uid in its
+        # container) can be opened read-only: flock needs no write access.
+        descriptor = os.open(lock, os.O_RDWR | os.O_CREAT, LOCK_MODE)
+    except PermissionError:
+        descriptor = _open_read_only(lock)
+    except OSError as error:
+        raise CliError(f"cannot take the policy lock {lock}: {error}") from None
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX)  # released by close, also if we are killed
         yield

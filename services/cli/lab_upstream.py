@@ -43,18 +43,19 @@ from services.cli.lab_support import (
     FileBackup,
     Say,
     interrupted_by_termination,
+    issuer_started,
     mint_teller_svid,
-    service_pids,
+    service_starts,
     verdict,
 )
 from services.cli.teller import TellerClient
 from services.common.errors import CommonError
-from services.common.identity.source import SvidMaterial, fetch_svid
+from services.common.identity.source import SvidMaterial
 from services.common.identity.x509svid import issued_directly_by
 from services.common.workloads import TELLER
 from services.issuer.adapters.upstream_disk import ROOT_CERT_FILE, ROOT_KEY_FILE
 from services.issuer.admin_client import AdminCallError, call_admin
-from services.stack.native import NativeStack, StackSettings
+from services.stack.native import NativeStack, StackSettings, workload_svid
 from services.stack.vault_tls import VaultTls, ensure_vault_tls
 
 CUSTOMER = "alice"
@@ -158,9 +159,8 @@ def _refused(settings: StackSettings, token: str, svid: SvidMaterial | None = No
 
 def _bundle(settings: StackSettings) -> dict[bytes, x509.Certificate]:
     """The trust bundle as the Workload API hands it out now, by fingerprint."""
-    socket_uri = f"unix://{settings.workload_socket_for(TELLER.name)}"
     try:
-        material = fetch_svid(socket_uri, settings.trust_domain, timeout=5)
+        material = workload_svid(settings, TELLER.name)
     except CommonError:
         return {}
     return {cert.fingerprint(_SHA256): cert for cert in material.bundle}
@@ -199,8 +199,8 @@ def _short(serial: int) -> str:
     return f"{serial:x}"[:8] + "…"
 
 
-def _pids(stack: NativeStack) -> dict[str, int | None]:
-    return {"issuer": stack.issuer.pid()} | service_pids(stack)
+def _starts(settings: StackSettings) -> dict[str, object]:
+    return {"issuer": issuer_started(settings), **service_starts(settings)}
 
 
 # -- the faults ---------------------------------------------------------------------------------
@@ -222,6 +222,18 @@ def _seal(stack: NativeStack) -> None:
         raise CliError(f"cannot seal Vault: {type(error).__name__}") from None
 
 
+def _unseal(stack: NativeStack) -> str:
+    """Unseal Vault with the demo init file's key, as ``make up`` does."""
+    try:
+        keys = json.loads(stack.vault.init_file.read_text())["unseal_keys_b64"]
+        _root_client(stack).sys.submit_unseal_keys(keys)
+    except (OSError, ValueError, KeyError, TypeError):
+        raise CliError(f"cannot read Vault's demo init file {stack.vault.init_file}") from None
+    except (hvac.exceptions.VaultError, requests.RequestException) as error:
+        raise CliError(f"cannot unseal Vault: {type(error).__name__}") from None
+    return "unsealed Vault"
+
+
 def _bring_vault_back(stack: NativeStack) -> str:
     """Start Vault if it is down and unseal it from the demo init file, as ``make up`` does."""
     try:
@@ -239,10 +251,7 @@ def _stop_vault(stack: NativeStack) -> None:
 def _replace(backup: FileBackup, settings: StackSettings, content: bytes) -> None:
     backup.save(settings)
     try:
-        tmp = backup.path.with_name(f".{backup.path.name}.lab")
-        tmp.write_bytes(content)
-        tmp.chmod(backup.mode)
-        os.replace(tmp, backup.path)
+        backup.replace(content)
     except OSError as error:
         backup.restore(settings)
         raise CliError(f"cannot change {backup.path}: {error}") from None
@@ -270,10 +279,12 @@ def _foreign_ca(backup: FileBackup, settings: StackSettings) -> None:
 
 
 def vault_faults(stack: NativeStack) -> list[Fault]:
+    """The faults a lab can make of the stack's Vault; beside the compose stack it cannot stop
+    Vault's container (no Docker there), and sealing it stands for that outage."""
     settings, vault = stack.settings, stack.vault
     approle = FileBackup.of(vault.approle_file, "upstream-approle")
     pinned_ca = FileBackup.of(vault.tls.ca_cert, "upstream-vault-ca")
-    return [
+    faults = [
         Fault(
             "an AppRole secret Vault does not know",
             f"the issuer's {vault.approle_file} now holds a random secret_id",
@@ -293,16 +304,20 @@ def vault_faults(stack: NativeStack) -> list[Fault]:
             "sealed with the demo init file's root token",
             "sealed",
             lambda: _seal(stack),
-            lambda: _bring_vault_back(stack),
-        ),
-        Fault(
-            "Vault stopped",
-            "its server process got SIGTERM",
-            "unreachable",
-            lambda: _stop_vault(stack),
-            lambda: _bring_vault_back(stack),
+            lambda: _unseal(stack),
         ),
     ]
+    if settings.stack_kind == "native":
+        faults.append(
+            Fault(
+                "Vault stopped",
+                "its server process got SIGTERM",
+                "unreachable",
+                lambda: _stop_vault(stack),
+                lambda: _bring_vault_back(stack),
+            )
+        )
+    return faults
 
 
 def disk_faults(key: RootKey) -> list[Fault]:
@@ -348,7 +363,7 @@ class LabRun:
     token: str  # the lab customer's, for the teller's requests
     root: x509.Certificate  # the pinned root every new CA must chain to
     say: Say
-    log: IssuerLog
+    log: IssuerLog | None  # the issuer's log file, natively (compose: `docker-compose logs`)
 
 
 def run_fault(number: int, fault: Fault, run: LabRun) -> list[bool]:
@@ -357,7 +372,8 @@ def run_fault(number: int, fault: Fault, run: LabRun) -> list[bool]:
     before = _bundle(settings)
     checks: list[bool] = []
     requests_sent, refusals = 0, []
-    log.start()
+    if log is not None:
+        log.start()
     with interrupted_by_termination():
         say(f"  {number} fault: {fault.what} ({fault.how})")
         fault.make()
@@ -367,25 +383,30 @@ def run_fault(number: int, fault: Fault, run: LabRun) -> list[bool]:
             deadline = time.monotonic() + FAILURE_BUDGET_SECONDS
             first: float | None = None
             while True:
-                log.read()
                 requests_sent += 1
                 if (refusal := _refused(settings, token)) is not None:
                     refusals.append(refusal)
-                if log.failures and first is None:
+                if _status(settings).upstream_failures and first is None:
                     first = time.monotonic()
                 if first is not None and time.monotonic() >= first + OUTAGE_SECONDS:
                     break
                 if first is None and time.monotonic() > deadline:
                     break
                 time.sleep(POLL_SECONDS)
-            reported = _status(settings).upstream_error
+            status = _status(settings)
+            reported, failures = status.upstream_error, status.upstream_failures
             unchanged = _bundle(settings).keys() == before.keys()
         finally:
             undone = fault.undo()
-    named = bool(log.failures) and fault.cause in log.failures[0] and fault.cause in reported
-    checks += [bool(log.failures), named, "\n" not in reported, not refusals, unchanged]
-    say(f"    the issuer logged {len(log.failures)} failed attempt(s), the first:")
-    say(f"    {log.failures[0]!r}" if log.failures else "    (none)")
+    named = failures > 0 and fault.cause in reported
+    checks += [failures > 0, "\n" not in reported, not refusals, unchanged]
+    say(f"    the issuer failed {failures} attempt(s) in a row (admin Status)")
+    if log is not None:
+        log.read()
+        named = named and bool(log.failures) and fault.cause in log.failures[0]
+        say("    its log, the first:")
+        say(f"    {log.failures[0]!r}" if log.failures else "    (none)")
+    checks.append(named)
     say(
         f"    ztbank status: UPSTREAM FAILING: {reported}"
         if reported
@@ -448,8 +469,11 @@ def run_upstream_lab(settings: StackSettings, say: Say) -> bool:
     chain = " <- ".join(f"{c.subject} ({c.serial[:8]}…)" for c in status.ca_chain)
     say(f"  1 upstream {upstream}: the issuer's CA chain is {chain};")
     say(f"    the pinned root is {root_path}")
-    pids = _pids(stack)
-    log = IssuerLog(stack.issuer.log_file)
+    if upstream == "vault" and settings.stack_kind == "compose":
+        say("    (no Docker beside the compose stack to stop Vault's container: sealed stands")
+        say("    for that outage; `docker-compose stop vault` on the host makes it)")
+    starts = _starts(settings)
+    log = IssuerLog(stack.issuer.log_file) if settings.stack_kind == "native" else None
     checks: list[bool] = []
     run = LabRun(settings, token, root, say, log)
     for number, fault in enumerate(faults, start=2):
@@ -462,7 +486,8 @@ def run_upstream_lab(settings: StackSettings, say: Say) -> bool:
         f"  {step} the current signing CA signs: an SVID minted now ({minted.serial[:12]}…) is"
         f" {'served' if minted_served else 'NOT served'}"
     )
-    same = _pids(stack) == pids
+    after = _starts(settings)
+    same = after == starts and None not in starts.values()
     checks.append(same)
     restarts = "no process of the bank was restarted" if same else "a bank process was RESTARTED"
     say(f"  {step + 1} {restarts}")

@@ -14,7 +14,7 @@ from cryptography import x509
 
 from services.cli.errors import CliError, UsageError
 from services.common.errors import CommonError
-from services.common.identity.source import SvidMaterial, fetch_svid
+from services.common.identity.source import SvidMaterial
 from services.common.identity.spiffe_id import SpiffeId
 from services.common.identity.x509svid import verify_der_chain
 from services.common.registry import FileRegistry
@@ -27,7 +27,7 @@ from services.common.revocation import (
 from services.common.tls import client_context
 from services.common.workloads import GATEWAY, TELLER
 from services.issuer.domain.revocation import crls_url
-from services.stack.native import StackSettings, stack_hint
+from services.stack.native import StackSettings, stack_hint, workload_svid
 
 TIMEOUT = 10.0
 
@@ -91,14 +91,13 @@ class TellerClient:
         or missing).  The last verified answer is kept under ZTBANK_HOME, so a client started
         during an issuer outage works as long as the services do.
         """
-        self._trust_domain = settings.trust_domain
+        self._settings = settings
         # The teller's own SVID is fetched again at half-life (a lab outlives a 20 s SVID); a
         # given one is presented as it is, expired or not.
-        self._own_socket: str | None = None
+        self._own = material is None
         if material is None:
-            self._own_socket = f"unix://{settings.workload_socket_for(TELLER.name)}"
             try:
-                material = fetch_svid(self._own_socket, settings.trust_domain, timeout=5)
+                material = workload_svid(settings, TELLER.name)
             except CommonError as error:
                 raise CliError(
                     f"no teller identity ({error}); {stack_hint(settings.home)}"
@@ -127,10 +126,10 @@ class TellerClient:
 
     def _renew(self) -> None:
         held = self._material
-        if self._own_socket is None or held.seconds_left() > held.lifetime.total_seconds() / 2:
+        if not self._own or held.seconds_left() > held.lifetime.total_seconds() / 2:
             return
         try:
-            self._material = fetch_svid(self._own_socket, self._trust_domain, timeout=5)
+            self._material = workload_svid(self._settings, TELLER.name)
         except CommonError:
             return  # the held one until it expires; then the gateway refuses it (fail closed)
         self._context = client_context(self._material, ["http/1.1"])

@@ -21,11 +21,16 @@ def ensure_private_dir(path: Path) -> Path:
     return path
 
 
-def write_atomic(path: Path, data: bytes, mode: int = PUBLIC_MODE) -> None:
-    """Write via a temp file in the same directory; the file never exists with a wider mode."""
+def write_atomic(
+    path: Path, data: bytes, mode: int = PUBLIC_MODE, *, owner: tuple[int, int] | None = None
+) -> None:
+    """Write via a temp file in the same directory; the file never exists with a wider mode
+    (nor, given ``owner`` (uid, gid), with another owner)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        if owner is not None:
+            os.fchown(fd, *owner)
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)

@@ -44,6 +44,9 @@ class ZtbankSettings(BaseSettings):
     # Where peers reach those endpoints: written into every certificate (CRL distribution point,
     # OCSP responder) and polled by the services.  Empty: http://<issuer_http>.
     issuer_public_url: str = ""
+    # The issuer's admin socket (0600, the issuer's uid). Unset: under ZTBANK_HOME, where the
+    # issuer of this home makes it; beside the compose stack: in the issuer's volume.
+    issuer_admin_socket: Path | None = None
 
     @field_validator("trust_domain")
     @classmethod
@@ -75,7 +78,7 @@ class ZtbankSettings(BaseSettings):
 
     @property
     def admin_socket(self) -> Path:
-        return self.run_dir / "issuer" / "admin.sock"
+        return self.issuer_admin_socket or self.run_dir / "issuer" / "admin.sock"
 
     @property
     def default_workload_endpoint(self) -> str:

@@ -120,11 +120,14 @@ class Console:
         self.state: dict[str, Any] | None = None
         self.decisions: deque[dict[str, Any]] = deque(maxlen=RECENT_DECISIONS)
         self.metrics: dict[str, Any] = {}
-        home = settings.home
-        self._audits = [JsonLinesTail(home / "audit" / f"{w.name}.jsonl") for w in SERVICES]
+        # Each service's files, in its own volume beside the compose stack.
+        home = settings.home_of
+        self._audits = [JsonLinesTail(home(w.name) / "audit" / f"{w.name}.jsonl") for w in SERVICES]
         started = time.time()
         self._spans = {
-            w.name: ServedFeed(home / "telemetry" / f"{w.name}-spans.jsonl", started=started)
+            w.name: ServedFeed(
+                home(w.name) / "telemetry" / f"{w.name}-spans.jsonl", started=started
+            )
             for w in SERVICES
         }
 

@@ -1,4 +1,4 @@
-"""``ztbank console``: the console's app under uvicorn on 127.0.0.1."""
+"""``ztbank console``: the console's app under uvicorn on 127.0.0.1 (see ``settings``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import uvicorn
 
 from services.common.audit import AuditLog
 from services.console.app import Console, create_console_app
-from services.console.settings import CONSOLE_HOST, ConsoleSettings
+from services.console.settings import ConsoleSettings
 from services.console.state import StackView
 
 # A response still open at shutdown (not an event stream: those are ended) is cut after this.
@@ -46,7 +46,7 @@ def serve_console(settings: ConsoleSettings) -> None:
     try:
         config = uvicorn.Config(
             create_console_app(console),
-            host=CONSOLE_HOST,
+            host=settings.console_listen,
             port=settings.console_port,
             log_level="warning",
             timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS,

@@ -13,11 +13,11 @@ from cryptography import x509
 
 from services.common.errors import CommonError
 from services.common.identity.pem import serial_hex
-from services.common.identity.source import SvidMaterial, fetch_svid
+from services.common.identity.source import SvidMaterial
 from services.common.revocation import crl_reason, crl_signed_by, split_pem_crls
 from services.common.workloads import CONSOLE
 from services.console.settings import ConsoleSettings
-from services.stack.native import NativeStack, stack_hint, status_document
+from services.stack.native import NativeStack, stack_hint, status_document, workload_svid
 
 CRL_TIMEOUT_SECONDS = 2.0
 START_COMMAND = "make up"
@@ -59,9 +59,8 @@ class StackView:
         while the issuer does not answer."""
         held = self._identity
         if held is None or held.seconds_left() < held.lifetime.total_seconds() / 2:
-            socket_uri = f"unix://{self.settings.workload_socket_for(CONSOLE.name)}"
             try:
-                self._identity = fetch_svid(socket_uri, self.settings.trust_domain, timeout=2)
+                self._identity = workload_svid(self.settings, CONSOLE.name, timeout=2)
             except CommonError:
                 self._identity = held if held is not None and held.seconds_left() > 0 else None
         return self._identity

@@ -121,6 +121,8 @@ class Issuer:
         self._maintenance: asyncio.Task[None] | None = None
         # Why the last call to the upstream failed (one line), shown by `ztbank status`.
         self.upstream_error = ""
+        self.upstream_failures = 0
+        self.started = datetime.now(UTC)
         self._wake = asyncio.Event()
         self._retry_now = False
 
@@ -211,6 +213,7 @@ class Issuer:
                     wake.append(await asyncio.to_thread(self.authority.maintain))
                 except IssuerError as error:
                     self.upstream_error = " ".join(str(error).split())
+                    self.upstream_failures += 1
                     logger.error(
                         "CA maintenance failed, retrying in %.0fs: %s", delay, self.upstream_error
                     )
@@ -220,6 +223,7 @@ class Issuer:
                     if self.upstream_error:
                         logger.info("the upstream answered again; CA maintenance is back")
                     self.upstream_error = ""
+                    self.upstream_failures = 0
                     delay, retry_at = 1.0, 0.0
                     if self.authority.generation != generation:
                         logger.info("signing CA set changed; pushing the new bundle")
@@ -289,6 +293,8 @@ class Issuer:
                 if (signed := self.authority.last_signed_at)
                 else ""
             ),
+            upstream_failures=self.upstream_failures,
+            started=self.started.isoformat(timespec="microseconds"),
         )
 
     async def stop(self) -> None:

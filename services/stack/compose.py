@@ -36,11 +36,10 @@ PROJECT_LABEL = "com.docker.compose.project"
 # The stack as a container on its network sees it (compose*.yaml).
 ISSUER_SERVICE = "issuer"
 ISSUER_HTTP = "issuer:8180"
-VAULT_ROOT_CA = "/vault/bootstrap/root-ca.pem"  # the root the issuer pins (compose.yaml)
 WORKLOAD_API_SOCKET = "unix:///spiffe-workload-api/workload.sock"
-# Run on demand (profiles "test" and "load"), never part of a healthy stack.
-ON_DEMAND_JOBS = ("e2e", "locust")
-JOB_PROFILES = ("test", "load")
+# Run on demand (profiles "test", "load", "cli", "console"), never part of a healthy stack.
+ON_DEMAND_JOBS = ("e2e", "locust", "cli", "console")
+JOB_PROFILES = ("test", "load", "cli", "console")
 # Every profile of compose.yaml: `down` removes what any of them started.
 ALL_PROFILES = ("consul", "otel", "grafana", *JOB_PROFILES)
 # What a profile named in COMPOSE_PROFILES needs the services pointed at (compose.yaml reads
@@ -556,6 +555,33 @@ def run_e2e_suites(stack: ComposeStack, pytest_args: Sequence[str]) -> int:
     return status
 
 
+# -- the labs and the console beside the running stack -------------------------------------
+
+
+def run_beside(stack: ComposeStack, job: str, args: Sequence[str], *, ports: bool = False) -> int:
+    """``job`` (``cli`` or ``console``, compose.yaml's jobs of those profiles) in a container
+    beside the running stack, in the foreground; its exit code."""
+    states = [s for s in stack.states() if s.service not in ON_DEMAND_JOBS]
+    if not states or not all(s.ready for s in states):
+        raise ComposeUsageError(
+            f"the compose stack {stack.project} is not up and healthy: make up MODE=compose"
+        )
+    # Named, so that it is removed however this ends: compose leaves a `run` container behind
+    # when it is itself killed.
+    name = f"{stack.project}_{job}_beside"
+    flags = [*(["--service-ports"] if ports else []), *([] if sys.stdin.isatty() else ["-T"])]
+    argv = stack.compose_argv(
+        "run", "--rm", "--no-deps", "--name", name, *flags, job, *args, profiles=(job,)
+    )
+    try:
+        with terminate_as_interrupt():
+            return stack.docker.stream(argv, stack.env)
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        stack.docker.run(["docker", "rm", "--force", name], stack.env, None)
+
+
 # -- command line ---------------------------------------------------------------------------
 
 
@@ -608,6 +634,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     down.add_argument("--volumes", action="store_true")
     commands.add_parser("status", help="each container's state and health")
     commands.add_parser("logs", help="follow the logs")
+    lab = commands.add_parser("lab", help="`ztbank lab ARGS` beside the running stack")
+    lab.add_argument("lab_args", nargs=argparse.REMAINDER)
+    commands.add_parser("console", help="the lab console beside the running stack")
     test = commands.add_parser("test", help="the e2e suites inside the compose network")
     test.add_argument("pytest_args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
@@ -635,6 +664,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.command == "logs":
                 return docker.stream(stack.compose_argv("logs", "--follow"), stack.env)
             return print_status(stack)
+        if args.command == "lab":
+            return run_beside(open_stack(docker, "no"), "cli", ["lab", *args.lab_args])
+        if args.command == "console":
+            stack = open_stack(docker, "no")
+            port = stack.settings()["CONSOLE_PORT"]
+            stack.say(f"the lab console: http://127.0.0.1:{port}/ (Ctrl-C stops it)")
+            return run_beside(stack, "console", [], ports=True)
         if args.command == "test":
             stack = open_stack(docker, args.offline, project=E2E_PROJECT)
             stack.overrides.update(E2E_SETTINGS)
@@ -654,8 +690,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def print_status(stack: ComposeStack) -> int:
-    """Each container's state, then ``ztbank status`` in a container of the ops uid on the
-    compose network: every service probed over mTLS as the ops identity, attested by its uid."""
+    """Each container's state, then ``ztbank status`` in the ``cli`` job beside the stack: every
+    service probed over mTLS as the ops identity (attested by its uid), the issuer's CA chain up
+    to Vault's root from its admin socket, and Vault's state."""
     states = [s for s in stack.states() if s.service not in ON_DEMAND_JOBS]
     if not states:
         print(f"{stack.project}: no container (make up MODE=compose starts the stack)")
@@ -665,26 +702,7 @@ def print_status(stack: ComposeStack) -> int:
         print(f"  {state.service:<16} {state.describe()}")
     if not all(s.ready for s in states):
         return 1
-    settings = stack.settings()
-    probe_env = {
-        "ZTBANK_TRUST_DOMAIN": settings["ZTBANK_TRUST_DOMAIN"],
-        "ZTBANK_ISSUER_HTTP": ISSUER_HTTP,
-        "ZTBANK_REGISTRY": "/app/infra/consul/services.json",
-        "ZTBANK_OPS_ENDPOINT_SOCKET": WORKLOAD_API_SOCKET,
-        # the issuer's pinned root, as the stack's containers see it (vault-bootstrap volume)
-        "ZTBANK_UPSTREAM": "vault",
-        "ZTBANK_VAULT_ROOT_CA": VAULT_ROOT_CA,
-        # nothing of the stack's own state; the throwaway container's own /tmp
-        "ZTBANK_HOME": "/tmp/ztbank-status",  # noqa: S108
-    }
-    argv = [
-        "docker", "run", "--rm", "--network", f"{stack.project}_default",
-        "--user", f"{settings['OPS_UID']}:{settings['ISSUER_UID']}",
-        "-v", f"{stack.project}_workload-api:/spiffe-workload-api:ro",
-        *(arg for key, value in probe_env.items() for arg in ("-e", f"{key}={value}")),
-        settings["ZTBANK_IMAGE"], "status",
-    ]  # fmt: skip
-    return stack.docker.stream(argv, stack.env)
+    return run_beside(stack, "cli", ["status"])
 
 
 if __name__ == "__main__":

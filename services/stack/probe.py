@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import urllib.request
 from dataclasses import dataclass
@@ -92,18 +93,29 @@ def probe(
         return ServiceProbe(address.name, str(expected), url, None, None, False, str(error))
 
 
-def metric_sample(address: ServiceAddress, name: str) -> float | None:
-    """One sample of a Prometheus metric from the service's metrics port on 127.0.0.1 (the
-    native stack's); None when it has no such port, does not answer, or lacks the metric."""
+_SAMPLE = re.compile(r"^([a-zA-Z_:][\w:]*)(?:\{(.*)\})? (\S+)$")
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def metric_samples(address: ServiceAddress, name: str) -> list[tuple[dict[str, str], float]]:
+    """Every sample of a Prometheus metric from the service's metrics port (the address's host):
+    its labels and value; [] when it has no such port, does not answer, or lacks the metric."""
     if address.metrics_port is None:
-        return None
-    url = f"http://127.0.0.1:{address.metrics_port}/metrics"
+        return []
+    url = f"http://{address.host}:{address.metrics_port}/metrics"
     try:
         with urllib.request.urlopen(url, timeout=PROBE_TIMEOUT) as reply:
             text = reply.read().decode()
     except OSError:
-        return None
+        return []
+    samples = []
     for line in text.splitlines():
-        if line.startswith(name) and line[len(name)] in " {":
-            return float(line.rsplit(" ", 1)[1])
-    return None
+        if (found := _SAMPLE.match(line)) and found[1] == name:
+            samples.append((dict(_LABEL.findall(found[2] or "")), float(found[3])))
+    return samples
+
+
+def metric_sample(address: ServiceAddress, name: str) -> float | None:
+    """The first sample of a Prometheus metric (see ``metric_samples``), None without one."""
+    samples = metric_samples(address, name)
+    return samples[0][1] if samples else None

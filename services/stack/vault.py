@@ -134,16 +134,22 @@ class VaultServer:
         self,
         home: Path,
         *,
+        host: str = "127.0.0.1",
         port: int = DEFAULT_VAULT_PORT,
         cluster_port: int | None = None,
         binary: str = "",
         trust_domain: str,
+        root: Path | None = None,
+        tls_dir: Path | None = None,
     ) -> None:
-        self.root = home / "vault"
+        """``root`` and ``tls_dir`` name another layout of the same files (the compose
+        stack's volumes, as a lab beside it sees them)."""
+        self.root = root or home / "vault"
+        self.host = host
         self.port = port
         self.cluster_port = cluster_port or port + 1
         self.trust_domain = trust_domain
-        self.tls = VaultTls(self.root / "tls", self.root / "tls-ca")
+        self.tls = VaultTls(tls_dir or self.root / "tls", self.root / "tls-ca")
         self.config = self.root / "vault.hcl"
         self.init_file = self.root / "init.json"
         self.approle_file = self.root / "approle.json"
@@ -161,7 +167,7 @@ class VaultServer:
 
     @property
     def address(self) -> str:
-        return f"https://127.0.0.1:{self.port}"
+        return f"https://{self.host}:{self.port}"
 
     def issuer_env(self) -> dict[str, str]:
         """What the issuer needs to use this Vault as its upstream (no secret: paths only)."""

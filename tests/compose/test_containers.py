@@ -78,9 +78,12 @@ pytestmark = pytest.mark.skipif(
 
 
 def docker(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["docker", *args], capture_output=True, text=True, check=check, timeout=60
+    done = subprocess.run(
+        ["docker", *args], capture_output=True, text=True, check=False, timeout=60
     )
+    if check and done.returncode != 0:
+        pytest.fail(f"docker {' '.join(args)}: exit {done.returncode}: {done.stderr.strip()}")
+    return done
 
 
 def container_of(service: str, *, exited: bool = False) -> str:

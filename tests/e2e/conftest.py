@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -47,16 +48,10 @@ from services.common.settings import load_settings
 from services.common.workloads import GATEWAY, OPS, RISK, SERVICES, TELLER, TRANSFER_ENGINE
 from services.issuer.adapters.authority_file import AuthorityFile
 from services.issuer.admin_client import call_admin
-from services.stack.native import NativeStack, StackSettings, StackStatus
+from services.stack.native import NativeStack, StackSettings, StackStatus, workload_svid
 from services.stack.probe import ServiceProbe, metric_sample, probe
 from services.stack.sandbox import sandbox_stack
-from tests.e2e.target import (
-    E2ETargetSettings,
-    IdentitySource,
-    identity_source,
-    jaeger_trace,
-    service_home,
-)
+from tests.e2e.target import E2ETargetSettings, jaeger_trace
 from tests.support.helpers import scrub_environment, wait_until
 from tests.support.pki import Issued
 
@@ -199,7 +194,7 @@ class E2EStack:
     settings: StackSettings
     addresses: dict[str, ServiceAddress]
     target: E2ETargetSettings
-    identity: IdentitySource
+    identity: Callable[[str], SvidMaterial]  # a workload's SVID, by its name
     native: NativeStack | None  # None: a stack this session did not start and may not stop
     _ops: SvidMaterial | None = None
 
@@ -238,7 +233,8 @@ class E2EStack:
         """The issuer's active signing CA, read from its 0600 state file (the tests run as its
         user, or as root): a trust anchor of every bundle, chained to the upstream's root (on
         disk or in Vault), so what it signs chains to the real trust domain."""
-        active = AuthorityFile(self.home / "issuer" / "authority.json").load().active
+        state = self.settings.home_of("issuer") / "issuer" / "authority.json"
+        active = AuthorityFile(state).load().active
         assert active is not None, "the issuer has no active signing CA"
         return Issued(active.ca_cert, active.ca_key)
 
@@ -334,7 +330,7 @@ class E2EStack:
     # -- records -------------------------------------------------------------------------------
 
     def audit(self, service: str) -> list[dict[str, Any]]:
-        home = service_home(self.target, self.settings, service)
+        home = self.settings.home_of(service)
         return read_jsonl(home / "audit" / f"{service}.jsonl")
 
     def trace(self, trace_id: str) -> list[dict[str, Any]]:
@@ -345,9 +341,7 @@ class E2EStack:
             span
             for workload in SERVICES
             for span in read_jsonl(
-                service_home(self.target, self.settings, workload.name)
-                / "telemetry"
-                / f"{workload.name}-spans.jsonl"
+                self.settings.home_of(workload.name) / "telemetry" / f"{workload.name}-spans.jsonl"
             )
             if span["trace_id"] == trace_id
         ]
@@ -451,7 +445,7 @@ def _e2e_stack(
         settings=settings,
         addresses=FileRegistry(settings.registry).services(),
         target=target,
-        identity=identity_source(target, settings),
+        identity=partial(workload_svid, settings),
         native=native,
     )
 

@@ -15,35 +15,20 @@ it skip, saying why; so does the absence of a Vault upstream for tests/e2e/test_
 from __future__ import annotations
 
 import json
-import os
 import urllib.error
 import urllib.request
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
-
-from services.common.identity.source import SvidMaterial, SvidUnavailableError, fetch_svid
-from services.common.settings import ZtbankSettings
-from tests.support.svid_as_uid import fetch_svid_as
-
-IdentitySource = Callable[[str], SvidMaterial]
 
 
 class E2ETargetSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ZTBANK_E2E_", extra="ignore")
 
     stack: Literal["sandbox", "existing"] = "sandbox"
-    # socket: each workload's SVID from its own socket (the native single-user model);
-    # uid: from the shared SPIFFE_ENDPOINT_SOCKET, fetched by a child process running as the
-    # workload's uid (compose: real unix:uid attestation; needs root).
-    identity: Literal["socket", "uid"] = "socket"
-    uids: dict[str, int] = Field(default_factory=dict)  # JSON: {"gateway": 10001, ...}
-    gid: int = 0
-    # Each service's ZTBANK_HOME (audit and span files), "{service}" replaced; "" = ZTBANK_HOME.
-    service_home: str = ""
+    # Each workload's SVID and each service's files come from where the stack's settings say
+    # (StackSettings: ZTBANK_STACK_KIND, ZTBANK_WORKLOAD_UIDS, ZTBANK_SERVICE_HOME), as for the
+    # labs beside that stack.
     # Where spans end up: the services' JSONL files, or Jaeger's query API behind the collector.
     traces: Literal["files", "jaeger"] = "files"
     jaeger_url: str = "http://jaeger:16686"
@@ -55,32 +40,6 @@ class E2ETargetSettings(BaseSettings):
     vault_cacert: str = ""
     vault_bootstrap_dir: str = ""
     vault_audit_log: str = ""
-
-
-def identity_source(target: E2ETargetSettings, settings: ZtbankSettings) -> IdentitySource:
-    """How the suites get the SVID the issuer gives ``workload`` (a name from workloads.py)."""
-    if target.identity == "socket":
-
-        def from_own_socket(workload: str) -> SvidMaterial:
-            socket_uri = f"unix://{settings.workload_socket_for(workload)}"
-            return fetch_svid(socket_uri, settings.trust_domain, timeout=5)
-
-        return from_own_socket
-
-    shared = os.environ.get("SPIFFE_ENDPOINT_SOCKET") or settings.default_workload_endpoint
-
-    def as_its_uid(workload: str) -> SvidMaterial:
-        if workload not in target.uids:
-            raise SvidUnavailableError(f"no uid for {workload} in ZTBANK_E2E_UIDS")
-        return fetch_svid_as(target.uids[workload], target.gid, shared, settings.trust_domain)
-
-    return as_its_uid
-
-
-def service_home(target: E2ETargetSettings, settings: ZtbankSettings, service: str) -> Path:
-    if not target.service_home:
-        return settings.home
-    return Path(target.service_home.replace("{service}", service))
 
 
 def jaeger_trace(jaeger_url: str, trace_id: str) -> list[dict[str, Any]]:

@@ -248,8 +248,6 @@ def test_status_shows_the_signing_ca_and_each_revocation(stack: E2EStack) -> Non
 
 def test_the_revocation_lab_shows_a_connected_client_cut_off(stack: E2EStack) -> None:
     """`ztbank lab revocation` (`make lab-revocation`): what a trainer runs in class."""
-    if stack.target.identity != "socket":
-        pytest.skip("the lab acts as the native stack's teller (its own Workload API socket)")
     result = stack.cli("lab", "revocation")
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()

@@ -162,8 +162,6 @@ def test_rotation_under_continuous_load(stack: E2EStack) -> None:
 
 def test_the_rotation_lab_sees_every_service_renew_without_a_failure(stack: E2EStack) -> None:
     """`ztbank lab rotation` (`make lab-rotation`): what a trainer runs in class."""
-    if stack.target.identity != "socket":
-        pytest.skip("the lab acts as the native stack's teller (its own Workload API socket)")
     result = stack.cli("lab", "rotation", "--rotations", "1")
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from services.common.identity.as_uid import fetch_svid_as
 from services.common.identity.source import SvidUnavailableError
 from services.common.identity.x509svid import verify_x509_svid
 from tests.integration.conftest import TRUST_DOMAIN, IssuerFactory
-from tests.support.svid_as_uid import fetch_svid_as
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="switching uid needs root")
 

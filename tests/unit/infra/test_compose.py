@@ -26,9 +26,10 @@ import yaml
 from services.common.consul import ConsulSettings
 from services.common.settings import load_settings
 from services.common.telemetry import OTLP_ENV
-from services.common.workloads import OPS, SERVICES, TELLER
+from services.common.workloads import CONSOLE, OPS, SERVICES, TELLER
 from services.issuer.settings import IssuerSettings
 from services.stack.compose import ALL_PROFILES, IMAGE_BUILDS, PROFILE_SETTINGS
+from services.stack.native import StackSettings
 from tests.e2e.target import E2ETargetSettings
 from tests.support.helpers import scrub_environment
 
@@ -42,9 +43,11 @@ AUDIT_BLOCK = 'audit "file"'
 BANK_SERVICES = ("gateway", "transfer-engine", "risk")
 # The default set: what `make up MODE=compose` starts, every image built on this machine.
 DEFAULT_SET = {
-    "vault-tls", "vault", "vault-bootstrap", "issuer", "entries", "gateway", "transfer-engine",
-    "risk", "prometheus",
+    "vault-tls", "vault", "vault-bootstrap", "issuer", "entries", "live-config", "gateway",
+    "transfer-engine", "risk", "prometheus",
 }  # fmt: skip
+# What runs as root beside the stack (compose.yaml's x-stack-observer).
+OBSERVERS = {"cli", "console", "e2e"}
 # Written but never run here (registry images only), by profile.
 PROFILED = {
     "consul": {"consul", "consul-seed"},
@@ -52,6 +55,8 @@ PROFILED = {
     "grafana": {"grafana"},
     "load": {"locust"},
     "test": {"e2e"},
+    "cli": {"cli"},
+    "console": {"console"},
 }
 # The names the services export (OTel instrument name + unit, as the collector's Prometheus
 # exporter spells them); the dashboard must show each.
@@ -244,8 +249,8 @@ def test_every_dependency_names_a_condition_that_fits(
 def test_one_shot_jobs_are_the_expected_ones(services: dict[str, dict[str, Any]]) -> None:
     one_shots = {name for name, s in services.items() if is_one_shot(s)}
     assert one_shots == {
-        "vault-tls", "vault-bootstrap", "entries", "consul-seed", "healthcheck-bin", "locust",
-        "e2e",
+        "vault-tls", "vault-bootstrap", "entries", "live-config", "consul-seed",
+        "healthcheck-bin", "locust", "e2e", "cli", "console",
     }  # fmt: skip
     assert services["locust"]["profiles"] == ["load"]
     assert services["e2e"]["profiles"] == ["test"]
@@ -272,7 +277,7 @@ def test_host_ports_are_unique_and_local(services: dict[str, dict[str, Any]]) ->
 def test_host_ports_come_from_env_file() -> None:
     for line in COMPOSE.read_text().splitlines():
         if re.match(r"\s*-\s*\"?127\.0\.0\.1:", line):
-            assert re.search(r"127\.0\.0\.1:\$\{[A-Z_]+_PORT\}:\d+", line), line
+            assert re.search(r"127\.0\.0\.1:\$\{([A-Z_]+_PORT)\}:(\d+|\$\{\1\})\"", line), line
 
 
 def _image_tag(image: str) -> str | None:
@@ -299,7 +304,7 @@ def test_the_default_set_and_the_jobs_are_built_here_the_profiles_pulled(
     `make images` builds (services/stack/compose.py), each service saying how (`build`). The
     profiles consul, otel and grafana are the ones that need a registry."""
     built = {env[build.variable] for build in IMAGE_BUILDS}
-    ours = DEFAULT_SET | PROFILED["load"] | PROFILED["test"]
+    ours = DEFAULT_SET | PROFILED["load"] | PROFILED["test"] | PROFILED["cli"] | PROFILED["console"]
     assert {services[name]["image"] for name in ours} == built
     for name in ours:
         assert "build" in raw_compose["services"][name], f"{name}: an image we build, not pulled"
@@ -484,11 +489,13 @@ def test_vault_tls_makes_the_listeners_material_in_volumes_of_its_own(
     }
     assert tls["user"] == "0:0"  # to chown the server key to Vault's uid
     assert tls["volumes"] == ["vault-tls-ca:/ca", "vault-tls:/tls"]
-    # The CA's key is mounted nowhere else; the rest read the server's volume read-only.
+    # The CA's key is mounted nowhere else; the rest read the server's volume read-only, but
+    # what runs beside the stack as root (the upstream lab swaps the CA file, and puts it back).
     for name, service in services.items():
         mounts = service.get("volumes", [])
         if name != "vault-tls":
             assert not any(m.startswith("vault-tls-ca:") for m in mounts), name
+        if name not in {"vault-tls", *OBSERVERS}:
             assert all(m.endswith(":ro") for m in mounts if m.startswith("vault-tls:")), name
     for name in ("vault", "vault-bootstrap", "issuer", "e2e"):
         assert any(m.startswith("vault-tls:/vault/tls") for m in services[name]["volumes"]), name
@@ -652,32 +659,51 @@ def test_bank_services_run_as_distinct_non_root_uids_matched_by_entries(
 def test_e2e_harness_switches_to_the_uids_the_entries_register(
     services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The e2e service finds its settings in its environment (tests/e2e/target.py) and is
-    attested as each workload by the uid the `entries` job registered for it."""
+    """What runs beside the stack (the CLI and its labs, the console, the e2e harness) finds the
+    stack by its settings (StackSettings, tests/e2e/target.py) and is attested as each workload
+    by the uid the `entries` job registered for it."""
     e2e_env = services["e2e"]["environment"]
+    cli = services["cli"]
+    for observer in OBSERVERS:  # one block of compose.yaml: x-stack-observer-*
+        environment = services[observer]["environment"]
+        assert {k: environment.get(k) for k in cli["environment"]} == cli["environment"], observer
+        assert services[observer]["volumes"] == cli["volumes"], observer
+        assert services[observer]["user"] == "0:0", observer
     scrub_environment(monkeypatch)
     for name, value in e2e_env.items():
         monkeypatch.setenv(name, value)
     target = E2ETargetSettings()
-    assert (target.stack, target.identity, target.traces) == ("existing", "uid", "files")
+    settings = StackSettings()
+    assert (target.stack, target.traces) == ("existing", "files")
+    assert settings.stack_kind == "compose"
     entries = services["entries"]["environment"]
-    assert target.uids == {
+    assert settings.workload_uids == {
         "gateway": int(entries["GATEWAY_UID"]),
         "transfer-engine": int(entries["TRANSFER_ENGINE_UID"]),
         "risk": int(entries["RISK_UID"]),
         "teller": int(entries["TELLER_UID"]),
         "ops": int(entries["OPS_UID"]),
+        "console": int(entries["CONSOLE_UID"]),
     }
-    assert set(target.uids) == {w.name for w in (*SERVICES, TELLER, OPS)}
+    assert set(settings.workload_uids) == {w.name for w in (*SERVICES, TELLER, OPS, CONSOLE)}
+    assert settings.workload_gid == int(services["issuer"]["user"])
     for name in BANK_SERVICES:
-        home = target.service_home.replace("{service}", name)
-        assert services[name]["environment"]["ZTBANK_HOME"] == home
+        home = settings.home_of(name)
+        assert services[name]["environment"]["ZTBANK_HOME"] == str(home)
         assert f"{name}-data:{home}:ro" in services["e2e"]["volumes"], name
-    assert f"issuer-data:{e2e_env['ZTBANK_HOME']}" in services["e2e"]["volumes"]
-    assert e2e_env["ZTBANK_HOME"] == services["issuer"]["environment"]["ZTBANK_HOME"]
+        for watched in ("ZTBANK_POLICY", "ZTBANK_TRUST_LEVELS"):
+            assert services[name]["environment"][watched] == e2e_env[watched]
+        assert "live-config:/etc/ztbank:ro" in services[name]["volumes"]
+    assert "live-config:/etc/ztbank" in services["e2e"]["volumes"]
+    # The issuer's admin socket in its volume, mounted read-only: root's own state is elsewhere.
+    issuer_home = services["issuer"]["environment"]["ZTBANK_HOME"]
+    assert settings.admin_socket == Path(issuer_home) / "run" / "issuer" / "admin.sock"
+    assert f"issuer-data:{issuer_home}:ro" in services["e2e"]["volumes"]
+    assert settings.home_of("issuer") == Path(issuer_home)
+    assert f"beside-data:{settings.home}" in services["e2e"]["volumes"]
     assert e2e_env["ZTBANK_REGISTRY"] == services["gateway"]["environment"]["ZTBANK_REGISTRY"]
-    for shared in ("SPIFFE_ENDPOINT_SOCKET", "ZTBANK_ISSUER_HTTP", "ZTBANK_TRUST_DOMAIN"):
-        assert e2e_env[shared] == services["gateway"]["environment"][shared], shared
+    for shared_name in ("SPIFFE_ENDPOINT_SOCKET", "ZTBANK_ISSUER_HTTP", "ZTBANK_TRUST_DOMAIN"):
+        assert e2e_env[shared_name] == services["gateway"]["environment"][shared_name]
     # What tests/e2e/test_vault_upstream.py reads: Vault, and the volumes of its files.
     bootstrap = _command_flags(services["vault-bootstrap"]["command"])
     assert target.vault_addr == bootstrap["--vault-addr"][0]
@@ -687,9 +713,9 @@ def test_e2e_harness_switches_to_the_uids_the_entries_register(
     assert f"{target.vault_bootstrap_dir}/init.json" == bootstrap["--init-file"][0]
     assert target.vault_audit_log == bootstrap["--audit-file"][0]
     for mount in (
-        f"vault-bootstrap:{target.vault_bootstrap_dir}:ro",
+        f"vault-bootstrap:{target.vault_bootstrap_dir}",
         "vault-logs:/vault/logs:ro",
-        "vault-tls:/vault/tls:ro",
+        "vault-tls:/vault/tls",
     ):
         assert mount in services["e2e"]["volumes"]
     assert "vault-logs:/vault/logs" in services["vault"]["volumes"]

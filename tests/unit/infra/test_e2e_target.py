@@ -8,14 +8,11 @@ import json
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from services.common.identity.source import SvidUnavailableError
-from services.common.settings import ZtbankSettings
-from tests.e2e.target import E2ETargetSettings, identity_source, jaeger_trace, service_home
+from tests.e2e.target import jaeger_trace
 
 TRACE = "0af7651916cd43dd8448eb211c80319c"
 SHORT_TRACE = "00000000000000008448eb211c80319c"  # Jaeger drops the zero high half
@@ -93,17 +90,3 @@ def test_jaeger_ids_without_their_zero_high_half_are_padded(jaeger: str) -> None
 
 def test_a_trace_jaeger_does_not_know_yet_is_empty(jaeger: str) -> None:
     assert jaeger_trace(jaeger, "ffffffffffffffffffffffffffffffff") == []
-
-
-def test_service_homes_default_to_ztbank_home_or_follow_the_template(tmp_path: Path) -> None:
-    settings = ZtbankSettings(home=tmp_path)
-    assert service_home(E2ETargetSettings(), settings, "risk") == tmp_path
-    compose = E2ETargetSettings(service_home="/var/lib/ztbank/{service}")
-    assert service_home(compose, settings, "risk") == Path("/var/lib/ztbank/risk")
-
-
-def test_uid_identity_without_a_uid_for_the_workload_fails_clearly(tmp_path: Path) -> None:
-    source = identity_source(E2ETargetSettings(identity="uid", uids={"gateway": 10001}),
-                             ZtbankSettings(home=tmp_path))  # fmt: skip
-    with pytest.raises(SvidUnavailableError, match="no uid for teller in ZTBANK_E2E_UIDS"):
-        source("teller")

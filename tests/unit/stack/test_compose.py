@@ -21,6 +21,7 @@ from services.stack.compose import (
     ComposeUsageError,
     choose_mode,
     container_state,
+    run_beside,
     run_e2e_suites,
 )
 from tests.support.fake_docker import HEALTHY, FakeDocker, inspected, stack_with
@@ -292,3 +293,41 @@ def test_images_builds_vault_and_prometheus_too_on_the_base_of_the_mode(
     assert ("OFFLINE=1" in vault) is offline
     assert "OFFLINE=1" not in prometheus  # apt, not pip
     assert bool(fake.called("scripts/wheelhouse.sh")) is offline
+
+
+def test_a_lab_runs_beside_a_healthy_stack_in_the_cli_job_and_its_container_is_removed(
+    tmp_path: Path,
+) -> None:
+    fake = FakeDocker(stream_rc=3)
+    stack = stack_with(fake, tmp_path, HEALTHY)
+
+    assert run_beside(stack, "cli", ["lab", "policy"]) == 3  # the lab's own exit code
+
+    [argv] = fake.streamed
+    assert argv[argv.index("run") :] == [
+        "run", "--rm", "--no-deps", "--name", "ztbank-test_cli_beside", "-T", "cli", "lab",
+        "policy",
+    ]  # fmt: skip
+    assert argv[argv.index("--profile") + 1] == "cli"
+    assert fake.called("docker", "rm", "--force", "ztbank-test_cli_beside")
+
+
+def test_the_console_publishes_its_port_beside_the_stack(tmp_path: Path) -> None:
+    fake = FakeDocker()
+    stack = stack_with(fake, tmp_path, HEALTHY)
+
+    assert run_beside(stack, "console", [], ports=True) == 0
+
+    [argv] = fake.streamed
+    assert "--service-ports" in argv
+    assert argv[-1] == "console"
+
+
+def test_a_lab_beside_a_stack_that_is_not_healthy_is_refused_saying_so(tmp_path: Path) -> None:
+    fake = FakeDocker()
+    starting = [*HEALTHY[:-1], inspected("gateway", "running", "starting")]
+    stack = stack_with(fake, tmp_path, starting)
+
+    with pytest.raises(ComposeUsageError, match="not up and healthy: make up MODE=compose"):
+        run_beside(stack, "cli", ["lab", "policy"])
+    assert fake.streamed == []

@@ -1,11 +1,12 @@
 """An SVID fetched by a child process running as another uid: real ``unix:uid`` attestation.
 
-The compose stack tells its workloads apart by uid on one shared Workload API socket, so a test
-harness running as root gets each workload's SVID the way that workload does: from a child
-process that drops to the workload's uid and gid before it connects, and prints the SVID as JSON
-on a pipe.  ``python -m tests.support.svid_as_uid UID GID SOCKET TRUST_DOMAIN TIMEOUT`` is the
-child.  It starts as root and switches itself (not ``subprocess``'s ``user=``, which switches
-before exec) because the interpreter may live where only root may read, as under /root here.
+The compose stack tells its workloads apart by uid on one shared Workload API socket, so what
+runs as root beside it (the labs, the console, the e2e harness) gets a workload's SVID the way
+that workload does: from a child process that drops to the workload's uid and gid before it
+connects, and prints the SVID as JSON on a pipe.
+``python -m services.common.identity.as_uid UID GID SOCKET TRUST_DOMAIN TIMEOUT`` is the child.
+It starts as root and switches itself (not ``subprocess``'s ``user=``, which switches before
+exec) because the interpreter may live where only root may read, as under /root here.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ from services.common.identity.source import (
     svid_from_pem,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CHILD_MODULE = "tests.support.svid_as_uid"
+# Where ``services`` is importable from, for the child.
+PACKAGE_PARENT = Path(__file__).resolve().parents[3]
+CHILD_MODULE = "services.common.identity.as_uid"
 CHILD_TIMEOUT = 20.0
 
 
@@ -39,7 +41,27 @@ def fetch_svid_as(
     uid: int, gid: int, socket_uri: str, trust_domain: str, *, timeout: float = 5.0
 ) -> SvidMaterial:
     """The SVID the issuer hands a process of ``uid``:``gid`` (needs root to switch uid)."""
-    child = subprocess.run(
+    try:
+        child = _run_child(uid, gid, socket_uri, trust_domain, timeout)
+    except subprocess.TimeoutExpired:
+        raise SvidUnavailableError(
+            f"uid {uid}: no SVID within {CHILD_TIMEOUT:g} s from {socket_uri}"
+        ) from None
+    if child.returncode != 0:
+        raise SvidUnavailableError(f"uid {uid}: {child.stderr.strip() or child.returncode}")
+    reply = json.loads(child.stdout)
+    return svid_from_pem(
+        reply["chain_pem"].encode(),
+        reply["key_pem"].encode(),
+        reply["bundle_pem"].encode(),
+        trust_domain,
+    )
+
+
+def _run_child(
+    uid: int, gid: int, socket_uri: str, trust_domain: str, timeout: float
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
         [
             sys.executable,
             "-m",
@@ -50,20 +72,11 @@ def fetch_svid_as(
             trust_domain,
             str(timeout),
         ],
-        cwd=REPO_ROOT,
+        cwd=PACKAGE_PARENT,
         capture_output=True,
         text=True,
         timeout=CHILD_TIMEOUT,
         check=False,
-    )
-    if child.returncode != 0:
-        raise SvidUnavailableError(f"uid {uid}: {child.stderr.strip() or child.returncode}")
-    reply = json.loads(child.stdout)
-    return svid_from_pem(
-        reply["chain_pem"].encode(),
-        reply["key_pem"].encode(),
-        reply["bundle_pem"].encode(),
-        trust_domain,
     )
 
 
