@@ -23,13 +23,13 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 
-from services.common.audit import AuditLog, AuditRecord
+from services.common.authz.audit import AuditLog, AuditRecord
+from services.common.authz.policy import Policy
 from services.common.identity.source import SvidMaterial
 from services.common.identity.spiffe_id import SpiffeId
-from services.common.policy import Policy
+from services.common.identity.workloads import GATEWAY, TRANSFER_ENGINE
+from services.common.mtls.contexts import PeerVerifier
 from services.common.revocation import RevocationWatcher
-from services.common.tls import PeerVerifier
-from services.common.workloads import GATEWAY, TRANSFER_ENGINE
 from services.issuer.domain.authority import Signer
 from services.issuer.domain.certificates import (
     build_root_ca,

@@ -53,10 +53,10 @@ from loadtest.loadgen import Load, LoadResult, Target, Workload, percentile, run
 from services._proto import issuer_admin_pb2 as pb
 from services._proto.issuer_admin_grpc import IssuerAdminStub
 from services.cli.teller import TellerClient
+from services.common.discovery.registry import FileRegistry
 from services.common.identity.source import SvidMaterial
 from services.common.identity.spiffe_id import SpiffeId
-from services.common.registry import FileRegistry
-from services.common.workloads import GATEWAY, RISK, TELLER, TRANSFER_ENGINE
+from services.common.identity.workloads import GATEWAY, RISK, TELLER, TRANSFER_ENGINE
 from services.issuer.admin_client import call_admin
 from services.stack.native import NativeStack
 from services.stack.sandbox import sandbox_stack

@@ -68,14 +68,14 @@ from locust.env import Environment  # noqa: E402
 from locust.exception import CatchResponseError  # noqa: E402
 from locust.stats import CSV_STATS_INTERVAL_SEC  # noqa: E402
 
+from services.common.discovery.registry import FileRegistry  # noqa: E402
 from services.common.errors import CommonError  # noqa: E402
 from services.common.identity.pem import serial_hex  # noqa: E402
 from services.common.identity.spiffe_id import SpiffeId  # noqa: E402
+from services.common.identity.workloads import GATEWAY  # noqa: E402
 from services.common.identity.x509svid import verify_der_chain  # noqa: E402
-from services.common.registry import FileRegistry  # noqa: E402
+from services.common.mtls.contexts import TLS12_AEAD_CIPHERS  # noqa: E402
 from services.common.revocation import RevocationError, RevocationWatcher  # noqa: E402
-from services.common.tls import TLS12_AEAD_CIPHERS  # noqa: E402
-from services.common.workloads import GATEWAY  # noqa: E402
 from services.issuer.domain.revocation import crls_url  # noqa: E402
 from services.stack.native import StackSettings  # noqa: E402
 

@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loadtest.report import report
+from services.common.discovery.registry import FileRegistry
 from services.common.durations import parse_duration
 from services.common.errors import CommonError
-from services.common.registry import FileRegistry
+from services.common.identity.workloads import GATEWAY, TELLER
 from services.common.settings import load_settings
-from services.common.workloads import GATEWAY, TELLER
 from services.stack.native import StackSettings
 
 LOADTEST_DIR = Path(__file__).resolve().parent

@@ -43,8 +43,8 @@ from services.cli.lab_support import (
     watched_file,
 )
 from services.cli.teller import Reply, TellerClient
-from services.common.registry import FileRegistry, ServiceAddress
-from services.common.workloads import GATEWAY, TRANSFER_ENGINE
+from services.common.discovery.registry import FileRegistry, ServiceAddress
+from services.common.identity.workloads import GATEWAY, TRANSFER_ENGINE
 from services.stack.native import NativeStack, StackSettings
 from services.stack.probe import metric_sample, metric_samples
 

@@ -34,9 +34,9 @@ from services.cli.lab_support import (
     verdict,
 )
 from services.cli.teller import TellerClient
+from services.common.discovery.registry import FileRegistry
 from services.common.identity.source import SvidMaterial
-from services.common.registry import FileRegistry
-from services.common.workloads import GATEWAY
+from services.common.identity.workloads import GATEWAY
 from services.stack.native import StackSettings
 
 CUSTOMER = "alice"

@@ -25,10 +25,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from services.cli.errors import CliError
 from services.cli.lab_support import Say, last_gateway_denial, present
 from services.cli.teller import TellerClient
+from services.common.discovery.registry import FileRegistry
 from services.common.files import private_key_pem
 from services.common.identity.pem import certificates_to_pem
-from services.common.registry import FileRegistry
-from services.common.workloads import GATEWAY, TELLER
+from services.common.identity.workloads import GATEWAY, TELLER
 from services.issuer.adapters.authority_file import AuthorityFile
 from services.issuer.domain.certificates import CA_KEY_USAGE, SVID_KEY_USAGE
 from services.issuer.errors import IssuerError

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from services.cli.errors import CliError, UsageError
 from services.cli.lab_support import Say, mint_teller_svid, service_starts, unrestarted
 from services.cli.teller import TellerClient
-from services.common.registry import FileRegistry
-from services.common.workloads import GATEWAY
+from services.common.discovery.registry import FileRegistry
+from services.common.identity.workloads import GATEWAY
 from services.stack.native import NativeStack, StackSettings
 from services.stack.probe import metric_sample
 

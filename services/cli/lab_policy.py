@@ -2,7 +2,7 @@
 given back.
 
 Against the running stack (``make up``): the gateway re-reads its policy file when it
-changes, without a restart (``services.common.policy``).  The lab
+changes, without a restart (``services.common.authz.policy``).  The lab
 
 1. finds the file the running gateway watches (its ``ZTBANK_POLICY``) and checks that the teller
    is served ``GET /v1/accounts``;
@@ -44,14 +44,14 @@ from services.cli.lab_support import (
     watched_file,
 )
 from services.cli.teller import Reply, TellerClient
-from services.common.workloads import GATEWAY, TELLER
+from services.common.identity.workloads import GATEWAY, TELLER
 from services.stack.native import NativeStack, StackSettings
 
 CUSTOMER = "alice"
 ROUTE = "GET /v1/accounts"
 KEPT = "POST /v1/tokens"  # what the teller keeps: the control that the gateway still serves it
 CLIENT_TTL_SECONDS = 300
-# The gateway checks the file at most every 0.5 s (services.common.policy), on a request.
+# The gateway checks the file at most every 0.5 s (services.common.authz.policy), on a request.
 RELOAD_BUDGET_SECONDS = 5.0
 POLL_SECONDS = 0.1
 PROBLEM_MEDIA_TYPE = "application/problem+json"

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from services.cli.errors import CliError
 from services.cli.lab_support import Say, accounts_served
 from services.cli.teller import TellerClient
-from services.common.workloads import SERVICES
+from services.common.identity.workloads import SERVICES
 from services.stack.native import NativeStack, StackSettings
 
 LATEST_ROTATION = 0.55

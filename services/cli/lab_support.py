@@ -20,11 +20,11 @@ from types import FrameType
 from services._proto import issuer_admin_pb2 as pb
 from services.cli.errors import CliError
 from services.cli.teller import TellerClient
+from services.common.discovery.registry import FileRegistry
 from services.common.files import PRIVATE_MODE, write_atomic
 from services.common.identity.source import SvidMaterial, svid_from_pem
-from services.common.registry import FileRegistry
-from services.common.tls import pem_client_context
-from services.common.workloads import GATEWAY, SERVICES, TELLER
+from services.common.identity.workloads import GATEWAY, SERVICES, TELLER
+from services.common.mtls.contexts import pem_client_context
 from services.issuer.admin_client import AdminCallError, call_admin
 from services.stack.native import NativeStack, StackSettings
 from services.stack.probe import metric_sample

@@ -51,8 +51,8 @@ from services.cli.lab_support import (
 from services.cli.teller import TellerClient
 from services.common.errors import CommonError
 from services.common.identity.source import SvidMaterial
+from services.common.identity.workloads import TELLER
 from services.common.identity.x509svid import issued_directly_by
-from services.common.workloads import TELLER
 from services.issuer.adapters.upstream_disk import ROOT_CERT_FILE, ROOT_KEY_FILE
 from services.issuer.admin_client import AdminCallError, call_admin
 from services.stack.native import NativeStack, StackSettings, workload_svid

@@ -97,7 +97,7 @@ def cmd_certs_init(args: argparse.Namespace) -> int:
 
 
 def cmd_issuer_run(args: argparse.Namespace) -> int:
-    from services.common.logs import configure_json_logging
+    from services.common.observability.logs import configure_json_logging
     from services.issuer.server import serve
     from services.issuer.settings import IssuerSettings
 

@@ -13,19 +13,19 @@ from typing import Any
 from cryptography import x509
 
 from services.cli.errors import CliError, UsageError
+from services.common.discovery.registry import FileRegistry
 from services.common.errors import CommonError
 from services.common.identity.source import SvidMaterial
 from services.common.identity.spiffe_id import SpiffeId
+from services.common.identity.workloads import GATEWAY, TELLER
 from services.common.identity.x509svid import verify_der_chain
-from services.common.registry import FileRegistry
+from services.common.mtls.contexts import client_context
 from services.common.revocation import (
     RevocationError,
     RevocationUnavailableError,
     RevocationWatcher,
     RevokedCertificateError,
 )
-from services.common.tls import client_context
-from services.common.workloads import GATEWAY, TELLER
 from services.issuer.domain.revocation import crls_url
 from services.stack.native import StackSettings, stack_hint, workload_svid
 

@@ -36,14 +36,14 @@ from services._proto import ledger_pb2, risk_pb2
 from services._proto.issuer_admin_grpc import IssuerAdminStub
 from services.cli.errors import CliError, UsageError
 from services.cli.lab_support import policy_lock, watched_file
-from services.common.audit import AuditLog, AuditRecord
+from services.common.authz.audit import AuditLog, AuditRecord
+from services.common.authz.policy import RELOAD_CHECK_SECONDS, PolicyError, parse_policy
+from services.common.discovery.registry import FileRegistry
 from services.common.files import write_atomic
 from services.common.identity.spiffe_id import SpiffeId
-from services.common.policy import RELOAD_CHECK_SECONDS, PolicyError, parse_policy
-from services.common.registry import FileRegistry
+from services.common.identity.workloads import CONSOLE, GATEWAY, OPS, RISK, SERVICES, TELLER, ZONE
+from services.common.identity.workloads import ENV as DEFAULT_ENV
 from services.common.settings import MAX_SOCKET_PATH
-from services.common.workloads import CONSOLE, GATEWAY, OPS, RISK, SERVICES, TELLER, ZONE
-from services.common.workloads import ENV as DEFAULT_ENV
 from services.issuer.admin_client import AdminCallError, call_admin
 from services.issuer.domain.revocation import crls_url, ocsp_url, parse_reason
 from services.stack.compose import (

@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives import hashes
 from services.common.errors import CommonError
 from services.common.files import ensure_private_dir, write_atomic
 from services.common.identity.x509svid import issued_directly_by
-from services.common.peer import PeerIdentity
+from services.common.mtls.peer import PeerIdentity
 
 logger = logging.getLogger(__name__)
 

@@ -25,11 +25,11 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-from services.common.audit import AuditLog, AuditRecord
+from services.common.authz.audit import AuditLog, AuditRecord
 from services.common.identity.pem import fingerprint_sha256
 from services.common.identity.source import SvidMaterial
+from services.common.identity.workloads import SERVICES
 from services.common.problem import problem, problem_response
-from services.common.workloads import SERVICES
 from services.console.errors import ConsoleError, StackDownError, UnknownReportError
 from services.console.feeds import JsonLinesTail, ServedFeed, decision
 from services.console.labs import LabRunner, lab_command

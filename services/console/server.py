@@ -7,7 +7,7 @@ import socket
 
 import uvicorn
 
-from services.common.audit import AuditLog
+from services.common.authz.audit import AuditLog
 from services.console.app import Console, create_console_app
 from services.console.settings import ConsoleSettings
 from services.console.state import StackView

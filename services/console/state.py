@@ -14,8 +14,8 @@ from cryptography import x509
 from services.common.errors import CommonError
 from services.common.identity.pem import serial_hex
 from services.common.identity.source import SvidMaterial
+from services.common.identity.workloads import CONSOLE
 from services.common.revocation import crl_reason, crl_signed_by, split_pem_crls
-from services.common.workloads import CONSOLE
 from services.console.settings import ConsoleSettings
 from services.stack.native import NativeStack, stack_hint, status_document, workload_svid
 

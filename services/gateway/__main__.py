@@ -2,8 +2,8 @@
 
 import sys
 
-from services.common.entrypoint import run_service
-from services.common.runtime import ServiceRuntime
+from services.common.runtime.entrypoint import run_service
+from services.common.runtime.service import ServiceRuntime
 from services.gateway.server import Gateway, create_server
 from services.gateway.settings import GatewaySettings
 

@@ -1,7 +1,7 @@
 """``create_app``: the gateway's FastAPI application, wired from settings and its adapters.
 
 The HTTPS/mTLS server in front of it verifies the caller's X509-SVID and sets
-``services.common.peer.set_current_peer`` for the request before this app runs.
+``services.common.mtls.peer.set_current_peer`` for the request before this app runs.
 """
 
 from __future__ import annotations

@@ -10,11 +10,11 @@ from dataclasses import dataclass
 
 import uvicorn
 
-from services.common.grpc_mtls import MtlsChannel
-from services.common.https_mtls import HttpsGuard, InFlight, mtls_server_config
-from services.common.runtime import ServiceRuntime, create_runtime
-from services.common.tls import ReloadingContext, SvidFiles
-from services.common.workloads import GATEWAY, TRANSFER_ENGINE
+from services.common.identity.workloads import GATEWAY, TRANSFER_ENGINE
+from services.common.mtls.contexts import ReloadingContext, SvidFiles
+from services.common.mtls.grpc import MtlsChannel
+from services.common.mtls.https import HttpsGuard, InFlight, mtls_server_config
+from services.common.runtime.service import ServiceRuntime, create_runtime
 from services.gateway.adapters.engine_grpc import GrpcTransferEngine
 from services.gateway.adapters.token_key import load_or_create_signing_key
 from services.gateway.app import create_app

@@ -7,12 +7,12 @@ from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
 
-from services.common.breaker import BreakerSettings
 from services.common.durations import format_duration, parse_duration
-from services.common.https_mtls import DEFAULT_MAX_IN_FLIGHT
 from services.common.identity.spiffe_id import SpiffeId
-from services.common.runtime import ServiceSettings
-from services.common.workloads import GATEWAY, TELLER
+from services.common.identity.workloads import GATEWAY, TELLER
+from services.common.mtls.https import DEFAULT_MAX_IN_FLIGHT
+from services.common.resilience.breaker import BreakerSettings
+from services.common.runtime.service import ServiceSettings
 
 # Customer tokens are bearer credentials: a stolen one works until it expires, so the ceiling is
 # hard and not configurable.

@@ -2,7 +2,7 @@
 
 import sys
 
-from services.common.entrypoint import run_service, serve_grpc
+from services.common.runtime.entrypoint import run_service, serve_grpc
 from services.risk.server import create_server
 from services.risk.settings import RiskSettings
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import grpc
 
 from services._proto import risk_pb2_grpc
-from services.common.runtime import GrpcService, ServiceRuntime, create_runtime
-from services.common.workloads import RISK
+from services.common.identity.workloads import RISK
+from services.common.runtime.service import GrpcService, ServiceRuntime, create_runtime
 from services.risk.settings import RiskSettings
 from services.risk.transport.servicer import create_risk_service
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydantic import field_validator
 
-from services.common.runtime import ServiceSettings
+from services.common.runtime.service import ServiceSettings
 
 
 class RiskSettings(ServiceSettings):

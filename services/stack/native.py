@@ -26,13 +26,12 @@ from pydantic import AliasChoices, Field
 
 from services._proto import issuer_admin_pb2 as pb
 from services._proto.issuer_admin_grpc import IssuerAdminStub
+from services.common.discovery.registry import FileRegistry
 from services.common.errors import CommonError
 from services.common.files import write_atomic
 from services.common.identity.as_uid import fetch_svid_as
 from services.common.identity.source import SvidMaterial, SvidUnavailableError, fetch_svid
-from services.common.registry import FileRegistry
-from services.common.settings import ZtbankSettings, load_settings
-from services.common.workloads import (
+from services.common.identity.workloads import (
     CONSOLE,
     GATEWAY,
     OPS,
@@ -41,6 +40,7 @@ from services.common.workloads import (
     TELLER,
     TRANSFER_ENGINE,
 )
+from services.common.settings import ZtbankSettings, load_settings
 from services.issuer.adapters.upstream_disk import ROOT_CERT_FILE, init_root_ca
 from services.issuer.admin_client import AdminCallError, call_admin
 from services.issuer.domain.revocation import crls_url, ocsp_url

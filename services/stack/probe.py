@@ -12,13 +12,13 @@ import grpc
 from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.discovery.registry import ServiceAddress
 from services.common.errors import CommonError
 from services.common.identity.pem import load_der_certificates, serial_hex
 from services.common.identity.source import SvidMaterial
 from services.common.identity.spiffe_id import SpiffeId
 from services.common.identity.x509svid import verify_der_chain
-from services.common.registry import ServiceAddress
-from services.common.tls import client_context
+from services.common.mtls.contexts import client_context
 
 PROBE_TIMEOUT = 3.0
 

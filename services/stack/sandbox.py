@@ -10,8 +10,8 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Literal
 
-from services.common.registry import ServiceAddress, write_registry
-from services.common.workloads import SERVICES
+from services.common.discovery.registry import ServiceAddress, write_registry
+from services.common.identity.workloads import SERVICES
 from services.stack.native import NativeStack, StackSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -6,8 +6,8 @@ from __future__ import annotations
 import grpc
 
 from services._proto import ledger_pb2_grpc
-from services.common.runtime import GrpcService, ServiceRuntime, create_runtime
-from services.common.workloads import RISK, TRANSFER_ENGINE
+from services.common.identity.workloads import RISK, TRANSFER_ENGINE
+from services.common.runtime.service import GrpcService, ServiceRuntime, create_runtime
 from services.transfer_engine.factory import build_transfer_engine_service
 from services.transfer_engine.settings import TransferEngineSettings
 

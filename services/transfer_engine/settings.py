@@ -6,8 +6,8 @@ from pathlib import Path
 
 from pydantic import Field
 
-from services.common.breaker import BreakerSettings
-from services.common.runtime import ServiceSettings
+from services.common.resilience.breaker import BreakerSettings
+from services.common.runtime.service import ServiceSettings
 
 
 class TransferEngineSettings(ServiceSettings, BreakerSettings):

@@ -41,7 +41,7 @@ import urllib.parse
 from cryptography import x509
 from services.common.errors import CommonError
 from services.common.identity.source import fetch_svid
-from services.common.tls import pem_client_context
+from services.common.mtls.contexts import pem_client_context
 socket, trust_domain = os.environ["SPIFFE_ENDPOINT_SOCKET"], os.environ["ZTBANK_TRUST_DOMAIN"]
 try:
     material = fetch_svid(socket, trust_domain, timeout=5)

@@ -38,14 +38,14 @@ from cryptography import x509
 
 from services._proto import issuer_admin_pb2
 from services.cli.teller import TellerClient
+from services.common.discovery.registry import FileRegistry, ServiceAddress
 from services.common.errors import CommonError
 from services.common.files import private_key_pem
 from services.common.identity.pem import certificates_to_pem, serial_hex
 from services.common.identity.source import SvidMaterial
+from services.common.identity.workloads import GATEWAY, OPS, RISK, SERVICES, TELLER, TRANSFER_ENGINE
 from services.common.identity.x509svid import verify_der_chain
-from services.common.registry import FileRegistry, ServiceAddress
 from services.common.settings import load_settings
-from services.common.workloads import GATEWAY, OPS, RISK, SERVICES, TELLER, TRANSFER_ENGINE
 from services.issuer.adapters.authority_file import AuthorityFile
 from services.issuer.admin_client import call_admin
 from services.stack.native import NativeStack, StackSettings, StackStatus, workload_svid

@@ -27,9 +27,9 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from services.common.errors import CommonError
 from services.common.identity.source import SvidMaterial
 from services.common.identity.spiffe_id import SpiffeId
+from services.common.identity.workloads import GATEWAY, OPS, TELLER, TRANSFER_ENGINE
 from services.common.identity.x509svid import verify_der_chain
-from services.common.tls import client_context
-from services.common.workloads import GATEWAY, OPS, TELLER, TRANSFER_ENGINE
+from services.common.mtls.contexts import client_context
 from tests.e2e.conftest import E2EStack
 
 pytestmark = pytest.mark.e2e

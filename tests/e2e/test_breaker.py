@@ -30,9 +30,9 @@ from pathlib import Path
 import pytest
 
 from services.cli.teller import Reply, TellerClient
-from services.common.breaker import parse_transitions
+from services.common.identity.workloads import GATEWAY, RISK, TRANSFER_ENGINE
+from services.common.resilience.breaker import parse_transitions
 from services.common.settings import load_settings
-from services.common.workloads import GATEWAY, RISK, TRANSFER_ENGINE
 from services.stack.sandbox import REPO_ROOT, sandbox_stack
 from tests.e2e.conftest import SVID_TTL, E2EStack, _e2e_stack
 from tests.e2e.target import E2ETargetSettings

@@ -40,9 +40,9 @@ from typing import Any
 import pytest
 import yaml
 
-from services.common.registry import ServiceAddress, write_registry
+from services.common.discovery.registry import ServiceAddress, write_registry
+from services.common.identity.workloads import GATEWAY, SERVICES
 from services.common.settings import load_settings
-from services.common.workloads import GATEWAY, SERVICES
 from services.stack.native import NativeStack
 from services.stack.sandbox import REPO_ROOT, free_ports, sandbox_settings
 from tests.e2e.target import E2ETargetSettings

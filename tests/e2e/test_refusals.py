@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2
 
 from services._proto import ledger_pb2, risk_pb2
 from services.common.identity.pem import fingerprint_sha256
-from services.common.workloads import GATEWAY, OPS, RISK, TELLER, TRANSFER_ENGINE
+from services.common.identity.workloads import GATEWAY, OPS, RISK, TELLER, TRANSFER_ENGINE
 from tests.e2e.conftest import (
     RPC_TIMEOUT,
     AnyCredentials,

@@ -27,7 +27,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from services.common.identity.source import SvidMaterial
-from services.common.workloads import GATEWAY, RISK, TELLER, TRANSFER_ENGINE
+from services.common.identity.workloads import GATEWAY, RISK, TELLER, TRANSFER_ENGINE
 from tests.e2e.conftest import E2EStack, GatewayRefusedError, HttpsReply, balances
 
 pytestmark = pytest.mark.e2e

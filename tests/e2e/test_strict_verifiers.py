@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import pytest
 from cryptography import x509
 
-from services.common.workloads import GATEWAY, RISK, TELLER, TRANSFER_ENGINE
+from services.common.identity.workloads import GATEWAY, RISK, TELLER, TRANSFER_ENGINE
 from tests.e2e.conftest import E2EStack
 from tests.support.strict_verifiers import cryptography_verifies, openssl_strict_verify
 

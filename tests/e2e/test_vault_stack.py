@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
+from services.common.identity.workloads import TELLER
 from services.common.settings import load_settings
-from services.common.workloads import TELLER
 from services.stack.native import NativeStack
 from services.stack.sandbox import sandbox_settings
 from services.stack.vault import VaultError, vault_binary

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 from cryptography import x509
 
+from services.common.identity.workloads import SERVICES
 from services.common.identity.x509svid import verify_x509_svid
-from services.common.workloads import SERVICES
 from tests.e2e.conftest import E2EStack, read_jsonl
 
 pytestmark = pytest.mark.e2e

@@ -18,16 +18,16 @@ from collections.abc import Iterator
 
 import pytest
 
-from services.common.consul import (
+from services.common.authz.policy import Policy
+from services.common.discovery.consul import (
     ConsulCheck,
     ConsulClient,
     ConsulPolicySource,
     ConsulRegistry,
     ConsulSettings,
 )
+from services.common.discovery.registry import RegistryError
 from services.common.identity.spiffe_id import SpiffeId
-from services.common.policy import Policy
-from services.common.registry import RegistryError
 from services.common.settings import load_settings
 from tests.support.helpers import wait_until
 

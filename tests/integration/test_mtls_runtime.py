@@ -31,21 +31,21 @@ from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricR
 
 from services.cli.errors import CliError
 from services.cli.teller import TellerClient
-from services.common import audit as audit_module
-from services.common import grpc_mtls
-from services.common.audit import AuditLog, AuditRecord
+from services.common.authz import audit as audit_module
+from services.common.authz.audit import AuditLog, AuditRecord
+from services.common.authz.policy import Policy
+from services.common.discovery.registry import RegistryError, ServiceAddress, write_registry
 from services.common.errors import ChannelClosedError
-from services.common.grpc_mtls import MtlsChannel
-from services.common.https_mtls import DEFAULT_MAX_IN_FLIGHT, OVERLOADED_REASON
 from services.common.identity.pem import fingerprint_sha256, serial_hex
 from services.common.identity.source import SvidMaterial
 from services.common.identity.spiffe_id import SpiffeId
-from services.common.policy import Policy
+from services.common.mtls import grpc as grpc_mtls
+from services.common.mtls.contexts import client_context
+from services.common.mtls.grpc import MtlsChannel
+from services.common.mtls.https import DEFAULT_MAX_IN_FLIGHT, OVERLOADED_REASON
+from services.common.observability.telemetry import Telemetry, setup_telemetry
 from services.common.problem import PROBLEM_MEDIA_TYPE
-from services.common.registry import RegistryError, ServiceAddress, write_registry
 from services.common.revocation import RevocationWatcher
-from services.common.telemetry import Telemetry, setup_telemetry
-from services.common.tls import client_context
 from services.stack.native import StackSettings
 from tests.support.crl import build_crl, crl_server, started_watcher, wait_for
 from tests.support.iana import TLS_SUITE_CODES

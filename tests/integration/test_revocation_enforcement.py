@@ -28,20 +28,20 @@ from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.sdk.metrics.export import Gauge, InMemoryMetricReader
 
-from services.common.audit import AuditLog
-from services.common.grpc_mtls import (
+from services.common.authz.audit import AuditLog
+from services.common.authz.policy import Policy
+from services.common.identity.source import SvidMaterial
+from services.common.mtls.contexts import client_context
+from services.common.mtls.grpc import (
     REVOKED_DETAILS,
     REVOKED_STREAM_REASON,
     UNAVAILABLE_DETAILS,
     AuthorizationInterceptor,
 )
-from services.common.https_mtls import CONNECTION_METHOD, REVOKED_CONNECTION_REASON
-from services.common.identity.source import SvidMaterial
-from services.common.peer import current_peer
-from services.common.policy import Policy
+from services.common.mtls.https import CONNECTION_METHOD, REVOKED_CONNECTION_REASON
+from services.common.mtls.peer import current_peer
+from services.common.observability.telemetry import Telemetry, setup_telemetry
 from services.common.revocation import RevocationWatcher
-from services.common.telemetry import Telemetry, setup_telemetry
-from services.common.tls import client_context
 from tests.support import mtls_servers as servers
 from tests.support.crl import CRL_VALIDITY, Clock, CrlServer, build_crl, crl_server, wait_for
 from tests.support.mtls_servers import (

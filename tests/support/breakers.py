@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import time
 
-from services.common.breaker import (
+from services.common.identity.spiffe_id import SpiffeId
+from services.common.resilience.breaker import (
     BreakerConfig,
     CircuitBreaker,
     PeerCertificate,
     TrustLevels,
 )
-from services.common.identity.spiffe_id import SpiffeId
 
 DAY = 86_400.0
 PROD = TrustLevels(0.5, ((("env", "prod"), 0.95),), 1)

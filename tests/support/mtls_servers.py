@@ -27,9 +27,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from grpc_health.v1 import health, health_pb2_grpc
 
-from services.common.audit import AuditLog
-from services.common.grpc_mtls import AuthorizationInterceptor, server_credentials
-from services.common.https_mtls import (
+from services.common.authz.audit import AuditLog
+from services.common.authz.policy import Policy
+from services.common.identity.source import Listener, SvidMaterial, SvidSource
+from services.common.identity.spiffe_id import SpiffeId
+from services.common.mtls.contexts import PeerVerifier, ReloadingContext, SvidFiles
+from services.common.mtls.grpc import AuthorizationInterceptor, server_credentials
+from services.common.mtls.https import (
     DEFAULT_MAX_IN_FLIGHT,
     HttpsGuard,
     InFlight,
@@ -38,13 +42,9 @@ from services.common.https_mtls import (
     Send,
     mtls_server_config,
 )
-from services.common.identity.source import Listener, SvidMaterial, SvidSource
-from services.common.identity.spiffe_id import SpiffeId
-from services.common.peer import current_peer
-from services.common.policy import Policy
+from services.common.mtls.peer import current_peer
+from services.common.observability.telemetry import Telemetry
 from services.common.revocation import RevocationWatcher
-from services.common.telemetry import Telemetry
-from services.common.tls import PeerVerifier, ReloadingContext, SvidFiles
 from services.stack.sandbox import free_port
 from tests.support.pki import Issued, create_intermediate_ca, create_leaf, create_root_ca
 

@@ -1,6 +1,6 @@
 """The transfer-engine over grpc.aio: domain calls -> ``ledger.proto`` messages, and gRPC statuses
 -> gateway errors.  Everything the engine answers is checked before the domain sees it.  Every
-call goes through the circuit breaker to the engine (``services.common.breaker``)."""
+call goes through the circuit breaker to the engine (``services.common.resilience.breaker``)."""
 
 from __future__ import annotations
 
@@ -15,15 +15,15 @@ from google.protobuf.message import Message
 
 from services._proto import ledger_pb2
 from services._proto.ledger_pb2_grpc import TransferEngineStub
-from services.common.breaker import (
+from services.common.errors import ChannelClosedError
+from services.common.money import UnsupportedCurrencyError, currency_exponent
+from services.common.observability.telemetry import inject_context
+from services.common.resilience.breaker import (
     BreakerOpenError,
     CircuitBreaker,
     retry_pushback_seconds,
     unavailable_dependency,
 )
-from services.common.errors import ChannelClosedError
-from services.common.money import UnsupportedCurrencyError, currency_exponent
-from services.common.telemetry import inject_context
 from services.gateway.domain.ledger import (
     Account,
     RiskAssessment,

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BeforeValidator
 
 from services.common.identity.spiffe_id import SpiffeId
-from services.common.peer import current_peer
+from services.common.mtls.peer import current_peer
 from services.common.problem import Problem, openapi_problem, problem_response
 from services.gateway.domain.banking import MAX_IDEMPOTENCY_KEY_LENGTH, Banking
 from services.gateway.domain.ledger import Transfer, TransferStatus
@@ -70,7 +70,7 @@ Responses = dict[int | str, dict[str, Any]]
 Refusals = dict[int, tuple[str, tuple[type[Problem], ...]]]
 
 # Answered in front of every route: the policy check and the load shedding of the mTLS server
-# (services.common.https_mtls), the body limit (transport.limits).  Merged into each operation's
+# (services.common.mtls.https), the body limit (transport.limits).  Merged into each operation's
 # own refusals, so the schema lists every status a client can get.
 _IN_FRONT: dict[int, str] = {
     403: "the caller's SPIFFE ID is not allowed this request (policy)",

@@ -9,8 +9,8 @@ import grpc
 
 from services._proto import risk_pb2, risk_pb2_grpc
 from services.common.identity.spiffe_id import SpiffeId
-from services.common.peer import NoPeerIdentityError, current_peer
-from services.common.workloads import TRANSFER_ENGINE
+from services.common.identity.workloads import TRANSFER_ENGINE
+from services.common.mtls.peer import NoPeerIdentityError, current_peer
 from services.risk.adapters.rules_file import RulesFile
 from services.risk.adapters.velocity_sqlite import SqliteVelocityHistory
 from services.risk.domain.assessment import RiskAssessor, TransferRequest

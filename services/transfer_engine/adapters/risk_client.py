@@ -10,9 +10,9 @@ from collections.abc import Callable
 import grpc
 
 from services._proto import risk_pb2
-from services.common.breaker import BreakerOpenError, CircuitBreaker
 from services.common.errors import ChannelClosedError
-from services.common.telemetry import inject_context
+from services.common.observability.telemetry import inject_context
+from services.common.resilience.breaker import BreakerOpenError, CircuitBreaker
 from services.transfer_engine.domain.model import Assessment, Decision, TransferRequest
 from services.transfer_engine.errors import RiskUnavailableError
 

@@ -12,9 +12,9 @@ import grpc
 
 from services._proto import ledger_pb2 as pb
 from services._proto import ledger_pb2_grpc
-from services.common.breaker import DEPENDENCY_UNAVAILABLE_KEY, pushback_trailer
-from services.common.peer import NoPeerIdentityError, current_peer
-from services.common.workloads import GATEWAY
+from services.common.identity.workloads import GATEWAY
+from services.common.mtls.peer import NoPeerIdentityError, current_peer
+from services.common.resilience.breaker import DEPENDENCY_UNAVAILABLE_KEY, pushback_trailer
 from services.transfer_engine.domain.ledger import Ledger
 from services.transfer_engine.domain.model import Account, Transaction, Transfer, TransferRequest
 from services.transfer_engine.errors import (

@@ -16,9 +16,9 @@ from services.cli.errors import CliError, UsageError
 from services.cli.lab_breaker import transitions
 from services.cli.lab_outage import run_outage_lab
 from services.cli.lab_support import FileBackup, unrestarted, watched_file
+from services.common.discovery.registry import ServiceAddress
 from services.common.files import write_atomic
 from services.common.identity.source import SvidUnavailableError
-from services.common.registry import ServiceAddress
 from services.stack.native import NativeStack, StackSettings, workload_svid
 from services.stack.probe import metric_sample, metric_samples
 

@@ -8,8 +8,8 @@ import pytest
 from services.cli.errors import CliError
 from services.cli.lab_policy import KEPT, ROUTE, withdraw_route
 from services.cli.lab_upstream import RootKey, chains_to
+from services.common.authz.policy import Policy
 from services.common.identity.spiffe_id import SpiffeId
-from services.common.policy import Policy
 from tests.support.pki import create_intermediate_ca, create_root_ca
 
 TD = "ztbank.example"

@@ -24,9 +24,9 @@ from services.cli.workload_cmd import (
     withdraw,
     workload_id,
 )
+from services.common.authz.policy import parse_policy
 from services.common.identity.spiffe_id import DEFAULT_TRUST_DOMAIN
-from services.common.policy import parse_policy
-from services.common.workloads import TELLER
+from services.common.identity.workloads import TELLER
 from services.gateway.domain.banking import Banking
 from services.gateway.domain.tokens import CustomerTokens
 from services.gateway.transport.routes import create_router

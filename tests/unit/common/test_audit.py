@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from services.common.audit import (
+from services.common.authz.audit import (
     AUDIT_MODE,
     AuditClosedError,
     AuditLog,

@@ -13,7 +13,9 @@ import pytest
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import Gauge, InMemoryMetricReader, Sum
 
-from services.common.breaker import (
+from services.common.authz.policy import RELOAD_CHECK_SECONDS
+from services.common.identity.spiffe_id import SpiffeId
+from services.common.resilience.breaker import (
     BreakerConfig,
     BreakerOpenError,
     BreakerSettings,
@@ -28,8 +30,6 @@ from services.common.breaker import (
     register_breaker_metrics,
     retry_pushback_seconds,
 )
-from services.common.identity.spiffe_id import SpiffeId
-from services.common.policy import RELOAD_CHECK_SECONDS
 from services.common.settings import InvalidSettingsError, load_settings
 
 LIFETIME = 300.0  # a five-minute SVID
@@ -401,7 +401,7 @@ def test_after_the_cool_down_a_low_score_keeps_it_open() -> None:
 def test_every_transition_is_counted_and_logged(caplog: pytest.LogCaptureFixture) -> None:
     reader = InMemoryMetricReader()
     provider = MeterProvider(metric_readers=[reader])
-    with caplog.at_level(logging.INFO, logger="services.common.breaker"):
+    with caplog.at_level(logging.INFO, logger="services.common.resilience.breaker"):
         harness = tripped()
         register_breaker_metrics(provider.get_meter("test"), [harness.breaker])
         harness.clock.advance(10)
@@ -504,7 +504,7 @@ def test_the_table_is_reloaded_and_a_malformed_edit_keeps_the_previous_one(
     assert second.trust(STAGING) == 0.3
     assert second.generation > first.generation
 
-    with caplog.at_level(logging.ERROR, logger="services.common.breaker"):
+    with caplog.at_level(logging.ERROR, logger="services.common.resilience.breaker"):
         path.write_text('{"default": 0.5, "levels": {"env/staging": "high"}}')
         clock.tick()
         assert table.current() is second

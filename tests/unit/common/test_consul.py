@@ -13,9 +13,9 @@ import pytest
 import requests
 import requests_mock as rm
 
-from services.common import policy as policy_module
-from services.common import runtime as runtime_module
-from services.common.consul import (
+from services.common.authz import policy as policy_module
+from services.common.authz.policy import FilePolicySource, Policy, PolicyError
+from services.common.discovery.consul import (
     ConsulAuthError,
     ConsulCheck,
     ConsulClient,
@@ -26,10 +26,15 @@ from services.common.consul import (
     ConsulSettings,
     base_url,
 )
+from services.common.discovery.registry import (
+    FileRegistry,
+    RegistryError,
+    ServiceAddress,
+    write_registry,
+)
 from services.common.identity.spiffe_id import SpiffeId
-from services.common.policy import FilePolicySource, Policy, PolicyError
-from services.common.registry import FileRegistry, RegistryError, ServiceAddress, write_registry
-from services.common.runtime import ServiceSettings, create_runtime
+from services.common.runtime import service as runtime_module
+from services.common.runtime.service import ServiceSettings, create_runtime
 from services.common.settings import InvalidSettingsError, load_settings
 from tests.support.helpers import wait_until
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader, Sum
 
-from services.common.audit import AuditLog
-from services.common.decisions import submit_decision
+from services.common.authz.audit import AuditLog
+from services.common.authz.decisions import submit_decision
 from services.common.identity.spiffe_id import SpiffeId
-from services.common.peer import PeerIdentity
-from services.common.telemetry import Telemetry, setup_telemetry
+from services.common.mtls.peer import PeerIdentity
+from services.common.observability.telemetry import Telemetry, setup_telemetry
 
 CALLER = "spiffe://ztbank.example/env/prod/zone/az1/team/channels/svc/gateway"
 

@@ -17,8 +17,8 @@ from services.common.errors import SvidVerificationError
 from services.common.identity import x509svid
 from services.common.identity.source import SvidMaterial
 from services.common.identity.spiffe_id import SpiffeId
+from services.common.mtls.contexts import PeerVerifier
 from services.common.revocation import RevocationListener, RevokedCertificateError
-from services.common.tls import PeerVerifier
 from tests.support.pki import Issued, create_intermediate_ca, create_leaf, create_root_ca
 
 TD = "ztbank.example"

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 
 from services._proto import ledger_pb2, risk_pb2
-from services.common import policy as policy_module
+from services.common.authz import policy as policy_module
+from services.common.authz.policy import Decision, Policy, PolicyError
 from services.common.identity.spiffe_id import SpiffeId
-from services.common.policy import Decision, Policy, PolicyError
-from services.common.workloads import (
+from services.common.identity.workloads import (
     CONSOLE,
     GATEWAY,
     OPS,

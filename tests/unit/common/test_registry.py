@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from services.common.registry import (
+from services.common.discovery.registry import (
     FileRegistry,
     RegistryError,
     ServiceAddress,

@@ -15,6 +15,7 @@ from services.common.errors import CommonError
 from services.common.identity.pem import serial_hex
 from services.common.identity.source import SvidMaterial
 from services.common.identity.spiffe_id import SpiffeId
+from services.common.mtls.contexts import PeerVerifier
 from services.common.revocation import (
     MAX_RESPONSE_BYTES,
     RevocationError,
@@ -23,7 +24,6 @@ from services.common.revocation import (
     RevokedCertificateError,
     split_pem_crls,
 )
-from services.common.tls import PeerVerifier
 from tests.support.crl import Clock, CrlServer, build_crl, crl_pem, crl_server
 from tests.support.pki import (
     Issued,

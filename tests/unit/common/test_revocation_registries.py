@@ -13,22 +13,22 @@ from typing import Any
 import pytest
 from cryptography import x509
 
-from services.common.audit import AuditLog
-from services.common.decisions import TlsFacts
-from services.common.grpc_mtls import _LiveStreams, _produce
-from services.common.https_mtls import (
+from services.common.authz.audit import AuditLog
+from services.common.authz.decisions import TlsFacts
+from services.common.authz.policy import Policy
+from services.common.identity.spiffe_id import SpiffeId
+from services.common.mtls.contexts import PeerVerifier
+from services.common.mtls.grpc import _LiveStreams, _produce
+from services.common.mtls.https import (
     CONNECTION_METHOD,
     REVOKED_CONNECTION_REASON,
     ConnectionFacts,
     HttpsGuard,
     LiveConnections,
 )
-from services.common.identity.spiffe_id import SpiffeId
-from services.common.peer import PeerIdentity
-from services.common.policy import Policy
+from services.common.mtls.peer import PeerIdentity
+from services.common.observability.telemetry import Telemetry, setup_telemetry
 from services.common.revocation import RevocationListener
-from services.common.telemetry import Telemetry, setup_telemetry
-from services.common.tls import PeerVerifier
 
 TD = "ztbank.example"
 TELLER = f"spiffe://{TD}/env/prod/zone/az1/team/channels/svc/teller"

@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 
-from services.common import runtime as runtime_module
+from services.common.discovery.registry import ServiceAddress, write_registry
 from services.common.identity.source import SvidMaterial
 from services.common.identity.spiffe_id import SpiffeId
-from services.common.registry import ServiceAddress, write_registry
 from services.common.revocation import RevocationUnavailableError, RevokedCertificateError
-from services.common.runtime import ServiceSettings, create_runtime
+from services.common.runtime import service as runtime_module
+from services.common.runtime.service import ServiceSettings, create_runtime
 from tests.support.crl import CrlServer, build_crl, crl_server
 from tests.support.pki import Issued, create_intermediate_ca, create_leaf, create_root_ca
 

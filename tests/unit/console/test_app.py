@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from services.common.audit import AuditLog
+from services.common.authz.audit import AuditLog
 from services.common.identity.source import SvidMaterial
 from services.common.problem import PROBLEM_MEDIA_TYPE
 from services.console.app import ACTION_HEADER, Broadcaster, Console, create_console_app, sse

@@ -11,9 +11,9 @@ from fastapi.testclient import TestClient
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.common.identity.spiffe_id import SpiffeId
-from services.common.peer import PeerIdentity, reset_current_peer, set_current_peer
+from services.common.identity.workloads import OPS, TELLER
+from services.common.mtls.peer import PeerIdentity, reset_current_peer, set_current_peer
 from services.common.settings import load_settings
-from services.common.workloads import OPS, TELLER
 from services.gateway.app import create_app
 from services.gateway.settings import GatewaySettings
 from tests.support.helpers import scrub_environment

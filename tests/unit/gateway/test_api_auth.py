@@ -10,8 +10,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi.testclient import TestClient
 
+from services.common.identity.workloads import GATEWAY
 from services.common.problem import PROBLEM_MEDIA_TYPE
-from services.common.workloads import GATEWAY
 from services.gateway.domain.tokens import key_id
 from tests.unit.gateway.conftest import TRUST_DOMAIN
 from tests.unit.gateway.fakes import FakeClock

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from services.common.policy import Policy
+from services.common.authz.policy import Policy
+from services.common.identity.workloads import GATEWAY, OPS, RISK, TELLER, TRANSFER_ENGINE, Workload
 from services.common.problem import PROBLEM_MEDIA_TYPE
-from services.common.workloads import GATEWAY, OPS, RISK, TELLER, TRANSFER_ENGINE, Workload
 from services.gateway.errors import EngineError, EngineUnavailableError, GatewayError
 from services.gateway.transport.limits import MAX_BODY_BYTES
 from tests.unit.gateway.fakes import ALICE_CURRENT, BOB_CURRENT, FakeTransferEngine

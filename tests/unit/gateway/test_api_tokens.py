@@ -6,8 +6,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi.testclient import TestClient
 
 from services.common.identity.spiffe_id import SpiffeId
+from services.common.identity.workloads import GATEWAY, TELLER
 from services.common.problem import PROBLEM_MEDIA_TYPE
-from services.common.workloads import GATEWAY, TELLER
 from services.gateway.app import create_app
 from services.gateway.errors import EngineUnavailableError
 from services.gateway.settings import GatewaySettings

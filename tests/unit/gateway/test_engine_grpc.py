@@ -11,7 +11,7 @@ import pytest
 from google.protobuf.message import Message
 
 from services._proto import ledger_pb2
-from services.common.breaker import BreakerConfig, BreakerState
+from services.common.resilience.breaker import BreakerConfig, BreakerState
 from services.gateway.adapters.engine_grpc import GrpcTransferEngine
 from services.gateway.domain.ledger import (
     Account,

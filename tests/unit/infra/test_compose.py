@@ -23,10 +23,10 @@ from typing import Any
 import pytest
 import yaml
 
-from services.common.consul import ConsulSettings
+from services.common.discovery.consul import ConsulSettings
+from services.common.identity.workloads import CONSOLE, OPS, SERVICES, TELLER
+from services.common.observability.telemetry import OTLP_ENV
 from services.common.settings import load_settings
-from services.common.telemetry import OTLP_ENV
-from services.common.workloads import CONSOLE, OPS, SERVICES, TELLER
 from services.issuer.settings import IssuerSettings
 from services.stack.compose import ALL_PROFILES, IMAGE_BUILDS, PROFILE_SETTINGS
 from services.stack.native import StackSettings
@@ -602,7 +602,7 @@ def test_the_default_set_runs_without_consul_and_the_collector(
         assert environment["OTEL_EXPORTER_OTLP_ENDPOINT"] == "", name
         _apply_env(monkeypatch, environment)
         assert not load_settings(ConsulSettings).enabled, name
-        assert not os.environ.get(OTLP_ENV), name  # services/common/telemetry.py: off
+        assert not os.environ.get(OTLP_ENV), name  # services/common/observability/telemetry.py: off
         monkeypatch.undo()
     assert services["prometheus"]["volumes"][0].startswith("./infra/prometheus/prometheus.yml:")
     assert services["e2e"]["environment"]["ZTBANK_E2E_TRACES"] == "files"

@@ -9,8 +9,8 @@ import pytest
 
 from services._proto import risk_pb2
 from services.common.identity.spiffe_id import SpiffeId
-from services.common.peer import PeerIdentity, reset_current_peer, set_current_peer
-from services.common.workloads import GATEWAY, TRANSFER_ENGINE
+from services.common.identity.workloads import GATEWAY, TRANSFER_ENGINE
+from services.common.mtls.peer import PeerIdentity, reset_current_peer, set_current_peer
 from services.risk.adapters.rules_file import RulesFile
 from services.risk.adapters.velocity_sqlite import SqliteVelocityHistory
 from services.risk.domain.assessment import RiskAssessor

@@ -8,8 +8,8 @@ import grpc
 import pytest
 
 from services._proto import risk_pb2, risk_pb2_grpc
-from services.common.breaker import BreakerConfig, BreakerState
 from services.common.errors import ChannelClosedError
+from services.common.resilience.breaker import BreakerConfig, BreakerState
 from services.transfer_engine.adapters.risk_client import GrpcRiskAssessor
 from services.transfer_engine.domain.model import Assessment, Decision
 from services.transfer_engine.errors import RiskUnavailableError

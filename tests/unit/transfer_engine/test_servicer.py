@@ -9,8 +9,8 @@ from google.protobuf.message import Message
 
 from services._proto import ledger_pb2 as pb
 from services.common.identity.spiffe_id import SpiffeId
-from services.common.peer import PeerIdentity, reset_current_peer, set_current_peer
-from services.common.workloads import GATEWAY, RISK, TELLER
+from services.common.identity.workloads import GATEWAY, RISK, TELLER
+from services.common.mtls.peer import PeerIdentity, reset_current_peer, set_current_peer
 from services.transfer_engine import errors
 from services.transfer_engine.domain.ledger import Ledger
 from services.transfer_engine.domain.model import Decision

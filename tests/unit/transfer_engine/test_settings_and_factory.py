@@ -6,9 +6,9 @@ import grpc
 import pytest
 
 from services._proto import ledger_pb2 as pb
-from services.common.peer import PeerIdentity, reset_current_peer, set_current_peer
+from services.common.identity.workloads import GATEWAY
+from services.common.mtls.peer import PeerIdentity, reset_current_peer, set_current_peer
 from services.common.settings import InvalidSettingsError, load_settings
-from services.common.workloads import GATEWAY
 from services.transfer_engine.factory import build_transfer_engine_service
 from services.transfer_engine.settings import TransferEngineSettings
 from tests.support.breakers import closed_breaker

@@ -31,7 +31,7 @@ from services.common.identity.pem import fingerprint_sha256, load_der_certificat
 from services.common.identity.source import SvidMaterial, SvidSource
 from services.common.identity.spiffe_id import SpiffeId
 from services.common.identity.x509svid import verify_der_chain
-from services.common.peer import PeerIdentity
+from services.common.mtls.peer import PeerIdentity
 from services.common.revocation import RevocationChecker, RevocationError
 
 TLS12_AEAD_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"

@@ -49,17 +49,17 @@ import grpc
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from pydantic import Field, model_validator
 
-from services.common.errors import CommonError
-from services.common.identity.pem import load_der_certificates, serial_hex
-from services.common.identity.source import SvidMaterial
-from services.common.identity.spiffe_id import SpiffeId
-from services.common.policy import (
+from services.common.authz.policy import (
     FilePolicySource,
     PolicySource,
     ReloadThrottle,
 )
+from services.common.errors import CommonError
+from services.common.identity.pem import load_der_certificates, serial_hex
+from services.common.identity.source import SvidMaterial
+from services.common.identity.spiffe_id import SpiffeId
+from services.common.mtls.contexts import PeerVerifier, client_context
 from services.common.settings import ZtbankSettings
-from services.common.tls import PeerVerifier, client_context
 
 logger = logging.getLogger(__name__)
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from services.common.audit import AuditLog, AuditRecord
-from services.common.peer import PeerIdentity
-from services.common.telemetry import Telemetry, current_trace_id
+from services.common.authz.audit import AuditLog, AuditRecord
+from services.common.mtls.peer import PeerIdentity
+from services.common.observability.telemetry import Telemetry, current_trace_id
 
 Endpoint = tuple[str, int | None]  # (host, port); port None when unknown
 

@@ -39,19 +39,19 @@ from cryptography.hazmat.primitives import serialization
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
-from services.common.audit import AuditLog, split_address
-from services.common.decisions import TlsFacts, submit_decision
+from services.common.authz.audit import AuditLog, split_address
+from services.common.authz.decisions import TlsFacts, submit_decision
+from services.common.authz.policy import Policy
 from services.common.errors import ChannelClosedError, CommonError
 from services.common.identity.source import SvidMaterial, SvidSource
-from services.common.peer import PeerIdentity, reset_current_peer, set_current_peer
-from services.common.policy import Policy
+from services.common.mtls.contexts import PeerVerifier
+from services.common.mtls.peer import PeerIdentity, reset_current_peer, set_current_peer
+from services.common.observability.telemetry import Telemetry, extract_context
 from services.common.revocation import (
     RevocationChecker,
     RevocationError,
     RevokedCertificateError,
 )
-from services.common.telemetry import Telemetry, extract_context
-from services.common.tls import PeerVerifier
 
 logger = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from services.common.errors import CommonError
-from services.common.logs import configure_json_logging
-from services.common.runtime import GrpcService, ServiceRuntime, ServiceSettings
+from services.common.observability.logs import configure_json_logging
+from services.common.runtime.service import GrpcService, ServiceRuntime, ServiceSettings
 from services.common.settings import load_settings
 
 SettingsT = TypeVar("SettingsT", bound=ServiceSettings)

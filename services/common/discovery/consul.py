@@ -35,9 +35,9 @@ import requests
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.common.authz.policy import PolicyError
+from services.common.discovery.registry import RegistryError, ServiceAddress
 from services.common.errors import CommonError
-from services.common.policy import PolicyError
-from services.common.registry import RegistryError, ServiceAddress
 
 logger = logging.getLogger(__name__)
 

@@ -15,27 +15,32 @@ import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 from pydantic import AliasChoices, Field, model_validator
 
-from services.common.audit import AuditLog
-from services.common.breaker import BreakerConfig, CircuitBreaker, TrustTable, watched_breaker
-from services.common.consul import (
+from services.common.authz.audit import AuditLog
+from services.common.authz.policy import Policy, PolicySource
+from services.common.discovery.consul import (
     ConsulPolicySource,
     ConsulRegistration,
     ConsulRegistry,
     ConsulSettings,
 )
-from services.common.grpc_mtls import (
+from services.common.discovery.registry import FileRegistry, ServiceAddress, ServiceRegistry
+from services.common.identity.source import SvidSource
+from services.common.identity.workloads import Workload
+from services.common.mtls.contexts import PeerVerifier
+from services.common.mtls.grpc import (
     AuthorizationInterceptor,
     MtlsChannel,
     server_credentials,
 )
-from services.common.identity.source import SvidSource
-from services.common.policy import Policy, PolicySource
-from services.common.registry import FileRegistry, ServiceAddress, ServiceRegistry
+from services.common.observability.telemetry import Telemetry, record_handshake, setup_telemetry
+from services.common.resilience.breaker import (
+    BreakerConfig,
+    CircuitBreaker,
+    TrustTable,
+    watched_breaker,
+)
 from services.common.revocation import DEFAULT_INTERVAL, RevocationWatcher
 from services.common.settings import ZtbankSettings, load_settings, socket_path_from_endpoint
-from services.common.telemetry import Telemetry, record_handshake, setup_telemetry
-from services.common.tls import PeerVerifier
-from services.common.workloads import Workload
 
 logger = logging.getLogger(__name__)
 

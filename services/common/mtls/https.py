@@ -34,15 +34,20 @@ from opentelemetry import trace
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.utils import get_local_addr, get_remote_addr
 
-from services.common.audit import AuditLog
-from services.common.decisions import AUTHZ_EVENT, TLS_HANDSHAKE_EVENT, TlsFacts, submit_decision
+from services.common.authz.audit import AuditLog
+from services.common.authz.decisions import (
+    AUTHZ_EVENT,
+    TLS_HANDSHAKE_EVENT,
+    TlsFacts,
+    submit_decision,
+)
+from services.common.authz.policy import Policy
 from services.common.errors import CommonError
-from services.common.peer import PeerIdentity, reset_current_peer, set_current_peer
-from services.common.policy import Policy
+from services.common.mtls.contexts import PeerVerifier, iana_cipher_code, requested_server_name
+from services.common.mtls.peer import PeerIdentity, reset_current_peer, set_current_peer
+from services.common.observability.telemetry import Telemetry, extract_context, record_handshake
 from services.common.problem import PROBLEM_MEDIA_TYPE, problem
 from services.common.revocation import RevocationError
-from services.common.telemetry import Telemetry, extract_context, record_handshake
-from services.common.tls import PeerVerifier, iana_cipher_code, requested_server_name
 
 logger = logging.getLogger(__name__)
 

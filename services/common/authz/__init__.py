@@ -1,0 +1,1 @@
+"""Authorization by SPIFFE ID: the policy, each decision, and the audit trail."""

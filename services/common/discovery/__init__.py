@@ -1,0 +1,1 @@
+"""Where services find each other: the file registry and Consul."""

@@ -1,0 +1,1 @@
+"""Identity-aware circuit breaking of calls to other services."""
