@@ -49,15 +49,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from loadtest.bare.pipeline import BarePipeline
-from loadtest.loadgen import Load, LoadResult, Target, Workload, percentile, run_in_process
+from loadtest.loadgen import Load, LoadResult, Target, Workload, run_in_process
 from services._proto import issuer_admin_pb2 as pb
 from services._proto.issuer_admin_grpc import IssuerAdminStub
-from services.cli.teller import TellerClient
 from services.common.discovery.registry import FileRegistry
 from services.common.identity.source import SvidMaterial
 from services.common.identity.spiffe_id import SpiffeId
 from services.common.identity.workloads import GATEWAY, RISK, TELLER, TRANSFER_ENGINE
 from services.issuer.admin_client import call_admin
+from services.labs.teller import TellerClient
 from services.stack.native import NativeStack
 from services.stack.sandbox import sandbox_stack
 
@@ -128,7 +128,7 @@ def holds(result: LoadResult, reference_p99: float) -> tuple[bool, str]:
         return False, f"{result.error_count} errors"
     if result.achieved < HOLD_ACHIEVED * result.rate:
         return False, f"{result.achieved:.0f} of {result.rate:g} req/s done"
-    p99 = percentile(sorted(result.latencies_ms), 99)
+    p99 = result.latency_ms(0.99)
     if math.isnan(p99) or p99 > HOLD_P99_FACTOR * reference_p99:
         return False, f"p99 {p99:.1f} ms > {HOLD_P99_FACTOR:g}x {reference_p99:.1f} ms"
     return True, ""
@@ -235,11 +235,11 @@ class Row:
 
     @property
     def p50(self) -> float:
-        return percentile(sorted(self.result.latencies_ms), 50)
+        return self.result.latency_ms(0.50)
 
     @property
     def p99(self) -> float:
-        return percentile(sorted(self.result.latencies_ms), 99)
+        return self.result.latency_ms(0.99)
 
     def summary(self) -> dict[str, Any]:
         return {

@@ -10,7 +10,6 @@ import argparse
 import asyncio
 import os
 import shutil
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -23,7 +22,8 @@ from spiffe import WorkloadApiClient
 from services._proto import issuer_admin_pb2 as pb
 from services._proto.issuer_admin_grpc import IssuerAdminStub
 from services.common.identity.spiffe_id import SpiffeId
-from services.issuer.adapters.upstream_disk import DiskUpstream, init_root_ca
+from services.common.stats import percentile
+from services.issuer.adapters.upstream.disk import DiskUpstream, init_root_ca
 from services.issuer.admin_client import call_admin
 from services.issuer.domain.authority import AuthorityState, CertificateAuthority
 from services.issuer.harness import IssuerProcess
@@ -41,11 +41,6 @@ class _MemoryStore:
 
     def save(self, state: AuthorityState) -> None:
         self.state = state
-
-
-def _percentile(samples: list[float], fraction: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
 def _latencies(call: Callable[[], object], count: int) -> list[float]:
@@ -133,7 +128,7 @@ def main() -> int:
                     rows.append(
                         (
                             f"{name} latency p50 / p99 ms (n={args.requests})",
-                            f"{statistics.median(samples):.2f} / {_percentile(samples, 0.99):.2f}",
+                            f"{percentile(samples, 0.50):.2f} / {percentile(samples, 0.99):.2f}",
                         )
                     )
             finally:

@@ -37,6 +37,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from services.common.stats import percentile
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOKEN_ENV = "LOADGEN_TOKEN"  # noqa: S105 - the name of a variable, not a secret
 REASON_LIMIT = 160
@@ -106,23 +108,18 @@ class LoadResult:
     def error_count(self) -> int:
         return sum(self.errors.values())
 
+    def latency_ms(self, fraction: float) -> float:
+        """The 2xx answers' latency at ``fraction`` (0.99 is p99; nearest rank, as every report
+        of ztbank's); NaN when nothing was answered: such a run does not hold its rate and its
+        ratios are not numbers, where an error would end the whole benchmark."""
+        return percentile(self.latencies_ms, fraction) if self.latencies_ms else math.nan
+
     @classmethod
     def from_json(cls, document: dict[str, Any]) -> LoadResult:
         return cls(**document)
 
 
 # -- pure parts ------------------------------------------------------------------------------
-
-
-def percentile(ordered: Sequence[float], q: float) -> float:
-    """The ``q``-th percentile (0-100) of ascending ``ordered``, interpolated linearly between
-    the two nearest ranks (numpy's default); NaN when there is nothing."""
-    if not ordered:
-        return math.nan
-    position = (len(ordered) - 1) * q / 100
-    low = math.floor(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 def scheduled_count(rate: float, seconds: float) -> int:

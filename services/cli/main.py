@@ -15,16 +15,6 @@ from typing import Any, NoReturn
 
 from services._proto import issuer_admin_pb2 as pb
 from services.cli.errors import CliError, UsageError
-from services.cli.lab_breaker import run_breaker_lab
-from services.cli.lab_expiry import run_expiry_lab
-from services.cli.lab_misissued import run_misissued_lab
-from services.cli.lab_outage import run_outage_lab
-from services.cli.lab_policy import run_policy_lab
-from services.cli.lab_revocation import run_revocation_lab
-from services.cli.lab_rotation import run_rotation_lab
-from services.cli.lab_support import Say
-from services.cli.lab_upstream import run_upstream_lab
-from services.cli.teller import Reply, TellerClient, refusal
 from services.cli.vault_cmd import register as register_vault_commands
 from services.cli.workload_cmd import register as register_workload_commands
 from services.common.durations import parse_duration
@@ -35,6 +25,9 @@ from services.issuer.admin_client import AdminCallError, call_admin
 from services.issuer.domain.entries import Selector, parse_workload_id
 from services.issuer.domain.revocation import parse_reason, parse_serial
 from services.issuer.errors import IssuerError
+from services.labs.errors import LabError, LabUsageError
+from services.labs.registry import LABS, Lab
+from services.labs.teller import Reply, TellerClient, refusal
 from services.stack.native import (
     NativeStack,
     StackError,
@@ -46,7 +39,6 @@ from services.stack.native import (
 )
 
 Handler = Callable[[argparse.Namespace], int]
-MAX_LAB_ROTATIONS = 5
 
 
 class _Parser(argparse.ArgumentParser):
@@ -84,7 +76,7 @@ def _check_workload_id(text: str, settings: ZtbankSettings) -> None:
 
 
 def cmd_certs_init(args: argparse.Namespace) -> int:
-    from services.issuer.adapters.upstream_disk import init_root_ca
+    from services.issuer.adapters.upstream.disk import init_root_ca
 
     settings = _base_settings(args)
     result = init_root_ca(settings.certs_dir, settings.trust_domain)
@@ -379,61 +371,43 @@ def cmd_status(args: argparse.Namespace) -> int:
 # -- labs -------------------------------------------------------------------------------------
 
 
-def cmd_lab_revocation(args: argparse.Namespace) -> int:
-    if args.budget <= 0:
-        raise UsageError(f"--budget must be a positive number of seconds (got {args.budget:g})")
-    # The lab narrates what happens; the libraries' own warnings (a revoked serial seen in the
-    # CRLs) would only repeat it.
-    logging.basicConfig(level=logging.ERROR)
-    passed = run_revocation_lab(_stack_settings(args), print, budget=args.budget)
-    return 0 if passed else 1
-
-
-def cmd_lab_rotation(args: argparse.Namespace) -> int:
-    if not 1 <= args.rotations <= MAX_LAB_ROTATIONS:
-        raise UsageError(
-            f"--rotations must be between 1 and {MAX_LAB_ROTATIONS} (got {args.rotations})"
-        )
-    logging.basicConfig(level=logging.ERROR)
-    return 0 if run_rotation_lab(_stack_settings(args), print, rotations=args.rotations) else 1
-
-
-def narrated(run: Callable[[StackSettings, Say], bool]) -> Handler:
-    """The handler of a lab without options: it narrates on stdout; exit 0 passed, 1 failed."""
+def lab_handler(lab: Lab) -> Handler:
+    """``ztbank lab NAME``: its options checked, then the lab narrating on stdout; exit 0 when
+    it passed, 1 when it failed."""
 
     def cmd_lab(args: argparse.Namespace) -> int:
+        options = {option.name: getattr(args, option.name) for option in lab.options}
+        for option in lab.options:
+            option.check(options[option.name])
+        # The lab narrates what happens; the libraries' own warnings (a revoked serial seen in
+        # the CRLs) would only repeat it.
         logging.basicConfig(level=logging.ERROR)
-        return 0 if run(_stack_settings(args), print) else 1
+        return 0 if lab.run(_stack_settings(args), print, **options) else 1
 
     return cmd_lab
 
 
-class LabList:
-    """``ztbank lab`` without a name: every lab registered on ``labs``, one line each."""
-
-    def __init__(self, labs: argparse._SubParsersAction[_Parser]) -> None:
-        self._labs = labs
-
-    def entries(self) -> list[tuple[str, str]]:
-        # The sub-command help lines are what `ztbank lab --help` shows too: a lab added with
-        # `labs.add_parser(NAME, help=...)` is listed without another list to keep.
-        return [(action.dest, action.help or "") for action in self._labs._choices_actions]
-
-    def __call__(self, args: argparse.Namespace) -> int:
-        entries = self.entries()
-        width = max(len(name) for name, _ in entries)
-        print("labs against the running native stack (`make up`); run one with")
-        print("`ztbank lab NAME` or `make lab-NAME`:")
-        for name, text in entries:
-            print(f"  {name:<{width}}  {text}")
-        return 0
+def cmd_lab_list(args: argparse.Namespace) -> int:
+    """``ztbank lab`` without a name: every lab, one line each."""
+    width = max(len(lab.name) for lab in LABS)
+    print("labs against the running native stack (`make up`); run one with")
+    print("`ztbank lab NAME` or `make lab-NAME`:")
+    for lab in LABS:
+        print(f"  {lab.name:<{width}}  {lab.summary}")
+    return 0
 
 
-def lab_descriptions() -> list[tuple[str, str]]:
-    """Every lab of ``ztbank lab`` with its one-line description (the console offers these)."""
-    handler = build_parser().parse_args(["lab"]).handler
-    assert isinstance(handler, LabList)
-    return handler.entries()
+def add_lab_parsers(groups: argparse._SubParsersAction[_Parser]) -> None:
+    lab_parser = groups.add_parser("lab", help="training labs against the running stack (a list)")
+    lab_parser.set_defaults(handler=cmd_lab_list)
+    labs = lab_parser.add_subparsers(dest="lab", parser_class=_Parser, metavar="NAME")
+    for lab in LABS:
+        parser = labs.add_parser(lab.name, help=lab.summary)
+        for option in lab.options:
+            parser.add_argument(
+                option.flag, type=option.parse, default=option.default, help=option.help
+            )
+        parser.set_defaults(handler=lab_handler(lab))
 
 
 # -- banking as the teller ----------------------------------------------------------------------
@@ -555,45 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     status.set_defaults(handler=cmd_status)
 
-    lab_parser = groups.add_parser("lab", help="training labs against the running stack (a list)")
-    lab = lab_parser.add_subparsers(dest="lab", parser_class=_Parser, metavar="NAME")
-    lab_parser.set_defaults(handler=LabList(lab))
-    revocation_lab = lab.add_parser(
-        "revocation", help="revoke a connected client and watch it being cut off"
-    )
-    revocation_lab.add_argument(
-        "--budget", type=float, default=5.0, help="seconds the cut-off may take (default 5)"
-    )
-    revocation_lab.set_defaults(handler=cmd_lab_revocation)
-    lab.add_parser(
-        "mis-issued", help="present certificates a correct CA never issues to the gateway"
-    ).set_defaults(handler=narrated(run_misissued_lab))
-    rotation_lab = lab.add_parser(
-        "rotation", help="watch every service renew its SVID while requests keep flowing"
-    )
-    rotation_lab.add_argument(
-        "--rotations", type=int, default=2, help="rotations to wait for per service (1-5)"
-    )
-    rotation_lab.set_defaults(handler=cmd_lab_rotation)
-    lab.add_parser(
-        "outage", help="stop the issuer: watch the bank serve, fail closed, and recover"
-    ).set_defaults(handler=narrated(run_outage_lab))
-    lab.add_parser(
-        "policy", help="deny a route by a live policy edit: refused, audited, then restored"
-    ).set_defaults(handler=narrated(run_policy_lab))
-    lab.add_parser(
-        "expiry", help="a client SVID runs out: refused at expiry, served again with a new one"
-    ).set_defaults(handler=narrated(run_expiry_lab))
-    lab.add_parser(
-        "upstream",
-        help="the upstream (Vault, or the disk root) fails as the issuer renews its CA: the bank"
-        " serves on, the cause is named, the issuer recovers",
-    ).set_defaults(handler=narrated(run_upstream_lab))
-    lab.add_parser(
-        "breaker",
-        help="make the engine's namespace low-trust: the gateway's breaker opens, answers at once,"
-        " and closes again",
-    ).set_defaults(handler=narrated(run_breaker_lab))
+    add_lab_parsers(groups)
 
     login = groups.add_parser("login", help="print a short-lived bearer token for a customer")
     login.add_argument("customer")
@@ -613,23 +549,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def exit_code(error: CliError | LabError | CommonError | IssuerError) -> int:
+    """2 when the user's input is to blame (theirs to fix), 1 when an operation was refused or
+    failed."""
+    if isinstance(error, CliError):
+        return error.exit_code
+    if isinstance(error, AdminCallError):
+        return 2 if error.bad_input else 1
+    # Settings and input validation errors from the shared library are the user's to fix.
+    return 2 if isinstance(error, LabUsageError | CommonError) else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler: Handler = args.handler
     try:
         return handler(args)
-    except UsageError as error:
+    except (CliError, LabError, CommonError, IssuerError) as error:
         print(f"ztbank: {error}", file=sys.stderr)
-        return error.exit_code
-    except AdminCallError as error:
-        print(f"ztbank: {error}", file=sys.stderr)
-        return 2 if error.bad_input else 1
-    except CommonError as error:
-        # Settings and input validation errors from the shared library are the user's to fix.
-        print(f"ztbank: {error}", file=sys.stderr)
-        return 2
-    except (CliError, IssuerError) as error:
-        print(f"ztbank: {error}", file=sys.stderr)
-        return 1
+        return exit_code(error)
     except KeyboardInterrupt:
         return 130

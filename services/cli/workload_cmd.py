@@ -35,7 +35,6 @@ from services._proto import issuer_admin_pb2 as pb
 from services._proto import ledger_pb2, risk_pb2
 from services._proto.issuer_admin_grpc import IssuerAdminStub
 from services.cli.errors import CliError, UsageError
-from services.cli.lab_support import policy_lock, watched_file
 from services.common.authz.audit import AuditLog, AuditRecord
 from services.common.authz.policy import RELOAD_CHECK_SECONDS, PolicyError, parse_policy
 from services.common.discovery.registry import FileRegistry
@@ -44,8 +43,10 @@ from services.common.identity.spiffe_id import SpiffeId
 from services.common.identity.workloads import CONSOLE, GATEWAY, OPS, RISK, SERVICES, TELLER, ZONE
 from services.common.identity.workloads import ENV as DEFAULT_ENV
 from services.common.settings import MAX_SOCKET_PATH
+from services.gateway.route_table import GATEWAY_ROUTES
 from services.issuer.admin_client import AdminCallError, call_admin
 from services.issuer.domain.revocation import crls_url, ocsp_url, parse_reason
+from services.labs.support import policy_lock, watched_file
 from services.stack.compose import (
     ISSUER_HTTP,
     ISSUER_SERVICE,
@@ -63,17 +64,6 @@ _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 RESERVED = frozenset({w.name for w in (*SERVICES, TELLER, OPS, CONSOLE)} | {"issuer", "pids"})
 _SCHEME = re.compile(
     r"/env/(?P<env>[^/]+)/zone/(?P<zone>[^/]+)/team/(?P<team>[^/]+)/svc/(?P<name>[^/]+)"
-)
-# What the gateway serves, as its policy names methods ("HTTP-METHOD /path").  A unit test keeps
-# this list equal to the gateway's routes.
-GATEWAY_ROUTES = (
-    "GET /openapi.json",
-    "POST /v1/tokens",
-    "GET /v1/accounts",
-    "GET /v1/accounts/{account_id}",
-    "GET /v1/accounts/{account_id}/transactions",
-    "POST /v1/transfers",
-    "GET /v1/transfers/{transfer_id}",
 )
 AUDIT_NAME = "ops"
 REVOKE_REASON = "cessationOfOperation"

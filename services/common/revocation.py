@@ -1,11 +1,11 @@
 """Certificate revocation from the issuer's CRLs, enforced on every new and open connection.
 
-ztbank polls rather than being pushed to: ``RevocationWatcher`` fetches ``GET <issuer>/crls``
-(every current CRL of the issuer's signing CAs, concatenated PEM) every ``interval`` seconds in a
-daemon thread.  A poll is one small plain-HTTP GET of signed data, so the transport needs no
-trust: each CRL counts only once its signature verifies against the CA in the current trust
-bundle whose subject is the CRL's issuer.  A forged, corrupt or foreign CRL is ignored and
-logged, and a CRL older than the one already held (a replay) is ignored too.
+ztbank polls rather than being pushed to: ``RevocationWatcher``, a ``Worker``, fetches
+``GET <issuer>/crls`` (every current CRL of the issuer's signing CAs, concatenated PEM) every
+``interval`` seconds in its daemon thread.  A poll is one small plain-HTTP GET of signed data, so
+the transport needs no trust: each CRL counts only once its signature verifies against the CA in
+the current trust bundle whose subject is the CRL's issuer.  A forged, corrupt or foreign CRL is
+ignored and logged, and a CRL older than the one already held (a replay) is ignored too.
 
 Fail closed: ``check`` refuses a leaf whose serial a CRL of its issuing CA lists, and also a leaf
 whose issuing CA has no *fresh* CRL: one fetched and verified, ``now < nextUpdate``, and last
@@ -41,6 +41,7 @@ from services.common.errors import CommonError
 from services.common.files import ensure_private_dir, write_atomic
 from services.common.identity.x509svid import issued_directly_by
 from services.common.mtls.peer import PeerIdentity
+from services.common.runtime.worker import Worker
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +158,7 @@ def _issuer_and_serial(leaf: x509.Certificate) -> tuple[bytes, int]:
     return leaf.issuer.public_bytes(), leaf.serial_number
 
 
-class RevocationWatcher:
+class RevocationWatcher(Worker):
     """Polls the issuer's CRLs and answers "may this certificate connect?".
 
     ``bundle`` returns the current trust bundle (the SVID source's): CRLs are verified against
@@ -182,8 +183,10 @@ class RevocationWatcher:
             raise ValueError(f"CRL URL {url!r} must be http:// or https://")
         if interval <= 0:
             raise ValueError("the CRL polling interval must be positive")
+        # close() waits for a poll in flight: its fetch gives up after ``fetch_timeout``.
+        super().__init__("crl-watcher", join_timeout=fetch_timeout + interval)
         self.url = url
-        self.interval = interval
+        self._poll_interval = interval
         self._bundle = bundle
         self._fetch_timeout = fetch_timeout
         self._clock = clock
@@ -198,25 +201,14 @@ class RevocationWatcher:
         self._etag: str | None = None  # of the last answer, and its body
         self._body = b""
         self._ready = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
-    # -- lifecycle -------------------------------------------------------------------------
+    # -- lifecycle (start, close: the Worker's) -------------------------------------------
 
-    def start(self) -> None:
-        """Poll now and then every ``interval`` seconds in a daemon thread."""
-        if self._thread is not None:
-            return
-        self._thread = threading.Thread(target=self._run, name="crl-watcher", daemon=True)
-        self._thread.start()
+    def run_once(self) -> None:
+        self.poll()
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.poll()
-            except Exception:  # the watcher must outlive any surprise; refusals stay safe
-                logger.exception("CRL poll failed unexpectedly")
-            self._stop.wait(self.interval)
+    def interval(self) -> float:
+        return self._poll_interval
 
     def wait_ready(self, timeout: float) -> None:
         """Block until the revocation data is fresh; raise RevocationUnavailableError after
@@ -226,11 +218,6 @@ class RevocationWatcher:
             raise RevocationUnavailableError(
                 f"no fresh CRL from {self.url} within {timeout:g}s: {problems}"
             )
-
-    def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(self._fetch_timeout + self.interval)
 
     # -- polling ---------------------------------------------------------------------------
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from services.common.stats import percentile
+
 # Where a tail of a long file starts: the last records are enough to fill the page.
 DEFAULT_START_BACK_BYTES = 64 * 1024
 # How much of a spans file written before the console started fills its charts: a few minutes
@@ -103,11 +105,6 @@ def served(span: dict[str, Any]) -> Served | None:
     return Served(end / 1e9, (end - start) / 1e6)
 
 
-def _percentile(ordered: list[float], fraction: float) -> float:
-    # Nearest rank: a value that was really measured.
-    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
-
-
 class LatencyWindow:
     """The served requests of one service over the last ``seconds``, summed up per ``step``.
 
@@ -144,11 +141,10 @@ class LatencyWindow:
             start = first + index * self.step
             if self.since is not None and start + self.step <= self.since:
                 continue
-            ordered = sorted(bucket)
             series["t"].append(start)
             series["rate"].append(len(bucket) / self.step)
-            series["p50"].append(_percentile(ordered, 0.50) if ordered else None)
-            series["p99"].append(_percentile(ordered, 0.99) if ordered else None)
+            series["p50"].append(percentile(bucket, 0.50) if bucket else None)
+            series["p99"].append(percentile(bucket, 0.99) if bucket else None)
         return series
 
 

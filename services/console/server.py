@@ -11,6 +11,7 @@ from services.common.authz.audit import AuditLog
 from services.console.app import Console, create_console_app
 from services.console.settings import ConsoleSettings
 from services.console.state import StackView
+from services.labs.registry import LABS
 
 # A response still open at shutdown (not an event stream: those are ended) is cut after this.
 SHUTDOWN_GRACE_SECONDS = 2
@@ -30,14 +31,13 @@ class ConsoleServer(uvicorn.Server):
 
 
 def build_console(settings: ConsoleSettings) -> tuple[Console, AuditLog]:
-    """The console of the stack ``settings`` name; labs run as ``ztbank lab NAME`` with that
-    stack's environment (the CLI is the one list of labs)."""
-    from services.cli.main import lab_descriptions  # the CLI imports this module
-
+    """The console of the stack ``settings`` name; it offers the labs of the registry, each run
+    as ``ztbank lab NAME`` with that stack's environment."""
     view = StackView(settings)
     audit = AuditLog(settings.home / "audit" / "console.jsonl")
     lab_env = {**os.environ, **view.stack.env}
-    return Console(settings, view, audit, dict(lab_descriptions()), lab_env), audit
+    labs = {lab.name: lab.summary for lab in LABS}
+    return Console(settings, view, audit, labs, lab_env), audit
 
 
 def serve_console(settings: ConsoleSettings) -> None:

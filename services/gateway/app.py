@@ -16,6 +16,7 @@ from services.gateway.adapters.customer_directory import EngineCustomerDirectory
 from services.gateway.domain.banking import Banking
 from services.gateway.domain.ledger import TransferEngine
 from services.gateway.domain.tokens import Clock, CustomerTokens, utc_now
+from services.gateway.route_table import OPENAPI
 from services.gateway.settings import GatewaySettings
 from services.gateway.transport.limits import MAX_BODY_BYTES, BodyLimit
 from services.gateway.transport.problems import install_problem_handlers
@@ -61,9 +62,10 @@ def create_app(
             " SPIFFE identity; customers act through short-lived bearer tokens that only the"
             " teller can obtain. Errors are RFC 9457 application/problem+json."
         ),
-        # The schema is /openapi.json (the teller's to fetch, as the policy says).  No /docs or
-        # /redoc: their pages load Swagger UI and ReDoc from a CDN, which offline and
-        # air-gapped installs cannot reach.
+        # The schema is the teller's to fetch, as the policy says.  No /docs or /redoc: their
+        # pages load Swagger UI and ReDoc from a CDN, which offline and air-gapped installs
+        # cannot reach.
+        openapi_url=OPENAPI.path,
         docs_url=None,
         redoc_url=None,
     )

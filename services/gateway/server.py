@@ -49,7 +49,7 @@ def create_server(settings: GatewaySettings) -> tuple[Gateway, ServiceRuntime]:
     table = settings.trust_table()
     runtime = create_runtime(GATEWAY.name, settings)
     engine = runtime.channel_to(TRANSFER_ENGINE.name)
-    breaker = runtime.breaker_to(TRANSFER_ENGINE, engine, table, settings.breaker_config())
+    breaker = runtime.breaker_to(TRANSFER_ENGINE, engine, table, settings.breaker)
     app = create_app(
         settings,
         GrpcTransferEngine(engine.channel, timeout=settings.engine_timeout, breaker=breaker),

@@ -11,7 +11,7 @@ from services.common.durations import format_duration, parse_duration
 from services.common.identity.spiffe_id import SpiffeId
 from services.common.identity.workloads import GATEWAY, TELLER
 from services.common.mtls.https import DEFAULT_MAX_IN_FLIGHT
-from services.common.resilience.breaker import BreakerSettings
+from services.common.resilience.settings import BreakerSettings
 from services.common.runtime.service import ServiceSettings
 
 # Customer tokens are bearer credentials: a stolen one works until it expires, so the ceiling is

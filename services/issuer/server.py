@@ -18,12 +18,12 @@ from services._proto import issuer_admin_pb2 as pb
 from services.common.files import ensure_private_dir
 from services.issuer.adapters.authority_file import AuthorityFile
 from services.issuer.adapters.sqlite_store import SqliteStore
-from services.issuer.adapters.upstream import UpstreamAuthority
-from services.issuer.adapters.upstream_disk import DiskUpstream
+from services.issuer.adapters.upstream.disk import DiskUpstream
 from services.issuer.domain.authority import CertificateAuthority
 from services.issuer.domain.crl import CrlPublisher
 from services.issuer.domain.ocsp import OcspResponder
 from services.issuer.domain.service import IssuerService
+from services.issuer.domain.upstream import UpstreamAuthority
 from services.issuer.errors import IssuerError
 from services.issuer.settings import MAX_SVID_TTL, IssuerSettings
 from services.issuer.transport.admin_api import AdminApi
@@ -42,7 +42,7 @@ CRL_RETRY_DELAY = 1.0
 def build_upstream(settings: IssuerSettings) -> UpstreamAuthority:
     if settings.upstream == "disk":
         return DiskUpstream(settings.certs_dir)
-    from services.issuer.adapters.upstream_vault import VaultAuth, VaultUpstream
+    from services.issuer.adapters.upstream.vault import VaultAuth, VaultUpstream
 
     if settings.vault_root_ca is None:  # IssuerSettings refuses this; the check narrows the type
         raise IssuerError("ZTBANK_UPSTREAM=vault needs ZTBANK_VAULT_ROOT_CA")

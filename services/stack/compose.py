@@ -7,7 +7,9 @@ base images, or, where no registry answers, offline (a debootstrap base, a host-
 wheelhouse).  Every failure ends in one line naming what failed and where its log is, with
 nothing left running.
 
-    python -m services.stack.compose mode|images|up|down|status|logs|test   (the Makefile's)
+    python -m services.stack.compose mode|images|up|down|status|logs|lab|console  (the Makefile's)
+
+``make test-compose`` drives a stack of its own through this module (``tests/compose_run.py``).
 """
 
 from __future__ import annotations
@@ -476,20 +478,7 @@ def _mebibytes(text: str) -> float:
     return 0.0
 
 
-# -- the e2e suites inside the compose network (make test-compose) ------------------------------
-
-E2E_PROJECT = "ztbank-e2e"
-E2E_SETTINGS = {
-    "ZTBANK_SVID_TTL": "20s",  # the rotation suite fits its deadline
-    # Empty host ports: Docker picks free ones ("127.0.0.1::8443"), no clash with a demo stack.
-    **{
-        port: ""
-        for port in (
-            "VAULT_PORT", "CONSUL_PORT", "GATEWAY_PORT", "JAEGER_UI_PORT", "PROMETHEUS_PORT",
-            "GRAFANA_PORT",
-        )
-    },
-}  # fmt: skip
+# -- the labs and the console beside the running stack -------------------------------------
 
 
 @contextmanager
@@ -504,58 +493,6 @@ def terminate_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def run_e2e_suites(stack: ComposeStack, pytest_args: Sequence[str]) -> int:
-    """Images, a fresh stack, the suites in the ``e2e`` container, always a teardown with the
-    volumes; the suites' exit code (1 when the stack never got healthy); each phase timed."""
-    phases: list[str] = []
-    status = 1
-
-    @contextmanager
-    def phase(name: str) -> Iterator[None]:
-        started = time.monotonic()
-        try:
-            yield
-        finally:
-            phases.append(f"{name} {time.monotonic() - started:.1f} s")
-
-    with terminate_as_interrupt():
-        try:
-            with phase("images"):
-                stack.images()
-            with phase("up"):
-                stack.up()
-            stack.say(f"{stack.project} memory: {stack.memory()}")
-            with phase("e2e"):
-                # --no-deps: the stack is up; v1 would start its finished jobs once more.
-                argv = stack.compose_argv(
-                    "run", "--rm", "--no-deps", "-T", "e2e", "tests/e2e", "-p", "no:cacheprovider",
-                    "-rs", *pytest_args, profiles=JOB_PROFILES,
-                )  # fmt: skip
-                status = stack.docker.stream(argv, stack.env)
-            with phase("container checks"):
-                # On the host: uids of the processes, attestation of other containers.
-                host_env = {**stack.env, "ZTBANK_COMPOSE_PROJECT": stack.project}
-                argv = [sys.executable, "-m", "pytest", "tests/compose", "-p", "no:cacheprovider"]
-                status = max(status, stack.docker.stream([*argv, "-q", "-rs"], host_env))
-        except ComposeError as error:
-            stack.say(f"test-compose: {error}")
-        except KeyboardInterrupt:
-            stack.say("test-compose: interrupted")
-            status = 130
-        finally:
-            stack.say(f"test-compose: tearing down {stack.project} (containers and volumes)")
-            with phase("down"):
-                stack.down(volumes=True, quiet=True)
-            if left := stack.leftovers():
-                stack.say(f"test-compose: left behind after down: {', '.join(left)}")
-                status = status or 1
-            stack.say(f"test-compose: {', '.join(phases)}; exit {status}")
-    return status
-
-
-# -- the labs and the console beside the running stack -------------------------------------
 
 
 def run_beside(stack: ComposeStack, job: str, args: Sequence[str], *, ports: bool = False) -> int:
@@ -609,8 +546,8 @@ def open_stack(docker: Docker, offline: str, project: str | None = None) -> Comp
     return stack
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.stack.compose", description=__doc__)
+def add_offline_option(parser: argparse.ArgumentParser) -> None:
+    """``--offline``, as the Makefile passes ``OFFLINE`` to whatever builds the images."""
     parser.add_argument(
         "--offline",
         type=lambda v: {"1": "yes", "true": "yes", "0": "no", "false": "no"}.get(v.lower(), v),
@@ -620,6 +557,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         " wheelhouse), from it (no, 0), or by whether one answers (auto); the compose file is"
         " compose.yaml either way",
     )
+
+
+def report_failure(error: ComposeError) -> int:
+    """The failure's one line on stderr; the exit code (2 for what cannot be done here)."""
+    print(f"ztbank compose: {error}", file=sys.stderr)
+    return 2 if isinstance(error, ComposeUsageError) else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.stack.compose", description=__doc__)
+    add_offline_option(parser)
     commands = parser.add_subparsers(dest="command", required=True)
     mode = commands.add_parser("mode", help="print native or compose; why on stderr")
     mode.add_argument("--requested", default="")
@@ -637,8 +585,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     lab = commands.add_parser("lab", help="`ztbank lab ARGS` beside the running stack")
     lab.add_argument("lab_args", nargs=argparse.REMAINDER)
     commands.add_parser("console", help="the lab console beside the running stack")
-    test = commands.add_parser("test", help="the e2e suites inside the compose network")
-    test.add_argument("pytest_args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     docker = Docker()
     try:
@@ -671,22 +617,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             port = stack.settings()["CONSOLE_PORT"]
             stack.say(f"the lab console: http://127.0.0.1:{port}/ (Ctrl-C stops it)")
             return run_beside(stack, "console", [], ports=True)
-        if args.command == "test":
-            stack = open_stack(docker, args.offline, project=E2E_PROJECT)
-            stack.overrides.update(E2E_SETTINGS)
-            return run_e2e_suites(stack, args.pytest_args)
         stack = open_stack(docker, args.offline)
         stack.images()
         if args.command == "up":
             stack.up()
             print_status(stack)
         return 0
-    except ComposeUsageError as error:
-        print(f"ztbank compose: {error}", file=sys.stderr)
-        return 2
     except ComposeError as error:
-        print(f"ztbank compose: {error}", file=sys.stderr)
-        return 1
+        return report_failure(error)
 
 
 def print_status(stack: ComposeStack) -> int:

@@ -41,7 +41,7 @@ from services.common.identity.workloads import (
     TRANSFER_ENGINE,
 )
 from services.common.settings import ZtbankSettings, load_settings
-from services.issuer.adapters.upstream_disk import ROOT_CERT_FILE, init_root_ca
+from services.issuer.adapters.upstream.disk import ROOT_CERT_FILE, init_root_ca
 from services.issuer.admin_client import AdminCallError, call_admin
 from services.issuer.domain.revocation import crls_url, ocsp_url
 from services.issuer.harness import accepts_connections

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import grpc
 
-from services.common.resilience.breaker import CircuitBreaker
+from services.common.resilience.circuit import CircuitBreaker
 from services.transfer_engine.adapters.risk_client import GrpcRiskAssessor
 from services.transfer_engine.adapters.sqlite_ledger import SqliteLedgerRepository
 from services.transfer_engine.domain.ledger import Ledger

@@ -17,7 +17,7 @@ def create_server(settings: TransferEngineSettings) -> tuple[GrpcService, Servic
     table = settings.trust_table()
     runtime = create_runtime(TRANSFER_ENGINE.name, settings)
     risk = runtime.channel_to(RISK.name)
-    breaker = runtime.breaker_to(RISK, risk, table, settings.breaker_config())
+    breaker = runtime.breaker_to(RISK, risk, table, settings.breaker)
     servicer = build_transfer_engine_service(settings, risk.channel, breaker)
 
     def register(server: grpc.aio.Server) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from services.common.resilience.breaker import BreakerSettings
+from services.common.resilience.settings import BreakerSettings
 from services.common.runtime.service import ServiceSettings
 
 

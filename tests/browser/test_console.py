@@ -22,9 +22,9 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.select import Select
 
-from services.cli.errors import CliError
-from services.cli.teller import TellerClient
 from services.console.server import SHUTDOWN_GRACE_SECONDS
+from services.labs.errors import LabError
+from services.labs.teller import TellerClient
 from services.stack.native import NativeStack
 from tests.browser.conftest import ConsoleProcess, Page, screenshot, viewport, wait_for
 
@@ -131,7 +131,7 @@ class Banking:
                 teller.as_customer("alice", "GET", "/v1/accounts")
                 if turn % 5 == 0:
                     teller.transfer("alice", "acc-alice-cny", "acc-bob-cny", "0.01", "CNY")
-            except CliError as error:
+            except LabError as error:
                 self.errors.append(str(error))
 
     @contextmanager

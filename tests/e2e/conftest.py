@@ -37,7 +37,6 @@ import pytest
 from cryptography import x509
 
 from services._proto import issuer_admin_pb2
-from services.cli.teller import TellerClient
 from services.common.discovery.registry import FileRegistry, ServiceAddress
 from services.common.errors import CommonError
 from services.common.files import private_key_pem
@@ -48,6 +47,7 @@ from services.common.identity.x509svid import verify_der_chain
 from services.common.settings import load_settings
 from services.issuer.adapters.authority_file import AuthorityFile
 from services.issuer.admin_client import call_admin
+from services.labs.teller import TellerClient
 from services.stack.native import NativeStack, StackSettings, StackStatus, workload_svid
 from services.stack.probe import ServiceProbe, metric_sample, probe
 from services.stack.sandbox import sandbox_stack

@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from services.cli.teller import Reply, TellerClient
 from services.common.identity.pem import fingerprint_sha256
 from services.common.identity.workloads import GATEWAY, RISK, TELLER, TRANSFER_ENGINE
+from services.labs.teller import Reply, TellerClient
 from tests.e2e.conftest import FILE_TIMEOUT, E2EStack, HttpsReply, balances
 from tests.support.helpers import wait_until
 from tests.support.iana import TLS_SUITE_CODES

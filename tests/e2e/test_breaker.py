@@ -16,6 +16,7 @@ Every transition shows in the services' ``breaker_*`` metrics and as one log lin
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -29,10 +30,10 @@ from pathlib import Path
 
 import pytest
 
-from services.cli.teller import Reply, TellerClient
 from services.common.identity.workloads import GATEWAY, RISK, TRANSFER_ENGINE
-from services.common.resilience.breaker import parse_transitions
+from services.common.resilience.circuit import TRANSITION_PREFIX
 from services.common.settings import load_settings
+from services.labs.teller import Reply, TellerClient
 from services.stack.sandbox import REPO_ROOT, sandbox_stack
 from tests.e2e.conftest import SVID_TTL, E2EStack, _e2e_stack
 from tests.e2e.target import E2ETargetSettings
@@ -131,8 +132,23 @@ def metric(stack: E2EStack, service: str, name: str, **labels: str) -> float:
 
 
 def transitions(stack: E2EStack, service: str) -> list[dict[str, str]]:
-    """The breaker transition log lines of ``service``, as key=value fields."""
-    return parse_transitions(stack.controlled.services[service].log_file.read_text())
+    """The breaker transition lines of ``service``'s JSON log (as ``CircuitBreaker`` writes
+    them), each as its key=value fields with the reason decoded."""
+    found = []
+    for line in stack.controlled.services[service].log_file.read_text().splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            message = str(json.loads(line).get("message", ""))
+        except ValueError:
+            continue  # a line still being written
+        if message.startswith(TRANSITION_PREFIX):
+            head, _, reason = message.partition(" reason=")
+            fields = dict(
+                part.split("=", 1) for part in head.removeprefix(TRANSITION_PREFIX).split()
+            )
+            found.append({**fields, "reason": json.loads(reason)})
+    return found
 
 
 def test_a_hung_risk_trips_the_engines_breaker_and_service_comes_back(stack: E2EStack) -> None:

@@ -26,8 +26,8 @@ from typing import Any
 
 import pytest
 
-from services.cli.lab_support import issuer_started, service_starts
 from services.common.settings import load_settings
+from services.labs.support import issuer_started, service_starts
 from services.stack.native import NativeStack, StackSettings
 from services.stack.sandbox import REPO_ROOT, free_port, sandbox_settings
 from tests.e2e.conftest import SVID_TTL, E2EStack, _e2e_stack

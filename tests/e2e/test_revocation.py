@@ -26,9 +26,9 @@ from cryptography import x509
 from cryptography.x509 import ocsp
 
 from services._proto import ledger_pb2
-from services.cli.lab_revocation import ocsp_status
 from services.common.identity.workloads import GATEWAY, TELLER, TRANSFER_ENGINE
 from services.issuer.domain.revocation import ocsp_url
+from services.labs.revocation import ocsp_status
 from tests.e2e.conftest import Credentials, E2EStack, GatewayRefusedError, tls_client_context
 from tests.support.helpers import one_line
 

@@ -19,13 +19,10 @@ from collections.abc import Iterator
 import pytest
 
 from services.common.authz.policy import Policy
-from services.common.discovery.consul import (
-    ConsulCheck,
-    ConsulClient,
-    ConsulPolicySource,
-    ConsulRegistry,
-    ConsulSettings,
-)
+from services.common.discovery.consul.client import ConsulCheck, ConsulClient
+from services.common.discovery.consul.policy_source import ConsulPolicySource
+from services.common.discovery.consul.registry import ConsulRegistry
+from services.common.discovery.consul.settings import ConsulSettings
 from services.common.discovery.registry import RegistryError
 from services.common.identity.spiffe_id import SpiffeId
 from services.common.settings import load_settings

@@ -29,8 +29,6 @@ from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricReader
 
-from services.cli.errors import CliError
-from services.cli.teller import TellerClient
 from services.common.authz import audit as audit_module
 from services.common.authz.audit import AuditLog, AuditRecord
 from services.common.authz.policy import Policy
@@ -46,6 +44,8 @@ from services.common.mtls.https import DEFAULT_MAX_IN_FLIGHT, OVERLOADED_REASON
 from services.common.observability.telemetry import Telemetry, setup_telemetry
 from services.common.problem import PROBLEM_MEDIA_TYPE
 from services.common.revocation import RevocationWatcher
+from services.labs.errors import LabError
+from services.labs.teller import TellerClient
 from services.stack.native import StackSettings
 from tests.support.crl import build_crl, crl_server, started_watcher, wait_for
 from tests.support.iana import TLS_SUITE_CODES
@@ -457,7 +457,7 @@ def test_the_teller_cli_checks_the_gateways_revocation_and_fails_closed(
         teller = authority.svid(TELLER_ID)
 
         issuer.publish(build_crl(authority.signing_ca, [gateway_leaf]))
-        with pytest.raises(CliError, match=r"the gateway's certificate is revoked: .*serial"):
+        with pytest.raises(LabError, match=r"the gateway's certificate is revoked: .*serial"):
             TellerClient(settings, teller).request("GET", "/v1/whoami")
 
         issuer.publish(build_crl(authority.signing_ca))
@@ -466,7 +466,7 @@ def test_the_teller_cli_checks_the_gateways_revocation_and_fails_closed(
         issuer.stop()  # the issuer is away: the kept CRLs still answer ...
         assert TellerClient(settings, teller).request("GET", "/v1/whoami").status == 200
         (settings.home / "cache" / "crls.pem").unlink()  # ... and without them: fail closed
-        with pytest.raises(CliError, match="cannot check the gateway's revocation status"):
+        with pytest.raises(LabError, match="cannot check the gateway's revocation status"):
             TellerClient(settings, teller).request("GET", "/v1/whoami")
 
 

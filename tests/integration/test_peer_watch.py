@@ -17,7 +17,7 @@ from services.common.identity.pem import serial_hex
 from services.common.identity.source import SvidMaterial
 from services.common.identity.spiffe_id import SpiffeId
 from services.common.mtls.contexts import PeerVerifier
-from services.common.resilience.breaker import PeerWatch
+from services.common.resilience.peer_watch import PeerWatch
 from services.common.revocation import RevocationListener, RevokedCertificateError
 from tests.support.mtls_servers import ENGINE_ID, RISK_ID, TD, Authority, new_authority
 

@@ -29,9 +29,9 @@ from cryptography.x509.oid import NameOID
 
 from services.common.identity.spiffe_id import DEFAULT_TRUST_DOMAIN
 from services.issuer.adapters.authority_file import AuthorityFile
-from services.issuer.adapters.upstream import SignedCA
-from services.issuer.adapters.upstream_vault import VaultAuth, VaultUpstream
+from services.issuer.adapters.upstream.vault import VaultAuth, VaultUpstream
 from services.issuer.domain.authority import CertificateAuthority
+from services.issuer.domain.upstream import SignedCA
 from services.issuer.errors import UpstreamError
 from services.stack.sandbox import free_ports
 from services.stack.vault import VaultError, VaultServer, vault_binary

@@ -5,12 +5,10 @@ from __future__ import annotations
 import time
 
 from services.common.identity.spiffe_id import SpiffeId
-from services.common.resilience.breaker import (
-    BreakerConfig,
-    CircuitBreaker,
-    PeerCertificate,
-    TrustLevels,
-)
+from services.common.resilience.circuit import CircuitBreaker
+from services.common.resilience.peer_watch import PeerCertificate
+from services.common.resilience.settings import BreakerConfig
+from services.common.resilience.trust_table import TrustLevels
 
 DAY = 86_400.0
 PROD = TrustLevels(0.5, ((("env", "prod"), 0.95),), 1)
@@ -28,6 +26,9 @@ class FreshPeer:
         self.problem = ""
 
     def wake(self) -> None:
+        pass
+
+    def close(self) -> None:
         pass
 
 

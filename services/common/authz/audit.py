@@ -91,6 +91,18 @@ def _uncancellable() -> Future[None]:
 
 
 class AuditLog:
+    """One audit file and its writer thread.
+
+    The writer is deliberately not a ``runtime.worker.Worker``: it is driven by its queue, not
+    an interval, and its ``close`` promises more than a Worker's.  A Worker stops after its
+    current round, leaving what was queued meanwhile unwritten, and gives up joining after
+    ``join_timeout``; here ``close`` refuses new records under the lock the writer takes its
+    batches under, lets the writer drain and sync everything accepted, and joins it without a
+    timeout before closing the descriptor.  Closing it under a writer still in ``write`` or
+    ``fsync`` would fail records already accepted, or send them to whatever file reuses the
+    descriptor's number.
+    """
+
     def __init__(self, path: Path, *, fsync: bool = True) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path

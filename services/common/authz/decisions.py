@@ -36,6 +36,16 @@ class TlsFacts:
 NO_TLS_FACTS = TlsFacts()
 
 
+@dataclass(frozen=True)
+class ConnectionFacts:
+    """Who called whom, and over what TLS: what a decision's record tells of the connection it
+    was made on.  An address is None where the transport does not know it."""
+
+    client: Endpoint | None
+    server: Endpoint | None
+    tls: TlsFacts
+
+
 def submit_decision(
     audit: AuditLog,
     telemetry: Telemetry,
@@ -78,3 +88,40 @@ def submit_decision(
             handshake=tls.handshake,
         )
     )
+
+
+@dataclass(frozen=True)
+class DecisionRecorder:
+    """Where one server's decisions go: counted and audited under its service name.  The HTTPS
+    guard and the gRPC interceptor both hold one, so that a decision is reported the same way
+    whichever transport made it."""
+
+    service: str
+    audit: AuditLog
+    telemetry: Telemetry
+
+    def submit(
+        self,
+        connection: ConnectionFacts,
+        peer: PeerIdentity | None,
+        method: str,
+        decision: str,
+        reason: str,
+        *,
+        event: str = AUTHZ_EVENT,
+    ) -> Future[None]:
+        """Count the decision and queue its record; the future completes once it is on disk.
+        The event loop awaits it with ``asyncio.wrap_future``, serving others meanwhile."""
+        return submit_decision(
+            self.audit,
+            self.telemetry,
+            service=self.service,
+            peer=peer,
+            method=method,
+            decision=decision,
+            reason=reason,
+            source=connection.client or ("", None),
+            dest=connection.server or ("", None),
+            tls=connection.tls,
+            event=event,
+        )

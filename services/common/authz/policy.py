@@ -12,8 +12,9 @@ allowed by a rule is denied.  If the file becomes unreadable or invalid, every r
 until it is fixed (fail closed), and the reason is logged and returned with each denial.
 
 The document comes from a ``PolicySource``: the file here (``FilePolicySource``, the native stack)
-or Consul KV in the compose stack (``services.common.discovery.consul.ConsulPolicySource``).
-Either way the same parser and the same decisions apply; only where the text lives differs.
+or Consul KV in the compose stack
+(``services.common.discovery.consul.policy_source.ConsulPolicySource``).  Either way the same
+parser and the same decisions apply; only where the text lives differs.
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from services.common.authz.audit import AuditLog, split_address
-from services.common.authz.decisions import TlsFacts, submit_decision
+from services.common.authz.decisions import ConnectionFacts, DecisionRecorder, TlsFacts
 from services.common.authz.policy import Policy
 from services.common.errors import ChannelClosedError, CommonError
 from services.common.identity.source import SvidMaterial, SvidSource
@@ -52,6 +52,7 @@ from services.common.revocation import (
     RevocationError,
     RevokedCertificateError,
 )
+from services.common.runtime.worker import Worker
 
 logger = logging.getLogger(__name__)
 
@@ -215,7 +216,7 @@ class AuthorizationInterceptor(grpc.aio.ServerInterceptor):
         self._service = service
         self._verifier = verifier
         self._policy = policy
-        self._audit = audit
+        self._decisions = DecisionRecorder(service, audit, telemetry)
         self._telemetry = telemetry
         self._local = split_address(local_address)
         self.streams = _LiveStreams(verifier.revocation)
@@ -231,19 +232,9 @@ class AuthorizationInterceptor(grpc.aio.ServerInterceptor):
         tls: TlsFacts,
     ) -> None:
         # The call waits until the record is on disk (shared with others by group commit).
+        connection = ConnectionFacts(split_address(context.peer()), self._local, tls)
         await asyncio.wrap_future(
-            submit_decision(
-                self._audit,
-                self._telemetry,
-                service=self._service,
-                peer=peer,
-                method=method,
-                decision=decision,
-                reason=reason,
-                source=split_address(context.peer()),
-                dest=self._local,
-                tls=tls,
-            )
+            self._decisions.submit(connection, peer, method, decision, reason)
         )
 
     async def _authorize(
@@ -396,6 +387,41 @@ def _channel_options(server_name: str) -> list[tuple[str, Any]]:
     ]
 
 
+class _DiscoveryWatch(Worker):
+    """Asks the registry again where a channel's service is, every ``recheck_seconds``, and
+    hands a new address to ``move``.  The channel resolved the first address itself when it was
+    made, so the first look comes one interval after the start."""
+
+    def __init__(
+        self,
+        server_name: str,
+        resolve: Callable[[], str],
+        current: Callable[[], str],
+        move: Callable[[str], None],
+        recheck_seconds: float,
+    ) -> None:
+        super().__init__(f"discovery-{server_name}", wait_first=True)
+        self._server_name = server_name
+        self._resolve = resolve
+        self._current = current
+        self._move = move
+        self._recheck_seconds = recheck_seconds
+
+    def interval(self) -> float:
+        return self._recheck_seconds
+
+    def run_once(self) -> None:
+        try:
+            target = self._resolve()
+        except CommonError as error:
+            logger.warning("%s stays at %s: %s", self._server_name, self._current(), error)
+            return
+        current = self._current()
+        if target != current:
+            logger.info("%s moved from %s to %s", self._server_name, current, target)
+            self._move(target)
+
+
 class MtlsChannel:
     """A grpc.aio client channel to a gRPC service, rebuilt when our SVID rotates or the
     service moves.
@@ -404,7 +430,8 @@ class MtlsChannel:
     of the native stack, or Consul's passing instances.  It is asked again every
     ``recheck_seconds``; a new address gets a new channel, and calls in flight finish on the old
     one.  When the registry cannot answer, the channel stays where it is: discovery decides
-    where to call, mTLS and the peer's SPIFFE ID decide whether to trust it.
+    where to call, mTLS and the peer's SPIFFE ID decide whether to trust it.  The asking runs in
+    a ``Worker`` thread, which ``aclose()`` stops and joins.
 
     A grpc.aio channel belongs to the event loop that uses it: ``channel()`` (which builds the
     channel on its first call after a change) and ``aclose()`` are called on that loop.  Callers
@@ -421,7 +448,6 @@ class MtlsChannel:
         recheck_seconds: float = DISCOVERY_RECHECK_SECONDS,
         on_connect: ConnectReport | None = None,
     ) -> None:
-        self._resolve = resolve
         self._on_connect = on_connect
         self._tracking: set[asyncio.Task[None]] = set()
         self._server_name = server_name
@@ -432,15 +458,14 @@ class MtlsChannel:
         self._current = False
         self._closed = False
         self._closing: set[asyncio.Task[None]] = set()
-        self._stop = threading.Event()
         source.subscribe(self._rotate)
-        watcher = threading.Thread(
-            target=self._watch,
-            args=(recheck_seconds,),
-            name=f"discovery-{server_name}",
-            daemon=True,
-        )
-        watcher.start()
+        self._discovery = _DiscoveryWatch(
+            server_name,
+            resolve,
+            lambda: self.target,
+            lambda target: self._replace(target=target),
+            recheck_seconds,
+        ).start()
 
     @property
     def target(self) -> str:
@@ -449,17 +474,6 @@ class MtlsChannel:
 
     def _rotate(self, material: SvidMaterial) -> None:
         self._replace(material=material)
-
-    def _watch(self, recheck_seconds: float) -> None:
-        while not self._stop.wait(recheck_seconds):
-            try:
-                target = self._resolve()
-            except CommonError as error:
-                logger.warning("%s stays at %s: %s", self._server_name, self.target, error)
-                continue
-            if target != self.target:
-                logger.info("%s moved from %s to %s", self._server_name, self.target, target)
-                self._replace(target=target)
 
     def _replace(self, *, material: SvidMaterial | None = None, target: str | None = None) -> None:
         # From the SVID source's or the watcher's thread: the loop builds on its next call.
@@ -500,7 +514,6 @@ class MtlsChannel:
         )
 
     async def aclose(self) -> None:
-        self._stop.set()
         with self._lock:
             self._closed = True
             channel, self._channel = self._channel, None
@@ -508,3 +521,5 @@ class MtlsChannel:
             await channel.close()
         for task in [*self._closing, *self._tracking]:
             task.cancel()
+        # The watcher may be in the middle of a registry lookup: join it off the event loop.
+        await asyncio.to_thread(self._discovery.close)

@@ -23,7 +23,6 @@ import ssl
 import threading
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
-from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -38,8 +37,9 @@ from services.common.authz.audit import AuditLog
 from services.common.authz.decisions import (
     AUTHZ_EVENT,
     TLS_HANDSHAKE_EVENT,
+    ConnectionFacts,
+    DecisionRecorder,
     TlsFacts,
-    submit_decision,
 )
 from services.common.authz.policy import Policy
 from services.common.errors import CommonError
@@ -68,15 +68,6 @@ REVOKED_CONNECTION_REASON = "certificate revoked: connection closed"
 EXPIRED_CONNECTION_REASON = "certificate expired: connection closed"
 
 
-@dataclass(frozen=True)
-class ConnectionFacts:
-    """What the audit needs to know about one TLS connection."""
-
-    client: tuple[str, int] | None
-    server: tuple[str, int | None] | None
-    tls: TlsFacts
-
-
 class InFlight:
     """Requests being served by one server (event loop thread only). Beyond ``limit`` a request
     is shed at once with 503, rather than queued behind the others for seconds."""
@@ -96,45 +87,25 @@ class HttpsGuard:
     audit: AuditLog
     telemetry: Telemetry
     in_flight: InFlight = field(default_factory=lambda: InFlight(DEFAULT_MAX_IN_FLIGHT))
+    # Made from the fields above: every decision of this server is reported through it.
+    decisions: DecisionRecorder = field(init=False, repr=False, compare=False)
 
-    def record(
+    def __post_init__(self) -> None:
+        recorder = DecisionRecorder(self.service, self.audit, self.telemetry)
+        object.__setattr__(self, "decisions", recorder)
+
+    def refuse(
         self,
         facts: ConnectionFacts,
         peer: PeerIdentity | None,
         method: str,
-        decision: str,
         reason: str,
         *,
         event: str = AUTHZ_EVENT,
     ) -> None:
-        """Audit a decision, blocking until it is on disk (rare events: handshakes, closes)."""
-        self.submit(facts, peer, method, decision, reason, event=event).result()
-
-    def submit(
-        self,
-        facts: ConnectionFacts,
-        peer: PeerIdentity | None,
-        method: str,
-        decision: str,
-        reason: str,
-        *,
-        event: str = AUTHZ_EVENT,
-    ) -> Future[None]:
-        """Count the decision and queue its record; awaited with ``asyncio.wrap_future`` on the
-        request path, so the event loop serves others while the record is synced."""
-        return submit_decision(
-            self.audit,
-            self.telemetry,
-            service=self.service,
-            peer=peer,
-            method=method,
-            decision=decision,
-            reason=reason,
-            source=facts.client or ("", None),
-            dest=facts.server or ("", None),
-            tls=facts.tls,
-            event=event,
-        )
+        """Audit a denial, blocking until it is on disk: rare events (a refused handshake, a
+        connection closed, a request that is not HTTP) whose connection goes right after."""
+        self.decisions.submit(facts, peer, method, "deny", reason, event=event).result()
 
 
 async def _send_problem(
@@ -177,7 +148,7 @@ class _ConnectionApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             # Only plain HTTP requests pass the guard; anything else (a WebSocket) is refused.
-            self._guard.record(self._facts, self._peer, scope["type"], "deny", "not HTTP")
+            self._guard.refuse(self._facts, self._peer, scope["type"], "not HTTP")
             return
         method = f"{scope['method']} {scope['path']}"
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
@@ -215,7 +186,7 @@ class _ConnectionApp:
     def _audited(self, method: str, decision: str, reason: str) -> asyncio.Future[None]:
         """The decision's record, queued; the future completes once it is on disk."""
         return asyncio.wrap_future(
-            self._guard.submit(self._facts, self._peer, method, decision, reason)
+            self._guard.decisions.submit(self._facts, self._peer, method, decision, reason)
         )
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send, method: str) -> None:
@@ -301,7 +272,7 @@ class LiveConnections:
                 return  # already gone, or already closed by an earlier notice
         if connection.expiry is not None:
             connection.expiry.cancel()
-        self._guard.record(connection.facts, connection.peer, CONNECTION_METHOD, "deny", reason)
+        self._guard.refuse(connection.facts, connection.peer, CONNECTION_METHOD, reason)
         connection.transport.abort()
 
 
@@ -407,11 +378,10 @@ def mtls_protocol(
                 )
             except (OSError, TimeoutError) as error:
                 record_handshake(guard.telemetry, guard.service, "server", started, ok=False)
-                guard.record(
+                guard.refuse(
                     plain_facts,
                     None,
                     HANDSHAKE_METHOD,
-                    "deny",
                     f"TLS handshake failed: {_reason(error)}",
                     event=TLS_HANDSHAKE_EVENT,
                 )
@@ -448,9 +418,7 @@ def mtls_protocol(
                     seen, reason = error.peer, str(error)
                 else:
                     seen, reason = None, f"invalid X509-SVID: {error}"
-                guard.record(
-                    refused, seen, HANDSHAKE_METHOD, "deny", reason, event=TLS_HANDSHAKE_EVENT
-                )
+                guard.refuse(refused, seen, HANDSHAKE_METHOD, reason, event=TLS_HANDSHAKE_EVENT)
                 transport.abort()
                 return False
             facts = ConnectionFacts(self.client, self.server, tls)

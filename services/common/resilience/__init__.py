@@ -1,1 +1,2 @@
-"""Identity-aware circuit breaking of calls to other services."""
+"""Circuit breaking by identity: circuit, window, peer_watch, trust_table, settings, trailers,
+metrics, watched."""

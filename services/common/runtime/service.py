@@ -8,7 +8,8 @@ import asyncio
 import logging
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -17,12 +18,10 @@ from pydantic import AliasChoices, Field, model_validator
 
 from services.common.authz.audit import AuditLog
 from services.common.authz.policy import Policy, PolicySource
-from services.common.discovery.consul import (
-    ConsulPolicySource,
-    ConsulRegistration,
-    ConsulRegistry,
-    ConsulSettings,
-)
+from services.common.discovery.consul.policy_source import ConsulPolicySource
+from services.common.discovery.consul.registration import ConsulRegistration
+from services.common.discovery.consul.registry import ConsulRegistry
+from services.common.discovery.consul.settings import ConsulSettings
 from services.common.discovery.registry import FileRegistry, ServiceAddress, ServiceRegistry
 from services.common.identity.source import SvidSource
 from services.common.identity.workloads import Workload
@@ -33,12 +32,10 @@ from services.common.mtls.grpc import (
     server_credentials,
 )
 from services.common.observability.telemetry import Telemetry, record_handshake, setup_telemetry
-from services.common.resilience.breaker import (
-    BreakerConfig,
-    CircuitBreaker,
-    TrustTable,
-    watched_breaker,
-)
+from services.common.resilience.circuit import CircuitBreaker
+from services.common.resilience.settings import BreakerConfig
+from services.common.resilience.trust_table import TrustTable
+from services.common.resilience.watched import watched_breaker
 from services.common.revocation import DEFAULT_INTERVAL, RevocationWatcher
 from services.common.settings import ZtbankSettings, load_settings, socket_path_from_endpoint
 
@@ -78,6 +75,8 @@ class ServiceSettings(ZtbankSettings):
 
 @dataclass
 class ServiceRuntime:
+    """What ``create_runtime`` made; ``close()`` undoes it."""
+
     name: str
     settings: ServiceSettings
     address: ServiceAddress
@@ -91,6 +90,9 @@ class ServiceRuntime:
     # The compose stack's Consul pieces; None on the native stack (files).
     consul_registration: ConsulRegistration | None = None
     consul_policy: ConsulPolicySource | None = None
+    # The closing of every resource above, pushed as it was made: undone newest first, so
+    # nothing is closed before what was built on it.
+    resources: ExitStack = field(default_factory=ExitStack, repr=False)
 
     def channel_to(self, service: str) -> MtlsChannel:
         """An mTLS grpc.aio channel to a gRPC service, checked against its DNS SAN (its service
@@ -108,8 +110,9 @@ class ServiceRuntime:
         self, callee: Workload, channel: MtlsChannel, table: TrustTable, config: BreakerConfig
     ) -> CircuitBreaker:
         """The circuit breaker of this service's calls to ``callee`` over ``channel``; its peer
-        watch is a daemon thread that lives as long as the process."""
-        return watched_breaker(
+        watch stops when the runtime closes, first: it looks with the runtime's source and
+        verifier."""
+        breaker = watched_breaker(
             callee.name,
             callee.spiffe_id(self.settings.trust_domain),
             address=lambda: channel.target,
@@ -119,16 +122,13 @@ class ServiceRuntime:
             config=config,
             meter=self.telemetry.meter,
         )
+        self.resources.callback(breaker.close)
+        return breaker
 
     def close(self) -> None:
-        if self.consul_registration is not None:
-            self.consul_registration.close()
-        if self.consul_policy is not None:
-            self.consul_policy.close()
-        self.telemetry.shutdown()
-        self.revocation.close()
-        self.source.close()
-        self.audit.close()
+        """Close every resource, newest first, even if one fails (its error is raised at the
+        end); the stack empties as it goes, so a second call does nothing."""
+        self.resources.close()
 
 
 def create_runtime(name: str, settings: ServiceSettings) -> ServiceRuntime:
@@ -146,61 +146,62 @@ def create_runtime(name: str, settings: ServiceSettings) -> ServiceRuntime:
     registry: ServiceRegistry = plan
     policy_source: Path | PolicySource = settings.policy
     consul_policy: ConsulPolicySource | None = None
-    if consul.enabled:
-        registry = ConsulRegistry(consul.client())
-        consul_policy = consul.policy_source().start()
-        policy_source = consul_policy
-    try:
-        policy = Policy(policy_source, settings.trust_domain)
-    except BaseException:
-        if consul_policy is not None:
-            consul_policy.close()
-        raise
-    source = SvidSource(
-        settings.workload_endpoint(name),
-        settings.trust_domain,
-        timeout=settings.svid_timeout_seconds,
-    )
-    revocation = RevocationWatcher(
-        f"{settings.issuer_url}/crls",
-        lambda: source.current().bundle,
-        interval=settings.revocation_interval_seconds,
-    )
     registration: ConsulRegistration | None = None
-    try:
+    # Whatever raises below closes what was made before it, newest first. The audit log comes
+    # first so that it closes last: a watcher may still record a decision while it stops.
+    with ExitStack() as resources:
+        audit = AuditLog(settings.home / "audit" / f"{name}.jsonl", fsync=settings.audit_fsync)
+        resources.callback(audit.close)
+        if consul.enabled:
+            registry = ConsulRegistry(consul.client())
+            consul_policy = consul.policy_source().start()
+            resources.callback(consul_policy.close)
+            policy_source = consul_policy
+        policy = Policy(policy_source, settings.trust_domain)
+        source = SvidSource(
+            settings.workload_endpoint(name),
+            settings.trust_domain,
+            timeout=settings.svid_timeout_seconds,
+        )
+        resources.callback(source.close)
+        revocation = RevocationWatcher(
+            f"{settings.issuer_url}/crls",
+            lambda: source.current().bundle,
+            interval=settings.revocation_interval_seconds,
+        )
+        resources.callback(revocation.close)
         revocation.start()
         revocation.wait_ready(settings.revocation_timeout_seconds)
         if consul.enabled:
             registration = ConsulRegistration.register(
                 consul.client(), address, consul.advertised(address.host)
             )
-    except BaseException:
-        revocation.close()
-        source.close()
-        if consul_policy is not None:
-            consul_policy.close()
-        raise
-    return ServiceRuntime(
-        name=name,
-        settings=settings,
-        address=address,
-        source=source,
-        revocation=revocation,
-        verifier=PeerVerifier(source.current, settings.trust_domain, revocation=revocation),
-        policy=policy,
-        audit=AuditLog(settings.home / "audit" / f"{name}.jsonl", fsync=settings.audit_fsync),
-        telemetry=setup_telemetry(
+            resources.callback(registration.close)
+        verifier = PeerVerifier(source.current, settings.trust_domain, revocation=revocation)
+        telemetry = setup_telemetry(
             name,
             metrics_port=address.metrics_port,
             metrics_host=address.host,
             spans_path=settings.home / "telemetry" / f"{name}-spans.jsonl",
             svid=source.current,
             revocation=revocation,
-        ),
-        registry=registry,
-        consul_registration=registration,
-        consul_policy=consul_policy,
-    )
+        )
+        resources.callback(telemetry.shutdown)
+        return ServiceRuntime(
+            name=name,
+            settings=settings,
+            address=address,
+            source=source,
+            revocation=revocation,
+            verifier=verifier,
+            policy=policy,
+            audit=audit,
+            telemetry=telemetry,
+            registry=registry,
+            consul_registration=registration,
+            consul_policy=consul_policy,
+            resources=resources.pop_all(),
+        )
 
 
 def create_grpc_server(runtime: ServiceRuntime) -> grpc.aio.Server:

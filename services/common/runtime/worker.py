@@ -2,12 +2,13 @@
 and joined.
 
 Every service keeps a few of these beside its event loop (the CRL watcher, the peer watch of a
-circuit breaker, the Consul policy watcher, the audit writer, a channel's discovery watcher).
-Each is a ``Worker``: it says what one round does (``run_once``) and how long to wait before
+circuit breaker, the Consul policy watcher, a channel's discovery watcher).  Each is a
+``Worker``: it says what one round does (``run_once``) and how long to wait before
 the next (``interval``); the base owns the thread, the wake-up and the stop.  ``close`` is
 idempotent, may be called from the worker's own thread, and joins the thread within
 ``join_timeout`` otherwise; a round that raises is logged and the worker goes on (a watcher
-that dies would leave its service deciding on stale data).
+that dies would leave its service deciding on stale data).  The audit writer is not one: its
+close must drain and sync every accepted record (``services.common.authz.audit`` says why).
 """
 
 from __future__ import annotations
@@ -23,9 +24,12 @@ logger = logging.getLogger(__name__)
 class Worker(ABC):
     """A daemon thread that runs ``run_once`` every ``interval()`` seconds until closed."""
 
-    def __init__(self, name: str, *, join_timeout: float = 5.0) -> None:
+    def __init__(self, name: str, *, join_timeout: float = 5.0, wait_first: bool = False) -> None:
+        """``wait_first``: the first round comes one interval after ``start`` rather than at
+        once, for an owner that did the first round's work itself before starting the worker."""
         self.name = name
         self._join_timeout = join_timeout
+        self._wait_first = wait_first
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -64,12 +68,17 @@ class Worker(ABC):
             thread.join(self._join_timeout)
 
     def _loop(self) -> None:
+        if self._wait_first:
+            self._rest()
         while not self._stop.is_set():
             try:
                 self.run_once()
             except Exception:
                 logger.exception("%s: a round failed; the next one runs as planned", self.name)
-            if self._stop.is_set():
-                return
+            self._rest()
+
+    def _rest(self) -> None:
+        """Wait out the interval, unless woken or closed."""
+        if not self._stop.is_set():
             self._wake.wait(max(self.interval(), 0.0))
             self._wake.clear()

@@ -1,6 +1,6 @@
 """The transfer-engine over grpc.aio: domain calls -> ``ledger.proto`` messages, and gRPC statuses
 -> gateway errors.  Everything the engine answers is checked before the domain sees it.  Every
-call goes through the circuit breaker to the engine (``services.common.resilience.breaker``)."""
+call goes through the circuit breaker to the engine (``services.common.resilience.circuit``)."""
 
 from __future__ import annotations
 
@@ -18,16 +18,12 @@ from services._proto.ledger_pb2_grpc import TransferEngineStub
 from services.common.errors import ChannelClosedError
 from services.common.money import UnsupportedCurrencyError, currency_exponent
 from services.common.observability.telemetry import inject_context
-from services.common.resilience.breaker import (
-    BreakerOpenError,
-    CircuitBreaker,
-    retry_pushback_seconds,
-    unavailable_dependency,
-)
+from services.common.resilience.circuit import BreakerOpenError, CircuitBreaker
+from services.common.resilience.trailers import retry_pushback_seconds, unavailable_dependency
+from services.common.risk_decision import RiskDecision
 from services.gateway.domain.ledger import (
     Account,
     RiskAssessment,
-    RiskDecision,
     Transaction,
     Transfer,
     TransferOrder,

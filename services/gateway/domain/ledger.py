@@ -11,17 +11,13 @@ from datetime import date
 from enum import StrEnum
 from typing import Protocol
 
+from services.common.risk_decision import RiskDecision
+
 
 class TransferStatus(StrEnum):
     POSTED = "posted"  # money moved
     REVIEW = "review"  # held for review, nothing moved
     REJECTED = "rejected"  # nothing moved
-
-
-class RiskDecision(StrEnum):
-    ALLOW = "allow"
-    REVIEW = "review"
-    DENY = "deny"
 
 
 @dataclass(frozen=True)

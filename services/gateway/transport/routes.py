@@ -21,6 +21,14 @@ from services.gateway.domain.banking import MAX_IDEMPOTENCY_KEY_LENGTH, Banking
 from services.gateway.domain.ledger import Transfer, TransferStatus
 from services.gateway.domain.tokens import CustomerTokens
 from services.gateway.errors import MissingTokenError, PermissionDeniedError
+from services.gateway.route_table import (
+    CREATE_TRANSFER,
+    GET_ACCOUNT,
+    GET_TRANSFER,
+    ISSUE_TOKEN,
+    LIST_ACCOUNTS,
+    LIST_TRANSACTIONS,
+)
 from services.gateway.transport.limits import MAX_BODY_BYTES
 from services.gateway.transport.problems import problem_type
 from services.gateway.transport.schemas import (
@@ -46,7 +54,7 @@ BEARER_SCHEME: dict[str, Any] = {
         "type": "http",
         "scheme": "bearer",
         "bearerFormat": "JWT",
-        "description": "customer access token from POST /v1/tokens",
+        "description": f"customer access token from {ISSUE_TOKEN.name}",
     }
 }
 SECURED: dict[str, Any] = {"security": [{"HTTPBearer": []}]}
@@ -201,7 +209,7 @@ def create_router(*, banking: Banking, tokens: CustomerTokens, teller_id: Spiffe
         return Health()
 
     @router.post(
-        "/v1/tokens",
+        ISSUE_TOKEN.path,
         status_code=201,
         tags=["tokens"],
         summary="Issue a customer access token (teller only)",
@@ -221,20 +229,20 @@ def create_router(*, banking: Banking, tokens: CustomerTokens, teller_id: Spiffe
         response.headers["Cache-Control"] = "no-store"
         return TokenResponse(access_token=issued.access_token, expires_in=issued.expires_in)
 
-    @customer_read("/v1/accounts", "accounts", {})
+    @customer_read(LIST_ACCOUNTS.path, "accounts", {})
     async def list_accounts(
         customer: Annotated[str, Depends(authenticated_customer)],
     ) -> AccountList:
         accounts = await banking.accounts(customer)
         return AccountList(accounts=[AccountOut.of(account) for account in accounts])
 
-    @customer_read("/v1/accounts/{account_id}", "accounts", _ACCOUNT_REFUSALS)
+    @customer_read(GET_ACCOUNT.path, "accounts", _ACCOUNT_REFUSALS)
     async def get_account(
         customer: Annotated[str, Depends(authenticated_customer)], account_id: AccountId
     ) -> AccountOut:
         return AccountOut.of(await banking.account(customer, account_id))
 
-    @customer_read("/v1/accounts/{account_id}/transactions", "accounts", _ACCOUNT_REFUSALS)
+    @customer_read(LIST_TRANSACTIONS.path, "accounts", _ACCOUNT_REFUSALS)
     async def list_transactions(
         customer: Annotated[str, Depends(authenticated_customer)],
         account_id: AccountId,
@@ -247,7 +255,7 @@ def create_router(*, banking: Banking, tokens: CustomerTokens, teller_id: Spiffe
         return TransactionList(transactions=[TransactionOut.of(t) for t in transactions])
 
     @router.post(
-        "/v1/transfers",
+        CREATE_TRANSFER.path,
         status_code=201,
         tags=["transfers"],
         summary="Move money from one of the customer's accounts",
@@ -316,7 +324,7 @@ def create_router(*, banking: Banking, tokens: CustomerTokens, teller_id: Spiffe
         location = request.url_for("get_transfer", transfer_id=transfer.id).path
         return _transfer_response(transfer, location)
 
-    @customer_read("/v1/transfers/{transfer_id}", "transfers", _TRANSFER_REFUSALS)
+    @customer_read(GET_TRANSFER.path, "transfers", _TRANSFER_REFUSALS)
     async def get_transfer(
         customer: Annotated[str, Depends(authenticated_customer)], transfer_id: TransferId
     ) -> TransferOut:

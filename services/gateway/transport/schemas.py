@@ -8,10 +8,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from services.common.money import format_amount
 from services.common.problem import Problem
+from services.common.risk_decision import RiskDecision
 from services.gateway.domain.ledger import (
     Account,
     RiskAssessment,
-    RiskDecision,
     Transaction,
     Transfer,
     TransferStatus,

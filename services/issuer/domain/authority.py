@@ -24,13 +24,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from services.common.identity.spiffe_id import SpiffeId
 from services.common.identity.x509svid import issued_directly_by
-from services.issuer.adapters.upstream import UpstreamAuthority
 from services.issuer.domain.certificates import (
     build_signing_ca_csr,
     build_x509_svid,
     new_key,
 )
 from services.issuer.domain.revocation import crl_url, ocsp_url
+from services.issuer.domain.upstream import UpstreamAuthority
 from services.issuer.errors import IssuerError
 
 PREPARE_AT = 0.5

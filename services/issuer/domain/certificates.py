@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
 
 from services.common.identity.spiffe_id import SpiffeId
@@ -78,32 +79,51 @@ SVID_KEY_USAGE = x509.KeyUsage(
 )
 
 
+def _trust_domain_san(trust_domain: str) -> x509.SubjectAlternativeName:
+    """The trust domain's own SPIFFE ID, the URI SAN of its CAs."""
+    return x509.SubjectAlternativeName([x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")])
+
+
+def _ca_template(
+    *,
+    subject: x509.Name,
+    issuer: x509.Name,
+    public_key: CertificatePublicKeyTypes,
+    validity_window: tuple[datetime, datetime],
+    path_length: int,
+    trust_domain: str,
+) -> x509.CertificateBuilder:
+    """What the root and the signing CA have in common: a CA of the trust domain that signs
+    certificates and CRLs, with ``path_length`` CAs at most below it."""
+    not_before, not_after = validity_window
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(_serial())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
+        .add_extension(CA_KEY_USAGE, critical=True)
+        .add_extension(_trust_domain_san(trust_domain), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+    )
+
+
 def build_root_ca(
     key: SigningKey, trust_domain: str, *, now: datetime | None = None
 ) -> x509.Certificate:
     """Self-signed root of the trust domain; path length 1 leaves room for the issuer's CA."""
-    now = now or datetime.now(UTC)
-    not_before, not_after = validity(now, ROOT_LIFETIME)
     name = _name("ztbank root CA", trust_domain)
-    return (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(_serial())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
-        .add_extension(CA_KEY_USAGE, critical=True)
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
+    return _ca_template(
+        subject=name,
+        issuer=name,
+        public_key=key.public_key(),
+        validity_window=validity(now or datetime.now(UTC), ROOT_LIFETIME),
+        path_length=1,
+        trust_domain=trust_domain,
+    ).sign(key, hashes.SHA256())
 
 
 def build_signing_ca_csr(
@@ -112,12 +132,7 @@ def build_signing_ca_csr(
     return (
         x509.CertificateSigningRequestBuilder()
         .subject_name(_name(common_name, trust_domain))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")]
-            ),
-            critical=False,
-        )
+        .add_extension(_trust_domain_san(trust_domain), critical=False)
         .sign(key, hashes.SHA256())
     )
 
@@ -132,26 +147,16 @@ def sign_signing_ca(
     now: datetime | None = None,
 ) -> x509.Certificate:
     """The issuer's intermediate: signs leaves only (path length 0), never outlives its issuer."""
-    now = now or datetime.now(UTC)
-    not_before, not_after = validity(now, ttl)
-    not_after = min(not_after, issuer_cert.not_valid_after_utc)
+    not_before, not_after = validity(now or datetime.now(UTC), ttl)
     return (
-        x509.CertificateBuilder()
-        .subject_name(csr.subject)
-        .issuer_name(issuer_cert.subject)
-        .public_key(csr.public_key())
-        .serial_number(_serial())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(CA_KEY_USAGE, critical=True)
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")]
-            ),
-            critical=False,
+        _ca_template(
+            subject=csr.subject,
+            issuer=issuer_cert.subject,
+            public_key=csr.public_key(),
+            validity_window=(not_before, min(not_after, issuer_cert.not_valid_after_utc)),
+            path_length=0,
+            trust_domain=trust_domain,
         )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(csr.public_key()), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
             critical=False,

@@ -13,10 +13,11 @@ always holds a CRL that is still current.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Protocol
+from types import MappingProxyType
+from typing import Generic, Protocol, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -37,6 +38,29 @@ class CrlRepository(Protocol):
     ) -> list[RevokedCertificate]: ...
 
     def next_crl_number(self) -> int: ...
+
+
+RepositoryT = TypeVar("RepositoryT")
+
+
+class RevocationStatusSigner(Generic[RepositoryT]):
+    """What both forms of signed revocation status (the CRLs here, the OCSP answers in
+    ``ocsp``) are made from: the published signing CAs (each signs for its own certificates),
+    the issuer's record of what it issued and revoked, how long a signed status stays valid (the
+    CRL TTL), and the clock."""
+
+    def __init__(
+        self,
+        *,
+        signers: SignerSource,
+        repository: RepositoryT,
+        ttl: timedelta,
+        clock: Clock = utc_now,
+    ) -> None:
+        self._signers = signers
+        self._repository = repository
+        self._ttl = ttl
+        self._clock = clock
 
 
 def whole_seconds(moment: datetime) -> datetime:
@@ -104,24 +128,14 @@ class PublishedCrl:
         return this_update + (next_update - this_update) * REFRESH_AT
 
 
-class CrlPublisher:
+class CrlPublisher(RevocationStatusSigner[CrlRepository]):
     """Holds the current CRL of every published signing CA.  Not thread-safe: the issuer calls
     it from its event loop only."""
 
-    def __init__(
-        self,
-        *,
-        signers: SignerSource,
-        repository: CrlRepository,
-        ttl: timedelta,
-        clock: Clock = utc_now,
-    ) -> None:
-        self._signers = signers
-        self._repository = repository
-        self._ttl = ttl
-        self._clock = clock
-        self._current: dict[str, PublishedCrl] = {}
-        self._pem = b""
+    # None signed before the first ``refresh``; it replaces both and never changes them in place,
+    # so these empty defaults can be shared by every publisher.
+    _current: Mapping[str, PublishedCrl] = MappingProxyType({})
+    _pem = b""
 
     def refresh(self, *, force: bool = False) -> datetime:
         """Sign a new CRL for every CA that has none, whose CRL is half-way through its validity

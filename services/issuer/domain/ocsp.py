@@ -18,7 +18,7 @@ parse (or with more than one certificate, which this responder does not batch) g
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Protocol
 
 from cryptography import x509
@@ -27,8 +27,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import ocsp
 
-from services.issuer.domain.authority import Clock, Signer, utc_now
-from services.issuer.domain.crl import SignerSource, whole_seconds
+from services.issuer.domain.authority import Signer
+from services.issuer.domain.crl import RevocationStatusSigner, whole_seconds
 from services.issuer.domain.entries import IssuedRecord
 from services.issuer.domain.revocation import RevokedCertificate, reason_flag
 
@@ -76,20 +76,7 @@ def unsuccessful(status: ocsp.OCSPResponseStatus) -> OcspAnswer:
     return OcspAnswer(response.public_bytes(serialization.Encoding.DER), status)
 
 
-class OcspResponder:
-    def __init__(
-        self,
-        *,
-        signers: SignerSource,
-        repository: OcspRepository,
-        ttl: timedelta,
-        clock: Clock = utc_now,
-    ) -> None:
-        self._signers = signers
-        self._repository = repository
-        self._ttl = ttl
-        self._clock = clock
-
+class OcspResponder(RevocationStatusSigner[OcspRepository]):
     def respond(self, request_der: bytes) -> OcspAnswer:
         try:
             request = ocsp.load_der_ocsp_request(request_der)

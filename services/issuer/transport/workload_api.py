@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -52,6 +52,19 @@ class ChangeFeed:
 async def _wait(event: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(event.wait(), max(seconds, 0.0))
+
+
+@contextlib.contextmanager
+def _issuing_status() -> Iterator[None]:
+    """An SVID the issuer will not or cannot make, as the status a SPIRE agent would answer: a
+    caller no entry matches is refused for good, any other failure (the upstream CA down, say)
+    is worth retrying."""
+    try:
+        yield
+    except NotEntitledError as error:
+        raise GRPCError(Status.PERMISSION_DENIED, str(error)) from None
+    except IssuerError as error:
+        raise GRPCError(Status.UNAVAILABLE, str(error)) from None
 
 
 class WorkloadApi:
@@ -121,12 +134,8 @@ class WorkloadApi:
         last: tuple[object, ...] | None = None
         while True:
             changed = self._feed.current()
-            try:
+            with _issuing_status():
                 svids = self._service.x509_svids(selectors)
-            except NotEntitledError as error:
-                raise GRPCError(Status.PERMISSION_DENIED, str(error)) from None
-            except IssuerError as error:
-                raise GRPCError(Status.UNAVAILABLE, str(error)) from None
             bundle = self._bundle_der()
             state = (*(s.svid.leaf.serial_number for s in svids), bundle)
             if state != last:
@@ -152,32 +161,28 @@ class WorkloadApi:
             await _wait(changed, min((next_rotation - self._clock()).total_seconds(), MAX_IDLE))
 
     async def fetch_x509_bundles(self, stream: Any) -> None:
-        selectors = await self._attest(stream)
-        await stream.recv_message()
-        last: bytes | None = None
-        while True:
-            changed = self._feed.current()
-            self._entitled(selectors)
-            bundle = self._bundle_der()
-            if bundle != last:
-                await stream.send_message(
-                    workload_pb2.X509BundlesResponse(bundles={self._td_key: bundle})
-                )
-                last = bundle
-            await _wait(changed, MAX_IDLE)
+        await self._stream_bundle(stream, self._bundle_der, workload_pb2.X509BundlesResponse)
 
     async def fetch_jwt_bundles(self, stream: Any) -> None:
+        await self._stream_bundle(stream, self._service.jwt_bundle, workload_pb2.JWTBundlesResponse)
+
+    async def _stream_bundle(
+        self,
+        stream: Any,
+        current_bundle: Callable[[], bytes],
+        response: type[workload_pb2.X509BundlesResponse | workload_pb2.JWTBundlesResponse],
+    ) -> None:
+        """The trust domain's bundle (X.509 or JWT: the same stream, in two message types) at
+        once, then again whenever it changes, for as long as the caller stays entitled."""
         selectors = await self._attest(stream)
         await stream.recv_message()
         last: bytes | None = None
         while True:
             changed = self._feed.current()
             self._entitled(selectors)
-            bundle = self._service.jwt_bundle()
+            bundle = current_bundle()
             if bundle != last:
-                await stream.send_message(
-                    workload_pb2.JWTBundlesResponse(bundles={self._td_key: bundle})
-                )
+                await stream.send_message(response(bundles={self._td_key: bundle}))
                 last = bundle
             await _wait(changed, MAX_IDLE)
 
@@ -186,12 +191,8 @@ class WorkloadApi:
         request = await stream.recv_message()
         if not request.audience:
             raise GRPCError(Status.INVALID_ARGUMENT, "audience must be specified")
-        try:
+        with _issuing_status():
             svids = self._service.jwt_svids(selectors, list(request.audience), request.spiffe_id)
-        except NotEntitledError as error:
-            raise GRPCError(Status.PERMISSION_DENIED, str(error)) from None
-        except IssuerError as error:
-            raise GRPCError(Status.UNAVAILABLE, str(error)) from None
         await stream.send_message(
             workload_pb2.JWTSVIDResponse(
                 svids=[workload_pb2.JWTSVID(spiffe_id=str(i), svid=token) for i, token in svids]

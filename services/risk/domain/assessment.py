@@ -9,14 +9,9 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import Protocol
 
+from services.common.risk_decision import RiskDecision
 from services.risk.domain.rules import Rules, RulesSource
 from services.risk.errors import InvalidTransferError
-
-
-class Decision(StrEnum):
-    ALLOW = "allow"
-    REVIEW = "review"
-    DENY = "deny"
 
 
 class Reason(StrEnum):
@@ -78,7 +73,7 @@ class TransferRequest:
 
 @dataclass(frozen=True)
 class Assessment:
-    decision: Decision
+    decision: RiskDecision
     reasons: tuple[Reason, ...]
     score: int  # 0 (no risk) .. 100
 
@@ -116,11 +111,11 @@ def evaluate(request: TransferRequest, rules: Rules, recent_transfers: int) -> A
         reasons.append(Reason.VELOCITY_EXCEEDED)
 
     if DENY_REASONS.intersection(reasons):
-        decision = Decision.DENY
+        decision = RiskDecision.DENY
     elif reasons:
-        decision = Decision.REVIEW
+        decision = RiskDecision.REVIEW
     else:
-        decision = Decision.ALLOW
+        decision = RiskDecision.ALLOW
     found = tuple(reasons)
     return Assessment(decision=decision, reasons=found, score=combined_score(found))
 

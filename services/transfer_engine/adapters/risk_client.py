@@ -12,8 +12,9 @@ import grpc
 from services._proto import risk_pb2
 from services.common.errors import ChannelClosedError
 from services.common.observability.telemetry import inject_context
-from services.common.resilience.breaker import BreakerOpenError, CircuitBreaker
-from services.transfer_engine.domain.model import Assessment, Decision, TransferRequest
+from services.common.resilience.circuit import BreakerOpenError, CircuitBreaker
+from services.common.risk_decision import RiskDecision
+from services.transfer_engine.domain.model import Assessment, TransferRequest
 from services.transfer_engine.errors import RiskUnavailableError
 
 logger = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ class GrpcRiskAssessor:
             logger.warning("risk assessment of %s failed: %s", transfer_id, error)
             raise RiskUnavailableError("risk service unavailable") from error
         try:
-            decision = Decision(reply.decision)
+            decision = RiskDecision(reply.decision)
         except ValueError:
             logger.warning("risk answered %r for %s; failing closed", reply.decision, transfer_id)
             raise RiskUnavailableError("risk service unavailable") from None

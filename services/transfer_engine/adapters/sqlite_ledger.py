@@ -11,11 +11,11 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 
 from services.common.files import ensure_private_dir
+from services.common.risk_decision import RiskDecision
 from services.transfer_engine.domain.model import (
     Account,
     AccountKind,
     Assessment,
-    Decision,
     RejectionReason,
     Transaction,
     Transfer,
@@ -121,7 +121,7 @@ def _transfer(row: sqlite3.Row) -> Transfer:
         assessment=None
         if decision is None
         else Assessment(
-            decision=Decision(decision),
+            decision=RiskDecision(decision),
             reasons=tuple(json.loads(row["risk_reasons"])),
             score=row["risk_score"],
         ),

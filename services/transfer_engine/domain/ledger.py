@@ -11,6 +11,7 @@ from dataclasses import replace
 from datetime import UTC, date, datetime
 from typing import Protocol
 
+from services.common.risk_decision import RiskDecision
 from services.transfer_engine.domain.model import (
     MAX_AMOUNT_MINOR,
     MAX_IDEMPOTENCY_KEY_LENGTH,
@@ -18,7 +19,6 @@ from services.transfer_engine.domain.model import (
     Account,
     AccountKind,
     Assessment,
-    Decision,
     RejectionReason,
     Transaction,
     Transfer,
@@ -143,12 +143,12 @@ def _replay(earlier: Transfer, request: TransferRequest) -> Transfer:
 def _outcome(
     assessment: Assessment, *, funds_suffice: bool
 ) -> tuple[TransferStatus, RejectionReason | None]:
-    if assessment.decision is Decision.DENY:
+    if assessment.decision is RiskDecision.DENY:
         return TransferStatus.REJECTED, RejectionReason.RISK_DENIED
     # Checked for review too: a reviewer should never be asked to approve an unpayable transfer.
     if not funds_suffice:
         return TransferStatus.REJECTED, RejectionReason.INSUFFICIENT_FUNDS
-    if assessment.decision is Decision.REVIEW:
+    if assessment.decision is RiskDecision.REVIEW:
         return TransferStatus.REVIEW, None
     return TransferStatus.POSTED, None
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 
+from services.common.risk_decision import RiskDecision
+
 SUPPORTED_CURRENCIES = frozenset({"CNY"})
 MAX_AMOUNT_MINOR = 10**13
 MAX_IDEMPOTENCY_KEY_LENGTH = 128
@@ -17,12 +19,6 @@ class AccountKind(StrEnum):
     CUSTOMER = "customer"
     # The bank's own accounts (equity); they may go negative and never take customer transfers.
     INTERNAL = "internal"
-
-
-class Decision(StrEnum):
-    ALLOW = "allow"
-    REVIEW = "review"
-    DENY = "deny"
 
 
 class TransferStatus(StrEnum):
@@ -64,7 +60,7 @@ class TransferRequest:
 
 @dataclass(frozen=True)
 class Assessment:
-    decision: Decision
+    decision: RiskDecision
     reasons: tuple[str, ...]
     score: int
 

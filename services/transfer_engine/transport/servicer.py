@@ -14,7 +14,7 @@ from services._proto import ledger_pb2 as pb
 from services._proto import ledger_pb2_grpc
 from services.common.identity.workloads import GATEWAY
 from services.common.mtls.peer import NoPeerIdentityError, current_peer
-from services.common.resilience.breaker import DEPENDENCY_UNAVAILABLE_KEY, pushback_trailer
+from services.common.resilience.trailers import DEPENDENCY_UNAVAILABLE_KEY, pushback_trailer
 from services.transfer_engine.domain.ledger import Ledger
 from services.transfer_engine.domain.model import Account, Transaction, Transfer, TransferRequest
 from services.transfer_engine.errors import (

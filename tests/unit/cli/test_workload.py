@@ -14,7 +14,6 @@ from fastapi.routing import APIRoute
 from services.cli import main as cli
 from services.cli.errors import CliError, UsageError
 from services.cli.workload_cmd import (
-    GATEWAY_ROUTES,
     Target,
     compose_environment,
     format_environment,
@@ -29,6 +28,7 @@ from services.common.identity.spiffe_id import DEFAULT_TRUST_DOMAIN
 from services.common.identity.workloads import TELLER
 from services.gateway.domain.banking import Banking
 from services.gateway.domain.tokens import CustomerTokens
+from services.gateway.route_table import GATEWAY_ROUTES
 from services.gateway.transport.routes import create_router
 from tests.support.fake_docker import HEALTHY, FakeDocker, inspected, stack_with
 from tests.support.helpers import scrub_environment

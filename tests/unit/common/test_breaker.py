@@ -15,20 +15,16 @@ from opentelemetry.sdk.metrics.export import Gauge, InMemoryMetricReader, Sum
 
 from services.common.authz.policy import RELOAD_CHECK_SECONDS
 from services.common.identity.spiffe_id import SpiffeId
-from services.common.resilience.breaker import (
-    BreakerConfig,
-    BreakerOpenError,
-    BreakerSettings,
-    BreakerState,
-    CircuitBreaker,
-    PeerCertificate,
+from services.common.resilience.circuit import BreakerOpenError, BreakerState, CircuitBreaker
+from services.common.resilience.metrics import register_breaker_metrics
+from services.common.resilience.peer_watch import PeerCertificate
+from services.common.resilience.settings import BreakerConfig, BreakerSettings
+from services.common.resilience.trailers import pushback_trailer, retry_pushback_seconds
+from services.common.resilience.trust_table import (
     TrustLevels,
     TrustTable,
     TrustTableError,
     parse_trust_levels,
-    pushback_trailer,
-    register_breaker_metrics,
-    retry_pushback_seconds,
 )
 from services.common.settings import InvalidSettingsError, load_settings
 
@@ -62,9 +58,13 @@ class FakePeer:
     certificate: PeerCertificate | None
     problem: str = "no verified handshake with risk yet"
     woken: int = field(default=0)
+    closed: bool = False
 
     def wake(self) -> None:
         self.woken += 1
+
+    def close(self) -> None:
+        self.closed = True
 
 
 def certificate(
@@ -398,10 +398,16 @@ def test_after_the_cool_down_a_low_score_keeps_it_open() -> None:
     assert harness.state() is BreakerState.OPEN
 
 
+def test_closing_the_breaker_stops_its_peer_watch() -> None:
+    harness = Harness(certificate(PROD, 1.0)).closed()
+    harness.breaker.close()
+    assert harness.peer.closed
+
+
 def test_every_transition_is_counted_and_logged(caplog: pytest.LogCaptureFixture) -> None:
     reader = InMemoryMetricReader()
     provider = MeterProvider(metric_readers=[reader])
-    with caplog.at_level(logging.INFO, logger="services.common.resilience.breaker"):
+    with caplog.at_level(logging.INFO, logger="services.common.resilience.circuit"):
         harness = tripped()
         register_breaker_metrics(provider.get_meter("test"), [harness.breaker])
         harness.clock.advance(10)
@@ -504,7 +510,7 @@ def test_the_table_is_reloaded_and_a_malformed_edit_keeps_the_previous_one(
     assert second.trust(STAGING) == 0.3
     assert second.generation > first.generation
 
-    with caplog.at_level(logging.ERROR, logger="services.common.resilience.breaker"):
+    with caplog.at_level(logging.ERROR, logger="services.common.resilience.trust_table"):
         path.write_text('{"default": 0.5, "levels": {"env/staging": "high"}}')
         clock.tick()
         assert table.current() is second
@@ -546,7 +552,7 @@ def test_lowering_a_trust_live_opens_the_breaker_at_the_next_call(tmp_path: Path
 
 
 def test_settings_defaults_are_the_articles_numbers() -> None:
-    config = BreakerSettings().breaker_config()
+    config = BreakerSettings().breaker
     assert config == BreakerConfig(
         trust_weight=0.6,
         min_score=0.75,

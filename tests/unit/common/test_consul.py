@@ -15,17 +15,17 @@ import requests_mock as rm
 
 from services.common.authz import policy as policy_module
 from services.common.authz.policy import FilePolicySource, Policy, PolicyError
-from services.common.discovery.consul import (
+from services.common.discovery.consul.client import (
     ConsulAuthError,
     ConsulCheck,
     ConsulClient,
     ConsulError,
-    ConsulPolicySource,
-    ConsulRegistration,
-    ConsulRegistry,
-    ConsulSettings,
     base_url,
 )
+from services.common.discovery.consul.policy_source import ConsulPolicySource
+from services.common.discovery.consul.registration import ConsulRegistration
+from services.common.discovery.consul.registry import ConsulRegistry
+from services.common.discovery.consul.settings import ConsulSettings
 from services.common.discovery.registry import (
     FileRegistry,
     RegistryError,

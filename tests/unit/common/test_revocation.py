@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,7 +25,7 @@ from services.common.revocation import (
     RevokedCertificateError,
     split_pem_crls,
 )
-from tests.support.crl import Clock, CrlServer, build_crl, crl_pem, crl_server
+from tests.support.crl import Clock, CrlServer, build_crl, crl_pem, crl_server, wait_for
 from tests.support.pki import (
     Issued,
     KeyUsageSpec,
@@ -438,6 +439,44 @@ def test_unreachable_issuer_is_reported(root: Issued, ca: Issued) -> None:
     try:
         with pytest.raises(RevocationUnavailableError, match="cannot fetch"):
             watcher.wait_ready(0.2)
+    finally:
+        watcher.close()
+
+
+def crl_watcher_threads() -> int:
+    return sum(thread.name == "crl-watcher" for thread in threading.enumerate())
+
+
+def test_close_joins_the_watcher_thread(server: CrlServer, root: Issued, ca: Issued) -> None:
+    server.publish(build_crl(ca))
+    before = crl_watcher_threads()
+    watcher = RevocationWatcher(server.url, Bundle(root.certificate, ca.certificate), interval=60)
+    watcher.start()
+    watcher.wait_ready(5)
+    assert crl_watcher_threads() == before + 1
+    watcher.close()
+    assert crl_watcher_threads() == before
+    watcher.close()  # idempotent
+
+
+def test_a_listener_may_close_the_watcher_from_the_watchers_thread(
+    server: CrlServer, root: Issued, ca: Issued
+) -> None:
+    server.publish(build_crl(ca, [leaf_of(ca)]))
+    watcher = RevocationWatcher(server.url, Bundle(root.certificate, ca.certificate), interval=0.02)
+    closed_from: list[str] = []
+
+    def close_on_revocation(_: frozenset[str]) -> None:
+        watcher.close()  # must not wait for the thread it runs in
+        closed_from.append(threading.current_thread().name)
+
+    watcher.subscribe(close_on_revocation)
+    before = crl_watcher_threads()
+    watcher.start()
+    try:
+        assert wait_for(lambda: crl_watcher_threads() == before and closed_from)
+        assert closed_from == ["crl-watcher"]
+        assert watcher.closed
     finally:
         watcher.close()
 

@@ -14,7 +14,7 @@ import pytest
 from cryptography import x509
 
 from services.common.authz.audit import AuditLog
-from services.common.authz.decisions import TlsFacts
+from services.common.authz.decisions import ConnectionFacts, TlsFacts
 from services.common.authz.policy import Policy
 from services.common.identity.spiffe_id import SpiffeId
 from services.common.mtls.contexts import PeerVerifier
@@ -22,7 +22,6 @@ from services.common.mtls.grpc import _LiveStreams, _produce
 from services.common.mtls.https import (
     CONNECTION_METHOD,
     REVOKED_CONNECTION_REASON,
-    ConnectionFacts,
     HttpsGuard,
     LiveConnections,
 )

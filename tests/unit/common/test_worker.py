@@ -11,8 +11,10 @@ from services.common.runtime.worker import Worker
 
 
 class Counting(Worker):
-    def __init__(self, interval: float, *, fail_first: bool = False) -> None:
-        super().__init__("counting", join_timeout=2.0)
+    def __init__(
+        self, interval: float, *, fail_first: bool = False, wait_first: bool = False
+    ) -> None:
+        super().__init__("counting", join_timeout=2.0, wait_first=wait_first)
         self.rounds = 0
         self.seen = threading.Event()
         self._interval = interval
@@ -79,3 +81,23 @@ def test_a_failing_round_is_logged_and_the_worker_goes_on(
     finally:
         worker.close()
     assert "counting: a round failed" in caplog.text
+
+
+def test_a_worker_that_waits_first_runs_its_first_round_one_interval_after_start() -> None:
+    worker = Counting(interval=0.3, wait_first=True)
+    started = time.monotonic()
+    worker.start()
+    try:
+        time.sleep(0.1)
+        assert worker.rounds == 0  # its owner did the first round's work already
+        wait_for_rounds(worker, 1)
+        assert time.monotonic() - started >= 0.3
+    finally:
+        worker.close()
+
+
+def test_closing_a_worker_that_waits_first_ends_it_without_a_round() -> None:
+    worker = Counting(interval=60, wait_first=True).start()
+    worker.close()
+    assert not any(t.name == "counting" for t in threading.enumerate())
+    assert worker.rounds == 0

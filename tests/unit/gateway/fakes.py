@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 
+from services.common.risk_decision import RiskDecision
 from services.gateway.domain.ledger import (
     Account,
     RiskAssessment,
-    RiskDecision,
     Transaction,
     Transfer,
     TransferOrder,

@@ -11,12 +11,13 @@ import pytest
 from google.protobuf.message import Message
 
 from services._proto import ledger_pb2
-from services.common.resilience.breaker import BreakerConfig, BreakerState
+from services.common.resilience.circuit import BreakerState
+from services.common.resilience.settings import BreakerConfig
+from services.common.risk_decision import RiskDecision
 from services.gateway.adapters.engine_grpc import GrpcTransferEngine
 from services.gateway.domain.ledger import (
     Account,
     RiskAssessment,
-    RiskDecision,
     Transaction,
     TransferOrder,
     TransferStatus,

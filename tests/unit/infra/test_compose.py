@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
-from services.common.discovery.consul import ConsulSettings
+from services.common.discovery.consul.settings import ConsulSettings
 from services.common.identity.workloads import CONSOLE, OPS, SERVICES, TELLER
 from services.common.observability.telemetry import OTLP_ENV
 from services.common.settings import load_settings

@@ -16,7 +16,7 @@ from cryptography import x509
 
 from services.issuer.adapters.authority_file import AuthorityFile
 from services.issuer.adapters.sqlite_store import SqliteStore
-from services.issuer.adapters.upstream_disk import ROOT_CERT_FILE, DiskUpstream
+from services.issuer.adapters.upstream.disk import ROOT_CERT_FILE, DiskUpstream
 from services.issuer.domain.authority import ACTIVATE_AT, CertificateAuthority, Signer
 from services.issuer.domain.crl import CrlPublisher
 from services.issuer.domain.entries import Selector

@@ -12,8 +12,7 @@ from cryptography.x509.oid import NameOID
 from services.common.identity.spiffe_id import SpiffeId
 from services.common.identity.x509svid import verify_x509_svid
 from services.issuer.adapters.authority_file import AuthorityFile
-from services.issuer.adapters.upstream import SignedCA
-from services.issuer.adapters.upstream_disk import (
+from services.issuer.adapters.upstream.disk import (
     ROOT_CERT_FILE,
     ROOT_KEY_FILE,
     DiskUpstream,
@@ -26,6 +25,7 @@ from services.issuer.domain.certificates import (
     new_key,
     sign_signing_ca,
 )
+from services.issuer.domain.upstream import SignedCA
 from services.issuer.errors import IssuerError, UpstreamError
 
 TD = "ztbank.example"
@@ -110,7 +110,7 @@ def upstream(
     def sign_at_fake_now(csr: x509.CertificateSigningRequest, **kwargs: Any) -> x509.Certificate:
         return sign_signing_ca(csr, **kwargs, now=clock())
 
-    monkeypatch.setattr("services.issuer.adapters.upstream_disk.sign_signing_ca", sign_at_fake_now)
+    monkeypatch.setattr("services.issuer.adapters.upstream.disk.sign_signing_ca", sign_at_fake_now)
     return SwitchableUpstream(DiskUpstream(certs_dir))
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from services.issuer.adapters.upstream_disk import init_root_ca
+from services.issuer.adapters.upstream.disk import init_root_ca
 from services.issuer.errors import IssuerError
 from services.issuer.server import CRL_RETRY_DELAY, Issuer
 from services.issuer.settings import IssuerSettings

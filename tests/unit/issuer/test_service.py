@@ -12,7 +12,7 @@ from services.common.identity.spiffe_id import SpiffeId
 from services.common.identity.x509svid import verify_x509_svid
 from services.issuer.adapters.authority_file import AuthorityFile
 from services.issuer.adapters.sqlite_store import SqliteStore
-from services.issuer.adapters.upstream_disk import DiskUpstream, init_root_ca
+from services.issuer.adapters.upstream.disk import DiskUpstream, init_root_ca
 from services.issuer.domain.authority import CertificateAuthority
 from services.issuer.domain.certificates import MAX_BACKDATE, new_key
 from services.issuer.domain.entries import Selector

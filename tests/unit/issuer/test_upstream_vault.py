@@ -21,7 +21,7 @@ from cryptography.x509.oid import NameOID
 
 from services.common.identity.pem import fingerprint_sha256
 from services.common.settings import load_settings
-from services.issuer.adapters.upstream_vault import VaultAuth, VaultUpstream
+from services.issuer.adapters.upstream.vault import VaultAuth, VaultUpstream
 from services.issuer.errors import UpstreamError
 from services.issuer.server import build_upstream
 from services.issuer.settings import IssuerSettings

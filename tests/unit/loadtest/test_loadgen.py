@@ -22,22 +22,36 @@ from loadtest.loadgen import (
     http_reason,
     parse_arguments,
     parse_head,
-    percentile,
     scheduled_count,
 )
 
 
-def test_percentile_interpolates_between_ranks() -> None:
-    values = [float(v) for v in range(1, 101)]  # 1..100
-    assert percentile(values, 50) == pytest.approx(50.5)
-    assert percentile(values, 99) == pytest.approx(99.01)
-    assert percentile(values, 0) == 1.0
-    assert percentile(values, 100) == 100.0
+def _answered(latencies_ms: list[float]) -> LoadResult:
+    return LoadResult(
+        mode="closed",
+        rate=0.0,
+        seconds=1.0,
+        connections=1,
+        scheduled=len(latencies_ms),
+        completed=len(latencies_ms),
+        elapsed=1.0,
+        latencies_ms=latencies_ms,
+        errors={},
+        statuses={},
+        cpu_seconds=0.0,
+    )
 
 
-def test_percentile_of_one_value_and_of_nothing() -> None:
-    assert percentile([7.0], 99) == 7.0
-    assert math.isnan(percentile([], 50))
+def test_latency_percentiles_are_nearest_rank() -> None:
+    answered = _answered([float(v) for v in range(100, 0, -1)])  # 1..100, in any order
+    assert answered.latency_ms(0.50) == 50.0
+    assert answered.latency_ms(0.99) == 99.0
+    assert answered.latency_ms(1.0) == 100.0
+
+
+def test_latency_of_one_answer_and_of_none() -> None:
+    assert _answered([7.0]).latency_ms(0.99) == 7.0
+    assert math.isnan(_answered([]).latency_ms(0.50))
 
 
 def test_open_loop_schedules_rate_times_seconds_requests() -> None:

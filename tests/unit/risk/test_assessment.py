@@ -1,9 +1,9 @@
 import pytest
 
+from services.common.risk_decision import RiskDecision as Decision
 from services.risk.domain.assessment import (
     DENY_REASONS,
     Assessment,
-    Decision,
     Reason,
     RiskAssessor,
     TransferRequest,

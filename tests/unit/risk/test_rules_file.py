@@ -6,9 +6,10 @@ from typing import Any
 
 import pytest
 
+from services.common.risk_decision import RiskDecision as Decision
 from services.risk.adapters.rules_file import RulesFile
 from services.risk.adapters.velocity_sqlite import SqliteVelocityHistory
-from services.risk.domain.assessment import Decision, Reason, RiskAssessor, TransferRequest
+from services.risk.domain.assessment import Reason, RiskAssessor, TransferRequest
 from services.risk.domain.rules import Rules, parse_rules
 from services.risk.errors import RiskError, RulesError
 

@@ -2,12 +2,11 @@
 
 The happy path runs for real in ``make test-compose`` (CI starts dockerd); here are what a real
 engine cannot be made to do on demand: no engine, no compose tool, a job that fails, a service
-that never gets healthy, an interrupted run.
+that never gets healthy (an interrupted ``make test-compose``: test_compose_run.py in infra/).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -17,12 +16,10 @@ from services.stack.compose import (
     ALL_PROFILES,
     COMPOSE_FILE,
     ComposeError,
-    ComposeStack,
     ComposeUsageError,
     choose_mode,
     container_state,
     run_beside,
-    run_e2e_suites,
 )
 from tests.support.fake_docker import HEALTHY, FakeDocker, inspected, stack_with
 
@@ -202,57 +199,6 @@ def test_down_with_volumes_removes_every_volume_of_the_project(tmp_path: Path) -
     assert "label=com.docker.compose.project=ztbank-test" in fake.calls[listed]
     (removed,) = fake.called("volume", "rm")
     assert fake.calls[removed][-2:] == ["ztbank-test_ca", "ztbank-test_issuer-data"]
-
-
-# -- make test-compose -----------------------------------------------------------------------
-
-
-def e2e_stack(fake: FakeDocker, tmp_path: Path) -> ComposeStack:
-    fake.on("volume", "ls", out="ztbank-test_ca\n")
-    stack = stack_with(fake, tmp_path, HEALTHY)
-    stack.images = lambda: None  # type: ignore[method-assign]
-    return stack
-
-
-def test_suites_run_in_the_network_then_everything_is_torn_down(tmp_path: Path) -> None:
-    fake = FakeDocker(stream_rc=3)
-    assert run_e2e_suites(e2e_stack(fake, tmp_path), ["-k", "revocation"]) == 3
-    suites, host_checks = fake.streamed
-    assert suites[suites.index("run") :][:5] == ["run", "--rm", "--no-deps", "-T", "e2e"]
-    assert suites[-2:] == ["-k", "revocation"]
-    assert "tests/compose" in host_checks
-    up, down = fake.called("up")[0], fake.called("down")[-1]
-    assert up < down
-    assert fake.called("volume", "rm")  # the volumes go too
-
-
-def test_anything_left_after_down_fails_the_run(tmp_path: Path) -> None:
-    fake = FakeDocker().on("docker", "ps", "--all", out="ztbank-test_gateway_1\n")
-    lines: list[str] = []
-    stack = e2e_stack(fake, tmp_path)
-    stack.say = lines.append
-    assert run_e2e_suites(stack, []) == 1
-    left = "test-compose: left behind after down: container ztbank-test_gateway_1, volume"
-    assert any(line.startswith(left) for line in lines), lines
-
-
-def test_a_stack_that_never_gets_healthy_fails_the_run_and_is_torn_down(tmp_path: Path) -> None:
-    fake = FakeDocker().on("up", rc=1)
-    assert run_e2e_suites(e2e_stack(fake, tmp_path), []) == 1
-    assert not fake.streamed
-    assert fake.called("down")
-
-
-def test_an_interrupt_tears_down_and_exits_130(tmp_path: Path) -> None:
-    fake = FakeDocker()
-    stack = e2e_stack(fake, tmp_path)
-
-    def interrupted(_argv: Sequence[str], _env: Mapping[str, str]) -> int:
-        raise KeyboardInterrupt
-
-    stack.docker.stream = interrupted
-    assert run_e2e_suites(stack, []) == 130
-    assert fake.called("down")
 
 
 def test_a_failed_build_names_the_image_and_its_log(tmp_path: Path) -> None:

@@ -13,11 +13,11 @@ from typing import NoReturn
 
 import grpc
 
+from services.common.risk_decision import RiskDecision as Decision
 from services.transfer_engine.domain.model import (
     Account,
     AccountKind,
     Assessment,
-    Decision,
     Transaction,
     Transfer,
     TransferRequest,

@@ -4,11 +4,11 @@ from datetime import timedelta
 
 import pytest
 
+from services.common.risk_decision import RiskDecision as Decision
 from services.transfer_engine.domain.ledger import Ledger, LedgerRepository
 from services.transfer_engine.domain.model import (
     MAX_AMOUNT_MINOR,
     AccountKind,
-    Decision,
     RejectionReason,
     Transfer,
     TransferRequest,

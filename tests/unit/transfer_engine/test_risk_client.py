@@ -9,9 +9,11 @@ import pytest
 
 from services._proto import risk_pb2, risk_pb2_grpc
 from services.common.errors import ChannelClosedError
-from services.common.resilience.breaker import BreakerConfig, BreakerState
+from services.common.resilience.circuit import BreakerState
+from services.common.resilience.settings import BreakerConfig
+from services.common.risk_decision import RiskDecision as Decision
 from services.transfer_engine.adapters.risk_client import GrpcRiskAssessor
-from services.transfer_engine.domain.model import Assessment, Decision
+from services.transfer_engine.domain.model import Assessment
 from services.transfer_engine.errors import RiskUnavailableError
 from tests.support.breakers import closed_breaker, open_breaker
 from tests.unit.transfer_engine.support import transfer_request

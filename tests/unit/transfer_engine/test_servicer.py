@@ -11,9 +11,9 @@ from services._proto import ledger_pb2 as pb
 from services.common.identity.spiffe_id import SpiffeId
 from services.common.identity.workloads import GATEWAY, RISK, TELLER
 from services.common.mtls.peer import PeerIdentity, reset_current_peer, set_current_peer
+from services.common.risk_decision import RiskDecision as Decision
 from services.transfer_engine import errors
 from services.transfer_engine.domain.ledger import Ledger
-from services.transfer_engine.domain.model import Decision
 from services.transfer_engine.transport import servicer
 from services.transfer_engine.transport.servicer import GATEWAY_ONLY, TransferEngineService
 from tests.unit.transfer_engine.fakes import (

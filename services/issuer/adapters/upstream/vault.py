@@ -43,7 +43,7 @@ from services.common.errors import InvalidCertificateError, InvalidSpiffeIdError
 from services.common.identity.pem import fingerprint_sha256, load_pem_certificates
 from services.common.identity.spiffe_id import SCHEME_PREFIX, validate_trust_domain
 from services.common.identity.x509svid import issued_directly_by
-from services.issuer.adapters.upstream import SignedCA
+from services.issuer.domain.upstream import SignedCA
 from services.issuer.errors import UpstreamError
 
 DEFAULT_COMMON_NAME = "ztbank issuer CA"

@@ -24,7 +24,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from services.cli.lab_support import (
+from services.common.discovery.registry import FileRegistry
+from services.common.identity.source import SvidMaterial
+from services.common.identity.workloads import GATEWAY
+from services.labs.support import (
     Outcome,
     Say,
     accounts_served,
@@ -33,10 +36,7 @@ from services.cli.lab_support import (
     present,
     verdict,
 )
-from services.cli.teller import TellerClient
-from services.common.discovery.registry import FileRegistry
-from services.common.identity.source import SvidMaterial
-from services.common.identity.workloads import GATEWAY
+from services.labs.teller import TellerClient
 from services.stack.native import StackSettings
 
 CUSTOMER = "alice"

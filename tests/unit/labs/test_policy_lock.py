@@ -6,7 +6,7 @@ import threading
 import time
 from pathlib import Path
 
-from services.cli.lab_support import policy_lock
+from services.labs.support import policy_lock
 from services.stack.native import StackSettings
 
 

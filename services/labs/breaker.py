@@ -28,23 +28,23 @@ import json
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
-from services.cli.errors import CliError
-from services.cli.lab_support import (
+from services.common.discovery.registry import FileRegistry, ServiceAddress
+from services.common.identity.workloads import GATEWAY, TRANSFER_ENGINE
+from services.labs.errors import LabError
+from services.labs.support import (
     FileBackup,
     Say,
     interrupted_by_termination,
+    seconds_until,
     service_starts,
     unrestarted,
     verdict,
     watched_file,
 )
-from services.cli.teller import Reply, TellerClient
-from services.common.discovery.registry import FileRegistry, ServiceAddress
-from services.common.identity.workloads import GATEWAY, TRANSFER_ENGINE
+from services.labs.teller import Reply, TellerClient
 from services.stack.native import NativeStack, StackSettings
 from services.stack.probe import metric_sample, metric_samples
 
@@ -54,6 +54,7 @@ OTHER = "acc-alice-savings"
 LOW_TRUST = 0.3  # 0.6 x 0.3 + 0.4 x 1.0 = 0.58 < 0.75 even with a brand-new certificate
 BACKUP_NAME = "trust-levels"
 # The gateway checks the table at most every 0.5 s; the breaker's cool-down is 10 s by default.
+READY_BUDGET_SECONDS = 15.0  # serving with the breaker closed takes no longer on a stack that is up
 TRIP_BUDGET_SECONDS = 5.0
 RECOVERY_BUDGET_SECONDS = 40.0
 AT_ONCE_SECONDS = 0.25  # an open breaker answers without the network
@@ -69,7 +70,7 @@ def lower_trust(text: str, namespace: str) -> str:
         if not isinstance(levels, dict):
             raise TypeError("'levels' is not an object")
     except (ValueError, KeyError, TypeError) as error:
-        raise CliError(f"the trust table is not a trust table: {error}") from None
+        raise LabError(f"the trust table is not a trust table: {error}") from None
     levels[namespace] = LOW_TRUST
     return json.dumps(table, indent=2) + "\n"
 
@@ -121,15 +122,6 @@ def _moves(counted: Counter[tuple[str, str]]) -> str:
     return ", ".join(moves) or "none"
 
 
-def _until(check: Callable[[], bool], budget: float) -> float | None:
-    started = time.monotonic()
-    while not check():
-        if time.monotonic() - started > budget:
-            return None
-        time.sleep(POLL_SECONDS)
-    return time.monotonic() - started
-
-
 def _open_refusal(reply: Reply) -> bool:
     body = reply.body if isinstance(reply.body, dict) else {}
     return (
@@ -156,9 +148,13 @@ def run_breaker_lab(settings: StackSettings, say: Say) -> bool:
     if leftover is not None:
         leftover.restore(settings)
         say(f"  0 restored {leftover.path}, left edited by an earlier run that was killed")
-    ready = _until(lambda: bank.read()[0].status == 200 and state() == CLOSED_STATE, 15)
+    ready = seconds_until(
+        lambda: bank.read()[0].status == 200 and state() == CLOSED_STATE,
+        READY_BUDGET_SECONDS,
+        POLL_SECONDS,
+    )
     if ready is None:
-        raise CliError("the gateway does not serve reads with its breaker closed; is the stack up?")
+        raise LabError("the gateway does not serve reads with its breaker closed; is the stack up?")
     before = bank.balance()
     seen = transitions(gateway)
     namespace = engine_namespace(settings)
@@ -172,7 +168,9 @@ def run_breaker_lab(settings: StackSettings, say: Say) -> bool:
             edited = lower_trust(backup.content.decode(), namespace)
             backup.replace(edited.encode())
             say(f"  2 replaced the trust table (temp file + rename): {namespace} -> {LOW_TRUST}")
-            tripped = _until(lambda: _open_refusal(bank.read()[0]), TRIP_BUDGET_SECONDS)
+            tripped = seconds_until(
+                lambda: _open_refusal(bank.read()[0]), TRIP_BUDGET_SECONDS, POLL_SECONDS
+            )
             checks.append(tripped is not None)
             reply, took = bank.read()
             refused_at_once = _open_refusal(reply) and took < AT_ONCE_SECONDS
@@ -197,7 +195,9 @@ def run_breaker_lab(settings: StackSettings, say: Say) -> bool:
     checks.append(restored)
     say(f"  4 {'restored' if restored else 'could NOT restore'} the original trust table")
 
-    recovered = _until(lambda: bank.read()[0].status == 200, RECOVERY_BUDGET_SECONDS)
+    recovered = seconds_until(
+        lambda: bank.read()[0].status == 200, RECOVERY_BUDGET_SECONDS, POLL_SECONDS
+    )
     checks.append(recovered is not None)
     since = transitions(gateway) - seen
     closed_again = Counter({move: n for move, n in since.items() if move[0] != "closed"})

@@ -7,9 +7,9 @@ every other case fails for its own reason.
 
 import pytest
 
-from services.cli.lab_misissued import Case, build_leaf, cases, impostor_ca
 from services.common.errors import CommonError
 from services.common.identity.x509svid import verify_x509_svid
+from services.labs.misissued import Case, build_leaf, cases, impostor_ca
 
 TD = "ztbank.example"
 EXPECTED_FAILURE = {

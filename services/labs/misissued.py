@@ -22,9 +22,6 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from services.cli.errors import CliError
-from services.cli.lab_support import Say, last_gateway_denial, present
-from services.cli.teller import TellerClient
 from services.common.discovery.registry import FileRegistry
 from services.common.files import private_key_pem
 from services.common.identity.pem import certificates_to_pem
@@ -32,6 +29,9 @@ from services.common.identity.workloads import GATEWAY, TELLER
 from services.issuer.adapters.authority_file import AuthorityFile
 from services.issuer.domain.certificates import CA_KEY_USAGE, SVID_KEY_USAGE
 from services.issuer.errors import IssuerError
+from services.labs.errors import LabError
+from services.labs.support import Say, last_gateway_denial, present
+from services.labs.teller import TellerClient
 from services.stack.native import StackSettings
 
 CUSTOMER = "alice"
@@ -136,9 +136,9 @@ def _signing_ca(settings: StackSettings) -> Signer:
         state = settings.home_of("issuer") / "issuer" / "authority.json"
         active = AuthorityFile(state).load().active
     except IssuerError as error:
-        raise CliError(str(error)) from None
+        raise LabError(str(error)) from None
     if active is None:
-        raise CliError("the issuer has no signing CA yet; is the stack up? (make up)")
+        raise LabError("the issuer has no signing CA yet; is the stack up? (make up)")
     return Signer(active.ca_cert, active.ca_key)
 
 

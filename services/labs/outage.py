@@ -17,11 +17,17 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from services.cli.errors import CliError, UsageError
-from services.cli.lab_support import Say, mint_teller_svid, service_starts, unrestarted
-from services.cli.teller import TellerClient
 from services.common.discovery.registry import FileRegistry
 from services.common.identity.workloads import GATEWAY
+from services.labs.errors import LabError, LabUsageError
+from services.labs.support import (
+    Say,
+    mint_teller_svid,
+    seconds_until,
+    service_starts,
+    unrestarted,
+)
+from services.labs.teller import TellerClient
 from services.stack.native import NativeStack, StackSettings
 from services.stack.probe import metric_sample
 
@@ -47,7 +53,7 @@ def _observe(settings: StackSettings, client: TellerClient, token: str) -> Obser
         reply = client.request("GET", "/v1/accounts", headers={"Authorization": f"Bearer {token}"})
         # 503: the gateway failing closed towards the transfer-engine.
         served, why = reply.status == 200, f"HTTP {reply.status}"
-    except CliError as error:
+    except LabError as error:
         served, why = False, str(error)
     return Observation(served, why, gateway_metric(settings, "revocation_fresh"))
 
@@ -55,7 +61,7 @@ def _observe(settings: StackSettings, client: TellerClient, token: str) -> Obser
 def run_outage_lab(settings: StackSettings, say: Say) -> bool:
     say("lab outage: the issuer stops; the bank serves, then fails closed, then recovers")
     if settings.stack_kind == "compose":
-        raise UsageError(
+        raise LabUsageError(
             "the outage lab stops and starts the issuer's process: native stack only"
             " (on compose: docker-compose stop issuer, then start issuer)"
         )
@@ -66,7 +72,7 @@ def run_outage_lab(settings: StackSettings, say: Say) -> bool:
     client = TellerClient(settings, mint_teller_svid(settings, CLIENT_TTL_SECONDS))
     starts = service_starts(settings)
     if not _observe(settings, client, token).served:
-        raise CliError("the gateway does not serve even before the outage; is the stack up?")
+        raise LabError("the gateway does not serve even before the outage; is the stack up?")
     deadline_closed = 2 * lifetime + 5
     say(f"  SVIDs and CRLs live {lifetime} s here: fail-closed is due within {deadline_closed} s")
 
@@ -103,18 +109,16 @@ def run_outage_lab(settings: StackSettings, say: Say) -> bool:
         say(f"  4 {_when('revocation_fresh dropped to 0', alert_after, deadline_closed)}")
     finally:
         stack.issuer.start(issuer_env)
-    restarted = time.monotonic()
     say("  5 started the issuer again")
 
-    recovered_after = None
-    while time.monotonic() < restarted + RECOVERY_BUDGET_SECONDS:
-        if (
+    recovered_after = seconds_until(
+        lambda: (
             all(p.healthy for p in stack.probes().values())
             and _observe(settings, client, token).served
-        ):
-            recovered_after = time.monotonic() - restarted
-            break
-        time.sleep(POLL_SECONDS)
+        ),
+        RECOVERY_BUDGET_SECONDS,
+        POLL_SECONDS,
+    )
     checks.append(recovered_after is not None)
     recovery = "served again, every service healthy"
     say(f"  6 {_when(recovery, recovered_after, RECOVERY_BUDGET_SECONDS)}")

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from services.cli.errors import CliError, UsageError
-from services.cli.lab_breaker import transitions
-from services.cli.lab_outage import run_outage_lab
-from services.cli.lab_support import FileBackup, unrestarted, watched_file
 from services.common.discovery.registry import ServiceAddress
 from services.common.files import write_atomic
 from services.common.identity.source import SvidUnavailableError
+from services.labs.breaker import transitions
+from services.labs.errors import LabError, LabUsageError
+from services.labs.outage import run_outage_lab
+from services.labs.support import FileBackup, unrestarted, watched_file
 from services.stack.native import NativeStack, StackSettings, workload_svid
 from services.stack.probe import metric_sample, metric_samples
 
@@ -85,7 +85,7 @@ def test_beside_compose_the_watched_file_is_the_one_the_settings_name(
     assert watched_file(stack, "ZTBANK_POLICY", settings.policy, "policy") == settings.policy
 
     monkeypatch.setenv("CONSUL_HTTP_ADDR", "http://consul:8500")
-    with pytest.raises(CliError, match="reads its policy from Consul"):
+    with pytest.raises(LabError, match="reads its policy from Consul"):
         watched_file(stack, "ZTBANK_POLICY", settings.policy, "policy")
 
 
@@ -160,7 +160,7 @@ def test_metrics_are_read_at_the_services_address_with_their_labels(metrics_port
 
 def test_the_outage_lab_says_it_runs_on_the_native_stack_only(tmp_path: Path) -> None:
     said: list[str] = []
-    with pytest.raises(UsageError, match="native stack only"):
+    with pytest.raises(LabUsageError, match="native stack only"):
         run_outage_lab(compose_settings(tmp_path), said.append)
     assert said == [
         "lab outage: the issuer stops; the bank serves, then fails closed, then recovers"

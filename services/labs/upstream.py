@@ -38,8 +38,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 from services._proto import issuer_admin_pb2 as pb
-from services.cli.errors import CliError
-from services.cli.lab_support import (
+from services.common.errors import CommonError
+from services.common.identity.source import SvidMaterial
+from services.common.identity.workloads import TELLER
+from services.common.identity.x509svid import issued_directly_by
+from services.common.polling import poll_until
+from services.issuer.adapters.upstream.disk import ROOT_CERT_FILE, ROOT_KEY_FILE
+from services.issuer.admin_client import AdminCallError, call_admin
+from services.labs.errors import LabError
+from services.labs.support import (
     FileBackup,
     Say,
     interrupted_by_termination,
@@ -48,13 +55,7 @@ from services.cli.lab_support import (
     service_starts,
     verdict,
 )
-from services.cli.teller import TellerClient
-from services.common.errors import CommonError
-from services.common.identity.source import SvidMaterial
-from services.common.identity.workloads import TELLER
-from services.common.identity.x509svid import issued_directly_by
-from services.issuer.adapters.upstream_disk import ROOT_CERT_FILE, ROOT_KEY_FILE
-from services.issuer.admin_client import AdminCallError, call_admin
+from services.labs.teller import TellerClient
 from services.stack.native import NativeStack, StackSettings, workload_svid
 from services.stack.vault_tls import VaultTls, ensure_vault_tls
 
@@ -125,14 +126,14 @@ class RootKey:
         try:
             os.rename(self.path, self.aside)
         except OSError as error:
-            raise CliError(f"cannot take the root key offline: {error}") from None
+            raise LabError(f"cannot take the root key offline: {error}") from None
 
     def put_back(self) -> str:
         # rename(2) replaces nothing here: the issuer never writes the root key.
         try:
             os.rename(self.aside, self.path)
         except OSError as error:
-            raise CliError(f"cannot put the root key back from {self.aside}: {error}") from None
+            raise LabError(f"cannot put the root key back from {self.aside}: {error}") from None
         return f"put the root key back at {self.path}"
 
     def left_offline(self) -> bool:
@@ -140,7 +141,7 @@ class RootKey:
         if not self.aside.exists():
             return False
         if self.path.exists():
-            raise CliError(
+            raise LabError(
                 f"both {self.path} and {self.aside} exist: keep the right one and remove the other"
             )
         self.put_back()
@@ -152,7 +153,7 @@ def _refused(settings: StackSettings, token: str, svid: SvidMaterial | None = No
     try:
         client = TellerClient(settings, svid)
         reply = client.request("GET", "/v1/accounts", headers={"Authorization": f"Bearer {token}"})
-    except CliError as error:
+    except LabError as error:
         return str(error)
     return None if reply.status == 200 else f"HTTP {reply.status}"
 
@@ -170,14 +171,14 @@ def _status(settings: StackSettings) -> pb.StatusResponse:
     try:
         return call_admin(settings.admin_socket, lambda stub: stub.Status(pb.StatusRequest()))
     except AdminCallError as error:
-        raise CliError(f"cannot ask the issuer: {error}; is the stack up? (make up)") from None
+        raise LabError(f"cannot ask the issuer: {error}; is the stack up? (make up)") from None
 
 
 def _renew(settings: StackSettings) -> None:
     try:
         call_admin(settings.admin_socket, lambda stub: stub.RenewCA(pb.RenewCARequest()))
     except AdminCallError as error:
-        raise CliError(f"cannot ask the issuer to renew its CA: {error}") from None
+        raise LabError(f"cannot ask the issuer to renew its CA: {error}") from None
 
 
 def chains_to(
@@ -211,7 +212,7 @@ def _root_client(stack: NativeStack) -> hvac.Client:
     try:
         token = json.loads(stack.vault.init_file.read_text())["root_token"]
     except (OSError, ValueError, KeyError, TypeError):
-        raise CliError(f"cannot read Vault's demo init file {stack.vault.init_file}") from None
+        raise LabError(f"cannot read Vault's demo init file {stack.vault.init_file}") from None
     return hvac.Client(url=stack.vault.address, token=token, verify=str(stack.vault.tls.ca_cert))
 
 
@@ -219,7 +220,7 @@ def _seal(stack: NativeStack) -> None:
     try:
         _root_client(stack).sys.seal()
     except (hvac.exceptions.VaultError, requests.RequestException) as error:
-        raise CliError(f"cannot seal Vault: {type(error).__name__}") from None
+        raise LabError(f"cannot seal Vault: {type(error).__name__}") from None
 
 
 def _unseal(stack: NativeStack) -> str:
@@ -228,9 +229,9 @@ def _unseal(stack: NativeStack) -> str:
         keys = json.loads(stack.vault.init_file.read_text())["unseal_keys_b64"]
         _root_client(stack).sys.submit_unseal_keys(keys)
     except (OSError, ValueError, KeyError, TypeError):
-        raise CliError(f"cannot read Vault's demo init file {stack.vault.init_file}") from None
+        raise LabError(f"cannot read Vault's demo init file {stack.vault.init_file}") from None
     except (hvac.exceptions.VaultError, requests.RequestException) as error:
-        raise CliError(f"cannot unseal Vault: {type(error).__name__}") from None
+        raise LabError(f"cannot unseal Vault: {type(error).__name__}") from None
     return "unsealed Vault"
 
 
@@ -240,7 +241,7 @@ def _bring_vault_back(stack: NativeStack) -> str:
         started = stack.vault.start(stack.env, time.monotonic() + VAULT_START_SECONDS)
         stack.vault.bootstrap()
     except CommonError as error:
-        raise CliError(f"cannot bring Vault back: {error}") from None
+        raise LabError(f"cannot bring Vault back: {error}") from None
     return "started Vault and unsealed it" if started else "unsealed Vault"
 
 
@@ -254,7 +255,7 @@ def _replace(backup: FileBackup, settings: StackSettings, content: bytes) -> Non
         backup.replace(content)
     except OSError as error:
         backup.restore(settings)
-        raise CliError(f"cannot change {backup.path}: {error}") from None
+        raise LabError(f"cannot change {backup.path}: {error}") from None
 
 
 def _restored(backup: FileBackup, settings: StackSettings) -> str:
@@ -267,7 +268,7 @@ def _wrong_secret(backup: FileBackup, settings: StackSettings) -> None:
         credentials = json.loads(backup.content)
         credentials["secret_id"] = secrets.token_hex(18)  # no secret Vault ever issued
     except (ValueError, TypeError):
-        raise CliError(f"{backup.path} is not the AppRole file bootstrap.py writes") from None
+        raise LabError(f"{backup.path} is not the AppRole file bootstrap.py writes") from None
     _replace(backup, settings, json.dumps(credentials, indent=2).encode() + b"\n")
 
 
@@ -352,7 +353,7 @@ def _pinned_root(stack: NativeStack, upstream: str) -> tuple[Path, x509.Certific
     try:
         return path, x509.load_pem_x509_certificate(path.read_bytes())
     except (OSError, ValueError) as error:
-        raise CliError(f"cannot read the pinned root {path}: {error}") from None
+        raise LabError(f"cannot read the pinned root {path}: {error}") from None
 
 
 @dataclass(frozen=True)
@@ -423,13 +424,16 @@ def run_fault(number: int, fault: Fault, run: LabRun) -> list[bool]:
         say(f"    the first refusal as the client saw it: {refusals[0]}")
     say(f"    undone: {undone}")
     restored = time.monotonic()
-    added: list[x509.Certificate] = []
-    while time.monotonic() < restored + RECOVERY_BUDGET_SECONDS:
+
+    def new_cas() -> tuple[list[x509.Certificate], list[x509.Certificate]] | None:
+        """The CAs the bundle gained since the fault, and the whole bundle; None: none yet."""
         now = _bundle(settings)
         if added := [cert for fingerprint, cert in now.items() if fingerprint not in before]:
-            pool = list(now.values())
-            break
-        time.sleep(POLL_SECONDS)
+            return added, list(now.values())
+        return None
+
+    found = poll_until(new_cas, timeout=RECOVERY_BUDGET_SECONDS, interval=POLL_SECONDS)
+    added, pool = found or ([], [])
     verified = bool(added) and all(chains_to(cert, pool, run.root) for cert in added)
     checks.append(verified)
     if not added:
@@ -455,7 +459,7 @@ def run_upstream_lab(settings: StackSettings, say: Say) -> bool:
     if upstream == "vault":
         _restore_leftovers(stack, say)
         if (health := stack.vault.health()).state != "active":
-            raise CliError(
+            raise LabError(
                 f"Vault at {stack.vault.address} is {health.state}: `make up` starts and unseals it"
             )
         faults = vault_faults(stack)

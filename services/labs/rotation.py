@@ -15,13 +15,15 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from services.cli.errors import CliError
-from services.cli.lab_support import Say, accounts_served
-from services.cli.teller import TellerClient
 from services.common.identity.workloads import SERVICES
+from services.labs.errors import LabError, LabUsageError
+from services.labs.support import Say, accounts_served
+from services.labs.teller import TellerClient
 from services.stack.native import NativeStack, StackSettings
 
 LATEST_ROTATION = 0.55
+DEFAULT_ROTATIONS = 2
+MAX_ROTATIONS = 5
 PROBE_SECONDS = 0.5
 SLACK_SECONDS = 10.0
 CUSTOMER = "alice"
@@ -52,9 +54,15 @@ def _probe(stack: NativeStack) -> dict[str, tuple[str, datetime]]:
     served = {}
     for name, probe in stack.probes().items():
         if not probe.healthy or probe.svid_serial is None or probe.svid_not_after is None:
-            raise CliError(f"{name} is not healthy ({probe.error}); is the stack up? (make up)")
+            raise LabError(f"{name} is not healthy ({probe.error}); is the stack up? (make up)")
         served[name] = (probe.svid_serial, datetime.fromisoformat(probe.svid_not_after))
     return served
+
+
+def check_rotations(rotations: int) -> None:
+    """Refuse, before anything runs, a number of rotations the lab does not wait for."""
+    if not 1 <= rotations <= MAX_ROTATIONS:
+        raise LabUsageError(f"--rotations must be between 1 and {MAX_ROTATIONS} (got {rotations})")
 
 
 def run_rotation_lab(settings: StackSettings, say: Say, *, rotations: int) -> bool:

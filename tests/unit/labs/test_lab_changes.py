@@ -5,11 +5,11 @@ from pathlib import Path
 
 import pytest
 
-from services.cli.errors import CliError
-from services.cli.lab_policy import KEPT, ROUTE, withdraw_route
-from services.cli.lab_upstream import RootKey, chains_to
 from services.common.authz.policy import Policy
 from services.common.identity.spiffe_id import SpiffeId
+from services.labs.errors import LabError
+from services.labs.policy import KEPT, ROUTE, withdraw_route
+from services.labs.upstream import RootKey, chains_to
 from tests.support.pki import create_intermediate_ca, create_root_ca
 
 TD = "ztbank.example"
@@ -83,7 +83,7 @@ def test_only_the_patterns_matching_the_route_are_withdrawn_and_only_from_the_te
     ],
 )
 def test_a_policy_the_lab_cannot_edit_is_refused(text: str, mentions: str) -> None:
-    with pytest.raises(CliError, match=mentions):
+    with pytest.raises(LabError, match=mentions):
         withdraw_route(text, TD, TELLER)
 
 
@@ -122,7 +122,7 @@ def test_a_key_both_aside_and_in_place_is_left_to_the_operator(tmp_path: Path) -
     key.path.write_bytes(b"one")
     key.aside.write_bytes(b"two")
 
-    with pytest.raises(CliError, match="keep the right one"):
+    with pytest.raises(LabError, match="keep the right one"):
         key.left_offline()
     assert key.path.read_bytes() == b"one"
     assert key.aside.read_bytes() == b"two"
@@ -131,6 +131,6 @@ def test_a_key_both_aside_and_in_place_is_left_to_the_operator(tmp_path: Path) -
 def test_a_missing_root_key_is_one_line_not_a_traceback(tmp_path: Path) -> None:
     key = RootKey(tmp_path / "root-ca.key")
 
-    with pytest.raises(CliError, match="cannot take the root key offline"):
+    with pytest.raises(LabError, match="cannot take the root key offline"):
         key.take_offline()
     assert not key.aside.exists()

@@ -25,26 +25,25 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from services.cli.errors import CliError
-from services.cli.lab_support import (
+from services.common.identity.workloads import GATEWAY, TELLER
+from services.labs.errors import LabError
+from services.labs.support import (
     FileBackup,
     Say,
     interrupted_by_termination,
     last_gateway_denial,
     mint_teller_svid,
     policy_lock,
+    seconds_until,
     service_starts,
     unrestarted,
     verdict,
     watched_file,
 )
-from services.cli.teller import Reply, TellerClient
-from services.common.identity.workloads import GATEWAY, TELLER
+from services.labs.teller import Reply, TellerClient
 from services.stack.native import NativeStack, StackSettings
 
 CUSTOMER = "alice"
@@ -69,7 +68,7 @@ def withdraw_route(text: str, trust_domain: str, caller: str) -> tuple[str, list
         document: dict[str, Any] = json.loads(text)
         rules: list[dict[str, Any]] = document["rules"]
     except (ValueError, KeyError, TypeError) as error:
-        raise CliError(f"the policy is not a policy document: {error}") from None
+        raise LabError(f"the policy is not a policy document: {error}") from None
     lost: list[str] = []
     kept = [KEPT]
     for rule in rules:
@@ -83,7 +82,7 @@ def withdraw_route(text: str, trust_domain: str, caller: str) -> tuple[str, list
         lost += matching
         kept += [m for m in methods if m not in matching and m not in kept]
     if not lost:
-        raise CliError(f"no gateway rule of the policy allows the teller {ROUTE}: nothing to deny")
+        raise LabError(f"no gateway rule of the policy allows the teller {ROUTE}: nothing to deny")
     document["rules"] = [r for r in rules if r.get("callers")] + [
         {"service": GATEWAY.name, "methods": kept, "callers": [caller]}
     ]
@@ -110,17 +109,16 @@ def _attempt(client: TellerClient) -> Attempt:
     return Attempt(token.status, client.request("GET", "/v1/accounts", headers=bearer))
 
 
-def _until(check: Callable[[], Attempt], want: int, budget: float) -> tuple[float | None, Attempt]:
-    """Seconds until the route answered ``want`` (None if not within ``budget``), and the last
-    attempt."""
-    started = time.monotonic()
-    while True:
-        attempt = check()
-        if attempt.route_status == want:
-            return time.monotonic() - started, attempt
-        if time.monotonic() >= started + budget:
-            return None, attempt
-        time.sleep(POLL_SECONDS)
+def _until(client: TellerClient, want: int) -> tuple[float | None, Attempt]:
+    """Seconds until the route answered ``want`` (None if not within RELOAD_BUDGET_SECONDS),
+    and the last attempt."""
+    attempts: list[Attempt] = []
+
+    def answered() -> bool:
+        attempts.append(_attempt(client))
+        return attempts[-1].route_status == want
+
+    return seconds_until(answered, RELOAD_BUDGET_SECONDS, POLL_SECONDS), attempts[-1]
 
 
 def run_policy_lab(settings: StackSettings, say: Say) -> bool:
@@ -139,7 +137,7 @@ def run_policy_lab(settings: StackSettings, say: Say) -> bool:
 
     before = _attempt(client)
     if before.route_status != 200:
-        raise CliError(
+        raise LabError(
             f"{ROUTE} is not served even before the edit (token: HTTP {before.token_status},"
             f" route: HTTP {before.route_status})"
         )
@@ -154,7 +152,7 @@ def run_policy_lab(settings: StackSettings, say: Say) -> bool:
         try:
             backup.replace(edited.encode())
             say(f"  2 replaced the policy (temp file + rename): the teller loses {lost}")
-            after, refused = _until(lambda: _attempt(client), 403, RELOAD_BUDGET_SECONDS)
+            after, refused = _until(client, 403)
             checks += [after is not None, _refusal_ok(refused.route, teller_id)]
             say(f"  3 {_refusal(refused.route, after)}")
             kept = refused.token_status == 201
@@ -168,7 +166,7 @@ def run_policy_lab(settings: StackSettings, say: Say) -> bool:
     restored = policy.read_bytes() == original
     checks.append(restored)
     say(f"  5 {'restored' if restored else 'could NOT restore'} the original policy file")
-    again, _ = _until(lambda: _attempt(client), 200, RELOAD_BUDGET_SECONDS)
+    again, _ = _until(client, 200)
     checks.append(again is not None)
     served = f"served again after {again:.1f} s" if again is not None else "NOT served again"
     say(f"  6 {ROUTE} {served}")

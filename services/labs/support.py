@@ -1,5 +1,6 @@
-"""What the labs share: a teller SVID minted for them, and the gateway's audit read back
-(native stack, ``ZTBANK_HOME``)."""
+"""What the labs share: a teller SVID minted for them, the gateway's audit read back, the live
+files they edit and put back, and how they wait and give their verdict (native stack, or beside
+the compose stack, ``ZTBANK_HOME``)."""
 
 from __future__ import annotations
 
@@ -18,14 +19,15 @@ from pathlib import Path
 from types import FrameType
 
 from services._proto import issuer_admin_pb2 as pb
-from services.cli.errors import CliError
-from services.cli.teller import TellerClient
 from services.common.discovery.registry import FileRegistry
 from services.common.files import PRIVATE_MODE, write_atomic
 from services.common.identity.source import SvidMaterial, svid_from_pem
 from services.common.identity.workloads import GATEWAY, SERVICES, TELLER
 from services.common.mtls.contexts import pem_client_context
+from services.common.polling import poll_until
 from services.issuer.admin_client import AdminCallError, call_admin
+from services.labs.errors import LabError
+from services.labs.teller import TellerClient
 from services.stack.native import NativeStack, StackSettings
 from services.stack.probe import metric_sample
 
@@ -61,10 +63,18 @@ def _last_denial(settings: StackSettings, fields: dict[str, object]) -> str | No
 def last_gateway_denial(settings: StackSettings, **fields: object) -> str | None:
     """The reason of the gateway's last deny record with these ``fields`` (e.g. the client's
     ``source_port`` or ``cert_serial``); None if none appears within AUDIT_WAIT_SECONDS."""
-    deadline = time.monotonic() + AUDIT_WAIT_SECONDS
-    while (reason := _last_denial(settings, fields)) is None and time.monotonic() < deadline:
-        time.sleep(POLL_SECONDS)
-    return reason
+    return poll_until(
+        lambda: _last_denial(settings, fields), timeout=AUDIT_WAIT_SECONDS, interval=POLL_SECONDS
+    )
+
+
+def seconds_until(check: Callable[[], bool], budget: float, interval: float) -> float | None:
+    """How long ``check`` took to hold, asked every ``interval`` seconds (None: not within
+    ``budget``): what a lab reports of each change it waits for."""
+    started = time.monotonic()
+    if not poll_until(check, timeout=budget, interval=interval):
+        return None
+    return time.monotonic() - started
 
 
 def mint_teller_svid(settings: StackSettings, ttl_seconds: int) -> SvidMaterial:
@@ -74,7 +84,7 @@ def mint_teller_svid(settings: StackSettings, ttl_seconds: int) -> SvidMaterial:
     try:
         minted = call_admin(settings.admin_socket, lambda stub: stub.MintX509SVID(request))
     except AdminCallError as error:
-        raise CliError(f"cannot mint a teller SVID for the lab: {error}") from None
+        raise LabError(f"cannot mint a teller SVID for the lab: {error}") from None
     return svid_from_pem(minted.chain_pem, minted.key_pem, minted.bundle_pem, settings.trust_domain)
 
 
@@ -155,7 +165,7 @@ class FileBackup:
             owner = (status.st_uid, status.st_gid)
             return cls(path, content, stat.S_IMODE(status.st_mode), name, owner)
         except (OSError, UnicodeDecodeError) as error:
-            raise CliError(f"cannot read {path}: {error}") from None
+            raise LabError(f"cannot read {path}: {error}") from None
 
     def save(self, settings: StackSettings) -> None:
         record = {
@@ -182,7 +192,7 @@ class FileBackup:
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError) as error:
-            raise CliError(
+            raise LabError(
                 f"{kept} (a file an earlier lab run kept) is unreadable: {error};"
                 " check the file it names and remove it"
             ) from None
@@ -208,13 +218,13 @@ def watched_file(stack: NativeStack, variable: str, default: Path, what: str) ->
     (compose.yaml gives the lab and the services the same shared file)."""
     if stack.settings.stack_kind == "compose":
         if os.environ.get("CONSUL_HTTP_ADDR"):
-            raise CliError(f"this stack reads its {what} from Consul: edit it there")
+            raise LabError(f"this stack reads its {what} from Consul: edit it there")
         return default
     env = stack.services[GATEWAY.name].environment()
     if env is None:
-        raise CliError("the gateway is not running here; is the stack up? (make up)")
+        raise LabError("the gateway is not running here; is the stack up? (make up)")
     if env.get("CONSUL_HTTP_ADDR"):
-        raise CliError(
+        raise LabError(
             f"this gateway reads its {what} from Consul: the lab runs on the native stack"
         )
     return Path(env.get(variable) or default)
@@ -229,7 +239,7 @@ def accounts_served(
         reply = client.request(
             "GET", ACCOUNTS, headers={"Authorization": f"Bearer {token}"}, connection=connection
         )
-    except CliError:
+    except LabError:
         return False
     return reply.status == 200
 
@@ -276,7 +286,7 @@ def _open_read_only(lock: Path) -> int:
     try:
         return os.open(lock, os.O_RDONLY)
     except OSError as error:
-        raise CliError(f"cannot take the policy lock {lock}: {error}") from None
+        raise LabError(f"cannot take the policy lock {lock}: {error}") from None
 
 
 @contextmanager
@@ -293,7 +303,7 @@ def policy_lock(settings: StackSettings) -> Iterator[None]:
     except PermissionError:
         descriptor = _open_read_only(lock)
     except OSError as error:
-        raise CliError(f"cannot take the policy lock {lock}: {error}") from None
+        raise LabError(f"cannot take the policy lock {lock}: {error}") from None
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX)  # released by close, also if we are killed
         yield

@@ -3,7 +3,7 @@ see (the e2e suite runs the whole lab against a stack; the race below is rare th
 
 from __future__ import annotations
 
-from services.cli.lab_expiry import audited_refusals
+from services.labs.expiry import audited_refusals
 
 HANDSHAKE = (
     "TLS handshake failed: CERTIFICATE_VERIFY_FAILED: certificate verify failed:"

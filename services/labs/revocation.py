@@ -27,21 +27,23 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import ocsp
 
 from services._proto import issuer_admin_pb2 as pb
-from services.cli.lab_support import (
+from services.common.identity.source import SvidMaterial
+from services.common.revocation import RevocationWatcher
+from services.issuer.admin_client import call_admin
+from services.issuer.domain.revocation import crls_url, ocsp_url
+from services.labs.errors import LabUsageError
+from services.labs.support import (
     ACCOUNTS,
     Say,
     accounts_served,
     last_gateway_denial,
     mint_teller_svid,
 )
-from services.cli.teller import TellerClient
-from services.common.identity.source import SvidMaterial
-from services.common.revocation import RevocationWatcher
-from services.issuer.admin_client import call_admin
-from services.issuer.domain.revocation import crls_url, ocsp_url
+from services.labs.teller import TellerClient
 from services.stack.native import StackSettings
 
 VICTIM_TTL_SECONDS = 300
+DEFAULT_BUDGET_SECONDS = 5.0
 POLL_SECONDS = 0.05
 HTTP_TIMEOUT = 5.0
 CUSTOMER = "alice"
@@ -104,6 +106,12 @@ def _listed_in_crls(settings: StackSettings, victim: SvidMaterial) -> bool:
     watcher = RevocationWatcher(crls_url(settings.issuer_url), lambda: victim.bundle)
     watcher.poll()
     return victim.serial in watcher.revoked_serials()
+
+
+def check_budget(budget: float) -> None:
+    """Refuse, before anything runs, a budget no cut-off can meet."""
+    if budget <= 0:
+        raise LabUsageError(f"--budget must be a positive number of seconds (got {budget:g})")
 
 
 def run_revocation_lab(settings: StackSettings, say: Say, *, budget: float) -> bool:

@@ -1,4 +1,6 @@
-"""The CLI acting as the channel app (the ``teller`` identity) against the gateway over mTLS."""
+"""The channel app (the ``teller`` identity) against the gateway over mTLS: the client the labs
+drive, and the one behind ``ztbank login``, ``accounts`` and ``transfer``, the benchmarks and the
+end-to-end tests.  It lives with the labs, which must not import the CLI; the CLI imports it."""
 
 from __future__ import annotations
 
@@ -12,7 +14,6 @@ from typing import Any
 
 from cryptography import x509
 
-from services.cli.errors import CliError, UsageError
 from services.common.discovery.registry import FileRegistry
 from services.common.errors import CommonError
 from services.common.identity.source import SvidMaterial
@@ -27,6 +28,7 @@ from services.common.revocation import (
     RevokedCertificateError,
 )
 from services.issuer.domain.revocation import crls_url
+from services.labs.errors import LabError, LabUsageError
 from services.stack.native import StackSettings, stack_hint, workload_svid
 
 TIMEOUT = 10.0
@@ -68,18 +70,18 @@ class _VerifiedConnection(http.client.HTTPSConnection):
             )
         except CommonError as error:
             self.close()
-            raise CliError(f"the gateway's certificate is not acceptable: {error}") from None
+            raise LabError(f"the gateway's certificate is not acceptable: {error}") from None
         if found != self._expected:
             self.close()
-            raise CliError(f"expected the gateway {self._expected}, got {found}")
+            raise LabError(f"expected the gateway {self._expected}, got {found}")
         try:
             self._revocation(x509.load_der_x509_certificate(der or b""))
         except RevokedCertificateError as error:
             self.close()
-            raise CliError(f"the gateway's certificate is revoked: {error}") from None
+            raise LabError(f"the gateway's certificate is revoked: {error}") from None
         except RevocationError as error:
             self.close()  # fail closed, as the services do
-            raise CliError(f"cannot check the gateway's revocation status: {error}") from None
+            raise LabError(f"cannot check the gateway's revocation status: {error}") from None
 
 
 class TellerClient:
@@ -99,7 +101,7 @@ class TellerClient:
             try:
                 material = workload_svid(settings, TELLER.name)
             except CommonError as error:
-                raise CliError(
+                raise LabError(
                     f"no teller identity ({error}); {stack_hint(settings.home)}"
                 ) from None
         self._material = material
@@ -167,7 +169,7 @@ class TellerClient:
             raw = response.read()
         except (OSError, http.client.HTTPException) as error:
             connection.close()
-            raise CliError(f"cannot reach the gateway at {self._address.target}: {error}") from None
+            raise LabError(f"cannot reach the gateway at {self._address.target}: {error}") from None
         if not keep:
             connection.close()
         try:
@@ -208,9 +210,10 @@ class TellerClient:
         return reply
 
 
-def refusal(reply: Reply) -> CliError:
-    """A gateway error as a CLI error: 4xx is the user's to fix (exit 2), the rest exit 1."""
+def refusal(reply: Reply) -> LabError:
+    """A gateway error as a lab error: 4xx is the caller's to fix (the usage kind), the rest a
+    failure."""
     body = reply.body
     detail = (body.get("detail") or body.get("title")) if isinstance(body, dict) else body
-    error_type = UsageError if 400 <= reply.status < 500 else CliError
+    error_type = LabUsageError if 400 <= reply.status < 500 else LabError
     return error_type(f"gateway answered {reply.status}: {detail}")

@@ -11,8 +11,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from services.common.files import PUBLIC_MODE, write_atomic, write_private_key
-from services.issuer.adapters.upstream import SignedCA
 from services.issuer.domain.certificates import build_root_ca, new_key, sign_signing_ca
+from services.issuer.domain.upstream import SignedCA
 from services.issuer.errors import UpstreamError
 
 ROOT_CERT_FILE = "root-ca.pem"

@@ -1,0 +1,11 @@
+"""The labs' error root: a lab that cannot go on raises one of these, and whoever runs it (the
+CLI, a test) decides what that means for its caller, e.g. an exit code."""
+
+
+class LabError(Exception):
+    """The stack refused or failed what a lab (or the teller client it drives) asked of it."""
+
+
+class LabUsageError(LabError):
+    """What a lab was asked cannot be done as asked: an option out of range, a stack the lab
+    does not run on, a request the gateway refused as the caller's mistake (4xx)."""
