@@ -129,6 +129,9 @@ class RootKey:
             raise LabError(f"cannot take the root key offline: {error}") from None
 
     def put_back(self) -> str:
+        # Also called when the lab was interrupted before the key went aside: nothing to do.
+        if self.path.exists() and not self.aside.exists():
+            return f"the root key stayed at {self.path}"
         # rename(2) replaces nothing here: the issuer never writes the root key.
         try:
             os.rename(self.aside, self.path)
@@ -377,8 +380,10 @@ def run_fault(number: int, fault: Fault, run: LabRun) -> list[bool]:
         log.start()
     with interrupted_by_termination():
         say(f"  {number} fault: {fault.what} ({fault.how})")
-        fault.make()
+        # Made inside the try: an interrupt that lands while it is being made (just after the
+        # rename, say) still undoes it. Every undo copes with a fault never made.
         try:
+            fault.make()
             _renew(settings)
             say("    asked the issuer to renew its signing CA now (admin RenewCA)")
             deadline = time.monotonic() + FAILURE_BUDGET_SECONDS

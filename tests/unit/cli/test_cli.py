@@ -36,7 +36,7 @@ def admin_calls(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
         calls.append(socket_path)
         return call_admin(socket_path, call)  # type: ignore[arg-type]
 
-    monkeypatch.setattr("services.cli.main.call_admin", spy)
+    monkeypatch.setattr("services.cli.commands.identity.call_admin", spy)
     return calls
 
 

@@ -12,17 +12,16 @@ import pytest
 from fastapi.routing import APIRoute
 
 from services.cli import main as cli
-from services.cli.errors import CliError, UsageError
-from services.cli.workload_cmd import (
+from services.cli.commands.env import compose_environment, format_environment
+from services.cli.commands.workload import (
     Target,
-    compose_environment,
-    format_environment,
     grant,
     parse_target,
     scheme_name,
     withdraw,
     workload_id,
 )
+from services.cli.errors import CliError, UsageError
 from services.common.authz.policy import parse_policy
 from services.common.identity.spiffe_id import DEFAULT_TRUST_DOMAIN
 from services.common.identity.workloads import TELLER

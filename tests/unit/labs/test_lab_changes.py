@@ -117,6 +117,16 @@ def test_the_root_key_goes_aside_and_back_unchanged(tmp_path: Path) -> None:
     assert not key.left_offline()
 
 
+def test_putting_back_a_key_that_never_went_aside_changes_nothing(tmp_path: Path) -> None:
+    """The lab undoes a fault also when an interrupt landed before it was made."""
+    key = RootKey(tmp_path / "root-ca.key")
+    key.path.write_bytes(b"secret")
+
+    assert key.put_back() == f"the root key stayed at {key.path}"
+    assert key.path.read_bytes() == b"secret"
+    assert not key.aside.exists()
+
+
 def test_a_key_both_aside_and_in_place_is_left_to_the_operator(tmp_path: Path) -> None:
     key = RootKey(tmp_path / "root-ca.key")
     key.path.write_bytes(b"one")

@@ -1,5 +1,5 @@
-"""``ztbank workload add|list|remove`` and ``ztbank env``: a team's workload onboarded onto the
-running stack, and what its client needs to reach it (docs/ci.md).
+"""``ztbank workload add|list|remove``: a team's workload onboarded onto the running stack
+(docs/ci.md); ``ztbank env`` (services/cli/commands/env.py) then prints what its client needs.
 
 A workload is a registration entry at the issuer, under the project's ID scheme
 (``spiffe://<td>/env/<env>/zone/az1/team/<team>/svc/<name>``).  On the native stack it is
@@ -23,9 +23,8 @@ import json
 import os
 import pwd
 import re
-import shlex
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -34,10 +33,10 @@ from typing import Any
 from services._proto import issuer_admin_pb2 as pb
 from services._proto import ledger_pb2, risk_pb2
 from services._proto.issuer_admin_grpc import IssuerAdminStub
+from services.cli.commands.common import Groups, Parser, with_stack_settings
 from services.cli.errors import CliError, UsageError
 from services.common.authz.audit import AuditLog, AuditRecord
 from services.common.authz.policy import RELOAD_CHECK_SECONDS, PolicyError, parse_policy
-from services.common.discovery.registry import FileRegistry
 from services.common.files import write_atomic
 from services.common.identity.spiffe_id import SpiffeId
 from services.common.identity.workloads import CONSOLE, GATEWAY, OPS, RISK, SERVICES, TELLER, ZONE
@@ -45,18 +44,9 @@ from services.common.identity.workloads import ENV as DEFAULT_ENV
 from services.common.settings import MAX_SOCKET_PATH
 from services.gateway.route_table import GATEWAY_ROUTES
 from services.issuer.admin_client import AdminCallError, call_admin
-from services.issuer.domain.revocation import crls_url, ocsp_url, parse_reason
+from services.issuer.domain.revocation import parse_reason
 from services.labs.support import policy_lock, watched_file
-from services.stack.compose import (
-    ISSUER_HTTP,
-    ISSUER_SERVICE,
-    WORKLOAD_API_SOCKET,
-    ComposeStack,
-    ComposeUsageError,
-    Docker,
-    open_stack,
-)
-from services.stack.native import NativeStack, StackSettings, stack_hint, stack_running
+from services.stack.native import NativeStack, StackSettings, stack_hint
 
 # One label for the socket name, the SPIFFE ID's path segment and a DNS name alike.
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
@@ -70,9 +60,7 @@ REVOKE_REASON = "cessationOfOperation"
 # A rule written at T decides every request that arrives after T + RELOAD_CHECK_SECONDS (each
 # service re-checks the file at most that often, on a request); the margin covers a slow stat.
 RELOAD_WAIT_SECONDS = RELOAD_CHECK_SECONDS + 0.2
-FORMATS = ("shell", "dotenv", "json")
 UID_SELECTOR = "unix:uid:"
-COMPOSE_GATEWAY_URL = "https://gateway:8443"  # as a container on the compose network sees it
 
 
 def _grpc_methods(*files: Any) -> tuple[str, ...]:
@@ -282,7 +270,9 @@ class OpsAudit:
             log.close()
 
 
-def _entries(settings: StackSettings) -> list[pb.Entry]:
+def list_entries(settings: StackSettings) -> list[pb.Entry]:
+    """Every registration entry at the running issuer; no issuer is a failure that says how to
+    start the stack."""
     try:
         reply = call_admin(settings.admin_socket, lambda s: s.ListEntries(pb.ListEntriesRequest()))
     except AdminCallError as error:
@@ -290,7 +280,8 @@ def _entries(settings: StackSettings) -> list[pb.Entry]:
     return list(reply.entries)
 
 
-def _entries_of(entries: list[pb.Entry], name: str) -> list[pb.Entry]:
+def entries_of(entries: list[pb.Entry], name: str) -> list[pb.Entry]:
+    """The entries of workload ``name``: by its SPIFFE ID under the scheme, or its own socket."""
     socket = f"ztbank:socket:{name}"
     return [e for e in entries if scheme_name(e.spiffe_id) == name or socket in e.selectors]
 
@@ -370,7 +361,7 @@ def cmd_workload_add(args: argparse.Namespace, settings: StackSettings) -> int:
 def _add(args: argparse.Namespace, settings: StackSettings) -> int:
     request = _add_request(args, settings)
     spiffe_id = str(request.spiffe_id)
-    existing = _entries_of(_entries(settings), request.name)
+    existing = entries_of(list_entries(settings), request.name)
     other = [e for e in existing if e.spiffe_id != spiffe_id]
     if other:
         raise UsageError(
@@ -454,7 +445,7 @@ def _remove(args: argparse.Namespace, settings: StackSettings) -> int:
     name = check_label("name", args.name)
     if name in RESERVED:
         raise UsageError(f"{name!r} is one of the stack's own workloads; it cannot be removed")
-    entries = _entries_of(_entries(settings), name)
+    entries = entries_of(list_entries(settings), name)
     if not entries:
         raise UsageError(f"no workload {name!r} (see `ztbank workload list`)")
     audit = OpsAudit(settings)
@@ -511,7 +502,7 @@ def cmd_workload_list(args: argparse.Namespace, settings: StackSettings) -> int:
             name in RESERVED,
             None if text is None else granted(text, settings.trust_domain, entry.spiffe_id),
         )
-        for entry in _entries(settings)
+        for entry in list_entries(settings)
         if (name := scheme_name(entry.spiffe_id)) is not None
     ]
     if args.json:
@@ -525,142 +516,14 @@ def cmd_workload_list(args: argparse.Namespace, settings: StackSettings) -> int:
     return 0
 
 
-# -- env ---------------------------------------------------------------------------------------
-
-
-def client_environment(settings: StackSettings, workload: str | None) -> dict[str, str]:
-    """What a client of the running native stack needs: paths and URLs, never key material."""
-    if not stack_running(settings.home):
-        raise CliError(f"no running stack: {stack_hint(settings.home)}")
-    gateway = FileRegistry(settings.registry).lookup(GATEWAY.name)
-    values = {
-        "ZTBANK_HOME": str(settings.home),
-        "ZTBANK_TRUST_DOMAIN": settings.trust_domain,
-        "ZTBANK_GATEWAY_URL": f"https://{gateway.host}:{gateway.port}",
-        "ZTBANK_GATEWAY_SPIFFE_ID": str(GATEWAY.spiffe_id(settings.trust_domain)),
-        "ZTBANK_TRUST_BUNDLE": str(settings.certs_dir / "root-ca.pem"),
-        "ZTBANK_CRL_URL": crls_url(settings.issuer_url),
-        "ZTBANK_OCSP_URL": ocsp_url(settings.issuer_url),
-    }
-    if workload is not None:
-        check_label("--workload", workload)
-        entries = _entries_of(_entries(settings), workload)
-        if not entries:
-            raise UsageError(
-                f"no workload {workload!r} on this stack; onboard it with"
-                f" `ztbank workload add {workload} --team TEAM`"
-            )
-        own_socket = any(f"ztbank:socket:{workload}" in e.selectors for e in entries)
-        values["SPIFFE_ENDPOINT_SOCKET"] = (
-            f"unix://{settings.workload_socket_for(workload)}"
-            if own_socket
-            else settings.default_workload_endpoint
-        )
-        values["ZTBANK_WORKLOAD_SPIFFE_ID"] = entries[0].spiffe_id
-    return values
-
-
-def running_compose_stack() -> ComposeStack | None:
-    """The compose project (``COMPOSE_PROJECT_NAME``, else ``.env``'s) if it has containers;
-    None without a Docker engine or a compose tool."""
-    docker = Docker()
-    if not docker.engine_answers():
-        return None
-    try:
-        stack = open_stack(docker, "no")
-    except ComposeUsageError:
-        return None
-    return None if stack.file_in_use() is None else stack
-
-
-def compose_environment(stack: ComposeStack, workload: str | None) -> dict[str, str]:
-    """What a client container on the compose network needs, as names seen from inside it
-    (docs/ci.md). No trust bundle file: the ``ca`` volume also holds the root's key, so the
-    client takes the bundle that comes with its SVID from the Workload API."""
-    ready = {state.service for state in stack.states() if state.ready}
-    missing = [name for name in (ISSUER_SERVICE, GATEWAY.name) if name not in ready]
-    if missing:
-        raise CliError(
-            f"compose project {stack.project}: {', '.join(missing)} not ready (make status)"
-        )
-    trust_domain = stack.settings()["ZTBANK_TRUST_DOMAIN"]
-    values = {
-        "ZTBANK_TRUST_DOMAIN": trust_domain,
-        "ZTBANK_GATEWAY_URL": COMPOSE_GATEWAY_URL,
-        "ZTBANK_GATEWAY_SPIFFE_ID": str(GATEWAY.spiffe_id(trust_domain)),
-        "ZTBANK_CRL_URL": crls_url(f"http://{ISSUER_HTTP}"),
-        "ZTBANK_OCSP_URL": ocsp_url(f"http://{ISSUER_HTTP}"),
-        "ZTBANK_COMPOSE_NETWORK": f"{stack.project}_default",
-        "ZTBANK_WORKLOAD_API_VOLUME": f"{stack.project}_workload-api",
-    }
-    if workload is not None:
-        check_label("--workload", workload)
-        listed = stack.compose("exec", "-T", ISSUER_SERVICE, "ztbank", "workload", "list", "--json")
-        try:
-            if listed.returncode != 0:
-                raise ValueError(f"exit code {listed.returncode}")
-            rows = [row for row in json.loads(listed.stdout) if row["name"] == workload]
-        except (ValueError, TypeError, KeyError) as error:
-            raise CliError(
-                f"`ztbank workload list` failed in {stack.project}'s issuer container: {error}"
-            ) from None
-        if not rows:
-            raise UsageError(
-                f"no workload {workload!r} on compose project {stack.project}; onboard it in the"
-                f" issuer's container: `ztbank workload add {workload} --team TEAM --uid UID`"
-            )
-        values["SPIFFE_ENDPOINT_SOCKET"] = WORKLOAD_API_SOCKET
-        values["ZTBANK_WORKLOAD_SPIFFE_ID"] = rows[0]["spiffe_id"]
-        uids = [s.removeprefix(UID_SELECTOR) for s in rows[0]["selectors"]]
-        if uid := next((u for u in uids if u.isdigit()), None):
-            values["ZTBANK_WORKLOAD_UID"] = uid  # the container's --user
-    return values
-
-
-def format_environment(values: dict[str, str], style: str) -> str:
-    if style == "json":
-        return json.dumps(values, indent=2)
-    for name, value in values.items():
-        if "\n" in value:  # one variable a line in every format
-            raise CliError(f"{name} holds a line break; it cannot be printed as {style}")
-    if style == "dotenv":
-        # Unquoted: GitHub's $GITHUB_ENV and GitLab's dotenv reports take the value verbatim.
-        return "\n".join(f"{name}={value}" for name, value in values.items())
-    return "\n".join(f"export {name}={shlex.quote(value)}" for name, value in values.items())
-
-
-def cmd_env(args: argparse.Namespace, settings: StackSettings) -> int:
-    compose = None if stack_running(settings.home) else running_compose_stack()
-    values = (
-        compose_environment(compose, args.workload)
-        if compose is not None
-        else client_environment(settings, args.workload)
-    )
-    print(format_environment(values, args.format))
-    return 0
-
-
 # -- the parser --------------------------------------------------------------------------------
 
 
-def register(
-    groups: argparse._SubParsersAction[Any],
-    parser_class: type[argparse.ArgumentParser],
-    settings: Callable[[argparse.Namespace], StackSettings],
-) -> None:
-    """``workload`` and ``env`` on the ``ztbank`` parser; handlers get the stack's settings."""
-
-    def bind(
-        handler: Callable[[argparse.Namespace, StackSettings], int],
-    ) -> Callable[[argparse.Namespace], int]:
-        def run(args: argparse.Namespace) -> int:
-            return handler(args, settings(args))
-
-        return run
-
+def register(groups: Groups) -> None:
+    """``workload`` on the ``ztbank`` parser; its handlers get the stack's settings."""
     workload = groups.add_parser(
         "workload", help="onboard a team's workload onto the running stack (docs/ci.md)"
-    ).add_subparsers(dest="command", required=True, parser_class=parser_class)
+    ).add_subparsers(dest="command", required=True, parser_class=Parser)
     add = workload.add_parser(
         "add", help="register a workload and, if asked, let it call a service"
     )
@@ -678,19 +541,12 @@ def register(
         type=int,
         help="attest it by this uid on the shared socket (compose), not by a socket of its own",
     )
-    add.set_defaults(handler=bind(cmd_workload_add))
+    add.set_defaults(handler=with_stack_settings(cmd_workload_add))
     listing = workload.add_parser("list", help="the workloads registered and what they may call")
     listing.add_argument("--json", action="store_true")
-    listing.set_defaults(handler=bind(cmd_workload_list))
+    listing.set_defaults(handler=with_stack_settings(cmd_workload_list))
     remove = workload.add_parser(
         "remove", help="revoke a workload's SPIFFE ID, delete its entry and withdraw its rules"
     )
     remove.add_argument("name")
-    remove.set_defaults(handler=bind(cmd_workload_remove))
-
-    env = groups.add_parser(
-        "env", help='what a client needs for the running stack, e.g. eval "$(ztbank env ...)"'
-    )
-    env.add_argument("--workload", help="add its Workload API socket (SPIFFE_ENDPOINT_SOCKET)")
-    env.add_argument("--format", choices=FORMATS, default="shell")
-    env.set_defaults(handler=bind(cmd_env))
+    remove.set_defaults(handler=with_stack_settings(cmd_workload_remove))

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
 
+from services.cli.commands.common import Groups, Parser
 from services.cli.errors import CliError
 from services.stack.vault_tls import VaultTls, VaultTlsError, ensure_vault_tls
 
@@ -21,11 +21,10 @@ def cmd_vault_tls(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(
-    groups: argparse._SubParsersAction[Any], parser_class: type[argparse.ArgumentParser]
-) -> None:
+def register(groups: Groups) -> None:
+    """``vault`` on the ``ztbank`` parser."""
     vault = groups.add_parser("vault", help="Vault, the issuer's upstream").add_subparsers(
-        dest="vault_command", required=True, parser_class=parser_class
+        dest="vault_command", required=True, parser_class=Parser
     )
     tls = vault.add_parser(
         "tls",

@@ -1,0 +1,130 @@
+"""``ztbank up|console|down|reset|status``: the native stack (services/stack/native.py) as one
+command each, and the lab console served beside it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+
+from services.cli.commands.common import Groups, stack_settings
+from services.cli.errors import CliError
+from services.stack.native import (
+    NativeStack,
+    StackError,
+    StackStatus,
+    locate_settings,
+    stack_healthy,
+    status_document,
+)
+
+
+def _print_status(status: StackStatus) -> None:
+    print(f"trust domain {status.trust_domain}  root CA {status.root_ca}")
+    running = "running" if status.issuer_running else "stopped"
+    print(f"{'issuer':<16} {running}, Workload API {status.issuer_socket}")
+    print(f"{'':<16} CRLs {status.issuer_crl_url}  OCSP {status.issuer_ocsp_url}")
+    if (authority := status.issuer_authority) is not None:
+        print(
+            f"{'':<16} signing CA {authority.active_ca_serial} until"
+            f" {authority.active_ca_not_after} ({authority.upstream} upstream),"
+            f" {authority.entries} entries, CRL #{authority.crl_number},"
+            f" {authority.revoked_certificates} certificates and"
+            f" {len(authority.revoked_spiffe_ids)} SPIFFE IDs revoked"
+        )
+        if authority.ca_chain:
+            chain = " <- ".join(f"{c['subject']} ({c['serial'][:8]}…)" for c in authority.ca_chain)
+            print(f"{'':<16} chain {chain}")
+        if authority.upstream_error:
+            print(f"{'':<16} UPSTREAM FAILING: {authority.upstream_error}")
+    if (vault := status.vault) is not None:
+        version = f" ({vault.version})" if vault.version else ""
+        process = "" if vault.running else ", not running"
+        print(f"{'vault':<16} {vault.address:<24} {vault.state}{version}{process}  log {vault.log}")
+    for name, probe in status.services.items():
+        health = "healthy" if probe.healthy else f"DOWN ({probe.error})"
+        serial = (
+            f"svid {probe.svid_serial} until {probe.svid_not_after}" if probe.svid_serial else ""
+        )
+        print(f"{name:<16} {probe.url:<24} {health}  {probe.spiffe_id}  {serial}")
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    stack = NativeStack(stack_settings(args))
+    try:
+        status = stack.up()
+    except StackError as error:
+        raise CliError(str(error)) from None
+    _print_status(status)
+    print(f"logs in {stack.settings.home / 'log'}; `make down` stops everything")
+    print(f"lab console: `make console`, then open {stack.settings.console_url}")
+    return 0
+
+
+def cmd_console(args: argparse.Namespace) -> int:
+    from services.console.server import serve_console  # FastAPI: only for this command
+    from services.console.settings import CONSOLE_HOST, ConsoleSettings
+
+    overrides = {"trust_domain": args.trust_domain} if args.trust_domain else {}
+    settings = locate_settings(ConsoleSettings, **overrides)
+    with socket.socket() as probe:
+        # As uvicorn binds: connections of a console just stopped (TIME_WAIT) are no console.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((CONSOLE_HOST, settings.console_port))
+        except OSError as error:
+            raise CliError(
+                f"cannot listen on {CONSOLE_HOST}:{settings.console_port} ({error.strerror});"
+                " is a console already running? (ZTBANK_CONSOLE_PORT picks another port)"
+            ) from None
+    print(
+        f"lab console on {settings.console_url} for the stack in {settings.home} (Ctrl-C stops it)",
+        flush=True,
+    )
+    serve_console(settings)
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    stopped = NativeStack(stack_settings(args)).down()
+    print(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+    return 0
+
+
+def cmd_reset(args: argparse.Namespace) -> int:
+    stack = NativeStack(stack_settings(args))
+    stack.reset()
+    print(f"stopped everything and wiped {stack.settings.home} (certs kept)")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = NativeStack(stack_settings(args)).status()
+    if args.json:
+        print(json.dumps(status_document(status), indent=2))
+    else:
+        _print_status(status)
+    return 0 if stack_healthy(status) else 1
+
+
+# -- the parser -------------------------------------------------------------------------------
+
+
+def register(groups: Groups) -> None:
+    """``up``, ``console``, ``down``, ``reset`` and ``status`` on the ``ztbank`` parser."""
+    for name, handler, text in (
+        ("up", cmd_up, "start the native stack in the background and wait until healthy"),
+        ("console", cmd_console, "serve the live lab console on 127.0.0.1 (ZTBANK_CONSOLE_PORT)"),
+        ("down", cmd_down, "stop every process `up` started (state is kept)"),
+        ("reset", cmd_reset, "stop everything and wipe ZTBANK_HOME (balances, history, entries)"),
+    ):
+        groups.add_parser(name, help=text).set_defaults(handler=handler)
+    up = groups.choices["up"]
+    up.add_argument(
+        "--upstream",
+        choices=("disk", "vault"),
+        help="who signs the issuer's CA: the root in certs/ (default) or a local Vault (OpenBao)",
+    )
+    status = groups.add_parser("status", help="trust domain, issuer and each service's SVID/health")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(handler=cmd_status)
