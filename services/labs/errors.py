@@ -6,6 +6,12 @@ class LabError(Exception):
     """The stack refused or failed what a lab (or the teller client it drives) asked of it."""
 
 
+class FailedClosedError(LabError):
+    """A request refused because identity or revocation data was missing or stale: the
+    gateway refused the TLS handshake, or this client could not check the gateway's
+    certificate against fresh CRLs. What the outage lab waits for; a crash or a 500 is not."""
+
+
 class LabUsageError(LabError):
     """What a lab was asked cannot be done as asked: an option out of range, a stack the lab
     does not run on, a request the gateway refused as the caller's mistake (4xx)."""

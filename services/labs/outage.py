@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 from services.common.discovery.registry import FileRegistry
 from services.common.identity.workloads import GATEWAY
-from services.labs.errors import LabError, LabUsageError
+from services.common.problem import PROBLEM_MEDIA_TYPE
+from services.labs.errors import FailedClosedError, LabError, LabUsageError
 from services.labs.support import (
     Say,
     mint_teller_svid,
@@ -40,6 +41,10 @@ CUSTOMER = "alice"
 @dataclass(frozen=True)
 class Observation:
     served: bool
+    # Refused for want of fresh identity or revocation data: a 503 problem+json (the gateway
+    # failing closed towards the engine) or a TLS refusal. A 500, a crash or a connection
+    # refused is not failing closed, and does not count as such.
+    closed: bool
     why: str  # what the client saw when not served
     fresh: float | None  # the gateway's revocation_fresh gauge (1 fresh, 0 stale)
 
@@ -51,11 +56,15 @@ def gateway_metric(settings: StackSettings, name: str) -> float | None:
 def _observe(settings: StackSettings, client: TellerClient, token: str) -> Observation:
     try:
         reply = client.request("GET", "/v1/accounts", headers={"Authorization": f"Bearer {token}"})
-        # 503: the gateway failing closed towards the transfer-engine.
-        served, why = reply.status == 200, f"HTTP {reply.status}"
+        problem = reply.headers.get("content-type", "").startswith(PROBLEM_MEDIA_TYPE)
+        served, closed = reply.status == 200, reply.status == 503 and problem
+        detail = reply.body.get("detail") if isinstance(reply.body, dict) else None
+        why = f"HTTP {reply.status}" + (f": {detail}" if detail else "")
+    except FailedClosedError as error:
+        served, closed, why = False, True, str(error)
     except LabError as error:
-        served, why = False, str(error)
-    return Observation(served, why, gateway_metric(settings, "revocation_fresh"))
+        served, closed, why = False, False, str(error)
+    return Observation(served, closed, why, gateway_metric(settings, "revocation_fresh"))
 
 
 def run_outage_lab(settings: StackSettings, say: Say) -> bool:
@@ -92,20 +101,24 @@ def run_outage_lab(settings: StackSettings, say: Say) -> bool:
             f" the gateway's SVID has {left if left is None else round(left)} s left"
         )
         closed_after = alert_after = None
-        why = ""
+        why = unexpected = ""
         while time.monotonic() < stopped + deadline_closed and (
             closed_after is None or alert_after is None
         ):
             seen = _observe(settings, client, token)
-            if closed_after is None and not seen.served:
+            if closed_after is None and seen.closed:
                 closed_after, why = time.monotonic() - stopped, seen.why
+            elif not seen.served and not seen.closed:
+                unexpected = unexpected or seen.why
             if alert_after is None and seen.fresh == 0.0:
                 alert_after = time.monotonic() - stopped
             time.sleep(POLL_SECONDS)
-        checks += [closed_after is not None, alert_after is not None]
+        checks += [closed_after is not None, alert_after is not None, not unexpected]
         say(f"  3 {_when('refused (fail closed)', closed_after, deadline_closed)}")
         if why:
             say(f"    as the client saw it: {why}")
+        if unexpected:
+            say(f"    ALSO refused otherwise, which is not failing closed: {unexpected}")
         say(f"  4 {_when('revocation_fresh dropped to 0', alert_after, deadline_closed)}")
     finally:
         stack.issuer.start(issuer_env)

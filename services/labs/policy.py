@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.common.identity.workloads import GATEWAY, TELLER
+from services.common.problem import PROBLEM_MEDIA_TYPE
 from services.labs.errors import LabError
 from services.labs.support import (
     FileBackup,
@@ -53,7 +54,6 @@ CLIENT_TTL_SECONDS = 300
 # The gateway checks the file at most every 0.5 s (services.common.authz.policy), on a request.
 RELOAD_BUDGET_SECONDS = 5.0
 POLL_SECONDS = 0.1
-PROBLEM_MEDIA_TYPE = "application/problem+json"
 BACKUP_NAME = "policy"
 
 

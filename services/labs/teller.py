@@ -28,7 +28,7 @@ from services.common.revocation import (
     RevokedCertificateError,
 )
 from services.issuer.domain.revocation import crls_url
-from services.labs.errors import LabError, LabUsageError
+from services.labs.errors import FailedClosedError, LabError, LabUsageError
 from services.stack.native import StackSettings, stack_hint, workload_svid
 
 TIMEOUT = 10.0
@@ -81,7 +81,9 @@ class _VerifiedConnection(http.client.HTTPSConnection):
             raise LabError(f"the gateway's certificate is revoked: {error}") from None
         except RevocationError as error:
             self.close()  # fail closed, as the services do
-            raise LabError(f"cannot check the gateway's revocation status: {error}") from None
+            raise FailedClosedError(
+                f"cannot check the gateway's revocation status: {error}"
+            ) from None
 
 
 class TellerClient:
@@ -167,6 +169,11 @@ class TellerClient:
             connection.request(method, path, body=payload, headers=all_headers)
             response = connection.getresponse()
             raw = response.read()
+        except ssl.SSLError as error:
+            connection.close()
+            raise FailedClosedError(
+                f"the TLS handshake with the gateway at {self._address.target} failed: {error}"
+            ) from None
         except (OSError, http.client.HTTPException) as error:
             connection.close()
             raise LabError(f"cannot reach the gateway at {self._address.target}: {error}") from None

@@ -30,7 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricReader
 
 from services.common.authz import audit as audit_module
-from services.common.authz.audit import AuditLog, AuditRecord
+from services.common.authz.audit import AuditLog, AuditRecord, AuditWriteError
 from services.common.authz.policy import Policy
 from services.common.discovery.registry import RegistryError, ServiceAddress, write_registry
 from services.common.errors import ChannelClosedError
@@ -956,3 +956,51 @@ def test_https_keep_alive_connection_ends_when_the_client_svid_expires(
             ask_again()
     finally:
         connection.close()
+
+
+FULL_DISK = "audit log not writable: no space left on device"
+
+
+def audit_fails(monkeypatch: pytest.MonkeyPatch, log: AuditLog) -> None:
+    """The log's disk is full (what ``AuditLog`` raises then: tests/unit/common/test_audit.py)."""
+
+    def full(_data: bytes) -> None:
+        raise AuditWriteError(FULL_DISK)
+
+    monkeypatch.setattr(log, "_append", full)
+
+
+def test_https_request_whose_audit_cannot_be_written_is_refused_with_503_and_the_cause(
+    authority: Authority,
+    https_server: HttpsServer,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    context = client_context(authority.svid(TELLER_ID))
+    audit_fails(monkeypatch, https_server.audit)
+
+    reply = https_get(https_server.port, context)
+
+    assert (reply.status, reply.content_type) == (503, "application/problem+json")
+    assert reply.json()["detail"] == FULL_DISK
+    assert "spiffe_id" not in reply.json()  # nothing of the app's answer left unaudited
+    assert "Traceback" not in caplog.text
+    assert f"refused GET /v1/accounts: {FULL_DISK}" in caplog.text
+    monkeypatch.undo()  # space is back: served again, no restart
+    assert https_get(https_server.port, context).status == 200
+
+
+def test_grpc_call_whose_audit_cannot_be_written_is_unavailable_with_the_cause(
+    authority: Authority,
+    grpc_server: GrpcServer,
+    client_to: ClientTo,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    channel = client_to(authority.svid(ENGINE_ID))
+    audit_fails(monkeypatch, grpc_server.audit)
+
+    error = rpc_error(lambda: call_echo(channel))
+
+    assert (error.code(), error.details()) == (grpc.StatusCode.UNAVAILABLE, FULL_DISK)
+    monkeypatch.undo()
+    assert call_echo(channel) == f"ping from {ENGINE_ID}".encode()

@@ -21,6 +21,8 @@ from json.encoder import encode_basestring_ascii
 from pathlib import Path
 from urllib.parse import unquote
 
+from services.common.errors import CommonError
+
 AUDIT_MODE = 0o640
 
 
@@ -57,6 +59,11 @@ class AuditClosedError(RuntimeError):
     """A record was submitted to a closed audit log: it is not written."""
 
 
+class AuditWriteError(CommonError):
+    """The audit log could not take a record (a full disk, say): the request it was for is
+    refused, and the file holds only whole records (the partial write was taken back)."""
+
+
 _FIELD_PREFIXES = tuple((f',"{name}":', name) for name in _FIELD_NAMES)
 
 
@@ -80,6 +87,12 @@ def _line(at: float, record: AuditRecord) -> bytes:
         parts.append(_json_value(getattr(record, name)))
     parts.append("}\n")
     return "".join(parts).encode()
+
+
+def _cause(error: OSError) -> str:
+    """``No space left on device`` -> ``no space left on device``."""
+    text = error.strerror or str(error)
+    return text[:1].lower() + text[1:]
 
 
 def _uncancellable() -> Future[None]:
@@ -141,15 +154,31 @@ class AuditLog:
                     return
                 self._pending, self._pending_written = [], _uncancellable()
             try:
-                data = memoryview(b"".join(_line(at, record) for at, record in batch))
-                while data:
-                    data = data[os.write(self._fd, data) :]
-                if self._fsync:
-                    os.fsync(self._fd)
-            except OSError as error:
+                self._append(b"".join(_line(at, record) for at, record in batch))
+            except AuditWriteError as error:
                 written.set_exception(error)
             else:
                 written.set_result(None)
+
+    def _append(self, data: bytes) -> None:
+        """Append whole lines, or nothing: a write that fails half-way (no space left) is cut
+        back to the last complete record, so every line of the file always parses and the
+        next record does not land on the end of a torn one."""
+        end = os.fstat(self._fd).st_size
+        try:
+            left = memoryview(data)
+            while left:
+                left = left[os.write(self._fd, left) :]
+            if self._fsync:
+                os.fsync(self._fd)
+        except OSError as error:
+            cause = f"audit log not writable: {_cause(error)}"
+            try:
+                os.ftruncate(self._fd, end)
+            except OSError as undo_error:
+                # Stays torn until the next write manages; said, not hidden.
+                cause += f"; its partial last record stays: {_cause(undo_error)}"
+            raise AuditWriteError(cause) from error
 
     def close(self) -> None:
         """Write what was submitted, then close; later submissions are refused."""

@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives import serialization
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
-from services.common.authz.audit import AuditLog, split_address
+from services.common.authz.audit import AuditLog, AuditWriteError, split_address
 from services.common.authz.decisions import ConnectionFacts, DecisionRecorder, TlsFacts
 from services.common.authz.policy import Policy
 from services.common.errors import ChannelClosedError, CommonError
@@ -233,9 +233,14 @@ class AuthorizationInterceptor(grpc.aio.ServerInterceptor):
     ) -> None:
         # The call waits until the record is on disk (shared with others by group commit).
         connection = ConnectionFacts(split_address(context.peer()), self._local, tls)
-        await asyncio.wrap_future(
-            self._decisions.submit(connection, peer, method, decision, reason)
-        )
+        try:
+            await asyncio.wrap_future(
+                self._decisions.submit(connection, peer, method, decision, reason)
+            )
+        except AuditWriteError as error:
+            # Nothing is served unaudited: refused with the cause, no traceback for a full disk.
+            logger.warning("%s: refused %s: %s", self._service, method, error)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
 
     async def _authorize(
         self, method: str, context: grpc.aio.ServicerContext[Any, Any]

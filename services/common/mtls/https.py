@@ -33,7 +33,7 @@ from opentelemetry import trace
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.utils import get_local_addr, get_remote_addr
 
-from services.common.authz.audit import AuditLog
+from services.common.authz.audit import AuditLog, AuditWriteError
 from services.common.authz.decisions import (
     AUTHZ_EVENT,
     TLS_HANDSHAKE_EVENT,
@@ -104,8 +104,12 @@ class HttpsGuard:
         event: str = AUTHZ_EVENT,
     ) -> None:
         """Audit a denial, blocking until it is on disk: rare events (a refused handshake, a
-        connection closed, a request that is not HTTP) whose connection goes right after."""
-        self.decisions.submit(facts, peer, method, "deny", reason, event=event).result()
+        connection closed, a request that is not HTTP) whose connection goes right after, also
+        when the record cannot be written (said in the log: nothing was served)."""
+        try:
+            self.decisions.submit(facts, peer, method, "deny", reason, event=event).result()
+        except AuditWriteError as error:
+            logger.warning("%s: refused %s (%s) unaudited: %s", self.service, method, reason, error)
 
 
 async def _send_problem(
@@ -134,6 +138,18 @@ def _after(written: asyncio.Future[None], send: Send) -> Send:
     return send_when_written
 
 
+class _Answered:
+    """``send`` that remembers whether a response has started to reach the client."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.started = False
+
+    async def __call__(self, message: MutableMapping[str, Any]) -> None:
+        self.started = True
+        await self._send(message)
+
+
 class _ConnectionApp:
     """The application as seen by one verified connection."""
 
@@ -151,6 +167,17 @@ class _ConnectionApp:
             self._guard.refuse(self._facts, self._peer, scope["type"], "not HTTP")
             return
         method = f"{scope['method']} {scope['path']}"
+        answered = _Answered(send)
+        try:
+            await self._guarded(scope, receive, answered, method)
+        except AuditWriteError as error:
+            # Nothing is served unaudited: refused, with the cause, and no traceback for what
+            # an operator expects (a full disk); the next request tries the log again.
+            logger.warning("%s: refused %s: %s", self._guard.service, method, error)
+            if not answered.started:
+                await _send_problem(send, 503, "Service Unavailable", str(error), 1)
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send, method: str) -> None:
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
         with self._guard.telemetry.tracer.start_as_current_span(
             method,

@@ -20,6 +20,7 @@ from services.common.authz.audit import (
     AuditClosedError,
     AuditLog,
     AuditRecord,
+    AuditWriteError,
     split_address,
 )
 
@@ -214,10 +215,12 @@ def test_a_record_that_cannot_be_written_fails_its_caller(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", full_disk)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(AuditWriteError, match="no space left on device"):
         log.record(RECORD)
     monkeypatch.undo()
     log.close()
+    # Its caller was told it failed: the record its request was refused for is not kept.
+    assert (tmp_path / "svc.jsonl").read_bytes() == b""
 
 
 def test_a_closed_log_refuses_records(tmp_path: Path) -> None:
@@ -281,3 +284,40 @@ def test_awkward_text_is_escaped_as_json_dumps_would(audit: AuditLog, reason: st
     assert (line["reason"], line["source_port"]) == (reason, None)
     expected = json.dumps({k: v for k, v in line.items()}, separators=(",", ":"))
     assert raw.decode("ascii") == expected + "\n"
+
+
+class DiskFillsUp:
+    """``os.write`` as a full disk answers it: the first call of a batch writes ``room`` bytes,
+    the next raises ENOSPC; until ``free()``."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, room: int) -> None:
+        self.room = room
+        self.full = True
+        self._write = os.write
+        monkeypatch.setattr(os, "write", self.write)
+
+    def write(self, fd: int, data: bytes | memoryview) -> int:
+        if not self.full:
+            return self._write(fd, data)
+        if self.room:
+            written, self.room = self._write(fd, bytes(data)[: self.room]), 0
+            return written
+        raise OSError(28, "No space left on device")
+
+    def free(self) -> None:
+        self.full = False
+
+
+def test_a_full_disk_refuses_the_record_and_leaves_only_whole_lines(
+    audit: AuditLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    audit.record(RECORD)
+    disk = DiskFillsUp(monkeypatch, room=40)  # a torn record: 40 bytes of the next line
+
+    with pytest.raises(AuditWriteError, match=r"^audit log not writable: no space left on device$"):
+        audit.record(replace(RECORD, reason="the torn one"))
+
+    assert [r["reason"] for r in read_lines(audit.path)] == [RECORD.reason]
+    disk.free()  # space is back: no restart, the next record lands on a line of its own
+    audit.record(replace(RECORD, reason="after recovery"))
+    assert [r["reason"] for r in read_lines(audit.path)] == [RECORD.reason, "after recovery"]
