@@ -37,11 +37,11 @@ def call_admin(socket_path: Path, call: Callable[[IssuerAdminStub], Awaitable[T]
         finally:
             channel.close()
 
-    if not socket_path.exists():
-        raise AdminCallError(
-            f"the issuer is not running (no admin socket at {socket_path})", bad_input=False
-        )
     try:
+        if not socket_path.exists():
+            raise AdminCallError(
+                f"the issuer is not running (no admin socket at {socket_path})", bad_input=False
+            )
         return asyncio.run(run())
     except GRPCError as error:
         message = error.message or error.status.name

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import sqlite3
 import time
@@ -15,7 +16,9 @@ from pathlib import Path
 from grpclib.server import Server
 
 from services._proto import issuer_admin_pb2 as pb
+from services.common.authz.audit import AuditLog, AuditRecord
 from services.common.files import ensure_private_dir
+from services.issuer.adapters.attestation import PeerCredentials
 from services.issuer.adapters.authority_file import AuthorityFile
 from services.issuer.adapters.sqlite_store import SqliteStore
 from services.issuer.adapters.upstream.disk import DiskUpstream
@@ -26,7 +29,7 @@ from services.issuer.domain.service import IssuerService
 from services.issuer.domain.upstream import UpstreamAuthority
 from services.issuer.errors import IssuerError
 from services.issuer.settings import MAX_SVID_TTL, IssuerSettings
-from services.issuer.transport.admin_api import AdminApi
+from services.issuer.transport.admin_api import ADMIN_REFUSAL, AdminApi
 from services.issuer.transport.revocation_http import RevocationEndpoint, create_app
 from services.issuer.transport.workload_api import ChangeFeed, WorkloadApi
 
@@ -37,6 +40,8 @@ MAX_RETRY_DELAY = 30.0
 RECORD_RETENTION = timedelta(days=1)
 PRUNE_INTERVAL = timedelta(hours=1)
 CRL_RETRY_DELAY = 1.0
+# Refusals of the admin API to other uids, under ZTBANK_HOME/audit/.
+ADMIN_AUDIT_FILE = "issuer-admin.jsonl"
 
 
 def build_upstream(settings: IssuerSettings) -> UpstreamAuthority:
@@ -118,6 +123,7 @@ class Issuer:
         self._feed = ChangeFeed()
         self._servers: dict[str | None, tuple[Server, Path]] = {}
         self._admin: Server | None = None
+        self._admin_audit: AuditLog | None = None
         self._maintenance: asyncio.Task[None] | None = None
         # Why the last call to the upstream failed (one line), shown by `ztbank status`.
         self.upstream_error = ""
@@ -138,6 +144,7 @@ class Issuer:
         admin_path = self.settings.admin_socket
         ensure_private_dir(admin_path.parent)
         _claim_socket(admin_path)
+        self._admin_audit = AuditLog(self.settings.home / "audit" / ADMIN_AUDIT_FILE)
         self._admin = Server(
             [
                 AdminApi(
@@ -146,6 +153,7 @@ class Issuer:
                     status=self.status,
                     on_revoke=self._revoked,
                     on_renew=self.renew_ca,
+                    on_refused=self._admin_refused,
                 )
             ]
         )
@@ -297,6 +305,33 @@ class Issuer:
             started=self.started.isoformat(timespec="microseconds"),
         )
 
+    def _admin_refused(self, peer: PeerCredentials, method: str) -> None:
+        """A process of another uid reached the admin socket (its 0600 mode should have kept it
+        out): refused by the uid check, logged and audited."""
+        reason = f"{ADMIN_REFUSAL}: uid {peer.uid} (pid {peer.pid}) is not uid {os.getuid()}"
+        logger.warning("admin API refused %s: %s", method, reason)
+        if self._admin_audit is None:
+            return
+        record = AuditRecord(
+            caller_spiffe_id=None,
+            cert_serial=None,
+            cert_sha256=None,
+            source_addr=f"uid:{peer.uid}",
+            source_port=None,
+            dest_addr=str(self.settings.admin_socket),
+            dest_port=None,
+            tls_version=None,
+            cipher=None,
+            service="issuer",
+            method=f"admin {method}",
+            decision="deny",
+            reason=reason,
+            trace_id=None,
+            event="admin",
+        )
+        # Not waited for: the refusal stands whether or not its record can be written.
+        self._admin_audit.submit(record)
+
     async def stop(self) -> None:
         if self._maintenance is not None:
             self._maintenance.cancel()
@@ -313,6 +348,8 @@ class Issuer:
         for _, path in self._servers.values():
             path.unlink(missing_ok=True)
         self.settings.admin_socket.unlink(missing_ok=True)
+        if self._admin_audit is not None:
+            self._admin_audit.close()
 
 
 def create_issuer(settings: IssuerSettings) -> Issuer:

@@ -15,6 +15,7 @@ from services._proto import issuer_admin_pb2 as pb
 from services._proto.issuer_admin_grpc import IssuerAdminBase
 from services.common.files import private_key_pem
 from services.common.identity.pem import certificates_to_pem, serial_hex
+from services.issuer.adapters.attestation import PeerCredentials
 from services.issuer.domain.entries import Entry
 from services.issuer.domain.revocation import RevocationResult
 from services.issuer.domain.service import IssuerService
@@ -29,6 +30,9 @@ from services.issuer.errors import (
     UnknownSerialError,
 )
 from services.issuer.transport.grpc_peer import stream_credentials
+
+# What a caller of another uid is told (the admin API can mint any identity of the domain).
+ADMIN_REFUSAL = "admin API is for the issuer's own user"
 
 
 def _entry_message(entry: Entry) -> pb.Entry:
@@ -55,6 +59,7 @@ class AdminApi(IssuerAdminBase):
         status: Callable[[], pb.StatusResponse],
         on_revoke: Callable[[], int] = lambda: 0,
         on_renew: Callable[[], None] = lambda: None,
+        on_refused: Callable[[PeerCredentials, str], None] = lambda _peer, _method: None,
     ) -> None:
         """``on_change`` after entries change or a revocation is lifted; ``on_revoke`` after a
         revocation: re-issues the CRLs, wakes the Workload API streams and returns the highest
@@ -64,16 +69,17 @@ class AdminApi(IssuerAdminBase):
         self._status = status
         self._on_revoke = on_revoke
         self._on_renew = on_renew
+        self._on_refused = on_refused
 
-    @staticmethod
-    def _authorize(stream: Any) -> None:
+    def _authorize(self, stream: Any, method: str) -> None:
         # The socket is 0600 in a 0700 directory; the uid check is the second lock on the door.
         creds = stream_credentials(stream)
         if creds.uid not in (0, os.getuid()):
-            raise GRPCError(Status.PERMISSION_DENIED, "admin API is for the issuer's own user")
+            self._on_refused(creds, method)
+            raise GRPCError(Status.PERMISSION_DENIED, ADMIN_REFUSAL)
 
     async def CreateEntry(self, stream: Any) -> None:  # noqa: N802 - generated interface
-        self._authorize(stream)
+        self._authorize(stream, "CreateEntry")
         request = await stream.recv_message()
         try:
             entry = self._service.create_entry(
@@ -88,13 +94,13 @@ class AdminApi(IssuerAdminBase):
         await stream.send_message(_entry_message(entry))
 
     async def ListEntries(self, stream: Any) -> None:  # noqa: N802
-        self._authorize(stream)
+        self._authorize(stream, "ListEntries")
         await stream.recv_message()
         entries = [_entry_message(e) for e in self._service.entries()]
         await stream.send_message(pb.ListEntriesResponse(entries=entries))
 
     async def DeleteEntry(self, stream: Any) -> None:  # noqa: N802
-        self._authorize(stream)
+        self._authorize(stream, "DeleteEntry")
         request = await stream.recv_message()
         try:
             self._service.delete_entry(request.id)
@@ -104,7 +110,7 @@ class AdminApi(IssuerAdminBase):
         await stream.send_message(pb.DeleteEntryResponse())
 
     async def MintX509SVID(self, stream: Any) -> None:  # noqa: N802
-        self._authorize(stream)
+        self._authorize(stream, "MintX509SVID")
         request = await stream.recv_message()
         try:
             svid = self._service.mint(
@@ -129,7 +135,7 @@ class AdminApi(IssuerAdminBase):
         )
 
     async def Revoke(self, stream: Any) -> None:  # noqa: N802
-        self._authorize(stream)
+        self._authorize(stream, "Revoke")
         request = await stream.recv_message()
         try:
             result = self._revoke(request)
@@ -168,12 +174,12 @@ class AdminApi(IssuerAdminBase):
         return self._service.revoke_spiffe_id(request.spiffe_id, request.reason)
 
     async def Status(self, stream: Any) -> None:  # noqa: N802
-        self._authorize(stream)
+        self._authorize(stream, "Status")
         await stream.recv_message()
         await stream.send_message(self._status())
 
     async def RenewCA(self, stream: Any) -> None:  # noqa: N802
-        self._authorize(stream)
+        self._authorize(stream, "RenewCA")
         await stream.recv_message()
         self._on_renew()
         await stream.send_message(pb.RenewCAResponse())
