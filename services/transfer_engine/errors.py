@@ -37,3 +37,8 @@ class RiskUnavailableError(UnavailableError):
 
 class LedgerBusyError(UnavailableError):
     """The ledger database stayed locked or unreachable for longer than the busy timeout."""
+
+
+class LedgerStorageError(UnavailableError):
+    """The ledger's storage failed (a full disk, an I/O error, a read-only file): nothing of
+    the transfer was stored, and the same request may be retried once it is fixed."""

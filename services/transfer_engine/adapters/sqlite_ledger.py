@@ -21,10 +21,14 @@ from services.transfer_engine.domain.model import (
     Transfer,
     TransferStatus,
 )
-from services.transfer_engine.errors import LedgerBusyError
+from services.transfer_engine.errors import LedgerBusyError, LedgerStorageError
 
 # Writers queue behind BEGIN IMMEDIATE for at most this long before the caller sees UNAVAILABLE.
 BUSY_TIMEOUT_SECONDS = 10.0
+# SQLite's answers when the storage itself fails: the client is told UNAVAILABLE with the cause.
+STORAGE_FAILURES = frozenset(
+    {sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_READONLY}
+)
 
 # STRICT: a float (or text) amount is refused by the database itself, not only by the code.
 _SCHEMA = """
@@ -253,9 +257,13 @@ class SqliteLedgerRepository:
         try:
             yield self._thread_connection()
         except sqlite3.OperationalError as error:
-            if error.sqlite_errorcode & 0xFF not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
-                raise
-            raise LedgerBusyError("the ledger is busy; retry later") from error
+            code = error.sqlite_errorcode & 0xFF
+            if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                raise LedgerBusyError("the ledger is busy; retry later") from error
+            if code in STORAGE_FAILURES:
+                # SQLite rolled the transaction back: nothing was stored, a retry is safe.
+                raise LedgerStorageError(f"the ledger's storage failed: {error}") from error
+            raise
 
     @contextmanager
     def write(self) -> Iterator[SqliteLedgerWrite]:

@@ -11,7 +11,7 @@ from services.transfer_engine.adapters import sqlite_ledger
 from services.transfer_engine.adapters.sqlite_ledger import SqliteLedgerRepository
 from services.transfer_engine.domain.ledger import Ledger
 from services.transfer_engine.domain.model import Transfer, TransferStatus
-from services.transfer_engine.errors import LedgerBusyError
+from services.transfer_engine.errors import LedgerBusyError, LedgerStorageError
 from tests.unit.transfer_engine.fakes import FakeClock, FakeRisk
 from tests.unit.transfer_engine.support import SEEDED, balances, transfer_request
 
@@ -93,3 +93,48 @@ def test_a_writer_that_stays_locked_out_gets_busy(
     assert ledger.account("alice", "acc-alice-cny").balance_minor == 1_000_000  # WAL: reads go on
     raw.execute("ROLLBACK")
     assert create(ledger).status is TransferStatus.POSTED
+
+
+def post_until_refused(ledger: Ledger) -> tuple[int, LedgerStorageError]:
+    """Transfers k0, k1, ... until the ledger refuses one: how many posted, and the refusal."""
+    for posted in range(500):  # the free room of the seeded pages runs out on the way
+        try:
+            asyncio.run(ledger.create_transfer(transfer_request(idempotency_key=f"k{posted}")))
+        except LedgerStorageError as error:
+            return posted, error
+    pytest.fail("the ledger never ran out of room")
+
+
+def test_a_full_disk_is_unavailable_with_its_cause_and_money_is_not_lost_or_doubled(
+    ledger: Ledger,
+    repository: SqliteLedgerRepository,
+    raw: sqlite3.Connection,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """SQLite's own limit on the file's size stands for a full disk (SQLITE_FULL, what a full
+    filesystem answers too); every connection of the ledger gets it."""
+    (pages,) = raw.execute("PRAGMA page_count").fetchone()
+    limit = [int(pages)]
+    connect = SqliteLedgerRepository._thread_connection
+
+    def limited(self: SqliteLedgerRepository) -> sqlite3.Connection:
+        db = connect(self)
+        db.execute(f"PRAGMA max_page_count = {limit[0]}")
+        return db
+
+    monkeypatch.setattr(SqliteLedgerRepository, "_thread_connection", limited)
+    posted, error = post_until_refused(ledger)
+    assert str(error) == "the ledger's storage failed: database or disk is full"
+    refused = transfer_request(idempotency_key=f"k{posted}")
+    assert repository.transfer_by_key("alice", refused.idempotency_key) is None
+    moved = posted * refused.amount_minor
+    assert balances(repository)["acc-alice-cny"] == SEEDED["acc-alice-cny"] - moved
+
+    limit[0] = 1_000_000  # space is back: the same request posts, once
+    again = asyncio.run(ledger.create_transfer(refused))
+    assert again.status is TransferStatus.POSTED
+    assert asyncio.run(ledger.create_transfer(refused)).id == again.id
+    assert (
+        balances(repository)["acc-alice-cny"]
+        == SEEDED["acc-alice-cny"] - moved - refused.amount_minor
+    )
