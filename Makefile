@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help install up down logs images console status reset certs issuer proto proto-check lint format test test-unit test-integration test-e2e test-e2e-existing test-compose bench bench-issuer bench-authz bench-bank clean
+.PHONY: help install up down logs images console status reset certs issuer proto proto-check lint format test test-fast test-unit test-integration test-e2e test-e2e-existing test-compose bench bench-issuer bench-authz bench-bank clean
 
 help: ## list the targets
 	@grep -hE '^[a-z0-9%-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -84,9 +84,17 @@ format: install ## apply ruff fixes and formatting
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-test: install ## unit, integration and e2e tests, then the e2e suites once more against an existing stack
-	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+# Test modules run in parallel, TEST_WORKERS at a time (pytest-xdist); a module stays on one
+# worker (--dist loadfile), so one that owns a stack keeps it to itself.
+TEST_WORKERS ?= 2
+PARALLEL = -n $(TEST_WORKERS) --dist loadfile
+
+test: install ## everything: unit, integration and e2e tests, then the e2e suites once more against an existing stack
+	$(BIN)/python -m pytest tests $(PARALLEL) $(PYTEST_ARGS)
 	$(BIN)/python -m tests.e2e.run_existing $(PYTEST_ARGS)
+
+test-fast: install ## unit and integration tests only (no stack), in parallel
+	$(BIN)/python -m pytest tests/unit tests/integration $(PARALLEL) $(PYTEST_ARGS)
 
 test-unit: install ## unit tests only (no processes, no network)
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)

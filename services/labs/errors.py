@@ -8,8 +8,9 @@ class LabError(Exception):
 
 class FailedClosedError(LabError):
     """A request refused because identity or revocation data was missing or stale: the
-    gateway refused the TLS handshake, or this client could not check the gateway's
-    certificate against fresh CRLs. What the outage lab waits for; a crash or a 500 is not."""
+    gateway refused the TLS connection (an alert, or a close right after a TLS 1.3 handshake),
+    or this client could not check the gateway's certificate against fresh CRLs. What the
+    outage lab waits for; a 500 or a gateway that does not listen is not."""
 
 
 class LabUsageError(LabError):

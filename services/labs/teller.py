@@ -169,10 +169,12 @@ class TellerClient:
             connection.request(method, path, body=payload, headers=all_headers)
             response = connection.getresponse()
             raw = response.read()
-        except ssl.SSLError as error:
+        except (ssl.SSLError, ConnectionResetError, http.client.RemoteDisconnected) as error:
+            # A refused client certificate: under TLS 1.2 an alert in the handshake; under
+            # TLS 1.3 the server checks it after the client has finished, then closes.
             connection.close()
             raise FailedClosedError(
-                f"the TLS handshake with the gateway at {self._address.target} failed: {error}"
+                f"the gateway at {self._address.target} refused the TLS connection: {error}"
             ) from None
         except (OSError, http.client.HTTPException) as error:
             connection.close()

@@ -138,12 +138,15 @@ def test_a_plain_jwt_with_our_key_is_not_an_access_token(
         tokens.verify(token)
 
 
-def test_es256_only(tokens: CustomerTokens) -> None:
+def test_es256_only(tokens: CustomerTokens, signing_key: ec.EllipticCurvePrivateKey) -> None:
+    """A token that passes every other check (our key's kid, the access-token type, good
+    claims) and differs only in its algorithm: refused by the algorithm pin itself."""
     p384 = ec.generate_private_key(ec.SECP384R1())
     claims = jwt.decode(issue(tokens, "alice").access_token, options={"verify_signature": False})
-    token = jwt.encode(claims, p384, algorithm="ES384", headers={"typ": "at+jwt"})
+    header = {"kid": key_id(signing_key.public_key()), "typ": "at+jwt"}
+    token = jwt.encode(claims, p384, algorithm="ES384", headers=header)
 
-    with pytest.raises(InvalidTokenError):
+    with pytest.raises(InvalidTokenError, match="invalid token: The specified alg value is not"):
         tokens.verify(token)
 
 
