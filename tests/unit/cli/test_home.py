@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from services.cli import main as cli
+from services.common.polling import poll_until
 from services.common.settings import ZtbankSettings
 from services.stack.native import CHECKOUT, ISSUER_MODULE, StackSettings, locate_settings
 from tests.support.helpers import scrub_environment
@@ -28,6 +29,11 @@ def sleeper() -> Iterator[int]:
     """A process whose command line names the issuer's module, as a running issuer's does."""
     process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", ISSUER_MODULE])
     try:
+        # Until its exec completes, the child's command line is still pytest's: wait for the
+        # evidence, not for a while.
+        cmdline = Path(f"/proc/{process.pid}/cmdline")
+        named = poll_until(lambda: ISSUER_MODULE.encode() in cmdline.read_bytes(), timeout=10)
+        assert named, "the sleeper never showed the issuer's module in its command line"
         yield process.pid
     finally:
         process.kill()

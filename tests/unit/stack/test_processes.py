@@ -21,7 +21,7 @@ from tests.support.sleeper import IGNORE_SIGTERM_ENV, READY
 REPO_ROOT = Path(__file__).resolve().parents[3]
 SLEEPER = "tests.support.sleeper"
 ENV = {"PYTHONPATH": str(REPO_ROOT)}
-WAIT = 5.0
+WAIT = 20.0  # a deadline for evidence, not a timing claim: a busy machine starts Python slowly
 
 
 def wait_for(predicate: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
