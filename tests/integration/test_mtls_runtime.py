@@ -55,7 +55,6 @@ from tests.support.mtls_servers import (
     GATEWAY_ID,
     RISK_ID,
     SLOW_PATH,
-    SLOW_SECONDS,
     TD,
     TELLER_ID,
     TIMEOUT,
@@ -763,7 +762,6 @@ def test_https_beyond_the_in_flight_limit_is_shed_at_once_with_503(
     while ("http", SLOW_PATH) not in running.app.seen:
         assert time.monotonic() < deadline, "the slow request never reached the app"
         time.sleep(0.01)
-    started = time.monotonic()
     connection = http.client.HTTPSConnection(
         "127.0.0.1", running.port, context=context, timeout=TIMEOUT
     )
@@ -772,12 +770,13 @@ def test_https_beyond_the_in_flight_limit_is_shed_at_once_with_503(
     shed = Reply(response.status, response.getheader("content-type", ""), response.read())
     retry_after = response.getheader("retry-after")
     connection.close()
-    answered_in = time.monotonic() - started
+    # At once, by order, not by a clock: answered while the slow request still holds the slot.
+    answered_while_held = holder.is_alive()
     holder.join(TIMEOUT)
     assert slow[0].status == 200
     assert (shed.status, shed.content_type, retry_after) == (503, PROBLEM_MEDIA_TYPE, "1")
     assert shed.json()["detail"] == OVERLOADED_REASON
-    assert answered_in < SLOW_SECONDS / 2
+    assert answered_while_held
     assert https_get(running.port, context).status == 200  # the limit is free again
     decisions = [(r["method"], r["decision"], r["reason"]) for r in audit_records(running.audit)]
     assert ("GET /v1/accounts", "deny", OVERLOADED_REASON) in decisions
