@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable
 from typing import TypeVar
 
 import pytest
+
+from services.common.polling import poll_until
 
 POLL_INTERVAL = 0.05
 # Variables of the developer's shell that would reconfigure a ztbank process.  Settings read the
@@ -24,15 +25,12 @@ def wait_until(
     message: str | Callable[[], str],
     interval: float = POLL_INTERVAL,
 ) -> T:
-    """Poll ``predicate`` until it returns something truthy (returned) or ``timeout`` passes."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            raise AssertionError(message() if callable(message) else message)
-        time.sleep(interval)
+    """Poll ``predicate`` until it returns something truthy (returned) or ``timeout`` passes
+    (an AssertionError with ``message``): the product's ``poll_until``, failing a test."""
+    result = poll_until(predicate, timeout=timeout, interval=interval)
+    if not result:
+        raise AssertionError(message() if callable(message) else message)
+    return result
 
 
 def one_line(stderr: str) -> str:
