@@ -424,6 +424,20 @@ class RevocationWatcher(Worker):
             crls = list(self._crls.values())
         return bool(crls) and all(crl.stale_reason(now) is None for crl in crls)
 
+    def problem(self) -> str | None:
+        """Why peers are refused for want of revocation data now (readiness), None when every
+        held CRL is fresh."""
+        now = self._clock()
+        with self._lock:
+            crls = list(self._crls.values())
+        if not crls:
+            return f"failing closed: no CRL verified yet from {self.url}"
+        for crl in crls:
+            stale = crl.stale_reason(now)
+            if stale is not None:
+                return f"failing closed: no fresh CRL of {_ca_name(crl.ca)}: {stale}"
+        return None
+
     def age_seconds(self) -> float | None:
         """Seconds since the stalest held CRL was last fetched; None before the first one."""
         now = self._clock()

@@ -20,7 +20,7 @@ from services.gateway.route_table import OPENAPI
 from services.gateway.settings import GatewaySettings
 from services.gateway.transport.limits import MAX_BODY_BYTES, BodyLimit
 from services.gateway.transport.problems import install_problem_handlers
-from services.gateway.transport.routes import BEARER_SCHEME, create_router
+from services.gateway.transport.routes import BEARER_SCHEME, HealthReport, create_router
 from services.gateway.transport.schemas import RejectedTransferProblem, ValidationProblem
 
 TITLE = "ztbank gateway"
@@ -44,9 +44,12 @@ def create_app(
     settings: GatewaySettings,
     engine: TransferEngine,
     token_key: ec.EllipticCurvePrivateKey,
+    *,
+    health: HealthReport,
     clock: Clock = utc_now,
 ) -> FastAPI:
-    """The gateway API over ``engine``, signing customer tokens with ``token_key``."""
+    """The gateway API over ``engine``, signing customer tokens with ``token_key``; its health
+    routes answer from ``health``."""
     tokens = CustomerTokens(
         key=token_key,
         issuer=str(settings.gateway_id),
@@ -72,6 +75,8 @@ def create_app(
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
     install_problem_handlers(app)
     app.include_router(
-        create_router(banking=Banking(engine), tokens=tokens, teller_id=settings.teller_id)
+        create_router(
+            banking=Banking(engine), tokens=tokens, teller_id=settings.teller_id, health=health
+        )
     )
     return app

@@ -14,6 +14,7 @@ from services.common.identity.workloads import GATEWAY, TRANSFER_ENGINE
 from services.common.mtls.contexts import ReloadingContext, SvidFiles
 from services.common.mtls.grpc import MtlsChannel
 from services.common.mtls.https import HttpsGuard, InFlight, mtls_server_config
+from services.common.runtime.health import ServiceHealth, keep_watch
 from services.common.runtime.service import ServiceRuntime, create_runtime
 from services.gateway.adapters.engine_grpc import GrpcTransferEngine
 from services.gateway.adapters.token_key import load_or_create_signing_key
@@ -27,6 +28,7 @@ class Gateway:
 
     http: uvicorn.Server
     engine: MtlsChannel
+    health: ServiceHealth
 
     def run(self) -> None:
         """Serve until SIGTERM/SIGINT (uvicorn's handlers), then close the engine channel.
@@ -39,9 +41,16 @@ class Gateway:
             signal.signal(signum, signal.SIG_IGN)
         with asyncio.Runner(loop_factory=self.http.config.get_loop_factory()) as runner:
             try:
-                runner.run(self.http.serve())
+                runner.run(self._serve())
             finally:
                 runner.run(self.engine.aclose())
+
+    async def _serve(self) -> None:
+        watch = asyncio.create_task(keep_watch(self.health))
+        try:
+            await self.http.serve()
+        finally:
+            watch.cancel()
 
 
 def create_server(settings: GatewaySettings) -> tuple[Gateway, ServiceRuntime]:
@@ -54,6 +63,7 @@ def create_server(settings: GatewaySettings) -> tuple[Gateway, ServiceRuntime]:
         settings,
         GrpcTransferEngine(engine.channel, timeout=settings.engine_timeout, breaker=breaker),
         load_or_create_signing_key(settings.token_key_path),
+        health=runtime.health,
     )
     tls = ReloadingContext(runtime.source, SvidFiles(settings.state_dir / "tls"), server=True)
     guard = HttpsGuard(
@@ -72,4 +82,4 @@ def create_server(settings: GatewaySettings) -> tuple[Gateway, ServiceRuntime]:
         host=runtime.address.host,
         port=runtime.address.port,
     )
-    return Gateway(uvicorn.Server(config), engine), runtime
+    return Gateway(uvicorn.Server(config), engine, runtime.health), runtime

@@ -42,6 +42,7 @@ def test_invalid_settings_stop_the_service_with_one_line_and_exit_2(module: str,
 # The gateway's serving loop with a stand-in app and engine channel (no identity needed).
 _GATEWAY_UNTIL_SIGTERM = """
 import pathlib, sys, uvicorn
+from services.common.runtime.health import ServiceHealth
 from services.gateway.server import Gateway
 
 closed = pathlib.Path(sys.argv[2])
@@ -55,7 +56,7 @@ async def app(scope, receive, send):
     await send({"type": "http.response.body", "body": b""})
 
 config = uvicorn.Config(app, host="127.0.0.1", port=int(sys.argv[1]), lifespan="off")
-Gateway(uvicorn.Server(config), EngineChannel()).run()
+Gateway(uvicorn.Server(config), EngineChannel(), ServiceHealth("gateway")).run()
 print("cleaned up after serving", flush=True)
 """
 

@@ -24,6 +24,8 @@ from urllib.parse import unquote
 from services.common.errors import CommonError
 
 AUDIT_MODE = 0o640
+# A readiness probe after a failed write needs room for a few records, not just one byte.
+_PROBE_BYTES = 4096
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,8 @@ class AuditLog:
         self._pending: list[tuple[float, AuditRecord]] = []
         self._pending_written = _uncancellable()
         self._closed = False
+        # The cause of the last failed write, until a write (or a probe) succeeds again.
+        self._failure: str | None = None
         self._writer = threading.Thread(target=self._write_loop, name="audit-writer", daemon=True)
         self._writer.start()
 
@@ -156,8 +160,10 @@ class AuditLog:
             try:
                 self._append(b"".join(_line(at, record) for at, record in batch))
             except AuditWriteError as error:
+                self._failure = str(error)
                 written.set_exception(error)
             else:
+                self._failure = None
                 written.set_result(None)
 
     def _append(self, data: bytes) -> None:
@@ -179,6 +185,29 @@ class AuditLog:
                 # Stays torn until the next write manages; said, not hidden.
                 cause += f"; its partial last record stays: {_cause(undo_error)}"
             raise AuditWriteError(cause) from error
+
+    def problem(self) -> str | None:
+        """Why records cannot be written now (readiness), None when they can.
+
+        After a failed write, a readiness probe writes a scratch block beside the log: a service
+        that is not ready gets no requests, so without it no record would ever show that the
+        space came back."""
+        failure = self._failure
+        if failure is None:
+            return None
+        scratch = self.path.with_name(f".{self.path.name}.probe")
+        try:
+            fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, AUDIT_MODE)
+            try:
+                os.write(fd, bytes(_PROBE_BYTES))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+                scratch.unlink(missing_ok=True)
+        except OSError:
+            return failure
+        self._failure = None
+        return None
 
     def close(self) -> None:
         """Write what was submitted, then close; later submissions are refused."""

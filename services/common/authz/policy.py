@@ -37,7 +37,7 @@ from services.common.identity.spiffe_id import SpiffeId
 logger = logging.getLogger(__name__)
 
 RELOAD_CHECK_SECONDS = 0.5
-HEALTH_METHODS = ("/grpc.health.v1.Health/*", "GET /healthz")
+HEALTH_METHODS = ("/grpc.health.v1.Health/*", "GET /livez", "GET /readyz", "GET /healthz")
 _HEALTH = re.compile("|".join(fnmatch.translate(pattern) for pattern in HEALTH_METHODS))
 DECISION_CACHE_SIZE = 4096
 
@@ -168,6 +168,11 @@ class Policy:
             self._broken = f"policy unavailable: {error}"
             self._stamp = None
             self._decided = {}
+
+    def problem(self) -> str | None:
+        """Why every non-health call is denied now (readiness), None while the rules load."""
+        self._throttle.run_if_due(self._reload)
+        return self._broken
 
     @property
     def source(self) -> PolicySource:

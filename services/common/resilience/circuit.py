@@ -195,6 +195,18 @@ class CircuitBreaker:
         self._probing = True
         return _Ticket(self, self._epoch)
 
+    def problem(self) -> str | None:
+        """Why calls to the target are refused untried now (readiness): the breaker is open,
+        and its cool-down is not over or the peer's score is still too low.  Otherwise the next
+        call goes through as a probe."""
+        if self.state is not BreakerState.OPEN:
+            return None
+        score = self.score()
+        cooling = self._monotonic() < self._open_until
+        if cooling or score is None or score < self._config.min_score:
+            return f"circuit breaker to {self.target} open: {self.reason}"
+        return None
+
     def settle(self, epoch: int, error: BaseException | None) -> None:
         """Counts a finished call; calls admitted before the last transition count for nothing."""
         if epoch != self._epoch:

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health, health_pb2_grpc
+from grpc_health.v1 import health as grpc_health
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import AliasChoices, Field, model_validator
 
 from services.common.authz.audit import AuditLog
@@ -37,9 +38,19 @@ from services.common.resilience.settings import BreakerConfig
 from services.common.resilience.trust_table import TrustTable
 from services.common.resilience.watched import watched_breaker
 from services.common.revocation import DEFAULT_INTERVAL, RevocationWatcher
+from services.common.runtime.health import (
+    HealthSocket,
+    ServiceHealth,
+    health_socket,
+    keep_watch,
+    svid_problem,
+)
 from services.common.settings import ZtbankSettings, load_settings, socket_path_from_endpoint
 
 logger = logging.getLogger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class ServiceSettings(ZtbankSettings):
@@ -87,6 +98,7 @@ class ServiceRuntime:
     audit: AuditLog
     telemetry: Telemetry
     registry: ServiceRegistry
+    health: ServiceHealth
     # The compose stack's Consul pieces; None on the native stack (files).
     consul_registration: ConsulRegistration | None = None
     consul_policy: ConsulPolicySource | None = None
@@ -123,6 +135,7 @@ class ServiceRuntime:
             meter=self.telemetry.meter,
         )
         self.resources.callback(breaker.close)
+        self.health.require(f"breaker to {callee.name}", breaker.problem)
         return breaker
 
     def close(self) -> None:
@@ -187,6 +200,12 @@ def create_runtime(name: str, settings: ServiceSettings) -> ServiceRuntime:
             revocation=revocation,
         )
         resources.callback(telemetry.shutdown)
+        readiness = ServiceHealth(name)
+        readiness.require("svid", lambda: svid_problem(source.current()))
+        readiness.require("revocation", revocation.problem)
+        readiness.require("policy", policy.problem)
+        readiness.require("audit", audit.problem)
+        resources.callback(HealthSocket(health_socket(settings.home, name), readiness).close)
         return ServiceRuntime(
             name=name,
             settings=settings,
@@ -198,15 +217,18 @@ def create_runtime(name: str, settings: ServiceSettings) -> ServiceRuntime:
             audit=audit,
             telemetry=telemetry,
             registry=registry,
+            health=readiness,
             consul_registration=registration,
             consul_policy=consul_policy,
             resources=resources.pop_all(),
         )
 
 
-def create_grpc_server(runtime: ServiceRuntime) -> grpc.aio.Server:
-    """A grpc.aio server on the registry address with mTLS, authorization and the health
-    service; made on the running event loop (the server belongs to it).
+def create_grpc_server(
+    runtime: ServiceRuntime, health_servicer: grpc_health.aio.HealthServicer
+) -> grpc.aio.Server:
+    """A grpc.aio server on the registry address with mTLS, authorization and
+    ``health_servicer``; made on the running event loop (the server belongs to it).
 
     The caller adds its servicers, then ``start()``s it.
     """
@@ -219,7 +241,7 @@ def create_grpc_server(runtime: ServiceRuntime) -> grpc.aio.Server:
         local_address=runtime.address.target,
     )
     server = grpc.aio.server(interceptors=[interceptor])
-    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     server.add_secure_port(runtime.address.target, server_credentials(runtime.source))
     return server
 
@@ -235,9 +257,17 @@ class GrpcService:
 
     async def serve(self) -> None:
         """Serve until SIGTERM/SIGINT, then drain calls in flight and close the channels."""
-        server = create_grpc_server(self.runtime)
+        health_servicer = grpc_health.aio.HealthServicer()
+        server = create_grpc_server(self.runtime, health_servicer)
         self.register(server)
         await server.start()
+
+        async def serving(ready: bool) -> None:
+            status = SERVING if ready else NOT_SERVING
+            for service in ("", self.runtime.name):  # the server as a whole, and by name
+                await health_servicer.set(service, status)
+
+        watch = asyncio.create_task(keep_watch(self.runtime.health, serving))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -252,6 +282,7 @@ class GrpcService:
             await stop.wait()
             await server.stop(grace=5)
         finally:
+            watch.cancel()
             for channel in self.channels:
                 await channel.aclose()
 

@@ -8,7 +8,7 @@ must evaluate the annotations that name the dependencies local to ``create_route
 import re
 from collections.abc import Callable
 from datetime import date
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, Protocol, TypeVar
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
@@ -16,7 +16,8 @@ from pydantic import BeforeValidator
 
 from services.common.identity.spiffe_id import SpiffeId
 from services.common.mtls.peer import current_peer
-from services.common.problem import Problem, openapi_problem, problem_response
+from services.common.problem import Problem, openapi_problem, problem, problem_response
+from services.common.runtime.health import HealthAnswer
 from services.gateway.domain.banking import MAX_IDEMPOTENCY_KEY_LENGTH, Banking
 from services.gateway.domain.ledger import Transfer, TransferStatus
 from services.gateway.domain.tokens import CustomerTokens
@@ -181,7 +182,35 @@ def _transfer_response(transfer: Transfer, instance: str) -> Response:
     return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=headers)
 
 
-def create_router(*, banking: Banking, tokens: CustomerTokens, teller_id: SpiffeId) -> APIRouter:
+class HealthReport(Protocol):
+    """The service's own liveness and readiness (``services.common.runtime.health``)."""
+
+    def liveness(self) -> HealthAnswer: ...
+
+    def readiness(self) -> HealthAnswer: ...
+
+
+_NOT_LIVE: Refusals = {503: ("not live: the gateway's event loop has stalled (reasons)", ())}
+_NOT_READY: Refusals = {503: ("not ready: the gateway would refuse work (reasons)", ())}
+
+
+def _health_response(answer: HealthAnswer, good: Literal["live", "ready"], bad: str) -> Response:
+    if answer.ok:
+        return JSONResponse(Health(status=good).model_dump())
+    return problem_response(
+        problem(
+            503,
+            type_=problem_type(bad.replace(" ", "-")),
+            title=bad.capitalize(),
+            detail="; ".join(answer.reasons),
+            reasons=list(answer.reasons),
+        )
+    )
+
+
+def create_router(
+    *, banking: Banking, tokens: CustomerTokens, teller_id: SpiffeId, health: HealthReport
+) -> APIRouter:
     router = APIRouter()
 
     def customer_read(path: str, tag: str, refusals: Refusals) -> Callable[[Endpoint], Endpoint]:
@@ -204,9 +233,30 @@ def create_router(*, banking: Banking, tokens: CustomerTokens, teller_id: Spiffe
         if caller != teller_id:
             raise PermissionDeniedError(f"only the teller may obtain customer tokens, not {caller}")
 
-    @router.get("/healthz", tags=["health"], responses=_refusals({}, policy=False))
-    async def healthz() -> Health:
-        return Health()
+    @router.get(
+        "/livez",
+        tags=["health"],
+        response_model=Health,
+        responses=_refusals(_NOT_LIVE, policy=False),
+    )
+    async def livez() -> Response:
+        return _health_response(health.liveness(), "live", "not live")
+
+    # /healthz answers as /readyz, for the probes written before the two were apart.
+    @router.get(
+        "/readyz",
+        tags=["health"],
+        response_model=Health,
+        responses=_refusals(_NOT_READY, policy=False),
+    )
+    @router.get(
+        "/healthz",
+        tags=["health"],
+        response_model=Health,
+        responses=_refusals(_NOT_READY, policy=False),
+    )
+    async def readyz() -> Response:
+        return _health_response(health.readiness(), "ready", "not ready")
 
     @router.post(
         ISSUE_TOKEN.path,

@@ -51,7 +51,7 @@ class TokenResponse(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok"] = "ok"
+    status: Literal["live", "ready"]
 
 
 class TransferRequest(_Input):

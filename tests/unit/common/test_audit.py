@@ -321,3 +321,21 @@ def test_a_full_disk_refuses_the_record_and_leaves_only_whole_lines(
     disk.free()  # space is back: no restart, the next record lands on a line of its own
     audit.record(replace(RECORD, reason="after recovery"))
     assert [r["reason"] for r in read_lines(audit.path)] == [RECORD.reason, "after recovery"]
+
+
+def test_readiness_is_false_from_a_failed_write_until_space_returns(
+    audit: AuditLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert audit.problem() is None
+    disk = DiskFillsUp(monkeypatch, room=0)
+    with pytest.raises(AuditWriteError):
+        audit.record(RECORD)
+
+    # No request comes to a service that is not ready: its probe writes beside the log.
+    assert audit.problem() == "audit log not writable: no space left on device"
+    assert audit.problem() == "audit log not writable: no space left on device"
+    disk.free()
+    assert audit.problem() is None
+    assert sorted(p.name for p in audit.path.parent.iterdir()) == [audit.path.name]
+    audit.record(RECORD)
+    assert [r["reason"] for r in read_lines(audit.path)] == [RECORD.reason]

@@ -349,6 +349,25 @@ def test_open_refuses_at_once_until_the_cool_down_is_over() -> None:
     assert harness.state() is BreakerState.OPEN
 
 
+def test_readiness_is_false_while_open_and_true_once_a_probe_may_go() -> None:
+    harness = Harness(certificate(PROD, 1.0), BreakerConfig(min_calls=2, open_seconds=10))
+    assert harness.breaker.problem() is None
+    harness.calls(2, UNAVAILABLE)
+    assert harness.breaker.problem() == (
+        "circuit breaker to risk open: failure rate 100% of 2 calls in the last 60 s >= 50%"
+    )
+    harness.clock.advance(10)
+    assert harness.breaker.problem() is None  # the next call is the probe
+
+
+def test_readiness_stays_false_while_the_peers_score_is_too_low() -> None:
+    harness = tripped()
+    harness.clock.advance(0.6 * LIFETIME)  # 40 % left: 0.73
+    problem = harness.breaker.problem()
+    assert problem is not None
+    assert problem.startswith("circuit breaker to risk open:")
+
+
 def test_half_open_lets_one_probe_through_and_its_success_closes() -> None:
     harness = tripped()
     harness.clock.advance(10)

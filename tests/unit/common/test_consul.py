@@ -545,6 +545,9 @@ class StubRevocation:
     def wait_ready(self, _timeout: float) -> None:
         pass
 
+    def problem(self) -> str | None:
+        return None
+
     def close(self) -> None:
         pass
 

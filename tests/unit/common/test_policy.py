@@ -209,11 +209,14 @@ def test_broken_file_denies_everything_until_fixed(policy_file: Path, policy: Po
     assert not decision.allowed
     assert decision.reason.startswith("policy unavailable: invalid policy")
     assert not policy.decide("transfer-engine", f"{LEDGER}/GetAccount", caller(GW_ID)).allowed
-    # Health keeps answering: the service is up, only authorization is closed.
+    # Health keeps answering: the service is up, only authorization is closed, and readiness
+    # says why.
     assert policy.decide("risk", "/grpc.health.v1.Health/Check", te).allowed
+    assert policy.problem() == decision.reason
 
     write_rules(policy_file, rule("risk", [ASSESS], [TE_ID]))
     assert policy.decide("risk", ASSESS, te).allowed
+    assert policy.problem() is None
 
 
 def test_file_deleted_after_start_denies_with_the_path(policy_file: Path, policy: Policy) -> None:

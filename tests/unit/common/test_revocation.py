@@ -218,6 +218,23 @@ def test_past_next_update_fails_closed_but_revoked_stays_revoked(
     assert watcher.age_seconds() == pytest.approx(21, abs=1)
 
 
+def test_readiness_names_the_ca_whose_crl_is_stale(
+    server: CrlServer, root: Issued, ca: Issued, clock: Clock
+) -> None:
+    watcher = watcher_of(server, Bundle(root.certificate, ca.certificate), clock)
+    assert watcher.problem() == f"failing closed: no CRL verified yet from {server.url}"
+    server.publish(build_crl(ca, validity=timedelta(seconds=20)))
+    watcher.poll()
+    assert watcher.problem() is None
+
+    clock.advance(timedelta(seconds=21))
+
+    problem = watcher.problem()
+    assert problem is not None
+    assert problem.startswith("failing closed: no fresh CRL of CN=unit signing CA 1")
+    assert problem.endswith("(nextUpdate)")
+
+
 def test_issuer_away_longer_than_the_crl_validity_fails_closed(
     server: CrlServer, root: Issued, ca: Issued, clock: Clock
 ) -> None:

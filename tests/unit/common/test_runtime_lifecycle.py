@@ -59,12 +59,18 @@ def resources(monkeypatch: pytest.MonkeyPatch) -> Resources:
         def wait_ready(self, _timeout: float) -> None:
             pass
 
+        def problem(self) -> str | None:
+            return None
+
         def close(self) -> None:
             made.close("revocation")
 
     class Audit:
         def __init__(self, *_: Any, **__: Any) -> None:
             pass
+
+        def problem(self) -> str | None:
+            return None
 
         def close(self) -> None:
             made.close("audit")
@@ -108,6 +114,9 @@ def test_a_breakers_peer_watch_stops_first(
     resources: Resources, settings: ServiceSettings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     class Breaker:
+        def problem(self) -> str | None:
+            return None
+
         def close(self) -> None:
             resources.close("breaker")
 

@@ -13,6 +13,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from services.common.identity.spiffe_id import SpiffeId
 from services.common.identity.workloads import OPS, TELLER
 from services.common.mtls.peer import PeerIdentity, reset_current_peer, set_current_peer
+from services.common.runtime.health import ServiceHealth
 from services.common.settings import load_settings
 from services.gateway.app import create_app
 from services.gateway.settings import GatewaySettings
@@ -79,14 +80,21 @@ def caller() -> Caller:
 
 
 @pytest.fixture
+def health() -> ServiceHealth:
+    """The gateway's real health, with no checks until a test requires one."""
+    return ServiceHealth("gateway")
+
+
+@pytest.fixture
 def client(
     settings: GatewaySettings,
     engine: FakeTransferEngine,
     signing_key: ec.EllipticCurvePrivateKey,
     clock: FakeClock,
     caller: Caller,
+    health: ServiceHealth,
 ) -> Iterator[TestClient]:
-    app = create_app(settings, engine, signing_key, clock)
+    app = create_app(settings, engine, signing_key, health=health, clock=clock)
     with TestClient(with_peer(app, caller), raise_server_exceptions=False) as test_client:
         yield test_client
 

@@ -27,8 +27,9 @@ TD = "ztbank.example"
 # Answered in front of every route by the mTLS server (policy 403, shed 503) and the body limit.
 IN_FRONT = {"403", "413", "503"}
 ENGINE = {"502", "503"}
+HEALTH_PATHS = ("/livez", "/readyz", "/healthz")
 DOCUMENTED = {
-    ("get", "/healthz"): {"200", "413", "503"},
+    **{("get", path): {"200", "413", "503"} for path in HEALTH_PATHS},
     ("post", "/v1/tokens"): {"201", "400", "422"} | IN_FRONT | ENGINE,
     ("get", "/v1/accounts"): {"200", "401"} | IN_FRONT | ENGINE,
     ("get", "/v1/accounts/{account_id}"): {"200", "401", "404", "422"} | IN_FRONT | ENGINE,
@@ -60,8 +61,12 @@ def test_refusals_in_front_of_the_routes_are_described(openapi: dict[str, Any]) 
         documented = responses(openapi, method, path)
         assert str(MAX_BODY_BYTES) in documented["413"]["description"]
         assert "in flight" in documented["503"]["description"]
+        if path in HEALTH_PATHS:
+            assert "not live" in documented["503"]["description"] or (
+                "not ready" in documented["503"]["description"]
+            )
         assert documented["503"]["headers"]["Retry-After"]["required"] is True
-        if path != "/healthz":
+        if path not in HEALTH_PATHS:
             assert "policy" in documented["403"]["description"]
         if "401" in documented:
             assert documented["401"]["headers"]["WWW-Authenticate"]["required"] is True

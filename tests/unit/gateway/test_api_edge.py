@@ -2,21 +2,68 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi.testclient import TestClient
 
 from services.common.problem import PROBLEM_MEDIA_TYPE
+from services.common.runtime.health import ServiceHealth
+from services.gateway.app import create_app
+from services.gateway.settings import GatewaySettings
 from services.gateway.transport.limits import MAX_BODY_BYTES
-from tests.unit.gateway.conftest import Caller
+from services.gateway.transport.problems import problem_type
+from tests.unit.gateway.conftest import Caller, with_peer
 from tests.unit.gateway.fakes import FakeTransferEngine
 
 
-def test_healthz_needs_no_token(client: TestClient, caller: Caller) -> None:
-    caller.identity = None  # not even a verified peer: liveness only
+@pytest.mark.parametrize(
+    ("path", "status"), [("/livez", "live"), ("/readyz", "ready"), ("/healthz", "ready")]
+)
+def test_health_needs_no_token(client: TestClient, caller: Caller, path: str, status: str) -> None:
+    caller.identity = None  # not even a verified peer: the routes read state only
 
-    response = client.get("/healthz")
+    response = client.get(path)
 
     assert response.status_code == 200
-    assert response.json() == {"status": "ok"}
+    assert response.json() == {"status": status}
+
+
+@pytest.mark.parametrize("path", ["/readyz", "/healthz"])
+def test_not_ready_names_every_reason(client: TestClient, health: ServiceHealth, path: str) -> None:
+    full = "audit log not writable: no space left on device"
+    breaker = "circuit breaker to transfer-engine open: 5 failures of 10"
+    health.require("audit", lambda: full)
+    health.require("breaker", lambda: breaker)
+    health.require("policy", lambda: None)
+
+    response = client.get(path)
+
+    assert response.status_code == 503
+    assert response.headers["content-type"] == PROBLEM_MEDIA_TYPE
+    assert response.json() == {
+        "type": problem_type("not-ready"),
+        "title": "Not ready",
+        "status": 503,
+        "detail": f"{full}; {breaker}",
+        "reasons": [full, breaker],
+    }
+    assert client.get("/livez").json() == {"status": "live"}  # a restart would not help
+
+
+def test_a_stalled_loop_is_not_live(
+    settings: GatewaySettings,
+    engine: FakeTransferEngine,
+    signing_key: ec.EllipticCurvePrivateKey,
+) -> None:
+    now = [100.0]
+    health = ServiceHealth("gateway", clock=lambda: now[0], stall_seconds=10)
+    app = create_app(settings, engine, signing_key, health=health)
+    with TestClient(with_peer(app, Caller())) as client:
+        now[0] += 11
+        response = client.get("/livez")
+        assert response.status_code == 503
+        assert response.json()["reasons"] == ["its event loop has not run for 11s"]
+        health.beat()
+        assert client.get("/livez").status_code == 200
 
 
 @pytest.mark.parametrize("path", ["/", "/nope", "/v1", "/v1/accounts/x/y/z", "/v2/accounts"])
@@ -108,6 +155,8 @@ def test_openapi_lists_every_endpoint(openapi: dict[str, Any]) -> None:
         (method.upper(), path) for path, item in openapi["paths"].items() for method in item
     }
     assert operations == {
+        ("GET", "/livez"),
+        ("GET", "/readyz"),
         ("GET", "/healthz"),
         ("POST", "/v1/tokens"),
         ("GET", "/v1/accounts"),

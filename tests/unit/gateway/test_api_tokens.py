@@ -8,6 +8,7 @@ from fastapi.testclient import TestClient
 from services.common.identity.spiffe_id import SpiffeId
 from services.common.identity.workloads import GATEWAY, TELLER
 from services.common.problem import PROBLEM_MEDIA_TYPE
+from services.common.runtime.health import ServiceHealth
 from services.gateway.app import create_app
 from services.gateway.errors import EngineUnavailableError
 from services.gateway.settings import GatewaySettings
@@ -56,7 +57,10 @@ def test_lifetime_follows_the_setting(
     clock: FakeClock,
 ) -> None:
     short = settings.model_copy(update={"token_ttl": settings.token_ttl / 2})
-    app = with_peer(create_app(short, engine, signing_key, clock), Caller())
+    app = with_peer(
+        create_app(short, engine, signing_key, health=ServiceHealth("gateway"), clock=clock),
+        Caller(),
+    )
     with TestClient(app) as client:
         assert client.post("/v1/tokens", json={"customer": "alice"}).json()["expires_in"] == 300
 
