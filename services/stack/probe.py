@@ -1,4 +1,5 @@
-"""Health and served-SVID probes of the bank services, over mTLS as the ``ops`` identity."""
+"""Health and served-SVID probes of the bank services: the service's own readiness from its local
+health socket, then its served SVID and health over mTLS as the ``ops`` identity."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import re
 import socket
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -19,6 +21,7 @@ from services.common.identity.source import SvidMaterial
 from services.common.identity.spiffe_id import SpiffeId
 from services.common.identity.x509svid import verify_der_chain
 from services.common.mtls.contexts import client_context
+from services.common.runtime.health import HealthAnswer, HealthUnavailableError, read_health
 
 PROBE_TIMEOUT = 3.0
 
@@ -33,6 +36,9 @@ class ServiceProbe:
     healthy: bool
     error: str | None = None
     svid_not_before: str | None = None
+    # What the service says of itself on its health socket; None: the socket did not answer.
+    ready: bool | None = None
+    reasons: tuple[str, ...] = ()
 
 
 def _served_certificate(
@@ -52,7 +58,7 @@ def _served_certificate(
             raise CommonError(f"server is {spiffe_id}, expected {expected}")
         reply = b""
         if alpn == ["http/1.1"]:
-            request = f"GET /healthz HTTP/1.1\r\nHost: {address.host}\r\nConnection: close\r\n\r\n"
+            request = f"GET /readyz HTTP/1.1\r\nHost: {address.host}\r\nConnection: close\r\n\r\n"
             tls.sendall(request.encode())
             reply = tls.recv(4096)
     return load_der_certificates(der)[0], reply
@@ -71,26 +77,59 @@ def _grpc_healthy(address: ServiceAddress, material: SvidMaterial) -> bool:
     return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
 
+def _own_word(health_socket: Path | None) -> HealthAnswer | None:
+    if health_socket is None:
+        return None
+    try:
+        return read_health(health_socket, timeout=PROBE_TIMEOUT)
+    except HealthUnavailableError:
+        return None
+
+
 def probe(
-    address: ServiceAddress, expected: SpiffeId, material: SvidMaterial, *, https: bool
+    address: ServiceAddress,
+    expected: SpiffeId,
+    material: SvidMaterial,
+    *,
+    https: bool,
+    health_socket: Path | None = None,
 ) -> ServiceProbe:
+    """Healthy: the service says it is ready (on ``health_socket``, when it answers), serves
+    ``expected``'s SVID, and answers its health check over mTLS.  Not ready, its own reasons
+    are the error: they say why, where an mTLS failure would only say that it failed."""
     url = f"https://{address.target}" if https else address.target
+    own = _own_word(health_socket)
+    ready, reasons = (None, ()) if own is None else (own.ok, own.reasons)
+    not_ready = None if own is None or own.ok else "not ready: " + "; ".join(own.reasons)
     try:
         leaf, reply = _served_certificate(
             address, material, ["http/1.1"] if https else ["h2"], expected
         )
-        healthy = reply.startswith(b"HTTP/1.1 200") if https else _grpc_healthy(address, material)
+        answers = reply.startswith(b"HTTP/1.1 200") if https else _grpc_healthy(address, material)
+    except (OSError, CommonError, grpc.RpcError) as error:
         return ServiceProbe(
             address.name,
             str(expected),
             url,
-            serial_hex(leaf),
-            leaf.not_valid_after_utc.isoformat(),
-            healthy,
-            svid_not_before=leaf.not_valid_before_utc.isoformat(),
+            None,
+            None,
+            False,
+            not_ready or str(error),
+            ready=ready,
+            reasons=reasons,
         )
-    except (OSError, CommonError, grpc.RpcError) as error:
-        return ServiceProbe(address.name, str(expected), url, None, None, False, str(error))
+    return ServiceProbe(
+        address.name,
+        str(expected),
+        url,
+        serial_hex(leaf),
+        leaf.not_valid_after_utc.isoformat(),
+        answers and not_ready is None,
+        not_ready or (None if answers else "its health check answered: not serving"),
+        svid_not_before=leaf.not_valid_before_utc.isoformat(),
+        ready=ready,
+        reasons=reasons,
+    )
 
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][\w:]*)(?:\{(.*)\})? (\S+)$")

@@ -37,11 +37,18 @@ def sandbox_settings(
     trust_levels: Path | None = None,
     upstream: Literal["disk", "vault"] | None = None,
 ) -> StackSettings:
-    """Settings of a private stack under ``root``: its own home and certs, the repository's
-    policy, risk rules and trust levels (unless given), a registry (written here) that puts
-    every service on free ports, and free ports for the issuer's revocation endpoint and for
-    Vault (``upstream="vault"``)."""
+    """Settings of a private stack under ``root``: its own home and certs, its own copies of
+    the repository's policy and trust levels (unless given; the labs and tests edit them live,
+    and stacks side by side must not see each other's edits), the repository's risk rules
+    (unless given), a registry (written here) that puts every service on free ports, and free
+    ports for the issuer's revocation endpoint and for Vault (``upstream="vault"``)."""
     ports = iter(free_ports(2 * len(SERVICES) + 3))
+    root.mkdir(parents=True, exist_ok=True)
+    policy = root / "policy.json"
+    shutil.copyfile(REPO_ROOT / "infra" / "policy.json", policy)
+    if trust_levels is None:
+        trust_levels = root / "trust-levels.json"
+        shutil.copyfile(REPO_ROOT / "infra" / "trust-levels.json", trust_levels)
     registry = root / "registry.json"
     write_registry(
         registry,
@@ -51,9 +58,9 @@ def sandbox_settings(
         home=root / "var",
         certs_dir=root / "certs",
         registry=registry,
-        policy=REPO_ROOT / "infra" / "policy.json",
+        policy=policy,
         risk_rules=risk_rules or REPO_ROOT / "infra" / "risk" / "rules.json",
-        trust_levels=trust_levels or REPO_ROOT / "infra" / "trust-levels.json",
+        trust_levels=trust_levels,
         svid_ttl=svid_ttl,
         issuer_http=f"127.0.0.1:{next(ports)}",
         upstream=upstream,

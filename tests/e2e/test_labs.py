@@ -29,7 +29,7 @@ import pytest
 from services.common.settings import load_settings
 from services.labs.support import issuer_started, service_starts
 from services.stack.native import NativeStack, StackSettings
-from services.stack.sandbox import REPO_ROOT, free_port, sandbox_settings
+from services.stack.sandbox import free_port, sandbox_settings
 from tests.e2e.conftest import SVID_TTL, E2EStack, _e2e_stack
 from tests.e2e.target import E2ETargetSettings
 from tests.support.helpers import scrub_environment, wait_until
@@ -55,13 +55,8 @@ def lab_stack() -> Iterator[E2EStack]:
     root = Path(tempfile.mkdtemp(prefix="ztl", dir="/tmp"))  # short: unix socket paths
     try:
         scrub_environment(env)
-        # The labs edit these live: copies, never the repository's files.
-        policy, trust = root / "policy.json", root / "trust-levels.json"
-        shutil.copyfile(REPO_ROOT / "infra" / "policy.json", policy)
-        shutil.copyfile(REPO_ROOT / "infra" / "trust-levels.json", trust)
-        settings = sandbox_settings(root, SVID_TTL).model_copy(
-            update={"policy": policy, "trust_levels": trust}
-        )
+        # The labs edit the policy and trust table live: the sandbox's own copies.
+        settings = sandbox_settings(root, SVID_TTL)
         native = NativeStack(settings)
         try:
             native.up()

@@ -1,5 +1,6 @@
-"""``ztbank up|console|down|reset|status``: the native stack (services/stack/native.py) as one
-command each, and the lab console served beside it."""
+"""``ztbank up|console|down|reset|status|health``: the native stack (services/stack/native.py)
+as one command each, the lab console served beside it, and one service's own word on its
+health (what a container's health check runs)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,13 @@ import socket
 
 from services.cli.commands.common import Groups, stack_settings
 from services.cli.errors import CliError
+from services.common.identity.workloads import SERVICES
+from services.common.runtime.health import (
+    HealthUnavailableError,
+    Probe,
+    health_socket,
+    read_health,
+)
 from services.stack.native import (
     NativeStack,
     StackError,
@@ -42,7 +50,12 @@ def _print_status(status: StackStatus) -> None:
         process = "" if vault.running else ", not running"
         print(f"{'vault':<16} {vault.address:<24} {vault.state}{version}{process}  log {vault.log}")
     for name, probe in status.services.items():
-        health = "healthy" if probe.healthy else f"DOWN ({probe.error})"
+        if probe.healthy:
+            health = "healthy"
+        elif probe.ready is False:
+            health = f"NOT READY ({probe.error})"
+        else:
+            health = f"DOWN ({probe.error})"
         serial = (
             f"svid {probe.svid_serial} until {probe.svid_not_after}" if probe.svid_serial else ""
         )
@@ -107,6 +120,20 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0 if stack_healthy(status) else 1
 
 
+def cmd_health(args: argparse.Namespace) -> int:
+    """Exit 0 when the service is ready (or live, with --live), 1 with its reasons when not."""
+    settings = stack_settings(args)
+    path = health_socket(settings.home_of(args.service), args.service)
+    probe: Probe = "livez" if args.live else "readyz"
+    try:
+        answer = read_health(path, probe)
+    except HealthUnavailableError as error:
+        raise CliError(f"{args.service}: {error}: is it running?") from None
+    status = answer.document(args.service, probe)["status"]
+    print(f"{args.service}: {status}" + "".join(f"\n  {reason}" for reason in answer.reasons))
+    return 0 if answer.ok else 1
+
+
 # -- the parser -------------------------------------------------------------------------------
 
 
@@ -128,3 +155,10 @@ def register(groups: Groups) -> None:
     status = groups.add_parser("status", help="trust domain, issuer and each service's SVID/health")
     status.add_argument("--json", action="store_true")
     status.set_defaults(handler=cmd_status)
+    health = groups.add_parser(
+        "health",
+        help="a service's own readiness (or liveness) and its reasons, from its local socket",
+    )
+    health.add_argument("service", choices=[workload.name for workload in SERVICES])
+    health.add_argument("--live", action="store_true", help="liveness instead of readiness")
+    health.set_defaults(handler=cmd_health)

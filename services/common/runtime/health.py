@@ -22,7 +22,6 @@ import asyncio
 import json
 import logging
 import os
-import socket
 import socketserver
 import threading
 import time
@@ -35,6 +34,7 @@ from typing import Literal
 
 from services.common.errors import CommonError
 from services.common.identity.source import SvidMaterial
+from services.common.runtime.health_check import NoAnswerError, ask
 
 logger = logging.getLogger(__name__)
 
@@ -226,21 +226,7 @@ def read_health(
 ) -> HealthAnswer:
     """Ask a service's local health socket; HealthUnavailableError when nothing answers."""
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
-            client.settimeout(timeout)
-            client.connect(str(path))
-            client.sendall(f"GET /{probe} HTTP/1.0\r\n\r\n".encode())
-            reply = b""
-            while chunk := client.recv(65536):
-                reply += chunk
-    except OSError as error:
-        raise HealthUnavailableError(f"no answer on {path}: {error.strerror or error}") from None
-    head, _, body = reply.partition(b"\r\n\r\n")
-    status_line = head.split(b"\r\n", 1)[0].split()
-    try:
-        status = int(status_line[1])
-        document = json.loads(body)
-        reasons = tuple(str(reason) for reason in document["reasons"])
-    except (IndexError, ValueError, KeyError, TypeError):
-        raise HealthUnavailableError(f"unreadable answer on {path}: {reply[:200]!r}") from None
-    return HealthAnswer(status == 200, reasons)
+        status, document = ask(str(path), probe, timeout)
+    except NoAnswerError as error:
+        raise HealthUnavailableError(str(error)) from None
+    return HealthAnswer(status == 200, tuple(str(reason) for reason in document["reasons"]))

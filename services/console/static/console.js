@@ -87,7 +87,7 @@ function renderCards(services) {
       cards.append(card);
     }
     const health = card.querySelector(".health");
-    health.textContent = svc.healthy ? "healthy" : "down";
+    health.textContent = svc.healthy ? "healthy" : svc.ready === false ? "not ready" : "down";
     health.className = `pill health ${svc.healthy ? "ok" : "bad"}`;
     card.dataset.healthy = String(svc.healthy);
     card.querySelector(".id").textContent = svc.spiffe_id;

@@ -1,6 +1,7 @@
 import json
 import stat
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -342,3 +343,43 @@ def test_native_stack_passes_and_reports_the_issuer_http_address(
     status = stack.status()
     assert status.issuer_crl_url == "http://127.0.0.1:9999/crls"
     assert status.issuer_ocsp_url == "http://127.0.0.1:9999/ocsp"
+
+
+# -- health ---------------------------------------------------------------------------------
+
+
+def test_health_of_a_service_that_does_not_run_is_one_line_and_exit_1(
+    capsys: pytest.CaptureFixture[str], environment: Path
+) -> None:
+    code, out, err = run(["health", "risk"], capsys)
+    assert (code, out) == (1, "")
+    socket = environment / "run" / "risk" / "health.sock"
+    assert single_line(err).startswith(f"ztbank: risk: no answer on {socket}: ")
+    assert err.endswith(": is it running?\n")
+
+
+def test_health_reads_the_services_own_word(
+    capsys: pytest.CaptureFixture[str], environment: Path
+) -> None:
+    from services.common.runtime.health import HealthSocket, ServiceHealth, health_socket
+
+    health = ServiceHealth("risk")
+    reasons = ["failing closed: no fresh CRL of CN=signing CA", "audit log not writable: x"]
+    for reason in reasons:
+        health.require(reason, partial(str, reason))
+    served = HealthSocket(health_socket(environment, "risk"), health)
+    try:
+        assert run(["health", "risk"], capsys) == (
+            1,
+            f"risk: not ready\n  {reasons[0]}\n  {reasons[1]}\n",
+            "",
+        )
+        assert run(["health", "risk", "--live"], capsys) == (0, "risk: live\n", "")
+    finally:
+        served.close()
+
+
+def test_health_knows_only_the_bank_services(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(["health", "issuer"], capsys)
+    assert code == 2
+    assert "invalid choice: 'issuer'" in err

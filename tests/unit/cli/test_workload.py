@@ -25,6 +25,7 @@ from services.cli.errors import CliError, UsageError
 from services.common.authz.policy import parse_policy
 from services.common.identity.spiffe_id import DEFAULT_TRUST_DOMAIN
 from services.common.identity.workloads import TELLER
+from services.common.runtime.health import ServiceHealth
 from services.gateway.domain.banking import Banking
 from services.gateway.domain.tokens import CustomerTokens
 from services.gateway.route_table import GATEWAY_ROUTES
@@ -127,11 +128,12 @@ def test_gateway_routes_are_the_routes_the_gateway_serves() -> None:
         banking=cast(Banking, None),
         tokens=cast(CustomerTokens, None),
         teller_id=TELLER.spiffe_id(DEFAULT_TRUST_DOMAIN),
+        health=ServiceHealth("gateway"),
     )
     served = {
         f"{method} {route.path}"
         for route in router.routes
-        if isinstance(route, APIRoute) and route.path != "/healthz"
+        if isinstance(route, APIRoute) and route.path not in ("/livez", "/readyz", "/healthz")
         for method in route.methods or ()
     }
     # /openapi.json is FastAPI's own route, on the app rather than the router.

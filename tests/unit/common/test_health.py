@@ -15,6 +15,7 @@ from typing import cast
 import pytest
 
 from services.common.identity.source import SvidMaterial
+from services.common.runtime import health_check
 from services.common.runtime.health import (
     HealthAnswer,
     HealthSocket,
@@ -172,3 +173,28 @@ def test_the_watch_tells_each_turn_of_readiness(health: ServiceHealth) -> None:
         return seen
 
     assert asyncio.run(asyncio.wait_for(scenario(), 10)) == [True, False, True]
+
+
+def test_the_container_check_exits_0_only_when_the_answer_is_positive(
+    served: Path, health: ServiceHealth, capsys: pytest.CaptureFixture[str]
+) -> None:
+    audit = Toggle()
+    health.require("audit", audit)
+    assert health_check.main([str(served)]) == 0
+    assert capsys.readouterr().out == "ready\n"
+
+    audit.reason = FULL
+
+    assert health_check.main([str(served), "readyz"]) == 1
+    assert capsys.readouterr().out == f"not ready\n  {FULL}\n"
+    assert health_check.main([str(served), "livez"]) == 0
+    assert capsys.readouterr().out == "live\n"
+
+
+def test_the_container_check_says_what_went_wrong(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert health_check.main([str(tmp_path / "none.sock")]) == 1
+    assert capsys.readouterr().err.startswith(f"no answer on {tmp_path / 'none.sock'}: ")
+    assert health_check.main([str(tmp_path / "none.sock"), "status"]) == 2
+    assert capsys.readouterr().err == "usage: health_check SOCKET [livez|readyz]\n"

@@ -3,7 +3,7 @@ from pathlib import Path
 
 from services.issuer.settings import parse_listen_address
 from services.stack.native import NativeStack
-from services.stack.sandbox import sandbox_settings
+from services.stack.sandbox import REPO_ROOT, sandbox_settings
 
 
 def test_sandbox_gives_the_issuer_http_endpoint_its_own_free_port(tmp_path: Path) -> None:
@@ -21,3 +21,13 @@ def test_sandbox_gives_the_issuer_http_endpoint_its_own_free_port(tmp_path: Path
     assert port not in service_ports
     # Every process of the stack is told where the issuer publishes revocation.
     assert NativeStack(settings).env["ZTBANK_ISSUER_HTTP"] == settings.issuer_http
+
+
+def test_each_sandbox_edits_its_own_policy_and_trust_table(tmp_path: Path) -> None:
+    first, second = sandbox_settings(tmp_path / "a"), sandbox_settings(tmp_path / "b")
+    for settings in (first, second):
+        assert settings.policy.read_bytes() == (REPO_ROOT / "infra" / "policy.json").read_bytes()
+        assert settings.policy.is_relative_to(settings.home.parent)
+        assert settings.trust_levels.is_relative_to(settings.home.parent)
+    assert first.policy != second.policy
+    assert first.trust_levels != second.trust_levels
