@@ -40,6 +40,7 @@ from services.common.identity.workloads import (
     TELLER,
     TRANSFER_ENGINE,
 )
+from services.common.runtime.health import HealthUnavailableError, health_socket, read_health
 from services.common.settings import ZtbankSettings, load_settings
 from services.issuer.adapters.upstream.disk import ROOT_CERT_FILE, init_root_ca
 from services.issuer.admin_client import AdminCallError, call_admin
@@ -279,6 +280,8 @@ def status_document(status: StackStatus) -> dict[str, Any]:
                 "svid_not_before": probe.svid_not_before,
                 "svid_not_after": probe.svid_not_after,
                 "healthy": probe.healthy,
+                "ready": probe.ready,
+                "reasons": list(probe.reasons),
                 **({"error": probe.error} if probe.error else {}),
             }
             for name, probe in status.services.items()
@@ -389,9 +392,32 @@ class NativeStack:
     # -- up ------------------------------------------------------------------------------------
 
     def up(self, timeout: float = READY_TIMEOUT) -> StackStatus:
-        """Start what is not running and wait until all of it is healthy.  A service that fails
-        is named with its log, and the rest is left up for `make down` and for a look; a Vault
-        that fails stops `up` before anything else starts, and nothing is left running."""
+        """Start what is not running and wait until all of it is healthy.  A part that fails is
+        named with its log, and every process this call started is stopped again, newest first:
+        a failed `make up` leaves nothing of its own running.  What ran before it is left so."""
+        ran_before = {process.name: process.pid() for process in self._processes()}
+        try:
+            return self._bring_up(timeout)
+        except BaseException:
+            # Ctrl-C too: the processes run in sessions of their own, nothing else stops them.
+            self._stop_started(ran_before)
+            raise
+
+    def _processes(self) -> list[ManagedProcess]:
+        """Every process ``up`` may start, in the order it starts them."""
+        return [self.vault.process, self.issuer, *self.services.values()]
+
+    def _stop_started(self, ran_before: dict[str, int | None]) -> None:
+        """Stop, newest first, each process that is not the one that ran before ``up``; the pid
+        file of one that exited by itself (a service refusing to start) goes too."""
+        for process in reversed(self._processes()):
+            pid = ran_before[process.name]
+            if pid is None or process.pid() != pid:
+                with contextlib.suppress(OSError):
+                    process.stop()
+
+    def _bring_up(self, timeout: float) -> StackStatus:
+        """The steps of ``up``, which stops what they started when one of them fails."""
         deadline = time.monotonic() + timeout
         upstream = self.upstream()
         env = self.env
@@ -415,7 +441,9 @@ class NativeStack:
                 self._wait(socket_path.exists, deadline, self.issuer)
                 process.start(env | {"SPIFFE_ENDPOINT_SOCKET": self._workload_socket(name)})
         for name, process in self.services.items():
-            self._wait(partial(self._healthy, name), deadline, process)
+            self._wait(
+                partial(self._healthy, name), deadline, process, partial(self._not_ready, name)
+            )
         return self.status()
 
     def _start_vault(self, env: dict[str, str], deadline: float) -> dict[str, str]:
@@ -430,7 +458,15 @@ class NativeStack:
             raise StackError(str(error)) from None
         return self.vault.issuer_env()
 
-    def _wait(self, ready: Callable[[], bool], deadline: float, process: ManagedProcess) -> None:
+    def _wait(
+        self,
+        ready: Callable[[], bool],
+        deadline: float,
+        process: ManagedProcess,
+        why: Callable[[], str | None] = lambda: None,
+    ) -> None:
+        """Until ``ready()``; a process that exits or is not ready by ``deadline`` stops ``up``
+        with its own reason (``why()``, when it gives one) and its log."""
         while time.monotonic() < deadline:
             if ready():
                 return
@@ -440,9 +476,10 @@ class NativeStack:
                     f"{process.log_tail()}"
                 )
             time.sleep(0.1)
+        reason = why()
         raise StackError(
-            f"{process.name} not ready in time; last lines of {process.log_file}:\n"
-            f"{process.log_tail()}"
+            f"{process.name} not ready in time{f' ({reason})' if reason else ''};"
+            f" last lines of {process.log_file}:\n{process.log_tail()}"
         )
 
     def _register_entries(self) -> None:
@@ -512,6 +549,14 @@ class NativeStack:
         except CommonError:
             return None
 
+    def _not_ready(self, name: str) -> str | None:
+        """The service's own word on why it is not ready, if it says one."""
+        try:
+            answer = read_health(health_socket(self.settings.home_of(name), name))
+        except HealthUnavailableError as error:
+            return str(error)
+        return None if answer.ok else "not ready: " + "; ".join(answer.reasons)
+
     def _healthy(self, name: str) -> bool:
         material = self._ops_svid()
         return material is not None and self._probe(name, material).healthy
@@ -524,6 +569,7 @@ class NativeStack:
             workload.spiffe_id(self.settings.trust_domain),
             material,
             https=name == GATEWAY.name,
+            health_socket=health_socket(self.settings.home_of(name), name),
         )
 
     def _issuer_serves_crls(self) -> bool:

@@ -8,10 +8,15 @@ window sees the transfers already made.  Idle accounts are swept every SWEEP_EVE
 
 Wall-clock time, because a monotonic clock starts again with the process.  A clock stepped back
 makes the window look fuller (stricter); one stepped forward ages the history early.
+
+When the storage fails (a full disk, an I/O error, a read-only or vanished file) SQLite rolls the
+transaction back and ``record`` raises ``VelocityStorageError`` naming the cause: the transfer is
+not counted, so assessing it again once the storage is fixed counts it once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 import time
@@ -20,10 +25,15 @@ from pathlib import Path
 
 from services.common.files import ensure_private_dir
 from services.risk.domain.rules import MAX_VELOCITY_TRANSFERS, MAX_VELOCITY_WINDOW_SECONDS
-from services.risk.errors import VelocityStoreError
+from services.risk.errors import VelocityStorageError, VelocityStoreError
 
 SWEEP_EVERY = 1000
 BUSY_TIMEOUT_SECONDS = 5.0
+# SQLite's answers when the storage itself fails, as the transfer-engine's ledger tells them
+# apart: the caller is told UNAVAILABLE with the cause.
+STORAGE_FAILURES = frozenset(
+    {sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_READONLY}
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS velocity_events (
@@ -32,6 +42,19 @@ CREATE TABLE IF NOT EXISTS velocity_events (
 );
 CREATE INDEX IF NOT EXISTS velocity_events_by_account ON velocity_events (account, at);
 """
+
+
+def store_error(error: sqlite3.Error, path: Path | None = None) -> VelocityStoreError:
+    """The risk error for a SQLite error: ``VelocityStorageError`` ("risk store not writable:
+    database or disk is full") when the storage failed, else ``VelocityStoreError``.  Errors of
+    a running service go to its caller, so only those at startup name the file."""
+    # Extended codes (SQLITE_IOERR_WRITE, SQLITE_READONLY_DBMOVED) keep the primary code in the
+    # low byte; errors of the sqlite3 module itself (a closed connection) carry no code.
+    code = getattr(error, "sqlite_errorcode", None)
+    if code is not None and code & 0xFF in STORAGE_FAILURES:
+        where = f" ({path})" if path else ""
+        return VelocityStorageError(f"risk store not writable: {error}{where}")
+    return VelocityStoreError(f"velocity history{f' at {path}' if path else ''}: {error}")
 
 
 class SqliteVelocityHistory:
@@ -59,23 +82,29 @@ class SqliteVelocityHistory:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
         except sqlite3.Error as error:
-            raise VelocityStoreError(f"velocity history at {path}: {error}") from None
+            raise store_error(error, path) from None
         path.chmod(0o600)
 
     def record(self, account: str, window_seconds: float) -> int:
+        """Raises VelocityStorageError when the storage fails (nothing is recorded then), and
+        VelocityStoreError on any other SQLite error."""
         with self._lock:
             now = self._clock()
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
                     count = self._record(account, now, now - window_seconds)
+                    # In WAL mode the pages reach the disk here: a full disk fails the COMMIT.
+                    self._db.execute("COMMIT")
                 except BaseException:
+                    # SQLite has already rolled back by itself after some errors (disk full,
+                    # I/O); a ROLLBACK that fails too must not hide the first error.
                     if self._db.in_transaction:
-                        self._db.execute("ROLLBACK")
+                        with contextlib.suppress(sqlite3.Error):
+                            self._db.execute("ROLLBACK")
                     raise
-                self._db.execute("COMMIT")
             except sqlite3.Error as error:
-                raise VelocityStoreError(f"velocity history: {error}") from None
+                raise store_error(error) from None
             return count
 
     def _record(self, account: str, now: float, horizon: float) -> int:
@@ -99,9 +128,12 @@ class SqliteVelocityHistory:
 
     def tracked_accounts(self) -> int:
         with self._lock:
-            (count,) = self._db.execute(
-                "SELECT COUNT(DISTINCT account) FROM velocity_events"
-            ).fetchone()
+            try:
+                (count,) = self._db.execute(
+                    "SELECT COUNT(DISTINCT account) FROM velocity_events"
+                ).fetchone()
+            except sqlite3.Error as error:
+                raise store_error(error) from None
             return int(count)
 
     def close(self) -> None:

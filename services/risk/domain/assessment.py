@@ -81,7 +81,8 @@ class Assessment:
 class VelocityHistory(Protocol):
     def record(self, account: str, window_seconds: float) -> int:
         """Record one transfer from ``account`` now; return how many transfers from it,
-        this one included, fall within the last ``window_seconds``."""
+        this one included, fall within the last ``window_seconds``.  Raises VelocityStoreError
+        (VelocityStorageError when the storage failed), having recorded nothing."""
         ...
 
 

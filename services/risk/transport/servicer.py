@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import NoReturn, Protocol
 
 import grpc
@@ -11,19 +12,30 @@ from services._proto import risk_pb2, risk_pb2_grpc
 from services.common.identity.spiffe_id import SpiffeId
 from services.common.identity.workloads import TRANSFER_ENGINE
 from services.common.mtls.peer import NoPeerIdentityError, current_peer
+from services.common.resilience.trailers import DEPENDENCY_UNAVAILABLE_KEY
 from services.risk.adapters.rules_file import RulesFile
 from services.risk.adapters.velocity_sqlite import SqliteVelocityHistory
 from services.risk.domain.assessment import RiskAssessor, TransferRequest
-from services.risk.errors import InvalidTransferError, VelocityStoreError
+from services.risk.errors import InvalidTransferError, VelocityStorageError, VelocityStoreError
 from services.risk.settings import RiskSettings
 
 logger = logging.getLogger(__name__)
+
+# The dependency an UNAVAILABLE about the velocity history's storage names (trailers.py): risk
+# itself answered, so the transfer-engine's breaker to risk counts an answer, and its message
+# (the cause, e.g. a full disk) is the transfer-engine's to pass on.
+RISK_STORE = "risk-store"
 
 
 class AbortingContext(Protocol):
     """The part of ``grpc.ServicerContext`` the servicer uses."""
 
-    async def abort(self, code: grpc.StatusCode, details: str) -> NoReturn: ...
+    async def abort(
+        self,
+        code: grpc.StatusCode,
+        details: str,
+        trailing_metadata: Sequence[tuple[str, str]] = (),
+    ) -> NoReturn: ...
 
 
 class RiskService(risk_pb2_grpc.RiskServicer):
@@ -48,6 +60,13 @@ class RiskService(risk_pb2_grpc.RiskServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid transfer: {error}")
         try:
             assessment = self._assessor.assess(transfer)
+        except VelocityStorageError as error:
+            # A full disk, say: the operator's to fix, not a bug (a warning, no traceback).  No
+            # history, no score: the transfer-engine holds the transfer and tells why.
+            logger.warning("transfer %s not assessed: %s", transfer.transfer_id, error)
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, str(error), ((DEPENDENCY_UNAVAILABLE_KEY, RISK_STORE),)
+            )
         except VelocityStoreError as error:
             # No history, no score: the transfer-engine holds the transfer (fail closed).
             logger.error("transfer %s not assessed: %s", transfer.transfer_id, error)

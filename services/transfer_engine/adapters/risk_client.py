@@ -13,6 +13,7 @@ from services._proto import risk_pb2
 from services.common.errors import ChannelClosedError
 from services.common.observability.telemetry import inject_context
 from services.common.resilience.circuit import BreakerOpenError, CircuitBreaker
+from services.common.resilience.trailers import unavailable_dependency
 from services.common.risk_decision import RiskDecision
 from services.transfer_engine.domain.model import Assessment, TransferRequest
 from services.transfer_engine.errors import RiskUnavailableError
@@ -70,6 +71,13 @@ class GrpcRiskAssessor:
             logger.warning(
                 "risk assessment of %s failed: %s %s", transfer_id, error.code(), error.details()
             )
+            if unavailable_dependency(error) is not None:
+                # Risk answered that a dependency of its own is out (its store: a full disk);
+                # it wrote that message for us to pass on.  Any other status's details stay in
+                # our log: they may say more of risk than a customer should read.
+                raise RiskUnavailableError(
+                    f"risk service unavailable: {error.details()}"
+                ) from error
             raise RiskUnavailableError("risk service unavailable") from error
         except (grpc.aio.UsageError, ChannelClosedError) as error:
             # A channel closed by a rotation after we fetched it, or by shutdown.

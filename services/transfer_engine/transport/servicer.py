@@ -20,6 +20,7 @@ from services.transfer_engine.domain.model import Account, Transaction, Transfer
 from services.transfer_engine.errors import (
     IdempotencyConflictError,
     InvalidRequestError,
+    LedgerStorageError,
     NotFoundError,
     NotOwnerError,
     RiskUnavailableError,
@@ -28,6 +29,8 @@ from services.transfer_engine.errors import (
 )
 
 GATEWAY_ONLY = "customer claims are accepted only from the gateway"
+# The dependency an UNAVAILABLE about the ledger's own storage names (resilience/trailers.py).
+LEDGER_STORE = "ledger-store"
 
 
 class AbortingContext(Protocol):
@@ -129,6 +132,11 @@ class TransferEngineService(ledger_pb2_grpc.TransferEngineServicer):
             if error.retry_after_seconds is not None:
                 trailers += (pushback_trailer(error.retry_after_seconds),)
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(error), trailers)
+        except LedgerStorageError as error:
+            # The engine answers, its storage does not (a full disk, say): the cause is the
+            # operator's to read in the gateway's answer, and the breaker counts an answer.
+            trailer = ((DEPENDENCY_UNAVAILABLE_KEY, LEDGER_STORE),)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(error), trailer)
         except TransferEngineError as error:
             await context.abort(_status_of(error), str(error))
 

@@ -26,6 +26,7 @@ import yaml
 from services.common.discovery.consul.settings import ConsulSettings
 from services.common.identity.workloads import CONSOLE, OPS, SERVICES, TELLER
 from services.common.observability.telemetry import OTLP_ENV
+from services.common.runtime.health import health_socket
 from services.common.settings import load_settings
 from services.issuer.settings import IssuerSettings
 from services.stack.compose import ALL_PROFILES, IMAGE_BUILDS, PROFILE_SETTINGS
@@ -722,7 +723,7 @@ def test_e2e_harness_switches_to_the_uids_the_entries_register(
     assert set(services["e2e"]["depends_on"]) == {"gateway", "prometheus"}
 
 
-def test_registry_for_compose_names_the_compose_hosts(
+def test_registry_names_the_compose_hosts_and_health_checks_ask_readiness(
     services: dict[str, dict[str, Any]],
 ) -> None:
     registry_path = services["gateway"]["environment"]["ZTBANK_REGISTRY"]
@@ -730,8 +731,16 @@ def test_registry_for_compose_names_the_compose_hosts(
     for name in BANK_SERVICES:
         entry = registry["services"][name]
         assert entry["host"] == name
-        check = " ".join(services[name]["healthcheck"]["test"])
-        assert f"('{name}', {entry['port']})" in check, f"{name}: health check probes elsewhere"
+        # Each health check asks the service's own readiness, on its socket in its own volume.
+        home = services[name]["environment"]["ZTBANK_HOME"]
+        assert any(volume.endswith(f":{home}") for volume in services[name]["volumes"])
+        assert services[name]["healthcheck"]["test"] == [
+            "CMD",
+            "python",
+            "-m",
+            "services.common.runtime.health_check",
+            str(health_socket(Path(home), name)),
+        ], f"{name}: health check probes elsewhere"
     gateway_port = registry["services"]["gateway"]["port"]
     assert services["gateway"]["ports"][0].endswith(f":{gateway_port}")
 

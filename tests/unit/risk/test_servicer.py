@@ -1,6 +1,7 @@
 import asyncio
 import json
-from collections.abc import Iterator
+import logging
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -22,15 +23,26 @@ TD = "bank.test"
 
 
 class AbortedError(Exception):
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        details: str,
+        trailing_metadata: Sequence[tuple[str, str]] = (),
+    ) -> None:
         super().__init__(code, details)
         self.code = code
         self.details = details
+        self.trailing_metadata = tuple(trailing_metadata)
 
 
 class FakeContext:
-    async def abort(self, code: grpc.StatusCode, details: str) -> NoReturn:
-        raise AbortedError(code, details)
+    async def abort(
+        self,
+        code: grpc.StatusCode,
+        details: str,
+        trailing_metadata: Sequence[tuple[str, str]] = (),
+    ) -> NoReturn:
+        raise AbortedError(code, details, trailing_metadata)
 
 
 def as_peer(spiffe_id: SpiffeId | None) -> object:
@@ -181,6 +193,47 @@ def test_without_its_velocity_history_risk_answers_unavailable(tmp_path: Path) -
         assess(service, request())
     assert caught.value.code is grpc.StatusCode.UNAVAILABLE
     assert caught.value.details.startswith("risk cannot assess now: velocity history:")
+
+
+@pytest.mark.usefixtures("from_transfer_engine")
+def test_a_full_risk_store_is_unavailable_with_its_cause_and_no_traceback(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SQLite's limit on the file's size stands for a full disk (SQLITE_FULL), as in
+    test_velocity_sqlite.py; tests/e2e/test_disk_full.py fills a real one."""
+    rules = tmp_path / "rules.json"
+    rules.write_text("{}")
+    history = SqliteVelocityHistory(tmp_path / "velocity.db")
+    service = RiskService(
+        RiskAssessor(RulesFile(rules), history), allowed_caller=TRANSFER_ENGINE.spiffe_id(TD)
+    )
+    (pages,) = history._db.execute("PRAGMA page_count").fetchone()
+    history._db.execute(f"PRAGMA max_page_count = {pages}")
+
+    with caplog.at_level(logging.INFO, logger="services.risk"):
+        for made in range(5000):  # new accounts, new rows, until the file is full
+            try:
+                assess(service, request(transfer_id=f"t-{made}", from_account=f"acct-{made}"))
+            except AbortedError as error:
+                refused = error
+                break
+        else:
+            pytest.fail("the velocity history never ran out of room")
+
+    assert refused.code is grpc.StatusCode.UNAVAILABLE
+    assert refused.details == "risk store not writable: database or disk is full"
+    # Risk answered (its store is out): the transfer-engine passes the cause on, and its
+    # breaker to risk counts an answer.
+    assert refused.trailing_metadata == (("ztbank-dependency-unavailable", "risk-store"),)
+    [warning] = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warning.levelno == logging.WARNING
+    assert warning.getMessage() == (
+        f"transfer t-{made} not assessed: risk store not writable: database or disk is full"
+    )
+    assert warning.exc_info is None
+    history._db.execute("PRAGMA max_page_count = 1000000")  # space is back, no restart
+    again = assess(service, request(transfer_id=f"t-{made}", from_account=f"acct-{made}"))
+    assert again.decision == "review"  # 600.00 CNY: above the review threshold, as before
 
 
 def test_velocity_history_is_kept_in_the_state_directory(tmp_path: Path) -> None:

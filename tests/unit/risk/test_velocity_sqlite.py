@@ -7,7 +7,7 @@ import pytest
 
 from services.risk.adapters.velocity_sqlite import SqliteVelocityHistory
 from services.risk.domain.rules import MAX_VELOCITY_TRANSFERS, MAX_VELOCITY_WINDOW_SECONDS
-from services.risk.errors import VelocityStoreError
+from services.risk.errors import RiskError, VelocityStorageError, VelocityStoreError
 
 
 class FakeClock:
@@ -110,3 +110,49 @@ def test_an_unusable_file_is_a_clear_error(tmp_path: Path) -> None:
     not_a_database.write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(VelocityStoreError, match=r"velocity history at .*velocity\.db"):
         SqliteVelocityHistory(not_a_database)
+
+
+def record_until_refused(history: SqliteVelocityHistory) -> tuple[int, VelocityStorageError]:
+    """Transfers from new accounts (each a new row) until the store refuses one."""
+    for made in range(5000):
+        try:
+            history.record(f"acct-{made}", 60)
+        except VelocityStorageError as error:
+            return made, error
+    pytest.fail("the velocity history never ran out of room")
+
+
+def test_a_full_disk_is_a_storage_error_with_its_cause_and_counts_stay_exact(
+    history: SqliteVelocityHistory,
+) -> None:
+    """SQLite's own limit on the file's size stands for a full disk: SQLITE_FULL, what a full
+    filesystem answers too (tests/e2e/test_disk_full.py fills a real one)."""
+    assert [history.record("a", 60) for _ in range(2)] == [1, 2]
+    (pages,) = history._db.execute("PRAGMA page_count").fetchone()
+    history._db.execute(f"PRAGMA max_page_count = {pages}")
+
+    made, error = record_until_refused(history)
+
+    assert str(error) == "risk store not writable: database or disk is full"
+    assert isinstance(error, VelocityStoreError)
+    assert isinstance(error, RiskError)
+    assert not history._db.in_transaction  # the next assessment starts afresh
+    with pytest.raises(VelocityStorageError, match="database or disk is full"):
+        history.record(f"acct-{made}", 60)  # a retry while the disk is full is refused too
+    history._db.execute("PRAGMA max_page_count = 1000000")  # space is back, no restart
+    # Neither refused transfer was counted: each counts once when it is assessed again.
+    assert history.record(f"acct-{made}", 60) == 1
+    assert history.record("a", 60) == 3
+    assert history.tracked_accounts() == made + 2
+
+
+def test_a_store_that_cannot_be_opened_is_a_storage_error_naming_the_file(
+    tmp_path: Path,
+) -> None:
+    in_the_way = tmp_path / "velocity.db"
+    in_the_way.mkdir()  # SQLITE_CANTOPEN, as for a file on a filesystem gone read-only
+    with pytest.raises(VelocityStorageError) as caught:
+        SqliteVelocityHistory(in_the_way)
+    assert (
+        str(caught.value) == f"risk store not writable: unable to open database file ({in_the_way})"
+    )

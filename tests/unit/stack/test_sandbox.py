@@ -1,6 +1,7 @@
 import json
 from pathlib import Path
 
+from services.common.runtime.health import HealthSocket, ServiceHealth, health_socket
 from services.issuer.settings import parse_listen_address
 from services.stack.native import NativeStack
 from services.stack.sandbox import REPO_ROOT, sandbox_settings
@@ -31,3 +32,20 @@ def test_each_sandbox_edits_its_own_policy_and_trust_table(tmp_path: Path) -> No
         assert settings.trust_levels.is_relative_to(settings.home.parent)
     assert first.policy != second.policy
     assert first.trust_levels != second.trust_levels
+
+
+def test_up_names_a_services_own_reason_for_not_being_ready(tmp_path: Path) -> None:
+    stack = NativeStack(sandbox_settings(tmp_path))
+    assert stack._not_ready("risk") == (
+        f"no answer on {health_socket(stack.settings.home, 'risk')}: No such file or directory"
+    )
+    health = ServiceHealth("risk")
+    health.require("revocation", lambda: "failing closed: no CRL verified yet from http://x")
+    served = HealthSocket(health_socket(stack.settings.home, "risk"), health)
+    try:
+        assert (
+            stack._not_ready("risk")
+            == "not ready: failing closed: no CRL verified yet from http://x"
+        )
+    finally:
+        served.close()

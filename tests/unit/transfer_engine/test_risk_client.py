@@ -25,6 +25,8 @@ class ScriptedRisk(risk_pb2_grpc.RiskServicer):
     def __init__(self, decision: str) -> None:
         self.decision = decision
         self.abort_with: grpc.StatusCode | None = None
+        self.abort_details = "scripted failure"
+        self.abort_trailers: tuple[tuple[str, str], ...] = ()
         self.stalled = threading.Event()
         self.release = threading.Event()
         self.stall = False
@@ -35,7 +37,9 @@ class ScriptedRisk(risk_pb2_grpc.RiskServicer):
     ) -> risk_pb2.Assessment:
         self.requests.append(request)
         if self.abort_with is not None:
-            context.abort(self.abort_with, "scripted failure")
+            if self.abort_trailers:
+                context.set_trailing_metadata(self.abort_trailers)
+            context.abort(self.abort_with, self.abort_details)
         if self.stall:
             self.stalled.set()
             self.release.wait(5)
@@ -211,3 +215,66 @@ def test_risk_failures_open_the_breaker(server: RiskServer) -> None:
     assert breaker.state is BreakerState.OPEN
     # The third assessment was refused by the breaker: risk saw two.
     assert [r.transfer_id for r in server.risk.requests] == ["tr-1", "tr-2"]
+
+
+STORE_FULL = "risk store not writable: database or disk is full"
+RISK_STORE_OUT = (("ztbank-dependency-unavailable", "risk-store"),)
+
+
+def test_a_full_risk_store_fails_closed_with_risks_cause(
+    server: RiskServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What risk answers when its velocity store's disk is full (tests/unit/risk): the cause,
+    tagged as its own dependency's outage, reaches the gateway's 503 through the engine."""
+    server.risk.abort_with = grpc.StatusCode.UNAVAILABLE
+    server.risk.abort_details = STORE_FULL
+    server.risk.abort_trailers = RISK_STORE_OUT
+    with caplog.at_level(logging.WARNING), pytest.raises(RiskUnavailableError) as refused:
+        assess(server)
+    assert str(refused.value) == f"risk service unavailable: {STORE_FULL}"
+    assert refused.value.retry_after_seconds is None
+    assert f"risk assessment of tr-1 failed: StatusCode.UNAVAILABLE {STORE_FULL}" in (
+        caplog.messages
+    )
+
+
+@pytest.mark.parametrize(
+    ("code", "trailers"),
+    [
+        (grpc.StatusCode.UNAVAILABLE, ()),  # risk's transport, or risk's own failure
+        (grpc.StatusCode.INTERNAL, RISK_STORE_OUT),  # only an UNAVAILABLE names a dependency
+    ],
+    ids=["untagged", "not-unavailable"],
+)
+def test_other_failures_keep_their_details_in_our_log(
+    server: RiskServer, code: grpc.StatusCode, trailers: tuple[tuple[str, str], ...]
+) -> None:
+    server.risk.abort_with = code
+    server.risk.abort_details = STORE_FULL
+    server.risk.abort_trailers = trailers
+    with pytest.raises(RiskUnavailableError, match=r"^risk service unavailable$"):
+        assess(server)
+
+
+def test_a_full_risk_store_does_not_open_the_breaker_to_risk(server: RiskServer) -> None:
+    """Risk answered, quickly: the breaker is for a risk that does not (a full disk is fixed
+    by freeing space, and the next transfer then goes through at once)."""
+    breaker = closed_breaker("risk", BreakerConfig(min_calls=2))
+    server.risk.abort_with = grpc.StatusCode.UNAVAILABLE
+    server.risk.abort_details = STORE_FULL
+    server.risk.abort_trailers = RISK_STORE_OUT
+
+    async def run() -> Assessment:
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            assessor = GrpcRiskAssessor(
+                lambda: channel, timeout_seconds=TIMEOUT_SECONDS, breaker=breaker
+            )
+            for transfer_id in ("tr-1", "tr-2", "tr-3"):
+                with pytest.raises(RiskUnavailableError, match="disk is full"):
+                    await assessor.assess(transfer_request(), transfer_id=transfer_id)
+            server.risk.abort_with = None  # space is back
+            return await assessor.assess(transfer_request(), transfer_id="tr-4")
+
+    assert asyncio.run(run()).decision is Decision.ALLOW
+    assert breaker.state is BreakerState.CLOSED
+    assert [r.transfer_id for r in server.risk.requests] == ["tr-1", "tr-2", "tr-3", "tr-4"]

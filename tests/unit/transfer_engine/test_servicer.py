@@ -1,7 +1,7 @@
 import asyncio
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 import pytest
@@ -307,6 +307,22 @@ def test_risk_down_is_unavailable(service: TransferEngineService, risk: FakeRisk
     )
     # Tagged, so that the gateway's breaker to the engine does not count risk's outage.
     assert aborted.trailing_metadata == (("ztbank-dependency-unavailable", "risk"),)
+
+
+def test_a_failed_ledger_storage_is_unavailable_with_its_cause(
+    service: TransferEngineService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def full(_request: object) -> NoReturn:
+        raise errors.LedgerStorageError("the ledger's storage failed: database or disk is full")
+
+    monkeypatch.setattr(service._ledger, "create_transfer", full)
+    aborted = refusal(service, EVERY_METHOD["CreateTransfer"])
+    assert (aborted.code, aborted.details) == (
+        grpc.StatusCode.UNAVAILABLE,
+        "the ledger's storage failed: database or disk is full",
+    )
+    # Tagged: the engine itself answered, and the gateway may pass the cause on.
+    assert aborted.trailing_metadata == (("ztbank-dependency-unavailable", "ledger-store"),)
 
 
 def test_an_open_breaker_to_risk_pushes_back_for_its_cool_down(
