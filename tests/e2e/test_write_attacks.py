@@ -377,6 +377,28 @@ def assert_allowed(stack: E2EStack, service: str, trace_id: str, method: str, ca
     ), record
 
 
+def assert_allowed_then_refused(
+    stack: E2EStack, service: str, trace_id: str, method: str, caller: str, refusal: str
+) -> None:
+    """The policy allowed the call and the service refused it itself: two records, the allow
+    and the refusal with its reason (event ``request_refused``)."""
+    stack.wait_for_audit(
+        service,
+        lambda r: r["trace_id"] == trace_id and r["event"] == "request_refused",
+        f"the refusal of {method} in trace {trace_id}",
+    )
+    records = in_trace(stack, service, trace_id)
+    seen = [
+        (r["event"], r["decision"], r["caller_spiffe_id"], r["method"], r["reason"])
+        for r in records
+    ]
+    caller_id = stack.spiffe_id(caller)
+    assert seen == [
+        ("authz", "allow", caller_id, method, f"allowed by policy rule for {service}"),
+        ("request_refused", "deny", caller_id, method, f"refused by the service: {refusal}"),
+    ], seen
+
+
 def policy_denial(caller_id: str, service: str, method: str) -> str:
     return f"no policy rule allows {caller_id} to call {service} {method}"
 
@@ -617,7 +639,8 @@ def test_post_transfer_with_a_revoked_teller_certificate_is_refused(stack: E2ESt
 def test_replayed_key_with_another_body_is_a_conflict(stack: E2EStack) -> None:
     """A retry must never become a second transfer: the same key with another body is a 409,
     the first transfer stays as it was and risk is not asked again.  The refusal is the
-    transfer-engine's, after the policy allowed the teller: both hops audit an allow."""
+    transfer-engine's, after the policy allowed the teller: both hops audit the allow, then
+    the refusal with its reason."""
     token = stack.teller().token(BOB)
     key = new_key()
     first_order = {**GATEWAY_ORDER, "to_account": ALICE_CNY, "amount": "0.03"}
@@ -643,8 +666,23 @@ def test_replayed_key_with_another_body_is_a_conflict(stack: E2EStack) -> None:
         },
     )
     assert "location" not in conflict.headers
-    assert_allowed(stack, GATEWAY.name, trace_id, POST_TRANSFERS, TELLER.name)
-    assert_allowed(stack, TRANSFER_ENGINE.name, trace_id, CREATE_TRANSFER, GATEWAY.name)
+    reused = f"idempotency key {key!r} was already used for another request"
+    assert_allowed_then_refused(
+        stack,
+        GATEWAY.name,
+        trace_id,
+        POST_TRANSFERS,
+        TELLER.name,
+        f"409 Conflicts with an earlier request: {reused}",
+    )
+    assert_allowed_then_refused(
+        stack,
+        TRANSFER_ENGINE.name,
+        trace_id,
+        CREATE_TRANSFER,
+        GATEWAY.name,
+        f"ALREADY_EXISTS {reused}",
+    )
     assert in_trace(stack, RISK.name, trace_id) == []
     assert bank_state(stack) == state
     for account in (ALICE_CNY, BOB_CNY):
@@ -659,8 +697,8 @@ def test_transfer_with_another_customers_token_is_refused(
 ) -> None:
     """The teller acting for bob cannot draw on alice's account: the transfer-engine checks
     that the source is the token's customer's before risk is asked, and the gateway words the
-    refusal so that it tells nothing about the account.  As for the conflict, the audit shows
-    the two hops allowed: the ownership refusal is not an authorization decision."""
+    refusal so that it tells nothing about the account.  As for the conflict, each hop audits
+    the policy's allow, then its own refusal with the reason."""
     token = stack.teller().token(BOB)
     key = new_key()
     stolen = {**GATEWAY_ORDER, "from_account": ALICE_CNY}
@@ -677,8 +715,22 @@ def test_transfer_with_another_customers_token_is_refused(
             "instance": TRANSFERS,
         },
     )
-    assert_allowed(stack, GATEWAY.name, trace_id, POST_TRANSFERS, TELLER.name)
-    assert_allowed(stack, TRANSFER_ENGINE.name, trace_id, CREATE_TRANSFER, GATEWAY.name)
+    assert_allowed_then_refused(
+        stack,
+        GATEWAY.name,
+        trace_id,
+        POST_TRANSFERS,
+        TELLER.name,
+        f"403 Not allowed: account {ALICE_CNY!r} is not one of your accounts",
+    )
+    assert_allowed_then_refused(
+        stack,
+        TRANSFER_ENGINE.name,
+        trace_id,
+        CREATE_TRANSFER,
+        GATEWAY.name,
+        f"PERMISSION_DENIED account {ALICE_CNY} does not belong to customer {BOB}",
+    )
     assert in_trace(stack, RISK.name, trace_id) == []
     unchanged()
     assert_gateway_key_unused(stack, BOB, key)

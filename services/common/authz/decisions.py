@@ -14,6 +14,9 @@ Endpoint = tuple[str, int | None]  # (host, port); port None when unknown
 
 TLS_HANDSHAKE_EVENT = "tls_handshake"
 AUTHZ_EVENT = "authz"
+# A request the policy allowed, refused by the service itself (an idempotency key used for
+# another body, a customer token that does not own the account): the refusal's own record.
+REFUSAL_EVENT = "request_refused"
 
 
 @dataclass(frozen=True)

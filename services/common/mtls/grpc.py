@@ -40,7 +40,12 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from services.common.authz.audit import AuditLog, AuditWriteError, split_address
-from services.common.authz.decisions import ConnectionFacts, DecisionRecorder, TlsFacts
+from services.common.authz.decisions import (
+    REFUSAL_EVENT,
+    ConnectionFacts,
+    DecisionRecorder,
+    TlsFacts,
+)
 from services.common.authz.policy import Policy
 from services.common.errors import ChannelClosedError, CommonError
 from services.common.identity.source import SvidMaterial, SvidSource
@@ -62,6 +67,14 @@ DISCOVERY_RECHECK_SECONDS = 5.0
 REVOKED_DETAILS = "certificate revoked"
 UNAVAILABLE_DETAILS = "revocation status unavailable"
 REVOKED_STREAM_REASON = "certificate revoked: stream ended"
+# A servicer's own refusals of a call the policy allowed, each audited with its detail.
+REFUSAL_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.ALREADY_EXISTS,
+    }
+)
 
 
 def _server_config(material: SvidMaterial) -> Any:
@@ -290,11 +303,35 @@ class AuthorizationInterceptor(grpc.aio.ServerInterceptor):
         finally:
             otel_context.detach(attached)
 
+    async def _record_refusal(
+        self, context: grpc.aio.ServicerContext[Any, Any], method: str, peer: PeerIdentity
+    ) -> None:
+        """The servicer's own refusal of a call the policy allowed, audited with its status and
+        detail; the call has been answered already, so a record that fails is only said."""
+        code = context.code()
+        if code not in REFUSAL_CODES:
+            return
+        reason = f"refused by the service: {code.name} {context.details()}"
+        connection = ConnectionFacts(
+            split_address(context.peer()), self._local, _grpc_tls_facts(context.auth_context())
+        )
+        submitted = self._decisions.submit(
+            connection, peer, method, "deny", reason, event=REFUSAL_EVENT
+        )
+        try:
+            await asyncio.wrap_future(submitted)
+        except AuditWriteError as error:
+            logger.warning("%s: refusal of %s unaudited: %s", self._service, method, error)
+
     def _unary(self, method: str, behaviour: Callable[..., Any]) -> Callable[..., Any]:
         async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            async with self._call_scope(method, context):
-                result = behaviour(request, context)
-                return await result if inspect.isawaitable(result) else result
+            async with self._call_scope(method, context) as peer:
+                try:
+                    result = behaviour(request, context)
+                    return await result if inspect.isawaitable(result) else result
+                except grpc.aio.AbortError:
+                    await self._record_refusal(context, method, peer)
+                    raise
 
         return handle
 

@@ -36,6 +36,7 @@ from uvicorn.protocols.utils import get_local_addr, get_remote_addr
 from services.common.authz.audit import AuditLog, AuditWriteError
 from services.common.authz.decisions import (
     AUTHZ_EVENT,
+    REFUSAL_EVENT,
     TLS_HANDSHAKE_EVENT,
     ConnectionFacts,
     DecisionRecorder,
@@ -58,6 +59,8 @@ Asgi = Callable[[Scope, Receive, Send], Awaitable[None]]
 TRANSFER_METHOD = "POST /v1/transfers"
 # RFC 9110 9.2.1: requests that change nothing on the server.
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# The application's own refusals of a request the policy allowed, each audited with its reason.
+REFUSAL_STATUSES = frozenset({401, 403, 409})
 HANDSHAKE_TIMEOUT = 10.0
 DEFAULT_MAX_IN_FLIGHT = 64
 OVERLOADED_REASON = "shed: the server is at its limit of requests in flight"
@@ -150,6 +153,32 @@ class _Answered:
         await self._send(message)
 
 
+class _Refusal:
+    """``send`` that notes the reason of a refusal the application answered itself (401, 403,
+    409: the policy allowed the request, the service did not), from its problem's detail."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self._status = 0
+        self.reason: str | None = None
+
+    async def __call__(self, message: MutableMapping[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            self._status = message["status"]
+        elif self._status in REFUSAL_STATUSES and message["type"] == "http.response.body":
+            self.reason = _refusal_reason(self._status, message.get("body", b""))
+        await self._send(message)
+
+
+def _refusal_reason(status: int, body: bytes) -> str:
+    try:
+        document = json.loads(body)
+        detail = f"{document['title']}: {document['detail']}"
+    except (ValueError, KeyError, TypeError):
+        detail = "no problem detail"
+    return f"refused by the service: {status} {detail}"
+
+
 class _ConnectionApp:
     """The application as seen by one verified connection."""
 
@@ -210,22 +239,35 @@ class _ConnectionApp:
             finally:
                 in_flight.count -= 1
 
-    def _audited(self, method: str, decision: str, reason: str) -> asyncio.Future[None]:
+    def _audited(
+        self, method: str, decision: str, reason: str, *, event: str = AUTHZ_EVENT
+    ) -> asyncio.Future[None]:
         """The decision's record, queued; the future completes once it is on disk."""
         return asyncio.wrap_future(
-            self._guard.decisions.submit(self._facts, self._peer, method, decision, reason)
+            self._guard.decisions.submit(
+                self._facts, self._peer, method, decision, reason, event=event
+            )
         )
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send, method: str) -> None:
         token = set_current_peer(self._peer)
         started = time.perf_counter()
+        refusal = _Refusal(send)
         try:
-            await self._app(scope, receive, send)
+            await self._app(scope, receive, refusal)
         finally:
             reset_current_peer(token)
             if method == TRANSFER_METHOD:
                 self._guard.telemetry.transfer_duration.record(
                     time.perf_counter() - started, {"service": self._guard.service}
+                )
+        if refusal.reason is not None:
+            try:
+                await self._audited(method, "deny", refusal.reason, event=REFUSAL_EVENT)
+            except AuditWriteError as error:
+                # Already answered: the refusal stands, only its record is missing (said).
+                logger.warning(
+                    "%s: refusal of %s unaudited: %s", self._guard.service, method, error
                 )
 
 
