@@ -6,11 +6,13 @@ import signal
 import socket
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from services.stack.sandbox import free_port
+from services.common.discovery.registry import FileRegistry, write_registry
+from services.stack.sandbox import free_port, sandbox_stack
 from tests.support.helpers import clean_environment, one_line, wait_until
 
 pytestmark = pytest.mark.integration
@@ -89,3 +91,44 @@ def _accepts(port: int) -> bool:
     except OSError:
         return False
     return True
+
+
+@pytest.mark.parametrize("taken", ["port", "metrics_port"])
+def test_a_service_whose_port_is_taken_says_so_in_one_line(tmp_path: Path, taken: str) -> None:
+    """A second risk beside the running stack's, on its gRPC port or its metrics port: its
+    identity and CRLs are fine, its address is not; an operator's mistake, told as one (the
+    last line on stderr, after its JSON log lines), never as a traceback."""
+    with sandbox_stack() as native:
+        running = FileRegistry(native.settings.registry).lookup("risk")
+        second = replace(
+            running,
+            **{"port": free_port(), "metrics_port": free_port(), taken: getattr(running, taken)},
+        )
+        registry = tmp_path / "registry.json"
+        write_registry(registry, [second])
+        env = native.env | {
+            "SPIFFE_ENDPOINT_SOCKET": native._workload_socket("risk"),
+            "ZTBANK_REGISTRY": str(registry),
+        }
+        done = subprocess.run(
+            [sys.executable, "-m", "services.risk"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert "Traceback" not in done.stderr, done.stderr
+    last = done.stderr.splitlines()[-1]
+    if taken == "port":
+        assert done.returncode == 1, done.stderr
+        assert last == (
+            f"risk: cannot serve: cannot listen on {second.target}: the port is in use, or the"
+            " address is not this machine's"
+        )
+    else:
+        assert done.returncode == 2, done.stderr
+        assert last == (
+            f"risk: cannot serve metrics on {second.host}:{second.metrics_port}:"
+            " Address already in use"
+        )

@@ -36,6 +36,7 @@ from opentelemetry.sdk.trace.export import (
     SpanExportResult,
 )
 
+from services.common.errors import CommonError
 from services.common.identity.source import SvidMaterial
 
 OTLP_ENV = "OTEL_EXPORTER_OTLP_ENDPOINT"
@@ -121,6 +122,10 @@ class Telemetry:
         self._shutdown()
 
 
+class MetricsListenError(CommonError):
+    """The metrics port of the registry cannot be listened on (taken, or not this machine's)."""
+
+
 def setup_telemetry(
     service: str,
     *,
@@ -150,7 +155,13 @@ def setup_telemetry(
             from prometheus_client import start_http_server
 
             readers.append(PrometheusMetricReader())
-            start_http_server(metrics_port, addr=metrics_host)
+            try:
+                start_http_server(metrics_port, addr=metrics_host)
+            except OSError as error:
+                raise MetricsListenError(
+                    f"cannot serve metrics on {metrics_host}:{metrics_port}:"
+                    f" {error.strerror or error}"
+                ) from None
     # Exemplars cost more than the measurement they ride on (measured under load) and nothing
     # here reads them; OTEL_METRICS_EXEMPLAR_FILTER turns them on.
     exemplars = None if os.environ.get(EXEMPLAR_FILTER_ENV) else AlwaysOffExemplarFilter()

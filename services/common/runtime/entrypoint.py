@@ -26,7 +26,8 @@ def run_service(
     create_server: Callable[[SettingsT], tuple[ServerT, ServiceRuntime]],
     serve: Callable[[ServerT, ServiceRuntime], None],
 ) -> int:
-    """Start-up failures exit 2 (bad settings or identity) or 1, with one line on stderr."""
+    """Start-up failures exit 2 (bad settings or identity) or 1, with one line on stderr; so
+    does a server that cannot serve (exit 1)."""
     configure_json_logging(name)
     try:
         settings = load_settings(settings_class)
@@ -40,5 +41,9 @@ def run_service(
     # Everything built so far lives as long as the process: keep it out of the cyclic
     # collector's full passes, which otherwise walk it under load (tail latency).
     gc.freeze()
-    serve(server, runtime)
+    try:
+        serve(server, runtime)
+    except CommonError as error:  # e.g. the port is taken: one line, as at start-up
+        print(f"{name}: cannot serve: {error}", file=sys.stderr)
+        return 1
     return 0

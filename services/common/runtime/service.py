@@ -24,6 +24,7 @@ from services.common.discovery.consul.registration import ConsulRegistration
 from services.common.discovery.consul.registry import ConsulRegistry
 from services.common.discovery.consul.settings import ConsulSettings
 from services.common.discovery.registry import FileRegistry, ServiceAddress, ServiceRegistry
+from services.common.errors import CommonError
 from services.common.identity.source import SvidSource
 from services.common.identity.workloads import Workload
 from services.common.mtls.contexts import PeerVerifier
@@ -48,6 +49,11 @@ from services.common.runtime.health import (
 from services.common.settings import ZtbankSettings, load_settings, socket_path_from_endpoint
 
 logger = logging.getLogger(__name__)
+
+
+class ListenError(CommonError):
+    """The service cannot listen where the registry says it does."""
+
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -240,9 +246,17 @@ def create_grpc_server(
         telemetry=runtime.telemetry,
         local_address=runtime.address.target,
     )
-    server = grpc.aio.server(interceptors=[interceptor])
+    # No SO_REUSEPORT (grpcio's default): a second process on a taken port would share its
+    # connections silently rather than fail.
+    server = grpc.aio.server(interceptors=[interceptor], options=[("grpc.so_reuseport", 0)])
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    server.add_secure_port(runtime.address.target, server_credentials(runtime.source))
+    try:
+        server.add_secure_port(runtime.address.target, server_credentials(runtime.source))
+    except RuntimeError:  # grpcio's only word for it: "Failed to bind to address ..."
+        raise ListenError(
+            f"cannot listen on {runtime.address.target}: the port is in use, or the address"
+            " is not this machine's"
+        ) from None
     return server
 
 
