@@ -2,9 +2,12 @@
 
 Policy for every ztbank TLS endpoint: TLS 1.2 or newer, AEAD cipher suites only (TLS 1.3 suites
 are all AEAD; for 1.2 only ECDHE with AES-GCM or ChaCha20-Poly1305), no session tickets and no
-compression.  OpenSSL checks the chain against the trust bundle during the handshake; the SPIFFE
-rules OpenSSL does not know, and revocation, are checked afterwards by ``PeerVerifier`` on every
-connection (and every gRPC call), so a resumed TLS 1.2 session is re-checked too.
+compression on the Python contexts made here (the gateway, and every client).  The gRPC servers'
+TLS is grpcio's own: it issues session tickets in 1.2 and 1.3 and offers no switch for them.
+OpenSSL checks the chain against the trust bundle during the handshake; the SPIFFE rules OpenSSL
+does not know, and revocation, are checked afterwards by ``PeerVerifier`` on every connection
+(and every gRPC call), so a resumed session is re-checked too (tests/e2e/test_revocation.py
+resumes a revoked client's session on purpose and sees it refused).
 """
 
 from __future__ import annotations
