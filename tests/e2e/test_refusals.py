@@ -95,9 +95,10 @@ PROBE_ASSESSMENT = risk_pb2.AssessRequest(
     currency="CNY",
 )
 # How a server that refused a connection after the client's TLS 1.3 handshake ends it: TCP's
-# FIN ("eof"), or a reset when the rest of the client's flight arrived after the close.  Neither
-# carries an alert; which one is a matter of TCP timing.
-HUNG_UP = {"eof", "reset"}
+# FIN ("eof"), a reset when the rest of the client's flight arrived after the close, or a bare
+# close_notify (grpc's TLS on the compose network).  None carries an alert or an answer; which
+# one is a matter of timing.
+HUNG_UP = {"eof", "reset", "close_notify"}
 
 
 @dataclass(frozen=True)
