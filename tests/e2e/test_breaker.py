@@ -51,8 +51,6 @@ BREAKER_ENV = {
     "ZTBANK_BREAKER_NEAR_EXPIRY_WINDOW_SECONDS": "5",
     "ZTBANK_RISK_TIMEOUT_SECONDS": str(RISK_TIMEOUT),
 }
-# An answer of the breaker itself: no network, so far below the deadline on risk.
-AT_ONCE_SECONDS = 0.2
 
 
 @pytest.fixture(scope="module")
@@ -171,13 +169,15 @@ def test_a_hung_risk_trips_the_engines_breaker_and_service_comes_back(stack: E2E
         for reply, _ in answers:
             assert_unavailable(reply)
         # A few waited for risk's deadline (the window may still hold the first transfer's
-        # success: 2 or 3 of them); then the engine's breaker answers at once.
-        waited = [took >= RISK_TIMEOUT for _, took in answers]
-        failed = waited.count(True)
-        assert failed in (2, 3), waited
-        assert waited == [True] * failed + [False] * (len(answers) - failed)
-        for reply, took in answers[failed:]:
-            assert took < AT_ONCE_SECONDS
+        # success: 2 or 3 of them); then the engine's breaker answers without calling risk.
+        # Told apart by what the engine said, not by how long a busy machine took to say it.
+        by_breaker = ["circuit breaker" in reply.body["detail"] for reply, _ in answers]
+        failed = by_breaker.count(False)
+        assert failed in (2, 3), by_breaker
+        assert by_breaker == [False] * failed + [True] * (len(answers) - failed)
+        for _, took in answers[:failed]:
+            assert took >= RISK_TIMEOUT  # these did wait for the hung risk
+        for reply, _ in answers[failed:]:
             assert reply.body["detail"] == (
                 "the transfer-engine is unavailable: risk service unavailable: the circuit"
                 f" breaker to it is open; retry in {OPEN_SECONDS} s"
@@ -240,8 +240,7 @@ def test_lowering_the_callees_trust_live_opens_and_restoring_it_closes(
         interval=0.2,
     )
     assert_unavailable(refused[0])
-    assert breaker_open(refused[0])
-    assert refused[1] < AT_ONCE_SECONDS
+    assert breaker_open(refused[0])  # the breaker's own answer: the engine was not called
     reason = transitions(stack, GATEWAY.name)[-1]["reason"]
     # 0.6 x 0.5 + 0.4 x (what is left of the engine's certificate: 45-90 %) < 0.75.
     assert re.fullmatch(
