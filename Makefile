@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help install up down logs images console status reset certs issuer proto proto-check lint format test test-fast test-unit test-integration test-e2e test-e2e-existing test-compose bench bench-issuer bench-authz bench-bank clean
+.PHONY: help install up down logs images console status reset certs issuer proto proto-check lint format test test-fast test-unit test-integration test-e2e test-e2e-existing test-compose test-stress bench bench-issuer bench-authz bench-bank clean
 
 help: ## list the targets
 	@grep -hE '^[a-z0-9%-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -110,6 +110,9 @@ test-e2e-existing: install ## e2e suites in "existing stack" mode, against a nat
 
 test-compose: install ## e2e suites inside the compose network on a fresh compose stack (needs Docker)
 	$(BIN)/python -m tests.compose_run --offline $${OFFLINE:-auto} $(PYTEST_ARGS)
+
+test-stress: install ## the formerly timing-bound tests, 20 runs while busy loops hold every core
+	$(BIN)/python -m tests.stress $(STRESS_ARGS)
 
 bench: bench-issuer bench-authz bench-bank ## all benchmarks
 
