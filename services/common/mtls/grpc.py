@@ -29,9 +29,9 @@ import inspect
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, NoReturn, Protocol
 
 import grpc
 from cryptography import x509
@@ -211,6 +211,18 @@ async def _produce(result: Any, context: grpc.aio.ServicerContext[Any, Any]) -> 
     elif result is not None:
         for item in result:
             await context.write(item)
+
+
+class AbortingContext(Protocol):
+    """The part of ``grpc.aio.ServicerContext`` a servicer needs to refuse a call: what the
+    servicers take, so their tests can hand them a stand-in."""
+
+    async def abort(
+        self,
+        code: grpc.StatusCode,
+        details: str,
+        trailing_metadata: Sequence[tuple[str, str]] = (),
+    ) -> NoReturn: ...
 
 
 class AuthorizationInterceptor(grpc.aio.ServerInterceptor):

@@ -233,30 +233,20 @@ def create_router(
         if caller != teller_id:
             raise PermissionDeniedError(f"only the teller may obtain customer tokens, not {caller}")
 
-    @router.get(
-        "/livez",
-        tags=["health"],
-        response_model=Health,
-        responses=_refusals(_NOT_LIVE, policy=False),
-    )
     async def livez() -> Response:
         return _health_response(health.liveness(), "live", "not live")
 
-    # /healthz answers as /readyz, for the probes written before the two were apart.
-    @router.get(
-        "/readyz",
-        tags=["health"],
-        response_model=Health,
-        responses=_refusals(_NOT_READY, policy=False),
-    )
-    @router.get(
-        "/healthz",
-        tags=["health"],
-        response_model=Health,
-        responses=_refusals(_NOT_READY, policy=False),
-    )
     async def readyz() -> Response:
         return _health_response(health.readiness(), "ready", "not ready")
+
+    # /healthz answers as /readyz, for the probes written before the two were apart.
+    for path, probe, not_ok in (
+        ("/livez", livez, _NOT_LIVE),
+        ("/readyz", readyz, _NOT_READY),
+        ("/healthz", readyz, _NOT_READY),
+    ):
+        responses = _refusals(not_ok, policy=False)
+        router.get(path, tags=["health"], response_model=Health, responses=responses)(probe)
 
     @router.post(
         ISSUE_TOKEN.path,

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from typing import NoReturn, Protocol
 
 import grpc
 
 from services._proto import risk_pb2, risk_pb2_grpc
 from services.common.identity.spiffe_id import SpiffeId
 from services.common.identity.workloads import TRANSFER_ENGINE
+from services.common.mtls.grpc import AbortingContext
 from services.common.mtls.peer import NoPeerIdentityError, current_peer
 from services.common.resilience.trailers import DEPENDENCY_UNAVAILABLE_KEY
 from services.risk.adapters.rules_file import RulesFile
@@ -25,17 +24,6 @@ logger = logging.getLogger(__name__)
 # itself answered, so the transfer-engine's breaker to risk counts an answer, and its message
 # (the cause, e.g. a full disk) is the transfer-engine's to pass on.
 RISK_STORE = "risk-store"
-
-
-class AbortingContext(Protocol):
-    """The part of ``grpc.ServicerContext`` the servicer uses."""
-
-    async def abort(
-        self,
-        code: grpc.StatusCode,
-        details: str,
-        trailing_metadata: Sequence[tuple[str, str]] = (),
-    ) -> NoReturn: ...
 
 
 class RiskService(risk_pb2_grpc.RiskServicer):

@@ -3,16 +3,16 @@ translated into gRPC statuses here and nowhere else."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import NoReturn, Protocol
 
 import grpc
 
 from services._proto import ledger_pb2 as pb
 from services._proto import ledger_pb2_grpc
 from services.common.identity.workloads import GATEWAY
+from services.common.mtls.grpc import AbortingContext
 from services.common.mtls.peer import NoPeerIdentityError, current_peer
 from services.common.resilience.trailers import DEPENDENCY_UNAVAILABLE_KEY, pushback_trailer
 from services.transfer_engine.domain.ledger import Ledger
@@ -31,17 +31,6 @@ from services.transfer_engine.errors import (
 GATEWAY_ONLY = "customer claims are accepted only from the gateway"
 # The dependency an UNAVAILABLE about the ledger's own storage names (resilience/trailers.py).
 LEDGER_STORE = "ledger-store"
-
-
-class AbortingContext(Protocol):
-    """The part of ``grpc.ServicerContext`` the servicer uses."""
-
-    async def abort(
-        self,
-        code: grpc.StatusCode,
-        details: str,
-        trailing_metadata: Sequence[tuple[str, str]] = (),
-    ) -> NoReturn: ...
 
 
 def _status_of(error: TransferEngineError) -> grpc.StatusCode:

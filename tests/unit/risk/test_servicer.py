@@ -1,9 +1,8 @@
 import asyncio
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
-from typing import NoReturn
 
 import grpc
 import pytest
@@ -18,31 +17,9 @@ from services.risk.domain.assessment import RiskAssessor
 from services.risk.errors import RulesError
 from services.risk.settings import RiskSettings
 from services.risk.transport.servicer import RiskService, create_risk_service
+from tests.support.grpc_context import AbortedError, FakeServicerContext
 
 TD = "bank.test"
-
-
-class AbortedError(Exception):
-    def __init__(
-        self,
-        code: grpc.StatusCode,
-        details: str,
-        trailing_metadata: Sequence[tuple[str, str]] = (),
-    ) -> None:
-        super().__init__(code, details)
-        self.code = code
-        self.details = details
-        self.trailing_metadata = tuple(trailing_metadata)
-
-
-class FakeContext:
-    async def abort(
-        self,
-        code: grpc.StatusCode,
-        details: str,
-        trailing_metadata: Sequence[tuple[str, str]] = (),
-    ) -> NoReturn:
-        raise AbortedError(code, details, trailing_metadata)
 
 
 def as_peer(spiffe_id: SpiffeId | None) -> object:
@@ -69,7 +46,7 @@ def from_transfer_engine() -> Iterator[None]:
 
 
 def assess(service: RiskService, assess_request: risk_pb2.AssessRequest) -> risk_pb2.Assessment:
-    return asyncio.run(service.Assess(assess_request, FakeContext()))
+    return asyncio.run(service.Assess(assess_request, FakeServicerContext()))
 
 
 def request(**fields: object) -> risk_pb2.AssessRequest:

@@ -5,13 +5,10 @@ from __future__ import annotations
 import asyncio
 import copy
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
-from typing import NoReturn
-
-import grpc
 
 from services.common.risk_decision import RiskDecision as Decision
 from services.transfer_engine.domain.model import (
@@ -189,26 +186,3 @@ class InMemoryLedgerRepository:
                 )
                 for p in sorted(mine, key=lambda p: (p.created_at, p.sequence), reverse=True)
             ]
-
-
-class Aborted(Exception):  # noqa: N818 - named after grpc's ServicerContext.abort
-    def __init__(
-        self,
-        code: grpc.StatusCode,
-        details: str,
-        trailing_metadata: Sequence[tuple[str, str]] = (),
-    ) -> None:
-        super().__init__(f"{code}: {details}")
-        self.code = code
-        self.details = details
-        self.trailing_metadata = tuple(trailing_metadata)
-
-
-class FakeServicerContext:
-    async def abort(
-        self,
-        code: grpc.StatusCode,
-        details: str,
-        trailing_metadata: Sequence[tuple[str, str]] = (),
-    ) -> NoReturn:
-        raise Aborted(code, details, trailing_metadata)

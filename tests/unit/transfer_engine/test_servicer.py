@@ -16,13 +16,8 @@ from services.transfer_engine import errors
 from services.transfer_engine.domain.ledger import Ledger
 from services.transfer_engine.transport import servicer
 from services.transfer_engine.transport.servicer import GATEWAY_ONLY, TransferEngineService
-from tests.unit.transfer_engine.fakes import (
-    Aborted,
-    FakeClock,
-    FakeRisk,
-    FakeServicerContext,
-    InMemoryLedgerRepository,
-)
+from tests.support.grpc_context import AbortedError, FakeServicerContext
+from tests.unit.transfer_engine.fakes import FakeClock, FakeRisk, InMemoryLedgerRepository
 
 TD = "ztbank.example"
 
@@ -80,8 +75,8 @@ EVERY_METHOD: dict[str, Call] = {
 }
 
 
-def refusal(service: TransferEngineService, call: Call) -> Aborted:
-    with pytest.raises(Aborted) as aborted:
+def refusal(service: TransferEngineService, call: Call) -> AbortedError:
+    with pytest.raises(AbortedError) as aborted:
         asyncio.run(call(service, FakeServicerContext()))
     return aborted.value
 

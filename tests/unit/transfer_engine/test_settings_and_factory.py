@@ -12,7 +12,7 @@ from services.common.settings import InvalidSettingsError, load_settings
 from services.transfer_engine.factory import build_transfer_engine_service
 from services.transfer_engine.settings import TransferEngineSettings
 from tests.support.breakers import closed_breaker
-from tests.unit.transfer_engine.fakes import FakeServicerContext
+from tests.support.grpc_context import FakeServicerContext
 
 pytestmark = pytest.mark.usefixtures("settings_environment")
 
