@@ -6,7 +6,8 @@ the issuer is stopped.  Every half second the client asks the gateway on a new c
 the gateway's ``revocation_fresh`` metric is read.  The services must keep serving on their
 current SVIDs and CRLs, then fail closed once either lapses (an expired SVID is refused in the
 handshake; a CRL past its nextUpdate refuses every peer; the CRL TTL equals the SVID TTL), and
-raise the alert; never serve unverified.  The lab shows how the client saw the refusal.  The
+raise the alert; never serve unverified.  The lab shows how the client saw the refusal, and why
+each service refused, in its own words (its readiness reasons).  The
 issuer is started again (always, even if the lab is interrupted) and the services must recover
 without a restart of their own.  With the default 5-minute SVIDs this takes up to about 10 minutes;
 ``ZTBANK_SVID_TTL=20s make up`` makes it take under a minute.
@@ -18,8 +19,9 @@ import time
 from dataclasses import dataclass
 
 from services.common.discovery.registry import FileRegistry
-from services.common.identity.workloads import GATEWAY
+from services.common.identity.workloads import GATEWAY, SERVICES
 from services.common.problem import PROBLEM_MEDIA_TYPE
+from services.common.runtime.health import HealthUnavailableError, health_socket, read_health
 from services.labs.errors import FailedClosedError, LabError, LabUsageError
 from services.labs.support import (
     Say,
@@ -67,6 +69,21 @@ def _observe(settings: StackSettings, client: TellerClient, token: str) -> Obser
     return Observation(served, closed, why, gateway_metric(settings, "revocation_fresh"))
 
 
+def own_words(settings: StackSettings) -> list[str]:
+    """Each service that is not ready, in its own words (its health socket): the cause of a
+    refusal as the service knows it, where the client only sees that it was refused."""
+    words = []
+    for workload in SERVICES:
+        path = health_socket(settings.home_of(workload.name), workload.name)
+        try:
+            answer = read_health(path)
+        except HealthUnavailableError as error:
+            words.append(f"{workload.name}: {error}")
+            continue
+        words += [f"{workload.name}: {reason}" for reason in answer.reasons]
+    return words
+
+
 def run_outage_lab(settings: StackSettings, say: Say) -> bool:
     say("lab outage: the issuer stops; the bank serves, then fails closed, then recovers")
     if settings.stack_kind == "compose":
@@ -102,12 +119,14 @@ def run_outage_lab(settings: StackSettings, say: Say) -> bool:
         )
         closed_after = alert_after = None
         why = unexpected = ""
+        causes: list[str] = []
         while time.monotonic() < stopped + deadline_closed and (
             closed_after is None or alert_after is None
         ):
             seen = _observe(settings, client, token)
             if closed_after is None and seen.closed:
                 closed_after, why = time.monotonic() - stopped, seen.why
+                causes = own_words(settings)
             elif not seen.served and not seen.closed:
                 unexpected = unexpected or seen.why
             if alert_after is None and seen.fresh == 0.0:
@@ -117,6 +136,8 @@ def run_outage_lab(settings: StackSettings, say: Say) -> bool:
         say(f"  3 {_when('refused (fail closed)', closed_after, deadline_closed)}")
         if why:
             say(f"    as the client saw it: {why}")
+        for cause in causes:
+            say(f"    why, in the service's own words: {cause}")
         if unexpected:
             say(f"    ALSO refused otherwise, which is not failing closed: {unexpected}")
         say(f"  4 {_when('revocation_fresh dropped to 0', alert_after, deadline_closed)}")

@@ -36,6 +36,15 @@ def test_issuer_outage_and_recovery(stack: E2EStack) -> None:
     closed = re.search(r"  3 refused \(fail closed\) after ([\d.]+) s", out)
     assert closed, out
     assert 1.0 <= float(closed.group(1)) <= 2 * SVID_TTL_SECONDS + 5  # it did keep serving first
+    # The cause, as the services state it (their readiness), not inferred from a timing.
+    causes = re.findall(r"^    why, in the service's own words: (\S+): (.*)$", out, re.MULTILINE)
+    assert causes, out
+    for service, cause in causes:
+        assert service in ("gateway", "transfer-engine", "risk"), out
+        assert re.match(
+            r"circuit breaker to \S+ open: |failing closed: no fresh CRL of |SVID \w+ expired at ",
+            cause,
+        ), out
     assert "  4 revocation_fresh dropped to 0 after" in out
     assert "  6 served again, every service healthy after" in out
     assert "  7 no service was restarted" in out
