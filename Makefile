@@ -33,14 +33,18 @@ STACK_MODE = $$($(BIN)/python -m services.stack.compose mode --requested "$${MOD
 # status and logs: of the compose project when it has containers, else of the native stack
 RUNNING_MODE = $$($(BIN)/python -m services.stack.compose mode --running --requested "$${MODE:-}")
 
-up: install ## start the stack in the background (native processes, or compose when Docker runs)
-	@mode=$(STACK_MODE) || exit 2; \
+# On a running native stack, settings other than its own (ZTBANK_SVID_TTL, ZTBANK_CA_TTL,
+# ZTBANK_CRL_TTL, UPSTREAM) are refused in one line, exit 2, nothing changed.
+run_up = mode=$(STACK_MODE) || exit 2; \
 	if [ "$$mode" = compose ]; then $(COMPOSE) up; else $(BIN)/ztbank up $(if $(UPSTREAM),--upstream $(UPSTREAM)); fi
 
-down: install ## stop the stack (native and compose); state is kept (VOLUMES=1: compose volumes too)
+up: install ## start the stack in the background (native processes, or compose when Docker runs)
+	@$(run_up)
+
+down: install ## stop the stack and its lab consoles (native and compose; MODE=native: native only); state is kept (VOLUMES=1: compose volumes too)
 	@$(BIN)/ztbank down
-	@mode=$$($(BIN)/python -m services.stack.compose mode 2>/dev/null); \
-	if [ "$$mode" = compose ]; then $(COMPOSE) down $${VOLUMES:+--volumes}; fi
+	@[ "$${MODE:-}" = native ] || { mode=$$($(BIN)/python -m services.stack.compose mode 2>/dev/null); \
+	if [ "$$mode" = compose ]; then $(COMPOSE) down $${VOLUMES:+--volumes}; fi; }
 
 logs: install ## follow the stack's logs
 	@mode=$(RUNNING_MODE) || exit 2; \
@@ -150,7 +154,10 @@ lab: install ## list the labs for trainers, one line each (ztbank lab)
 	@$(BIN)/ztbank lab
 
 # `make lab-revocation` and the others: the labs are listed once, in services/labs/registry.py.
-lab-%: up ## lab: run lab NAME where the stack runs (`make lab` lists them), e.g. make lab-revocation
+# An unknown lab, or a lab while another one runs, is refused before `make up` changes anything.
+lab-%: install ## lab: run lab NAME where the stack runs (`make lab` lists them), e.g. make lab-revocation
+	@$(BIN)/ztbank lab $* --check
+	@$(run_up)
 	@$(call run_lab,$*)
 
 clean: ## remove local state (var/) and caches; keeps certs/ and .venv/

@@ -30,10 +30,18 @@ from services.common.identity.pem import fingerprint_sha256
 from services.common.identity.source import SvidMaterial
 from services.common.identity.workloads import SERVICES
 from services.common.problem import problem, problem_response
-from services.console.errors import ConsoleError, StackDownError, UnknownReportError
+from services.console.errors import (
+    ConsoleError,
+    LabBusyError,
+    LabStartError,
+    StackDownError,
+    UnknownReportError,
+)
 from services.console.feeds import JsonLinesTail, ServedFeed, decision
 from services.console.labs import LabRunner, lab_command
 from services.console.settings import CONSOLE_HOST, ConsoleSettings
+from services.labs.errors import LabError
+from services.labs.support import LabLock, LabRunningError
 
 STATIC = Path(__file__).parent / "static"
 # A header a cross-site HTML form cannot send: a page elsewhere cannot start a lab.
@@ -189,6 +197,16 @@ class Console:
             for p in found
         ]
 
+    def take_lab_lock(self, name: str) -> LabLock:
+        """The stack's lab lock for lab ``name`` (services.labs.support.LabLock, which ``ztbank
+        lab`` takes too), or LabBusyError naming the lab that holds it."""
+        try:
+            return LabLock.take(self.settings, name, "console")
+        except LabRunningError as error:
+            raise LabBusyError(str(error)) from None
+        except LabError as error:
+            raise LabStartError(str(error)) from None
+
     async def audit_lab_start(
         self, request: Request, name: str, allowed: bool, reason: str
     ) -> None:
@@ -282,19 +300,29 @@ def create_console_app(console: Console) -> FastAPI:
         # second must find the first one's lab running (refused and audited as such), not pass
         # the check while the first one awaits the probes.
         async with console.starting:
+            lock = None
             try:
                 console.labs.check(name)
+                # The stack's one lab lock, before the probe: a lab of the CLI that holds it
+                # (the outage lab stops the issuer) is named as the reason, not a stack "down".
+                lock = console.take_lab_lock(name)
                 current = await console.refresh()  # the stack as it is now, not 2 s ago
                 if not current["up"]:
                     raise StackDownError(
                         f"the stack is down: start it with `make up`; {current['start_hint']}"
                     )
             except ConsoleError as error:
+                if lock is not None:
+                    lock.release()
                 await console.audit_lab_start(request, name, False, str(error))
+                raise
+            except BaseException:
+                if lock is not None:
+                    lock.release()
                 raise
             reason = f"lab {name} started from the console"
             await console.audit_lab_start(request, name, True, reason)
-            run = await console.labs.start(name)
+            run = await console.labs.start(name, lock)  # the lab holds the lock from now on
         return JSONResponse(run.document(), status_code=202)
 
     @app.get("/api/reports")

@@ -1,9 +1,12 @@
 """Labs started from the console: one at a time, as the ``ztbank lab NAME`` a trainee would type,
-its narration streamed line by line to the page."""
+its narration streamed line by line to the page.  One at a time on the stack too: the console
+takes the stack's lab lock for a lab (``services.labs.support.LabLock``, which ``ztbank lab``
+takes) and hands it to the lab it starts."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import sys
 import time
@@ -11,7 +14,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.console.errors import LabBusyError, LabStartError, UnknownLabError
+from services.console.errors import ConsoleError, LabBusyError, LabStartError, UnknownLabError
+from services.labs.support import LAB_LOCK_FD, LabHolder, LabLock
 
 # The labs mint SVIDs and customer tokens; none is meant to be printed, and none may reach the
 # page if one ever is.
@@ -60,6 +64,7 @@ class LabRun:
     started: float  # epoch seconds
     lines: list[str] = field(default_factory=list)
     exit_code: int | None = None
+    pid: int | None = None  # the lab's process, once started
 
     @property
     def verdict(self) -> str | None:
@@ -98,6 +103,7 @@ class LabRunner:
         self.last: LabRun | None = None
         self._task: asyncio.Task[None] | None = None
         self._process: asyncio.subprocess.Process | None = None
+        self._lock: LabLock | None = None  # the stack's lab lock, held for the running lab
 
     @property
     def running(self) -> LabRun | None:
@@ -109,30 +115,55 @@ class LabRunner:
             known = ", ".join(sorted(self.labs))
             raise UnknownLabError(f"there is no lab {name!r}; the labs are: {known}")
         if (running := self.running) is not None:
-            since = time.strftime("%H:%M:%S", time.localtime(running.started))
-            raise LabBusyError(f"lab {running.name!r} is running (since {since}); one at a time")
+            # As a lab holding the stack's lab lock is named; its pid: the console's until the
+            # lab's own process runs.
+            pid = running.pid or os.getpid()
+            raise LabBusyError(LabHolder(running.name, pid, running.started, "console").refusal())
 
-    async def start(self, name: str) -> LabRun:
-        self.check(name)
+    async def start(self, name: str, lock: LabLock | None = None) -> LabRun:
+        """Start lab ``name``; with ``lock`` (the stack's lab lock, taken for it), the lab is
+        handed the lock (an inherited descriptor, LAB_LOCK_FD) and it is released when the lab
+        has ended: the lock is held from the start to the end of the run, by the console and
+        the lab both, so that neither's end alone lets another lab in while this one runs."""
+        try:
+            self.check(name)
+        except ConsoleError:
+            if lock is not None:
+                lock.release()
+            raise
         # Taken before the first await: a second click in between finds this lab running.
         run = self.last = LabRun(name, time.time())
+        env: Mapping[str, str] = self._env
+        handed: tuple[int, ...] = ()
+        if lock is not None:
+            env, handed = {**env, LAB_LOCK_FD: str(lock.fileno())}, (lock.fileno(),)
         try:
             process = await asyncio.create_subprocess_exec(
                 *self._command(name),
-                env=self._env,
+                env=env,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
+                pass_fds=handed,
             )
         except OSError as error:
+            if lock is not None:
+                lock.release()
             run.lines.append(f"the lab could not be started: {error}")
             run.exit_code = -1
             self._publish("lab", run.document())
             raise LabStartError(f"lab {name!r} could not be started: {error}") from None
+        self._lock = lock
+        run.pid = process.pid
         self._publish("lab", run.document())
         self._process = process
         self._task = asyncio.get_running_loop().create_task(self._follow(run, process))
         return run
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     async def _follow(self, run: LabRun, process: asyncio.subprocess.Process) -> None:
         assert process.stdout is not None
@@ -152,6 +183,8 @@ class LabRunner:
             run.lines.append(f"lab stopped: it did not end within {self._timeout:g} s")
             run.exit_code = -1
         finally:
+            if process.returncode is not None:  # else aclose kills it, then releases
+                self._release()
             self._publish("lab", run.document())
 
     async def wait(self) -> None:
@@ -168,6 +201,7 @@ class LabRunner:
         if process is not None and process.returncode is None:
             process.kill()
             await process.wait()
+        self._release()
         if run is not None:
             run.lines.append("lab stopped: the console shut down")
             run.exit_code = -1

@@ -1,9 +1,10 @@
 """What the labs share: a teller SVID minted for them, the gateway's audit read back, the live
-files they edit and put back, and how they wait and give their verdict (native stack, or beside
-the compose stack, ``ZTBANK_HOME``)."""
+files they edit and put back, how they wait and give their verdict, and the one lab lock that
+lets one lab run at a time (native stack, or beside the compose stack, ``ZTBANK_HOME``)."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import http.client
 import json
@@ -26,7 +27,7 @@ from services.common.identity.workloads import GATEWAY, SERVICES, TELLER
 from services.common.mtls.contexts import pem_client_context
 from services.common.polling import poll_until
 from services.issuer.admin_client import AdminCallError, call_admin
-from services.labs.errors import LabError
+from services.labs.errors import LabError, LabUsageError
 from services.labs.teller import TellerClient
 from services.stack.native import NativeStack, StackSettings
 from services.stack.probe import metric_sample
@@ -309,3 +310,183 @@ def policy_lock(settings: StackSettings) -> Iterator[None]:
         yield
     finally:
         os.close(descriptor)
+
+
+# -- the one lab lock ---------------------------------------------------------------------------
+
+LAB_LOCK_FILE = "lab.lock"
+# Set by the console for the ``ztbank lab NAME`` it starts: the descriptor of the lab lock the
+# console took for that lab (inherited), which the lab holds as its own instead of taking it.
+LAB_LOCK_FD = "ZTBANK_LAB_LOCK_FD"
+HOLDERS = {"cli": "the CLI", "console": "the console"}
+
+
+class LabRunningError(LabUsageError):
+    """Another lab holds the stack's lab lock: one lab at a time, and this one did not start."""
+
+
+@dataclass(frozen=True)
+class LabHolder:
+    """What the lab lock's file says of the lab holding it."""
+
+    lab: str
+    pid: int
+    since: float  # epoch seconds
+    by: str  # "cli" (``ztbank lab``, ``make lab-NAME``) or "console"
+
+    def refusal(self) -> str:
+        """The one line that refuses a second lab."""
+        since = time.strftime("%H:%M:%S", time.localtime(self.since))
+        by = HOLDERS.get(self.by, self.by)
+        return (
+            f"lab {self.lab!r} is running (since {since}, pid {self.pid}, started from {by}):"
+            " one lab at a time"
+        )
+
+
+class LabLock:
+    """The stack's one lab lock, ``ZTBANK_HOME/run/lab.lock``: flock(2) on it, held by whatever
+    runs a lab (``ztbank lab``, hence ``make lab-NAME``, and the console) for the whole run, and
+    not waited for: a second lab is refused at once (LabRunningError).  The file says which lab
+    holds it, its pid and since when (JSON).  The kernel releases the lock when the holder's
+    last descriptor closes, however it ends: a killed lab leaves no stale lock.  (``policy_lock``
+    is another lock: edits of the policy file take turns on it.)"""
+
+    def __init__(self, path: Path, descriptor: int) -> None:
+        self.path = path
+        self._descriptor: int | None = descriptor
+
+    @staticmethod
+    def file(settings: StackSettings) -> Path:
+        return settings.run_dir / LAB_LOCK_FILE
+
+    @classmethod
+    def take(cls, settings: StackSettings, lab: str, by: str) -> LabLock:
+        """The lock for ``lab`` run from ``by`` ("cli" or "console"), or LabRunningError naming
+        the lab that holds it."""
+        path = cls.file(settings)
+        try:
+            settings.run_dir.mkdir(parents=True, exist_ok=True)
+            # Readable by all (it holds no secret), so that another uid sharing this state (a lab
+            # run as root beside the compose stack) can open it read-only: flock needs no write.
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT, LOCK_MODE)
+        except PermissionError:
+            descriptor = _open_lock_read_only(path)
+        except OSError as error:
+            raise LabError(f"cannot take the lab lock {path}: {error}") from None
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            refusal = _holder_refusal(path, descriptor)
+            os.close(descriptor)
+            raise LabRunningError(refusal) from None
+        except OSError as error:
+            os.close(descriptor)
+            raise LabError(f"cannot take the lab lock {path}: {error}") from None
+        lock = cls(path, descriptor)
+        lock.record(lab, by)
+        return lock
+
+    @classmethod
+    def handed_over(cls, settings: StackSettings, descriptor_text: str, lab: str) -> LabLock:
+        """The lock the console took for ``lab`` and handed to this process as the descriptor
+        ``descriptor_text`` (LAB_LOCK_FD): checked to be this stack's lab lock, and held."""
+        path = cls.file(settings)
+        wrong = f"{LAB_LOCK_FD}={descriptor_text} is not a lab lock of the stack in {path.parent}"
+        try:
+            descriptor = int(descriptor_text)
+            handed, ours = os.fstat(descriptor), os.stat(path)
+        except (ValueError, OSError):
+            raise LabUsageError(f"{wrong}: the console sets it for the labs it starts") from None
+        if (handed.st_dev, handed.st_ino) != (ours.st_dev, ours.st_ino):
+            raise LabUsageError(f"{wrong}: the console sets it for the labs it starts")
+        try:
+            # Succeeds at once when the descriptor's open file holds the lock (the console's).
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LabRunningError(_holder_refusal(path, descriptor)) from None
+        os.set_inheritable(descriptor, False)  # not to what the lab starts (the issuer)
+        lock = cls(path, descriptor)
+        lock.record(lab, "console")
+        return lock
+
+    def fileno(self) -> int:
+        if self._descriptor is None:
+            raise ValueError("the lab lock was released")
+        return self._descriptor
+
+    def record(self, lab: str, by: str) -> None:
+        """Say in the file that ``lab``, run by this process from ``by``, holds the lock."""
+        holder = {"lab": lab, "pid": os.getpid(), "since": time.time(), "by": by}
+        data = json.dumps(holder).encode() + b"\n"
+        # Opened read-only (another uid's file): nothing is said, the lock holds all the same.
+        with contextlib.suppress(OSError):
+            # One write, so that a refused lab reads the old record or this one, whole.
+            os.pwrite(self.fileno(), data, 0)
+            os.ftruncate(self.fileno(), len(data))
+
+    def release(self) -> None:
+        """Give the lock up (what the file said goes with it); again: nothing."""
+        if self._descriptor is None:
+            return
+        descriptor, self._descriptor = self._descriptor, None
+        try:
+            with contextlib.suppress(OSError):
+                os.ftruncate(descriptor, 0)
+        finally:
+            os.close(descriptor)
+
+    def __enter__(self) -> LabLock:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+
+def _open_lock_read_only(path: Path) -> int:
+    try:
+        return os.open(path, os.O_RDONLY)
+    except OSError as error:
+        raise LabError(f"cannot take the lab lock {path}: {error}") from None
+
+
+def read_lab_holder(descriptor: int) -> LabHolder | None:
+    """What the lock file open as ``descriptor`` says of its holder (None: nothing readable,
+    e.g. a holder that has not written it yet)."""
+    try:
+        record = json.loads(os.pread(descriptor, 4096, 0).split(b"\n", 1)[0])
+        return LabHolder(
+            str(record["lab"]), int(record["pid"]), float(record["since"]), str(record["by"])
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _holder_refusal(path: Path, descriptor: int) -> str:
+    holder = read_lab_holder(descriptor)
+    if holder is None:
+        return f"another lab is running (it holds {path}): one lab at a time"
+    return holder.refusal()
+
+
+def check_stack_running(settings: StackSettings) -> None:
+    """Refuse (LabUsageError, one line) a lab on a native stack that is not running, or not all
+    of it, before the lab changes anything; beside the compose stack the lab finds out itself."""
+    if settings.stack_kind != "native":
+        return
+    stack = NativeStack(settings)
+    processes = [stack.issuer, *stack.services.values()]
+    if stack.recorded_upstream() == "vault":
+        processes.insert(0, stack.vault.process)
+    stopped = [process.name for process in processes if not process.running()]
+    home = settings.home
+    if len(stopped) == len(processes):
+        raise LabUsageError(
+            f"no stack runs in ZTBANK_HOME={home}: start it with `make up` in the checkout,"
+            " or set ZTBANK_HOME to the home of a running stack"
+        )
+    if stopped:
+        raise LabUsageError(
+            f"the stack in ZTBANK_HOME={home} is not all running ({', '.join(stopped)} stopped):"
+            " `make up` starts what is missing"
+        )

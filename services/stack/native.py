@@ -3,7 +3,9 @@
 ``up`` creates the root CA if missing, starts the issuer, registers one entry per workload
 (selected by its own Workload API socket and our uid — the single-user development trust model,
 see README), starts risk, transfer-engine and gateway, and waits until every one answers its
-health check over mTLS.  ``down`` stops what ``up`` started; state under ``ZTBANK_HOME`` survives.
+health check over mTLS.  It records what the stack runs with (upstream, TTLs) and refuses to
+run on a running stack with other ones instead of ignoring them.  ``down`` stops what ``up``
+started, and every lab console of the stack; state under ``ZTBANK_HOME`` survives.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import shutil
 import signal
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from functools import partial
 from http import HTTPStatus
 from pathlib import Path
@@ -27,6 +30,7 @@ from pydantic import AliasChoices, Field
 from services._proto import issuer_admin_pb2 as pb
 from services._proto.issuer_admin_grpc import IssuerAdminStub
 from services.common.discovery.registry import FileRegistry
+from services.common.durations import format_duration, parse_duration
 from services.common.errors import CommonError
 from services.common.files import write_atomic
 from services.common.identity.as_uid import fetch_svid_as
@@ -41,11 +45,12 @@ from services.common.identity.workloads import (
     TRANSFER_ENGINE,
 )
 from services.common.runtime.health import HealthUnavailableError, health_socket, read_health
-from services.common.settings import ZtbankSettings, load_settings
+from services.common.settings import InvalidSettingsError, ZtbankSettings, load_settings
 from services.issuer.adapters.upstream.disk import ROOT_CERT_FILE, init_root_ca
 from services.issuer.admin_client import AdminCallError, call_admin
 from services.issuer.domain.revocation import crls_url, ocsp_url
 from services.issuer.harness import accepts_connections
+from services.issuer.settings import IssuerSettings
 from services.stack.probe import ServiceProbe, probe
 from services.stack.processes import STOP_TIMEOUT, ManagedProcess
 from services.stack.vault import DEFAULT_VAULT_PORT, VaultServer
@@ -53,7 +58,18 @@ from services.stack.vault import DEFAULT_VAULT_PORT, VaultServer
 READY_TIMEOUT = 30.0
 # Vault's first start initialises raft storage and its bootstrap makes two CAs.
 VAULT_EXTRA_TIME = 30.0
+# What `up` recorded of the stack in ZTBANK_HOME: its upstream, Vault's ports and the TTLs below.
 UPSTREAM_FILE = "upstream.json"
+# The issuer's durations the labs depend on, which `up` records and will not silently change on
+# a running stack: (StackSettings field and record key, variable, how the refusal names it).
+RECORDED_DURATIONS = (
+    ("svid_ttl", "ZTBANK_SVID_TTL", "SVIDs of {}"),
+    ("ca_ttl", "ZTBANK_CA_TTL", "a CA TTL of {}"),
+    ("crl_ttl", "ZTBANK_CRL_TTL", "CRLs valid for {}"),
+)
+# A `ztbank console` of this stack writes ``run/pids/console-PORT.pid``; its command line
+# carries this argument (``ztbank console``), by which ``down`` knows it is still that console.
+CONSOLE_MARK = "console"
 GRPC_SERVICES = {TRANSFER_ENGINE.name, RISK.name}
 ISSUER_MODULE = "services.issuer"
 # The checkout this package was installed from (``pip install -e .``, as ``make install`` does).
@@ -64,12 +80,21 @@ class StackError(CommonError):
     """The stack could not be brought up (the message says which part and why)."""
 
 
+class SettingsConflictError(StackError):
+    """``up`` was asked for settings other than those the stack in ZTBANK_HOME runs (or was set
+    up) with: the user's to resolve, and nothing was changed."""
+
+
 class StackSettings(ZtbankSettings):
     registry: Path = Path("infra/registry.json")
     policy: Path = Path("infra/policy.json")
     risk_rules: Path = Path("infra/risk/rules.json")
     trust_levels: Path = Path("infra/trust-levels.json")
     svid_ttl: str | None = Field(default=None, validation_alias=AliasChoices("ZTBANK_SVID_TTL"))
+    # The issuer's CA and CRL lifetimes (services/issuer/settings.py); unset: the issuer's own
+    # defaults (24h, and the SVID TTL) on a new stack, what it runs with on a running one.
+    ca_ttl: str | None = Field(default=None, validation_alias=AliasChoices("ZTBANK_CA_TTL"))
+    crl_ttl: str | None = Field(default=None, validation_alias=AliasChoices("ZTBANK_CRL_TTL"))
     # The lab console (`ztbank console`) listens on 127.0.0.1, on this port.
     console_port: int = Field(default=8190, ge=1, le=65535)
     # Who signs the issuer's CA: the root key in certs/ (disk), or Vault's PKI (a local OpenBao
@@ -118,6 +143,29 @@ def stack_running(home: Path) -> bool:
     """True if the issuer of a native stack whose ZTBANK_HOME is ``home`` is running."""
     pid_dir = home / "run" / "pids"
     return ManagedProcess("issuer", ISSUER_MODULE, pid_dir, home / "log").running()
+
+
+def console_process(settings: StackSettings, port: int) -> ManagedProcess:
+    """The lab console serving the stack of ``settings`` on ``port``, as ``down`` finds it: by
+    the pid file ``ztbank console`` writes while it serves."""
+    return ManagedProcess(
+        f"console-{port}", CONSOLE_MARK, settings.run_dir / "pids", settings.home / "log"
+    )
+
+
+@contextlib.contextmanager
+def console_pid_file(settings: StackSettings, port: int) -> Iterator[Path]:
+    """While ``ztbank console`` serves (this process): its pid file, removed when it stops (and
+    by ``down``, which stops it, if it never got to: a console killed outright)."""
+    pid_file = console_process(settings, port).pid_file
+    pid_file.parent.mkdir(parents=True, exist_ok=True)
+    pid_file.write_text(f"{os.getpid()}\n")
+    try:
+        yield pid_file
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            if int(pid_file.read_text().strip()) == os.getpid():
+                pid_file.unlink()
 
 
 def workload_svid(settings: StackSettings, workload: str, *, timeout: float = 5.0) -> SvidMaterial:
@@ -289,6 +337,25 @@ def status_document(status: StackStatus) -> dict[str, Any]:
     }
 
 
+def _issuer_default(name: str, durations: dict[str, timedelta]) -> timedelta | None:
+    """What the issuer runs with when the duration ``name`` is not set (IssuerSettings): its
+    default, and for the CRL TTL the SVID TTL in ``durations`` (None when that is unknown)."""
+    if name == "crl_ttl":
+        return durations.get("svid_ttl")
+    default = IssuerSettings.model_fields[name].default
+    return default if isinstance(default, timedelta) else None
+
+
+def _with_defaults(durations: dict[str, timedelta]) -> dict[str, timedelta]:
+    """``durations`` and, for each of RECORDED_DURATIONS it lacks, the issuer's default."""
+    completed: dict[str, timedelta] = {}
+    for name, _, _ in RECORDED_DURATIONS:
+        value = durations.get(name) or _issuer_default(name, completed)
+        if value is not None:
+            completed[name] = value
+    return completed
+
+
 async def _create_entry(stub: IssuerAdminStub, *, request: pb.CreateEntryRequest) -> pb.Entry:
     return await stub.CreateEntry(request)
 
@@ -333,7 +400,8 @@ class NativeStack:
         return self.settings.home / UPSTREAM_FILE
 
     def _read_recorded(self) -> dict[str, Any]:
-        """What ``up`` recorded of the stack in ZTBANK_HOME: its upstream and Vault's ports."""
+        """What ``up`` recorded of the stack in ZTBANK_HOME: its upstream, Vault's ports and
+        the durations of RECORDED_DURATIONS it started the issuer with."""
         try:
             recorded = json.loads(self._upstream_file.read_text())
         except FileNotFoundError:
@@ -359,11 +427,65 @@ class NativeStack:
             raise StackError(f"{problem}: `make reset` starts afresh")
         recorded, wanted = self.recorded_upstream(), self.settings.upstream
         if wanted and recorded and wanted != recorded:
-            raise StackError(
+            raise SettingsConflictError(
                 f"the stack in {self.settings.home} was set up with the {recorded} upstream;"
                 f" its CAs and SVIDs come from there. `make reset` first to switch to {wanted}"
             )
         return wanted or recorded or "disk"
+
+    def _running_durations(self) -> dict[str, timedelta] | None:
+        """The durations the running stack's issuer was started with (None: no process of the
+        stack runs): as ``up`` recorded them, else (a stack started before they were
+        recorded) from the running issuer's environment; one known neither way is left out."""
+        if not any(p.running() for p in (self.issuer, *self.services.values())):
+            return None
+        environment: dict[str, str] | None = None
+        running: dict[str, timedelta] = {}
+        for name, variable, _ in RECORDED_DURATIONS:
+            text = self._recorded.get(name)
+            if not isinstance(text, str):
+                environment = environment or self.issuer.environment()
+                if environment is None:
+                    continue
+                text = environment.get(variable, "")
+            if not text:
+                if (default := _issuer_default(name, running)) is not None:
+                    running[name] = default
+                continue
+            with contextlib.suppress(CommonError):
+                running[name] = parse_duration(text)
+        return running
+
+    def durations(self) -> dict[str, timedelta]:
+        """The durations ``up`` runs the issuer with: those asked for (ZTBANK_SVID_TTL, ...),
+        and for the others what the running stack runs with, else the issuer's defaults.  On a
+        running stack one asked for that differs is refused, in one line that names the
+        difference and the command that applies it: nothing is ignored silently."""
+        asked: dict[str, timedelta] = {}
+        for name, variable, _ in RECORDED_DURATIONS:
+            if text := getattr(self.settings, name):
+                try:
+                    asked[name] = parse_duration(text)
+                except CommonError as error:
+                    raise InvalidSettingsError(f"invalid setting {variable}: {error}") from None
+        running = self._running_durations()
+        if running is None:
+            return _with_defaults(asked)
+        differing = [
+            (variable, phrase, running[name], getattr(self.settings, name).strip())
+            for name, variable, phrase in RECORDED_DURATIONS
+            if name in asked and name in running and asked[name] != running[name]
+        ]
+        if differing:
+            has = ", and ".join(
+                f"{phrase.format(format_duration(now))}, not {text}"
+                for _, phrase, now, text in differing
+            )
+            assignments = " ".join(f"{variable}={text}" for variable, _, _, text in differing)
+            raise SettingsConflictError(
+                f"the running stack has {has}: make down && {assignments} make up"
+            )
+        return _with_defaults(running | asked)
 
     def _process(self, name: str, module: str) -> ManagedProcess:
         return ManagedProcess(name, module, self._pid_dir, self._log_dir)
@@ -380,8 +502,9 @@ class NativeStack:
             "ZTBANK_RISK_RULES": str(self.settings.risk_rules.absolute()),
             "ZTBANK_TRUST_LEVELS": str(self.settings.trust_levels.absolute()),
         }
-        if self.settings.svid_ttl:
-            env["ZTBANK_SVID_TTL"] = self.settings.svid_ttl
+        for name, variable, _ in RECORDED_DURATIONS:
+            if value := getattr(self.settings, name):
+                env[variable] = value
         if self.settings.issuer_public_url:
             env["ZTBANK_ISSUER_PUBLIC_URL"] = self.settings.issuer_public_url
         return env
@@ -394,7 +517,9 @@ class NativeStack:
     def up(self, timeout: float = READY_TIMEOUT) -> StackStatus:
         """Start what is not running and wait until all of it is healthy.  A part that fails is
         named with its log, and every process this call started is stopped again, newest first:
-        a failed `make up` leaves nothing of its own running.  What ran before it is left so."""
+        a failed `make up` leaves nothing of its own running.  What ran before it is left so.
+        Settings other than those the running stack runs with are refused before anything
+        starts (``durations``, ``upstream``: SettingsConflictError)."""
         ran_before = {process.name: process.pid() for process in self._processes()}
         try:
             return self._bring_up(timeout)
@@ -420,13 +545,19 @@ class NativeStack:
         """The steps of ``up``, which stops what they started when one of them fails."""
         deadline = time.monotonic() + timeout
         upstream = self.upstream()
-        env = self.env
+        durations = self.durations()
+        env = self.env | {
+            variable: format_duration(durations[name])
+            for name, variable, _ in RECORDED_DURATIONS
+            if name in durations
+        }
         if upstream == "vault":
             env |= self._start_vault(env, deadline + VAULT_EXTRA_TIME)
         else:
             init_root_ca(self.settings.certs_dir, self.settings.trust_domain)
         self.settings.home.mkdir(parents=True, exist_ok=True)
         record: dict[str, Any] = {"upstream": upstream}
+        record |= {name: format_duration(value) for name, value in durations.items()}
         if upstream == "vault":
             record |= {"vault_port": self.vault.port, "vault_cluster_port": self.vault.cluster_port}
         write_atomic(self._upstream_file, json.dumps(record).encode() + b"\n")
@@ -618,8 +749,20 @@ class NativeStack:
 
     # -- down / reset --------------------------------------------------------------------------
 
+    def consoles(self) -> dict[int, ManagedProcess]:
+        """The lab consoles of this stack that wrote a pid file (``ztbank console``), by port."""
+        ports = (p.stem.removeprefix("console-") for p in self._pid_dir.glob("console-*.pid"))
+        return {
+            port: console_process(self.settings, port)
+            for port in sorted(int(port) for port in ports if port.isdigit())
+        }
+
     def down(self) -> list[str]:
-        stopped = [name for name, p in reversed(self.services.items()) if p.stop()]
+        """Stop every lab console of the stack (SIGTERM, then wait), then the services, the
+        issuer and Vault, then any process of the stack whose pid file is gone; what was
+        running, by name."""
+        stopped = [f"console on port {port}" for port, p in self.consoles().items() if p.stop()]
+        stopped += [name for name, p in reversed(self.services.items()) if p.stop()]
         if self.issuer.stop():
             stopped.append("issuer")
         if self.vault.stop():

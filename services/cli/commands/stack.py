@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import socket
+from types import FrameType
 
 from services.cli.commands.common import Groups, stack_settings
-from services.cli.errors import CliError
+from services.cli.errors import CliError, UsageError
 from services.common.identity.workloads import SERVICES
 from services.common.runtime.health import (
     HealthUnavailableError,
@@ -19,8 +21,10 @@ from services.common.runtime.health import (
 )
 from services.stack.native import (
     NativeStack,
+    SettingsConflictError,
     StackError,
     StackStatus,
+    console_pid_file,
     locate_settings,
     stack_healthy,
     status_document,
@@ -63,9 +67,13 @@ def _print_status(status: StackStatus) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    """Exit 2 when asked for settings other than the running stack's (nothing is changed), 1
+    when a part of the stack fails to start (what this call started is stopped again)."""
     stack = NativeStack(stack_settings(args))
     try:
         status = stack.up()
+    except SettingsConflictError as error:
+        raise UsageError(str(error)) from None
     except StackError as error:
         raise CliError(str(error)) from None
     _print_status(status)
@@ -94,8 +102,24 @@ def cmd_console(args: argparse.Namespace) -> int:
         f"lab console on {settings.console_url} for the stack in {settings.home} (Ctrl-C stops it)",
         flush=True,
     )
-    serve_console(settings)
+    # `make down` finds the console by its pid file and stops it with SIGTERM: a normal end,
+    # with the pid file removed and the audit log closed (uvicorn shuts down gracefully first,
+    # then raises the signal again, which would end the process before any of that).
+    previous = signal.signal(signal.SIGTERM, _stopped)
+    try:
+        with console_pid_file(settings, settings.console_port):
+            serve_console(settings)
+    except SystemExit as stop:
+        if stop.code != 0:
+            raise
+        print("lab console stopped", flush=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _stopped(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -142,7 +166,7 @@ def register(groups: Groups) -> None:
     for name, handler, text in (
         ("up", cmd_up, "start the native stack in the background and wait until healthy"),
         ("console", cmd_console, "serve the live lab console on 127.0.0.1 (ZTBANK_CONSOLE_PORT)"),
-        ("down", cmd_down, "stop every process `up` started (state is kept)"),
+        ("down", cmd_down, "stop every process `up` started, and the consoles (state is kept)"),
         ("reset", cmd_reset, "stop everything and wipe ZTBANK_HOME (balances, history, entries)"),
     ):
         groups.add_parser(name, help=text).set_defaults(handler=handler)

@@ -118,13 +118,16 @@ def test_lab_without_a_name_lists_every_lab(
 def test_a_lab_without_a_stack_says_how_to_start_one(
     capsys: pytest.CaptureFixture[str], environment: Path
 ) -> None:
+    # Bad input (issue 21): one line on stderr, exit 2, before the lab says or changes anything.
     for lab in ("policy", "expiry", "upstream", "breaker"):
         code, out, err = run(["lab", lab], capsys)
 
-        assert code == 1
-        assert out.startswith(f"lab {lab}: ")
-        assert "make up" in single_line(err)
-        assert f"ZTBANK_HOME={environment}" in err
+        assert (code, out) == (2, "")
+        assert single_line(err) == (
+            f"ztbank: no stack runs in ZTBANK_HOME={environment}: start it with `make up` in the"
+            " checkout, or set ZTBANK_HOME to the home of a running stack\n"
+        )
+        assert list(environment.iterdir()) == []  # not even the lab lock's run directory
 
 
 # -- input validation before any connection -------------------------------------------------
