@@ -160,5 +160,18 @@ lab-%: install ## lab: run lab NAME where the stack runs (`make lab` lists them)
 	@$(run_up)
 	@$(call run_lab,$*)
 
+.PHONY: class lab-all
+
+# The class profile (services/labs/class_profile.py): the native stack stopped and started again
+# (balances, history and entries kept) with the lifetimes under which every lab runs in seconds,
+# which it prints with the reason for each. Refused while a lab runs.
+class: install ## restart the native stack with the class profile (20 s SVIDs ...), under which every lab takes seconds; balances kept
+	@$(BIN)/ztbank lab class $(if $(UPSTREAM),--upstream $(UPSTREAM))
+
+# Every lab of services/labs/registry.py in turn, on the running stack (it starts none: `make
+# class` first), under one lab lock for the whole run, then a summary table; exit 0: all passed.
+lab-all: install ## run every lab in turn on the running stack (`make class` first), one lab lock, then a summary table
+	@$(call run_lab,all)
+
 clean: ## remove local state (var/) and caches; keeps certs/ and .venv/
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache

@@ -1,6 +1,7 @@
 """The one list of labs: what each is called, says of itself in a line, runs, and takes as
 options.  ``ztbank lab`` builds its sub-commands and its list from it, the console its lab
-buttons, and ``make lab-NAME`` runs ``ztbank lab NAME``: a lab added here is offered everywhere."""
+buttons, and ``make lab-NAME`` runs ``ztbank lab NAME``: a lab added here is offered everywhere,
+and ``ztbank lab all`` (``make lab-all``) runs it with the others, in this order."""
 
 from __future__ import annotations
 
@@ -111,3 +112,9 @@ LABS: tuple[Lab, ...] = (
         run_breaker_lab,
     ),
 )
+
+# ``ztbank lab`` sub-commands beside the labs, which no lab may be named: ``all`` runs every lab
+# above in turn (``make lab-all``, services/labs/run_all.py), ``class`` restarts the stack with
+# lifetimes under which each runs in seconds (``make class``, services/labs/class_profile.py).
+ALL = "all"
+CLASS = "class"
