@@ -5,7 +5,8 @@ busy loops hold every core, to show that they now wait on evidence, not on the c
 
 Each repetition is a pytest run of its own (fresh stacks, fresh issuers), ``--streams`` of them
 at a time; ``--busy`` processes spin meanwhile (default: one per core).  Every run is printed
-with its outcome and time; the exit status is 1 if any run failed.
+with its outcome and time (a failed one's output goes to var/log/stress/); the exit status is 1
+if any run failed.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# The whole output of each failed run, to read the cause.
+LOGS = REPO / "var" / "log" / "stress"
 
 # Every test whose verdict once hung on a wall-clock threshold (issue 20, item 5).
 FORMERLY_TIMING_BOUND = (
@@ -57,7 +60,10 @@ def _repeat(number: int, tests: list[str]) -> Run:
     summary = lines[-1] if lines else done.stderr.strip()[-200:]
     if done.returncode != 0:
         failures = [line for line in lines if line.startswith(("FAILED", "ERROR"))]
-        summary = "; ".join([summary, *failures])
+        LOGS.mkdir(parents=True, exist_ok=True)
+        log = LOGS / f"run-{number}.log"
+        log.write_text(done.stdout + done.stderr)
+        summary = "; ".join([summary, *failures, f"output in {log}"])
     return Run(number, done.returncode == 0, time.monotonic() - started, summary)
 
 
