@@ -34,7 +34,7 @@ from services.labs.breaker import Bank
 from services.labs.support import LabLock
 from services.stack.native import NativeStack, workload_svid
 from services.stack.sandbox import REPO_ROOT, sandbox_settings
-from tests.support.helpers import clean_environment, scrub_environment
+from tests.support.helpers import clean_environment, scrub_environment, without_make_lines
 
 pytestmark = [pytest.mark.integration, pytest.mark.stack]  # `make up`, `make class`
 
@@ -180,7 +180,7 @@ def test_make_class_while_a_lab_runs_is_refused_in_one_line_and_restarts_nothing
 
     assert result.returncode == 2, transcript(result)
     assert result.stdout == ""
-    ours = [line for line in result.stderr.splitlines() if not line.startswith("make: *** [")]
+    ours = without_make_lines(result.stderr)
     assert len(ours) == 1, transcript(result)
     assert ours[0].startswith("ztbank: lab 'outage' is running (since ")
     assert ours[0].endswith(", started from the CLI): one lab at a time")

@@ -29,13 +29,12 @@ import pytest
 from services.labs.support import LabLock
 from services.stack.native import NativeStack
 from services.stack.sandbox import REPO_ROOT, sandbox_settings
-from tests.support.helpers import clean_environment, scrub_environment
+from tests.support.helpers import clean_environment, scrub_environment, without_make_lines
 
 pytestmark = [pytest.mark.integration, pytest.mark.stack]  # `make up` on a sandbox home
 
 MAKE_TIMEOUT = 120.0
 # Lines of make's, not ztbank's: which stack `make up` picked, and the recipe that failed.
-MAKE_LINES = ("native stack", "make: *** [")
 
 
 def make(target: str, native: NativeStack, **env: str) -> subprocess.CompletedProcess[str]:
@@ -60,7 +59,7 @@ def refused_in_one_line(result: subprocess.CompletedProcess[str]) -> str:
     assert result.returncode == 2, transcript
     assert result.stdout == "", transcript
     assert "Traceback" not in result.stderr, transcript
-    ours = [line for line in result.stderr.splitlines() if not line.startswith(MAKE_LINES)]
+    ours = without_make_lines(result.stderr)
     assert len(ours) == 1, transcript
     return ours[0]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -56,3 +57,13 @@ def scrub_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if _leaky(name):
             monkeypatch.delenv(name)
+
+
+# What `make` itself adds to stderr around a command: the stack-mode line the Makefile prints
+# and make's error line, at any nesting depth (`make[1]: ***` when make runs make, as in CI).
+_MAKE_OWN = re.compile(r"native stack \(MODE=|make(\[\d+\])?: \*\*\* ")
+
+
+def without_make_lines(stderr: str) -> list[str]:
+    """The lines of ``stderr`` that the command under ``make`` wrote."""
+    return [line for line in stderr.splitlines() if not _MAKE_OWN.match(line)]
